@@ -1,0 +1,38 @@
+"""MAGIC magnitude calibration (DESIGN.md section 2), pure PyTorch: WSC, FSC with weight folding, DSC and the
+magnitude-sensitive-layer probe. Usable without Lightning."""
+
+from magic_pl.calibration.dsc import dual_space_calibration
+from magic_pl.calibration.fsc import FSC_MODES, CalibrationReport, FeatureSpaceCalibrator
+from magic_pl.calibration.modules import CalibratedModule, find_units, fold_kind
+from magic_pl.calibration.sensitivity import (
+    accuracy_score,
+    detect_sensitive_layers,
+    load_sensitivity,
+    output_divergence_score,
+    save_sensitivity,
+    sensitivity_scores,
+)
+from magic_pl.calibration.taskvectors import LazyTaskVector
+from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, WSC_VARIANTS, row_scales, weight_space_calibration, wsc_keys
+
+__all__ = [
+    "DEFAULT_WSC_EXCLUDE",
+    "FSC_MODES",
+    "WSC_VARIANTS",
+    "CalibratedModule",
+    "CalibrationReport",
+    "FeatureSpaceCalibrator",
+    "LazyTaskVector",
+    "accuracy_score",
+    "detect_sensitive_layers",
+    "dual_space_calibration",
+    "find_units",
+    "fold_kind",
+    "load_sensitivity",
+    "output_divergence_score",
+    "row_scales",
+    "save_sensitivity",
+    "sensitivity_scores",
+    "weight_space_calibration",
+    "wsc_keys",
+]

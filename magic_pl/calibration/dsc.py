@@ -1,0 +1,94 @@
+"""Dual space calibration (DSC): WSC on the merged task vector, then FSC measured on the WSC-calibrated model
+(DESIGN.md 2.3; MAGIC, arXiv 2512.19320)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from magic_pl.calibration._names import Patterns
+from magic_pl.calibration.fsc import CalibrationReport, FeatureSpaceCalibrator, StateSource, _state_of
+from magic_pl.calibration.taskvectors import LazyTaskVector
+from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, weight_space_calibration
+
+__all__ = ["Batches", "dual_space_calibration", "feed"]
+
+#: Calibration data: ``{task_index: iterable of batches}`` or an iterable of ``(task_index, batch)`` pairs. A batch
+#: that is a tensor is passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``.
+Batches = Union[Mapping[int, Iterable[Any]], Iterable[tuple[int, Any]]]
+
+
+def feed(calibrator: FeatureSpaceCalibrator, batches: Batches) -> int:
+    """Call ``calibrator.update`` on every batch of ``batches`` (see :data:`Batches`); returns the number of batches."""
+    pairs: Iterable[tuple[int, Any]]
+    if isinstance(batches, Mapping):
+        pairs = ((k, b) for k, task_batches in batches.items() for b in task_batches)
+    else:
+        pairs = batches
+    n = 0
+    for k, batch in pairs:
+        if isinstance(batch, Mapping):
+            calibrator.update(k, **batch)
+        elif isinstance(batch, (tuple, list)):
+            calibrator.update(k, *batch)
+        else:
+            calibrator.update(k, batch)
+        n += 1
+    return n
+
+
+def dual_space_calibration(
+    base: StateSource,
+    merged: nn.Module,
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    merged_tv: Optional[Mapping[str, Tensor]],
+    batches: Batches,
+    sensitive: Optional[Collection[str]] = None,
+    *,
+    norm: Union[int, float, str] = 1,
+    mode: str = "parallel",
+    modules: Optional[Sequence[str]] = None,
+    include: Patterns = None,
+    exclude: Patterns = DEFAULT_WSC_EXCLUDE,
+    eps: float = 1e-8,
+    variant: str = "paper",
+) -> CalibrationReport:
+    """WSC, load the calibrated task vector into ``merged``, FSC measured on that model, fold (in place).
+
+    Args:
+        base: the base model or its state dict.
+        merged: the merged model theta0 + tau_m; modified in place (WSC rows, then the FSC fold).
+        task_vectors: the K task vectors.
+        merged_tv: tau_m; ``None`` computes it on access as ``merged - base``.
+        batches: unlabelled calibration batches per task (:data:`Batches`; paper default: one sample per task).
+        sensitive: magnitude-sensitive tensors/modules, used by both WSC gating and the FSC cap (``None``: none,
+            and WSC ungated).
+        norm, mode, modules: FSC options (:class:`FeatureSpaceCalibrator`; defaults 1, ``"parallel"``, automatic).
+        include, exclude, eps, variant: WSC options (:func:`weight_space_calibration`).
+
+    Returns:
+        The FSC :class:`CalibrationReport`, with ``wsc_scales`` (mean WSC row scale per calibrated tensor).
+    """
+    base_state = _state_of(base)
+    merged_state = merged.state_dict()
+    if merged_tv is None:
+        merged_tv = LazyTaskVector({k: v.detach() for k, v in merged_state.items()}, base_state)
+    calibrated, scales = weight_space_calibration(
+        merged_tv, task_vectors, sensitive, include=include, exclude=exclude, eps=eps, variant=variant, return_scales=True
+    )
+    with torch.no_grad():
+        for key in scales:
+            if key not in merged_state:
+                raise KeyError(f"WSC calibrated {key!r}, which the merged model does not have")
+            target = merged_state[key]
+            new = base_state[key].to(device=target.device, dtype=torch.float32) + calibrated[key].to(target.device, torch.float32)
+            target.copy_(new.to(target.dtype))
+    del calibrated
+    calibrator = FeatureSpaceCalibrator(base_state, merged, task_vectors, norm=norm, sensitive=sensitive, mode=mode, modules=modules)
+    feed(calibrator, batches)
+    report = calibrator.fold()
+    report.wsc_scales = {k: float(v.mean()) for k, v in scales.items()}
+    return report

@@ -1,0 +1,105 @@
+"""Folding FSC coefficients into weights: ``f0 + xi * (fm - f0)`` as one ordinary module (DESIGN.md 2.1).
+
+- Affine modules (Linear, Conv, Embedding, LayerNorm/RMSNorm/GroupNorm affine parts, ...): parameters become
+  ``theta0 + xi * (theta_m - theta0)``.
+- BatchNorm with running statistics (eval mode): ``y = a x + b`` with ``a = w / sqrt(var + eps)`` and
+  ``b = bias - mean * a``. The calibrated ``a_c = a0 + xi (am - a0)``, ``b_c = b0 + xi (bm - b0)`` are written back
+  keeping the merged statistics: ``weight = a_c sqrt(var_m + eps)``, ``bias = b_c + mean_m a_c``. Without affine
+  parameters the statistics carry it instead (``var = 1 / a_c^2 - eps``, ``mean = -b_c / a_c``) when ``a_c > 0``.
+- Everything else is wrapped in :class:`~magic_pl.calibration.modules.CalibratedModule`.
+
+All folding arithmetic runs in float64 and is cast back to each tensor's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from magic_pl.calibration.modules import CalibratedModule, CalibrationUnit, fold_kind, replace_submodule
+
+__all__ = ["batchnorm_affine", "fold_batchnorm", "fold_unit"]
+
+
+def batchnorm_affine(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as ``y = a x + b`` (float64): ``a = w / sqrt(var + eps)``, ``b = bias - mean * a``."""
+    inv = (var.double() + eps).rsqrt()
+    a = inv * (weight.double() if weight is not None else 1.0)
+    b = (bias.double() if bias is not None else 0.0) - mean.double() * a
+    return a, b
+
+
+def fold_batchnorm(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], eps: float, xi: float) -> dict[str, Tensor]:
+    """Calibrated BatchNorm tensors (float64) for eval mode; keys ``weight``/``bias``/``running_mean``/``running_var``.
+
+    ``base`` and ``merged`` hold ``running_mean``, ``running_var`` and, when affine, ``weight`` and ``bias``. With
+    affine parameters the merged statistics are kept and ``weight``/``bias`` absorb the calibration; without them
+    the statistics are rewritten, which needs ``a_c > 0`` (else :class:`ValueError`).
+    """
+    a0, b0 = batchnorm_affine(base.get("weight"), base.get("bias"), base["running_mean"], base["running_var"], eps)
+    am, bm = batchnorm_affine(merged.get("weight"), merged.get("bias"), merged["running_mean"], merged["running_var"], eps)
+    ac = a0 + xi * (am - a0)
+    bc = b0 + xi * (bm - b0)
+    mean_m, var_m = merged["running_mean"].double(), merged["running_var"].double()
+    if "weight" in merged and merged["weight"] is not None:
+        out = {"weight": ac * (var_m + eps).sqrt(), "running_mean": mean_m, "running_var": var_m}
+        out["bias"] = bc + mean_m * ac
+        return out
+    var_c = ac.pow(-2) - eps
+    if not bool((ac > 0).all()) or not bool((var_c >= 0).all()):
+        raise ValueError("BatchNorm without affine parameters cannot absorb this calibration in its statistics")
+    return {"running_mean": -bc / ac, "running_var": var_c}
+
+
+def _tensors(module: nn.Module) -> dict[str, Tensor]:
+    out = dict(module.named_parameters())
+    out.update({k: v for k, v in module.named_buffers() if v is not None})
+    return out
+
+
+@torch.no_grad()
+def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor], xi: float, *, force_wrap: bool = False) -> str:
+    """Apply ``xi`` to one unit of ``model`` in place.
+
+    Args:
+        model: the merged model (needed to swap a wrapped unit in).
+        unit: the calibrated unit.
+        base: local tensor name -> base tensor (theta0) for the unit's tensors.
+        xi: the coefficient.
+        force_wrap: wrap even a foldable module (used when a tensor is shared with another unit).
+
+    Returns:
+        ``"unchanged"`` (xi == 1), ``"folded"`` or ``"wrapped"``.
+    """
+    if xi == 1.0:
+        return "unchanged"
+    module = unit.module
+    kind = "runtime" if force_wrap else fold_kind(module)
+    current = _tensors(module)
+    if kind == "affine":
+        for local in unit.tensors:
+            t = current[local]
+            theta0 = base[local].to(device=t.device, dtype=torch.float64)
+            t.copy_((theta0 + xi * (t.double() - theta0)).to(t.dtype))
+        return "folded"
+    if kind == "batchnorm":
+        names = ("weight", "bias", "running_mean", "running_var")
+        b = {n: base[n].to(current[n].device) for n in names if n in unit.tensors}
+        m = {n: current[n] for n in names if n in unit.tensors}
+        try:
+            new = fold_batchnorm(b, m, float(module.eps), xi)
+        except ValueError:
+            kind = "runtime"
+        else:
+            for n, v in new.items():
+                current[n].copy_(v.to(current[n].dtype))
+            return "folded"
+    base_local = {}
+    for local in unit.tensors:
+        t = current[local]
+        base_local[local] = base[local].to(device=t.device, dtype=t.dtype)
+    replace_submodule(model, unit.name, CalibratedModule(module, base_local, xi))
+    return "wrapped"

@@ -1,0 +1,438 @@
+"""Feature space calibration (FSC): MAGIC's per-module magnitude coefficients from a few unlabelled samples per task.
+
+DESIGN.md 2.1 (Li et al., MAGIC, arXiv 2512.19320): run ``n`` unlabelled samples of task ``k`` (paper default
+``n = 1``) through the **merged** model. At every calibrated module ``l``, with ``z`` the input ``l`` receives there,
+``dh(z; tau) = f_l(z; theta0 + tau) - f_l(z; theta0)`` and::
+
+    r_{k,l} = mean over samples and positions of ||dh(z; tau_k)||_p / ||dh(z; tau_m)||_p      (p = 1 by default)
+    xi_l    = mean over k of r_{k,l}                    (min(xi_l, 1) for a magnitude-sensitive module)
+
+A non-finite ratio counts as 1; the norm is over the feature dimension (last dim, or dim 1 for Conv/BatchNorm/
+GroupNorm outputs). The calibrated module computes ``f_l(z; theta0) + xi_l (f_l(z; theta_m) - f_l(z; theta0))``.
+
+Implementation: forward hooks on the merged model's units capture ``z`` and ``f_l(z; theta_m)``; the base and expert
+outputs come from ``torch.func.functional_call`` on the same module with swapped tensors (``theta0``,
+``theta0 + tau_k``), one module at a time, so no expert model is ever built (memory: merged model + base tensors +
+one module's worth of temporaries; task vectors are read one key at a time, so lazily loaded ones stay on disk).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from magic_pl.calibration._names import module_is_sensitive
+from magic_pl.calibration.folding import fold_unit
+from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, primary_tensor
+
+__all__ = ["FSC_MODES", "CalibrationReport", "FeatureSpaceCalibrator", "StateSource"]
+
+#: ``"parallel"``: the paper's measurement, every module on the uncalibrated merged model in one pass (default).
+#: ``"sequential"``: each module measured with the modules executed before it already calibrated (an extension).
+FSC_MODES: tuple[str, ...] = ("parallel", "sequential")
+
+StateSource = Union[nn.Module, Mapping[str, Tensor]]
+
+
+@dataclass
+class CalibrationReport:
+    """What :meth:`FeatureSpaceCalibrator.fold` did.
+
+    Attributes:
+        coefficients: module name -> xi (sensitive cap applied).
+        folded: modules whose weights now hold ``theta0 + xi * tau_m`` (or the BatchNorm rewrite).
+        wrapped: modules replaced by a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`.
+        unchanged: modules with xi == 1 exactly (left as merged).
+        uncalibrated: floating state keys that differ from the base but belong to no calibrated module (e.g. a ViT's
+            ``cls_token``/``pos_embed`` owned by the root next to parameterised children); they keep merged values.
+        sensitive: calibrated modules treated as magnitude-sensitive (xi capped at 1).
+        task_ratios: module name -> per-task ``r_{k,l}`` (``None`` where task k sent no sample through it).
+        mode, norm, rounds: the FSC settings, and the measurement rounds used (1 for parallel).
+        wsc_scales: for DSC, tensor key -> mean WSC row scale applied before FSC (empty for FSC alone).
+    """
+
+    coefficients: dict[str, float]
+    folded: list[str] = field(default_factory=list)
+    wrapped: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)
+    sensitive: list[str] = field(default_factory=list)
+    task_ratios: dict[str, list[Optional[float]]] = field(default_factory=dict)
+    mode: str = "parallel"
+    norm: float = 1.0
+    rounds: int = 1
+    wsc_scales: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (``norm = inf`` is written as the string ``"inf"``)."""
+        out = asdict(self)
+        if math.isinf(self.norm):
+            out["norm"] = "inf"
+        return out
+
+
+def _parse_norm(norm: Union[int, float, str]) -> float:
+    try:
+        p = float(norm)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if p not in (1.0, 2.0, math.inf):
+        raise ValueError(f"FSC norm must be 1, 2 or inf (paper default 1), got {norm!r}")
+    return p
+
+
+def _state_of(source: StateSource) -> Mapping[str, Tensor]:
+    if isinstance(source, nn.Module):
+        return {k: v.detach() for k, v in source.state_dict().items()}
+    if isinstance(source, Mapping):
+        return source
+    raise TypeError(f"expected an nn.Module or a mapping of tensors, got {type(source).__name__}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class FeatureSpaceCalibrator:
+    """Accumulate MAGIC FSC statistics on the merged model and fold the coefficients into it (DESIGN.md 2.1).
+
+    Args:
+        base: the base model theta0, or its state dict (any mapping; lazily loaded is fine). Its tensors are moved
+            to the merged model's device one module at a time.
+        merged: the merged model theta0 + tau_m (calibrated in place by :meth:`fold`). Put it in eval mode:
+            BatchNorm is folded for inference with running statistics.
+        task_vectors: the K task vectors tau_k (mappings key -> tensor, read one key at a time). They must hold every
+            floating tensor of the calibrated modules, BatchNorm running statistics included.
+        norm: p of the feature norm: 1 (paper default), 2 or ``inf``.
+        sensitive: magnitude-sensitive modules (module names or parameter keys; DESIGN.md 2.4): xi capped at 1.
+            ``None`` (default) or empty: no cap.
+        mode: ``"parallel"`` (paper, default) or ``"sequential"``. Sequential: ``xi_l`` is measured on inputs produced
+            by the merged model in which every module executed before ``l`` (in forward order) is already calibrated
+            with its final coefficient. :meth:`update` then only stores the batch; :meth:`finalize` runs measurement
+            rounds over the stored batches, round ``j`` replacing each module's output by ``f0 + xi (fm - f0)`` with
+            the coefficients of round ``j - 1`` (round 1 = parallel). After ``j`` rounds the first ``j`` modules in
+            execution order are exact, so ``max_rounds = M`` (the number of modules) gives the exact definition;
+            rounds stop early once no coefficient moves by more than ``tol``.
+        modules: explicit module names to calibrate (default: automatic, see
+            :func:`~magic_pl.calibration.modules.find_units`).
+        tol: sequential mode's stopping tolerance on max |delta xi| (default 1e-4; 0 runs until exact).
+        max_rounds: sequential mode's round limit (default ``None``: the number of modules, i.e. exact).
+
+    Attributes:
+        module_names: the calibrated modules, in registration order.
+        ratio_sum: float32 ``[K, M]``: sum over samples and positions of the ratio (summable across processes).
+        ratio_count: float32 ``[K, M]``: number of ratio terms.
+    """
+
+    def __init__(
+        self,
+        base: StateSource,
+        merged: nn.Module,
+        task_vectors: Sequence[Mapping[str, Tensor]],
+        norm: Union[int, float, str] = 1,
+        sensitive: Optional[Collection[str]] = None,
+        mode: str = "parallel",
+        modules: Optional[Sequence[str]] = None,
+        *,
+        tol: float = 1e-4,
+        max_rounds: Optional[int] = None,
+    ):
+        if mode not in FSC_MODES:
+            raise ValueError(f"unknown FSC mode {mode!r}; choose one of {FSC_MODES}")
+        self.task_vectors = list(task_vectors)
+        if not self.task_vectors:
+            raise ValueError("FeatureSpaceCalibrator needs at least one task vector (K >= 1), got none")
+        self.merged = merged
+        self.base_state = _state_of(base)
+        self.norm = _parse_norm(norm)
+        self.mode = mode
+        self.tol = float(tol)
+        self.max_rounds = max_rounds
+        self.units: list[CalibrationUnit] = find_units(merged, modules)
+        if not self.units:
+            raise ValueError(f"{type(merged).__name__} has no module with floating parameters to calibrate")
+        self._validate_keys()
+        self.module_names = [u.name for u in self.units]
+        sens = set(sensitive) if sensitive else set()
+        self.sensitive_modules = [u.name for u in self.units if module_is_sensitive(u.name, u.keys, sens)]
+        self._sensitive_mask = torch.tensor([n in set(self.sensitive_modules) for n in self.module_names])
+        K, M = len(self.task_vectors), len(self.units)
+        device = _model_device(merged)
+        with torch.inference_mode(False):  # normal tensors even if constructed inside inference mode
+            self.ratio_sum = torch.zeros(K, M, dtype=torch.float32, device=device)
+            self.ratio_count = torch.zeros(K, M, dtype=torch.float32, device=device)
+        self.rounds = 0
+        self._cache: list[tuple[int, tuple, dict]] = []
+        self._apply: Optional[list[float]] = None
+        self._task: Optional[int] = None
+        self._busy = False
+        self._scratch: Optional[Tensor] = None
+        self._scratch_count: list[int] = []
+        self._finalized = False
+        self._folded = False
+        self._warned_train = False
+
+    # ---------------------------------------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_vectors)
+
+    def _validate_keys(self) -> None:
+        for u in self.units:
+            for key in u.keys:
+                if key not in self.base_state:
+                    raise KeyError(f"the base lacks {key!r} of calibrated module {u.name!r}")
+                for k, tv in enumerate(self.task_vectors):
+                    if key not in tv:
+                        raise KeyError(f"task vector {k} lacks {key!r} of calibrated module {u.name!r}")
+
+    def _task_index(self, task_index: Any) -> int:
+        if isinstance(task_index, Tensor):
+            if task_index.numel() != 1:
+                raise ValueError(f"task_index must be one integer, got a tensor of shape {tuple(task_index.shape)}")
+            task_index = task_index.item()
+        if isinstance(task_index, bool) or not float(task_index).is_integer():
+            raise ValueError(f"task_index must be an integer, got {task_index!r}")
+        k = int(task_index)
+        if not 0 <= k < self.num_tasks:
+            raise IndexError(
+                f"task_index {k} is out of range: the calibrator has {self.num_tasks} task vectors (0..{self.num_tasks - 1})"
+            )
+        return k
+
+    def _check_open(self) -> None:
+        if self._folded:
+            raise RuntimeError("this FeatureSpaceCalibrator has already folded its coefficients; create a new one")
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def update(self, task_index: int, *args: Any, **kwargs: Any) -> None:
+        """Run ``merged(*args, **kwargs)`` on a batch of unlabelled samples of task ``task_index`` and accumulate.
+
+        Works under ``torch.no_grad`` and ``torch.inference_mode`` (statistics live in normal float32 tensors
+        allocated at construction). In sequential mode the batch is stored and measured by :meth:`finalize`.
+        """
+        self._check_open()
+        k = self._task_index(task_index)
+        if self._finalized:
+            raise RuntimeError("statistics were finalized; update() cannot add more (create a new calibrator)")
+        if self.mode == "sequential":
+            self._cache.append((k, args, kwargs))
+            return
+        self._run(k, args, kwargs)
+
+    def _run(self, k: int, args: tuple, kwargs: dict) -> None:
+        if not self._warned_train and any(
+            u.module.training and isinstance(u.module, nn.modules.batchnorm._NormBase) for u in self.units
+        ):
+            warnings.warn("FSC on a model in training mode: BatchNorm uses batch statistics; call model.eval() first")
+            self._warned_train = True
+        handles = [u.module.register_forward_hook(self._hook(i), with_kwargs=True) for i, u in enumerate(self.units)]
+        self._scratch = torch.zeros(len(self.units), dtype=torch.float32, device=_model_device(self.merged))
+        self._scratch_count = [0] * len(self.units)
+        self._task = k
+        try:
+            with torch.no_grad():
+                self.merged(*args, **kwargs)
+        finally:
+            self._task = None
+            for h in handles:
+                h.remove()
+        dev = self.ratio_sum.device
+        self.ratio_sum[k].add_(self._scratch.to(dev))
+        self.ratio_count[k].add_(torch.tensor(self._scratch_count, dtype=torch.float32, device=dev))
+        self._scratch = None
+
+    def _hook(self, idx: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if self._busy or self._task is None:
+                return None
+            fm = primary_tensor(output)
+            if fm is None or not fm.dtype.is_floating_point:
+                return None
+            self._busy = True
+            try:
+                return self._measure(idx, module, args, kwargs, output, fm)
+            finally:
+                self._busy = False
+
+        return hook
+
+    def _swapped(self, unit: CalibrationUnit, k: Optional[int]) -> dict[str, Tensor]:
+        """The unit's tensors for theta0 (``k=None``) or theta0 + tau_k, on the merged tensors' device/dtype."""
+        params = dict(unit.module.named_parameters())
+        current = dict(params)
+        current.update(dict(unit.module.named_buffers()))
+        out = {}
+        for local, key in unit.tensors.items():
+            like = current[local]
+            theta0 = self.base_state[key]
+            if k is None:
+                t = theta0.to(device=like.device, dtype=like.dtype)
+                # buffers are cloned: a BatchNorm in training mode would update them in place
+                out[local] = t.clone() if local not in params and t is theta0 else t
+            else:
+                tau = self.task_vectors[k][key]
+                if tau.shape != like.shape:
+                    raise ValueError(
+                        f"task vector {k}: shape {tuple(tau.shape)} of {key!r} does not match the model's {tuple(like.shape)}"
+                    )
+                t32 = theta0.to(device=like.device, dtype=torch.float32) + tau.to(device=like.device, dtype=torch.float32)
+                out[local] = t32.to(like.dtype)
+        return out
+
+    def _measure(self, idx: int, module: nn.Module, args: tuple, kwargs: dict, output: Any, fm: Tensor) -> Any:
+        unit = self.units[idx]
+        k = self._task
+        f0_out = functional_call(module, self._swapped(unit, None), args, kwargs)
+        f0 = primary_tensor(f0_out)
+        fk = primary_tensor(functional_call(module, self._swapped(unit, k), args, kwargs))
+        dim = unit.feature_dim if fm.dim() > 1 else -1
+        f0_32 = f0.float()
+        if fm.dim() == 0:
+            f0_32 = f0_32.reshape(1)
+        num = torch.linalg.vector_norm(fk.float().reshape(f0_32.shape) - f0_32, ord=self.norm, dim=dim)
+        del fk
+        den = torch.linalg.vector_norm(fm.float().reshape(f0_32.shape) - f0_32, ord=self.norm, dim=dim)
+        ratio = num / den
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
+        self._scratch[idx] += ratio.sum().to(self._scratch.device)
+        self._scratch_count[idx] += ratio.numel()
+        if self._apply is not None and self._apply[idx] != 1.0:
+            return calibrate_output(f0_out, output, self._apply[idx])
+        return None
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        stacked = torch.stack([self.ratio_sum, self.ratio_count])
+        reduced = reduce(stacked)
+        if reduced is None:  # an in-place all-reduce
+            reduced = stacked
+        self.load_statistics(reduced[0], reduced[1])
+
+    def finalize(self, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> dict[str, float]:
+        """Finish the statistics and return the coefficients.
+
+        Args:
+            reduce: optional callable applied to the stacked ``[2, K, M]`` float32 ``(ratio_sum, ratio_count)``
+                returning the sum over processes (or reducing in place and returning ``None``). Parallel mode applies
+                it once; sequential mode once per round, so every process computes the same rounds and coefficients.
+        """
+        self._check_open()
+        if self._finalized:
+            return self.coefficients()
+        if self.mode == "parallel":
+            if reduce is not None:
+                self._reduce(reduce)
+            self.rounds = 1
+        else:
+            max_rounds = self.max_rounds if self.max_rounds is not None else len(self.units)
+            prev = torch.ones(len(self.units))
+            self.rounds = 0
+            for _ in range(max(1, max_rounds)):
+                self.ratio_sum.zero_()
+                self.ratio_count.zero_()
+                self._apply = prev.tolist()
+                try:
+                    for k, args, kwargs in self._cache:
+                        self._run(k, args, kwargs)
+                finally:
+                    self._apply = None
+                if reduce is not None:
+                    self._reduce(reduce)
+                self.rounds += 1
+                xi = self._xi()
+                done = bool((xi - prev).abs().max() <= self.tol)
+                prev = xi
+                if done:
+                    break
+            self._cache.clear()
+        self._finalized = True
+        return self.coefficients()
+
+    def load_statistics(self, ratio_sum: Tensor, ratio_count: Tensor) -> None:
+        """Replace the statistics, e.g. by their sum over processes (the Lightning layer's all-reduce)."""
+        shape = tuple(self.ratio_sum.shape)
+        for name, t in (("ratio_sum", ratio_sum), ("ratio_count", ratio_count)):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} (K tasks x M modules)")
+        with torch.no_grad():
+            self.ratio_sum.copy_(ratio_sum.to(self.ratio_sum.device, torch.float32))
+            self.ratio_count.copy_(ratio_count.to(self.ratio_count.device, torch.float32))
+
+    def reset(self) -> None:
+        """Zero the statistics and forget stored batches."""
+        self._check_open()
+        self.ratio_sum.zero_()
+        self.ratio_count.zero_()
+        self._cache.clear()
+        self._finalized = False
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def task_ratios(self) -> Tensor:
+        """``[K, M]`` float32 ``r_{k,l}`` (NaN where task k sent no sample through module l)."""
+        s, c = self.ratio_sum.detach().float().cpu(), self.ratio_count.detach().float().cpu()
+        return torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, float("nan")))
+
+    def _xi(self) -> Tensor:
+        r = self.task_ratios()
+        seen = ~torch.isnan(r)
+        n = seen.sum(0)
+        xi = torch.where(n > 0, torch.where(seen, r, torch.zeros_like(r)).sum(0) / n.clamp_min(1), torch.ones(r.shape[1]))
+        return torch.where(self._sensitive_mask, xi.clamp(max=1.0), xi)
+
+    def coefficients(self) -> dict[str, float]:
+        """Module name -> xi_l (mean over tasks that reached the module; 1 where none did; sensitive capped at 1).
+        In sequential mode the first call runs :meth:`finalize` (single process)."""
+        if self.mode == "sequential" and not self._finalized and not self._folded:
+            self.finalize()
+        return dict(zip(self.module_names, self._xi().tolist()))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def fold(self) -> CalibrationReport:
+        """Write the calibration into ``merged`` and return the report.
+
+        Affine modules get ``theta0 + xi * tau_m``; BatchNorm (eval, running statistics) the rewrite of DESIGN.md
+        2.1; other modules (e.g. ``nn.MultiheadAttention``) and modules sharing a tensor with another unit are wrapped
+        in a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`. The calibrator is closed afterwards.
+        """
+        self._check_open()
+        coeffs = self.coefficients()
+        owners: dict[int, set[int]] = {}
+        for i, u in enumerate(self.units):
+            tensors = dict(u.module.named_parameters())
+            tensors.update(dict(u.module.named_buffers()))
+            for local in u.tensors:
+                owners.setdefault(id(tensors[local]), set()).add(i)
+        shared = {i for s in owners.values() if len(s) > 1 for i in s}
+        report = CalibrationReport(
+            coefficients=coeffs, mode=self.mode, norm=self.norm, rounds=max(self.rounds, 1),
+            sensitive=list(self.sensitive_modules),
+        )
+        ratios = self.task_ratios()
+        for j, name in enumerate(self.module_names):
+            report.task_ratios[name] = [None if math.isnan(v) else v for v in ratios[:, j].tolist()]
+        with torch.inference_mode(False), torch.no_grad():
+            for i, u in enumerate(self.units):
+                base_local = {local: self.base_state[key] for local, key in u.tensors.items()}
+                status = fold_unit(self.merged, u, base_local, coeffs[u.name], force_wrap=i in shared)
+                getattr(report, status).append(u.name)
+            covered = {key for u in self.units for key in u.keys}
+            for key, t in self.merged.state_dict().items():
+                if key in covered or not t.dtype.is_floating_point or key not in self.base_state:
+                    continue
+                b = self.base_state[key]
+                if b.shape != t.shape or not torch.equal(b.to(t.device, t.dtype), t):
+                    report.uncalibrated.append(key)
+        self._folded = True
+        return report

@@ -1,0 +1,322 @@
+"""FSC (DESIGN.md 2.1): known answers, an independent computation, statistics, modes and edge cases."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from calib_helpers import make_task_vectors, merged_model, weight_average
+from magic_pl.calibration import FeatureSpaceCalibrator, LazyTaskVector
+
+
+def _linear_setup(c: float, k: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    base = nn.Linear(6, 4)
+    tau = make_task_vectors(base, 1, scale=0.1, seed=seed)[0]
+    tvs = [dict(tau) for _ in range(k)]
+    merged = merged_model(base, {key: c * v for key, v in tau.items()})
+    return base, merged, tvs
+
+
+@pytest.mark.parametrize("norm", [1, 2, "inf"])
+def test_known_answer_single_linear(norm):
+    c = 2.5
+    base, merged, tvs = _linear_setup(c)
+    cal = FeatureSpaceCalibrator(base, merged, tvs, norm=norm)
+    for k in range(3):
+        cal.update(k, torch.randn(5, 6))
+    assert cal.module_names == [""]
+    assert cal.coefficients()[""] == pytest.approx(1 / c, rel=1e-5)
+    report = cal.fold()
+    assert report.folded == [""]
+    for key, t in merged.state_dict().items():  # folded: theta0 + tau_m / c = theta0 + tau
+        torch.testing.assert_close(t, base.state_dict()[key] + tvs[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_tau_m_scaled_gives_inverse_scale_everywhere_on_affine_units():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=3).eval()
+    tau = make_task_vectors(base, 1, scale=0.02)[0]
+    merged = merged_model(base, {k: 1.2 * v for k, v in tau.items()}).eval()
+    cal = FeatureSpaceCalibrator(base, merged, [tau, tau])
+    cal.update(0, torch.randn(1, 3, 32, 32))
+    cal.update(1, torch.randn(1, 3, 32, 32))
+    for name, xi in cal.coefficients().items():
+        assert xi == pytest.approx(1 / 1.2, rel=1e-4), name
+
+
+def _manual_ratio(w0, b0, wk, bk, wm, bm, x, p):
+    dk = x @ (wk - w0).T + (bk - b0)
+    dm = x @ (wm - w0).T + (bm - b0)
+    r = torch.linalg.vector_norm(dk, ord=p, dim=-1) / torch.linalg.vector_norm(dm, ord=p, dim=-1)
+    return r.mean()
+
+
+def test_matches_independent_computation_with_positions():
+    torch.manual_seed(1)
+    base = nn.Linear(5, 3).double()
+    tvs = make_task_vectors(base, 3, scale=0.3, seed=1)
+    tau_m = {k: 0.3 * sum(tv[k] for tv in tvs) for k in tvs[0]}
+    merged = merged_model(base, tau_m)
+    xs = [torch.randn(2, 4, 5, dtype=torch.float64) for _ in range(3)]  # [batch, positions, features]
+    cal = FeatureSpaceCalibrator(base, merged, tvs, norm=2)
+    for k, x in enumerate(xs):
+        cal.update(k, x)
+    w0, b0 = base.weight.detach(), base.bias.detach()
+    wm, bm = merged.weight.detach(), merged.bias.detach()
+    want = [
+        _manual_ratio(w0, b0, w0 + tvs[k]["weight"].double(), b0 + tvs[k]["bias"].double(), wm, bm, xs[k], 2)
+        for k in range(3)
+    ]
+    assert cal.ratio_count[:, 0].tolist() == [8.0, 8.0, 8.0]
+    torch.testing.assert_close(cal.task_ratios()[:, 0].double(), torch.stack(want), rtol=1e-5, atol=0)
+    assert cal.coefficients()[""] == pytest.approx(float(torch.stack(want).mean()), rel=1e-5)
+
+
+def test_conv_norm_over_channels():
+    torch.manual_seed(2)
+    base = nn.Conv2d(2, 3, 1, bias=False)
+    tvs = make_task_vectors(base, 2, scale=0.3, seed=2)
+    merged = merged_model(base, weight_average(tvs))
+    x = torch.randn(1, 2, 4, 4)
+    cal = FeatureSpaceCalibrator(base, merged, tvs)
+    cal.update(0, x)
+    w0 = base.weight.detach()
+    dk = nn.functional.conv2d(x, tvs[0]["weight"])
+    dm = nn.functional.conv2d(x, merged.weight.detach() - w0)
+    want = (dk.abs().sum(1) / dm.abs().sum(1)).mean()
+    assert cal.ratio_count[0, 0] == 16  # 1 sample x 4 x 4 positions
+    assert cal.task_ratios()[0, 0].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+class TwoBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x, use_b: bool = True):
+        h = self.a(x)
+        return self.b(h) if use_b else h
+
+
+def test_unseen_modules_tasks_and_sensitive_cap():
+    torch.manual_seed(3)
+    base = TwoBranch()
+    tvs = make_task_vectors(base, 3, scale=0.1, seed=3)
+    merged = merged_model(base, {k: 0.25 * sum(tv[k] for tv in tvs) for k in tvs[0]})
+    cal = FeatureSpaceCalibrator(base, merged, tvs, sensitive=["b.weight"])
+    cal.update(0, torch.randn(2, 4))
+    cal.update(1, torch.randn(2, 4), use_b=False)  # task 1 never reaches b; task 2 sends nothing
+    coeffs = cal.coefficients()
+    r = cal.task_ratios()
+    assert coeffs["unused"] == 1.0
+    assert math.isnan(r[2, 0]) and math.isnan(r[1, 1])
+    assert coeffs["a"] == pytest.approx(float(r[:2, 0].mean()), rel=1e-6)
+    assert float(r[0, 1]) > 1 and coeffs["b"] == 1.0  # capped
+    report = cal.fold()
+    assert report.sensitive == ["b"] and "unused" in report.unchanged
+    assert report.task_ratios["unused"] == [None, None, None]
+
+
+def test_task_index_errors():
+    base, merged, tvs = _linear_setup(2.0)
+    cal = FeatureSpaceCalibrator(base, merged, tvs)
+    with pytest.raises(IndexError, match="task_index 3 is out of range.*3 task vectors"):
+        cal.update(3, torch.randn(1, 6))
+    with pytest.raises(IndexError, match="out of range"):
+        cal.update(-1, torch.randn(1, 6))
+    with pytest.raises(ValueError, match="integer"):
+        cal.update(0.5, torch.randn(1, 6))
+    cal.update(torch.tensor(1), torch.randn(1, 6))  # a 0-d tensor from a batch is fine
+    with pytest.raises(ValueError, match="K >= 1"):
+        FeatureSpaceCalibrator(base, merged, [])
+    with pytest.raises(ValueError, match="norm"):
+        FeatureSpaceCalibrator(base, merged, tvs, norm=3)
+    with pytest.raises(KeyError, match="task vector 0 lacks 'bias'"):
+        FeatureSpaceCalibrator(base, merged, [{"weight": tvs[0]["weight"]}])
+
+
+def test_single_task_identical_and_zero_task_vectors():
+    torch.manual_seed(4)
+    base = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.LayerNorm(5), nn.Linear(5, 2))
+    tv = make_task_vectors(base, 1, scale=0.1, seed=4)[0]
+    x = torch.randn(3, 4)
+    # K = 1, merged = the expert: xi = 1
+    cal = FeatureSpaceCalibrator(base, merged_model(base, tv), [tv])
+    cal.update(0, x)
+    for xi in cal.coefficients().values():
+        assert xi == pytest.approx(1.0, abs=1e-5)
+    # identical experts merged by their weight average: xi = 1
+    cal = FeatureSpaceCalibrator(base, merged_model(base, tv), [tv, tv, tv])
+    for k in range(3):
+        cal.update(k, x)
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in cal.coefficients().values())
+    # zero task vectors: every ratio is 0/0 -> 1, nothing changes
+    zero = {k: torch.zeros_like(v) for k, v in tv.items()}
+    merged = merged_model(base, zero)
+    cal = FeatureSpaceCalibrator(base, merged, [zero, zero])
+    cal.update(0, x)
+    cal.update(1, x)
+    assert set(cal.coefficients().values()) == {1.0}
+    report = cal.fold()
+    assert report.folded == [] and len(report.unchanged) == 3
+    for key, t in merged.state_dict().items():
+        assert torch.equal(t, base.state_dict()[key])
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_inference_mode_and_no_grad_give_the_same_statistics():
+    torch.manual_seed(5)
+    base = _mlp()
+    tvs = make_task_vectors(base, 2, scale=0.2, seed=5)
+    merged = merged_model(base, weight_average(tvs))
+    xs = [torch.randn(4, 6) for _ in range(2)]
+    results = []
+    for ctx in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        m = copy.deepcopy(merged)
+        with ctx():
+            cal = FeatureSpaceCalibrator(base, m, tvs)
+            for k, x in enumerate(xs):
+                cal.update(k, x)
+            report = cal.fold()
+        assert not cal.ratio_sum.is_inference()
+        out = m(xs[0]).sum()
+        out.backward()  # the folded model trains normally afterwards
+        results.append((cal.ratio_sum.clone(), report.coefficients))
+    for stats, coeffs in results[1:]:
+        torch.testing.assert_close(stats, results[0][0])
+        assert coeffs == results[0][1]
+
+
+def test_statistics_sum_across_processes():
+    torch.manual_seed(6)
+    base = _mlp()
+    tvs = make_task_vectors(base, 3, scale=0.2, seed=6)
+    merged = merged_model(base, weight_average(tvs))
+    batches = [(k, torch.randn(2, 6)) for k in (0, 1, 2, 0, 2)]
+    whole = FeatureSpaceCalibrator(base, merged, tvs)
+    for k, x in batches:
+        whole.update(k, x)
+    ranks = [FeatureSpaceCalibrator(base, merged, tvs) for _ in range(2)]
+    for i, (k, x) in enumerate(batches):
+        ranks[i % 2].update(k, x)
+    total_sum = ranks[0].ratio_sum + ranks[1].ratio_sum
+    total_count = ranks[0].ratio_count + ranks[1].ratio_count
+    ranks[0].load_statistics(total_sum, total_count)
+    assert ranks[0].ratio_sum.dtype == torch.float32 and ranks[0].ratio_sum.shape == (3, 4)
+    assert ranks[0].coefficients() == pytest.approx(whole.coefficients(), rel=1e-6)
+    # finalize(reduce=...) does the same through a callable (the Lightning all-reduce)
+    other = ranks[1]
+    other.finalize(reduce=lambda stacked: torch.stack([total_sum, total_count]))
+    assert other.coefficients() == pytest.approx(whole.coefficients(), rel=1e-6)
+    with pytest.raises(ValueError, match="expected \\(3, 4\\)"):
+        whole.load_statistics(torch.zeros(2, 4), torch.zeros(2, 4))
+
+
+def test_bf16_model_statistics_float32():
+    torch.manual_seed(7)
+    base = _mlp()
+    tvs = make_task_vectors(base, 2, scale=0.2, seed=7)
+    merged = merged_model(base, weight_average(tvs))
+    xs = [torch.randn(8, 6) for _ in range(2)]
+    ref = FeatureSpaceCalibrator(base, copy.deepcopy(merged), tvs)
+    base16, merged16 = copy.deepcopy(base).bfloat16(), copy.deepcopy(merged).bfloat16()
+    cal = FeatureSpaceCalibrator(base16, merged16, tvs)
+    for k, x in enumerate(xs):
+        ref.update(k, x)
+        with torch.inference_mode():
+            cal.update(k, x.bfloat16())
+    assert cal.ratio_sum.dtype == torch.float32
+    for name, xi in cal.coefficients().items():
+        assert xi == pytest.approx(ref.coefficients()[name], rel=0.05)
+    report = cal.fold()
+    assert all(p.dtype == torch.bfloat16 for p in merged16.parameters())
+    assert len(report.folded) == 4
+
+
+def test_sequential_mode_definition():
+    torch.manual_seed(8)
+    base = _mlp()
+    tvs = make_task_vectors(base, 2, scale=0.3, seed=8)
+    merged = merged_model(base, weight_average(tvs))
+    xs = [torch.randn(4, 6) for _ in range(2)]
+
+    par = FeatureSpaceCalibrator(base, copy.deepcopy(merged), tvs)
+    one = FeatureSpaceCalibrator(base, copy.deepcopy(merged), tvs, mode="sequential", max_rounds=1)
+    seq_model = copy.deepcopy(merged)
+    seq = FeatureSpaceCalibrator(base, seq_model, tvs, mode="sequential", tol=0.0)
+    for k, x in enumerate(xs):
+        par.update(k, x)
+        one.update(k, x)
+        seq.update(k, x)
+    assert one.coefficients() == par.coefficients()  # round 1 is the parallel measurement
+    got = seq.coefficients()
+    assert seq.rounds <= len(seq.module_names) + 1
+
+    # the definition, module by module: calibrate the earlier modules (fold), measure the next one on that model
+    names = [u for u in par.module_names]
+    model = copy.deepcopy(merged)
+    want = {}
+    for i, name in enumerate(names):
+        cal = FeatureSpaceCalibrator(base, model, tvs, modules=[name])
+        for k, x in enumerate(xs):
+            cal.update(k, x)
+        want[name] = cal.coefficients()[name]
+        cal.fold()
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got != pytest.approx(par.coefficients(), rel=1e-3)
+    report = seq.fold()
+    assert report.mode == "sequential" and report.rounds == seq.rounds
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(seq_model(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_task_vectors_and_state_dict_base(tmp_path):
+    from magic_pl.statedict import load_state_dict, save_state_dict
+
+    torch.manual_seed(9)
+    base = _mlp()
+    tvs = make_task_vectors(base, 2, scale=0.2, seed=9)
+    experts = []
+    for i, tv in enumerate(tvs):
+        path = save_state_dict(merged_model(base, tv).state_dict(), tmp_path / f"e{i}.safetensors")
+        experts.append(load_state_dict(path))
+    base_path = save_state_dict(base.state_dict(), tmp_path / "base.safetensors")
+    base_sd = load_state_dict(base_path)
+    lazy = [LazyTaskVector(e, base_sd) for e in experts]
+    assert set(lazy[0]) == set(tvs[0]) and "0.weight" in lazy[0]
+    merged = merged_model(base, weight_average(tvs))
+    x = torch.randn(4, 6)
+    a = FeatureSpaceCalibrator(base, copy.deepcopy(merged), tvs)
+    b = FeatureSpaceCalibrator(base_sd, copy.deepcopy(merged), lazy)
+    for k in range(2):
+        a.update(k, x)
+        b.update(k, x)
+    assert b.coefficients() == pytest.approx(a.coefficients(), rel=1e-6)
+
+
+def test_fold_closes_the_calibrator_and_root_wrap_error():
+    base, merged, tvs = _linear_setup(2.0)
+    cal = FeatureSpaceCalibrator(base, merged, tvs)
+    cal.update(0, torch.randn(2, 6))
+    cal.fold()
+    with pytest.raises(RuntimeError, match="already folded"):
+        cal.update(0, torch.randn(2, 6))
+    mha0 = nn.MultiheadAttention(4, 2, batch_first=True)
+    tv = make_task_vectors(mha0, 2, scale=0.2)
+    mham = merged_model(mha0, weight_average(tv))
+    cal = FeatureSpaceCalibrator(mha0, mham, tv)
+    x = torch.randn(1, 3, 4)
+    cal.update(0, x, x, x)
+    with pytest.raises(ValueError, match="root module"):
+        cal.fold()
