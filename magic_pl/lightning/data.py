@@ -1,0 +1,531 @@
+"""Task-tagged data for calibration and evaluation.
+
+Batches are dicts ``{"task": LongTensor[B], <inputs>..., "labels": ...}``. Inputs are either one tensor under
+``"inputs"`` (passed positionally to the model) or named tensors (``pixel_values``, ``input_ids``,
+``attention_mask``, ...; passed as keyword arguments). The task index is the position of the task in
+:attr:`TaskDataModule.task_names`, which must follow the order of the experts (DESIGN.md section 4).
+
+- Calibration (``predict``): ``samples_per_task`` unlabelled samples per task (default 1, the paper's setting), drawn
+  with a seeded generator, labels dropped. Fewer samples than processes is an error raised in ``setup``, before
+  any merging work (Lightning's predict sampler would otherwise stop on an ``assert``).
+- Evaluation (``test``): every labelled test sample exactly once across processes
+  (:class:`UnpaddedDistributedSampler`), so per-task accuracy under DDP equals the single-process value.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "TASK_KEY",
+    "LABELS_KEY",
+    "INPUTS_KEY",
+    "as_sample",
+    "TaskTaggedDataset",
+    "draw_indices",
+    "task_collate",
+    "UnpaddedDistributedSampler",
+    "TaskDataModule",
+    "RandomTaskDataset",
+    "TensorFileDataset",
+    "HFDataset",
+    "check_calibration_size",
+    "count_predict_samples",
+]
+
+TASK_KEY = "task"
+LABELS_KEY = "labels"
+INPUTS_KEY = "inputs"
+#: Default right-padding values for :func:`task_collate`; other keys pad with 0.
+DEFAULT_PAD_VALUES: dict[str, int] = {LABELS_KEY: -100, "attention_mask": 0, "input_ids": 0}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Samples and datasets
+# --------------------------------------------------------------------------------------------------------------------
+def as_sample(item: Any) -> dict[str, Any]:
+    """Normalise a dataset item to a dict: ``(x, y)`` -> ``{"inputs": x, "labels": y}``, ``x`` -> ``{"inputs": x}``,
+    a mapping is copied with a ``"label"`` key renamed to ``"labels"``."""
+    if isinstance(item, Mapping):
+        out = dict(item)
+        if "label" in out and LABELS_KEY not in out:
+            out[LABELS_KEY] = out.pop("label")
+        return out
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise ValueError(f"a sequence sample must be (inputs, label); got {len(item)} elements")
+        return {INPUTS_KEY: item[0], LABELS_KEY: item[1]}
+    return {INPUTS_KEY: item}
+
+
+class TaskTaggedDataset(Dataset):
+    """A view of ``dataset`` (optionally a subset ``indices``) whose items carry ``{"task": task}``.
+
+    Args:
+        dataset: any map-style dataset; items are normalised by :func:`as_sample`.
+        task: the task index (position of the expert).
+        indices: optional subset of ``dataset`` indices (default: all).
+        drop_labels: remove ``"labels"`` (calibration is label-free).
+    """
+
+    def __init__(
+        self, dataset: Dataset, task: int, indices: Optional[Sequence[int]] = None, *, drop_labels: bool = False
+    ) -> None:
+        self.dataset = dataset
+        self.task = int(task)
+        self.indices = list(indices) if indices is not None else None
+        self.drop_labels = drop_labels
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = as_sample(self.dataset[self.indices[i] if self.indices is not None else i])
+        if self.drop_labels:
+            sample.pop(LABELS_KEY, None)
+        sample[TASK_KEY] = self.task
+        return sample
+
+
+def draw_indices(size: int, n: int, *, seed: int = 0, task: int = 0) -> list[int]:
+    """``n`` distinct indices out of ``range(size)``, drawn with a generator seeded by ``(seed, task)``.
+
+    The same ``(seed, task)`` always gives the same draw, on every process. Raises ``ValueError`` if ``n > size``.
+    """
+    if n > size:
+        raise ValueError(f"cannot draw {n} calibration samples from task {task}: its dataset has {size}")
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(task))
+    return torch.randperm(size, generator=gen)[:n].tolist()
+
+
+def task_collate(samples: Sequence[Mapping[str, Any]], pad_values: Optional[Mapping[str, int]] = None) -> dict:
+    """Collate task-tagged samples into a batch dict.
+
+    ``"task"`` becomes a ``LongTensor[B]``. Tensors of equal shape are stacked; tensors that differ only in their first
+    dimension (token sequences) are right-padded to the longest with ``pad_values`` (default: labels -100,
+    attention_mask 0, input_ids 0, others 0). Numbers become tensors; other values are kept as lists.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    pads = {**DEFAULT_PAD_VALUES, **(pad_values or {})}
+    keys = list(samples[0].keys())
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        first = values[0]
+        if isinstance(first, (int, float, bool)) or (isinstance(first, Tensor) and first.dim() == 0):
+            out[key] = torch.as_tensor(values if not isinstance(first, Tensor) else torch.stack(values))
+            if key == TASK_KEY:
+                out[key] = out[key].long()
+        elif isinstance(first, Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) == 1:
+                out[key] = torch.stack(values)
+            else:
+                tails = {tuple(v.shape[1:]) for v in values}
+                if len(tails) != 1:
+                    raise ValueError(f"cannot collate {key!r}: shapes {sorted(shapes)} differ beyond the first dim")
+                length = max(v.shape[0] for v in values)
+                batch = values[0].new_full((len(values), length, *values[0].shape[1:]), pads.get(key, 0))
+                for i, v in enumerate(values):
+                    batch[i, : v.shape[0]] = v
+                out[key] = batch
+        else:
+            out[key] = values
+    return out
+
+
+class RandomTaskDataset(Dataset):
+    """Seeded synthetic classification data: inputs ``N(0, 1)`` of ``shape``, labels a fixed random linear rule.
+
+    For smoke tests and tiny configs only. Args: ``num_samples`` (64), ``shape`` ((8,)), ``num_classes`` (3),
+    ``seed`` (0), ``key`` (input key, ``"inputs"``; e.g. ``"pixel_values"``), ``dtype`` (``"float32"``;
+    ``"int64"`` draws token ids in ``[0, vocab_size)``), ``vocab_size`` (100).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        shape: Sequence[int] = (8,),
+        num_classes: int = 3,
+        seed: int = 0,
+        key: str = INPUTS_KEY,
+        dtype: str = "float32",
+        vocab_size: int = 100,
+        attention_mask: bool = False,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        shape = tuple(int(s) for s in shape)
+        if dtype == "int64":
+            self.x = torch.randint(0, vocab_size, (num_samples, *shape), generator=gen)
+            feats = torch.nn.functional.one_hot(self.x, vocab_size).float().flatten(1)
+        else:
+            self.x = torch.randn(num_samples, *shape, generator=gen, dtype=getattr(torch, dtype))
+            feats = self.x.float().flatten(1)
+        w = torch.randn(feats.shape[1], num_classes, generator=gen)
+        self.y = (feats @ w).argmax(-1)
+        self.key = key
+        self.attention_mask = attention_mask
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        out = {self.key: self.x[i], LABELS_KEY: self.y[i]}
+        if self.attention_mask:
+            out["attention_mask"] = torch.ones(self.x.shape[1], dtype=torch.long)
+        return out
+
+
+class TensorFileDataset(Dataset):
+    """Samples from a tensor file (``.safetensors`` or ``.pt``, read with ``weights_only=True``).
+
+    Every tensor in the file shares its first dimension; item ``i`` is ``{key: tensor[i]}`` with ``"label"``
+    renamed ``"labels"``. A single input tensor named ``"inputs"`` is passed to the model positionally.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, Mapping) or not tensors:
+            raise ValueError(f"{path} must hold a non-empty mapping of tensors")
+        sizes = {k: v.shape[0] for k, v in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"tensors in {path} differ in their first dimension: {sizes}")
+        self.tensors = dict(tensors)
+        self.path = path
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return as_sample({k: v[i] for k, v in self.tensors.items()})
+
+
+class HFDataset(Dataset):
+    """A Hugging Face dataset (hub name, ``save_to_disk`` folder) or a local ``.jsonl``/``.json``/``.csv`` file,
+    processed for a model.
+
+    Args:
+        path: hub name (e.g. ``"tanganke/eurosat"``, needs the ``datasets`` package and a network), a folder written by
+            ``Dataset.save_to_disk``, or a local ``.jsonl``/``.json``/``.csv`` file (read without ``datasets``).
+        split: split to load from the hub (``"test"``).
+        name: hub configuration name (None).
+        image_processor: a Hugging Face image processor name or folder: images (``image_column``, PIL images or
+            file paths) become ``pixel_values``.
+        tokenizer: a tokenizer name or folder: texts (``text_column``) become ``input_ids``/``attention_mask``.
+        text_column, image_column, label_column: column names (``"text"``, ``"image"``, ``"label"``).
+        text_pair_column: second text column for sentence-pair tasks (None).
+        text_template: ``str.format`` pattern over the row's columns used instead of ``text_column``, e.g.
+            ``"Question: {question}\nAnswer: {answer}"`` (None).
+        max_length: tokenizer truncation length (128).
+        limit: keep only the first ``limit`` rows (None: all).
+        lm_labels: for causal LMs: ``labels`` are the input ids (the loss/accuracy shifts them), padding masked.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "test",
+        name: Optional[str] = None,
+        image_processor: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        text_column: str = "text",
+        image_column: str = "image",
+        label_column: Optional[str] = "label",
+        text_pair_column: Optional[str] = None,
+        text_template: Optional[str] = None,
+        max_length: int = 128,
+        limit: Optional[int] = None,
+        lm_labels: bool = False,
+    ) -> None:
+        self.rows = _load_rows(path, split, name)
+        self.limit = min(limit, len(self.rows)) if limit is not None else len(self.rows)
+        self.root = Path(path).parent if Path(path).is_file() else Path(path)
+        self.text_column, self.image_column, self.label_column = text_column, image_column, label_column
+        self.text_pair_column, self.text_template = text_pair_column, text_template
+        self.max_length = max_length
+        self.lm_labels = lm_labels
+        self._image_processor_name, self._tokenizer_name = image_processor, tokenizer
+        self._image_processor: Any = None
+        self._tokenizer: Any = None
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def _processors(self) -> tuple[Any, Any]:
+        if self._image_processor is None and self._image_processor_name is not None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(self._image_processor_name)
+        if self._tokenizer is None and self._tokenizer_name is not None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_name)
+        return self._image_processor, self._tokenizer
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i >= self.limit:
+            raise IndexError(i)
+        row = self.rows[i]
+        image_processor, tokenizer = self._processors()
+        out: dict[str, Any] = {}
+        if image_processor is not None:
+            image = row[self.image_column]
+            if isinstance(image, (str, os.PathLike)):
+                from PIL import Image
+
+                p = Path(image)
+                image = Image.open(p if p.is_absolute() else self.root / p)
+            image = image.convert("RGB")
+            out["pixel_values"] = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        if tokenizer is not None:
+            text = self.text_template.format(**row) if self.text_template else str(row[self.text_column])
+            pair = str(row[self.text_pair_column]) if self.text_pair_column else None
+            enc = tokenizer(text, pair, truncation=True, max_length=self.max_length)
+            out["input_ids"] = torch.tensor(enc["input_ids"], dtype=torch.long)
+            out["attention_mask"] = torch.tensor(enc["attention_mask"], dtype=torch.long)
+            if self.lm_labels:
+                out[LABELS_KEY] = out["input_ids"].clone()
+        if not out:
+            raise ValueError("HFDataset needs an image_processor or a tokenizer to build model inputs")
+        if not self.lm_labels and self.label_column is not None and self.label_column in row:
+            out[LABELS_KEY] = torch.tensor(int(row[self.label_column]))
+        return out
+
+
+def _load_rows(path: str, split: str, name: Optional[str]) -> Sequence[Mapping[str, Any]]:
+    p = Path(path)
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        if p.suffix == ".json":
+            rows = json.loads(p.read_text())
+            if not isinstance(rows, list):
+                raise ValueError(f"{p} must hold a JSON list of rows")
+            return rows
+        if p.suffix == ".csv":
+            with p.open(newline="") as f:
+                return list(csv.DictReader(f))
+        raise ValueError(f"unsupported data file {p}: use .jsonl, .json or .csv")
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise ImportError(
+            f"loading {path!r} needs the `datasets` package (pip install datasets); local .jsonl/.json/.csv files "
+            "work without it"
+        ) from err
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    return datasets.load_dataset(path, name, split=split)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distribution
+# --------------------------------------------------------------------------------------------------------------------
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Shards ``range(len(dataset))`` as ``rank::world_size`` with no padding and no duplicates.
+
+    Ranks may get different numbers of samples (or none), so every sample is counted exactly once; use it for
+    evaluation only (not training, where DDP needs equal batch counts). Being a ``DistributedSampler``, Lightning
+    leaves it in place instead of injecting its padded sampler.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def check_calibration_size(num_samples: int, world_size: int, where: str = "calibration data") -> None:
+    """Raise ``ValueError`` if fewer calibration samples than processes: every rank must run at least one.
+
+    Lightning's unpadded predict sampler would otherwise fail with a bare ``assert`` after the model was built.
+    """
+    if num_samples < world_size:
+        raise ValueError(
+            f"{where} has {num_samples} sample(s) but the run uses {world_size} processes: feature space calibration "
+            f"needs at least one sample per process. Use at most {max(num_samples, 1)} device(s) or more samples "
+            "per task (samples_per_task)."
+        )
+
+
+def count_predict_samples(trainer: Any) -> Optional[int]:
+    """Calibration samples, if the datamodule can tell (``num_calibration_samples``) or its predict dataloader(s)
+    have sized datasets; ``None`` if unknown."""
+    dm = getattr(trainer, "datamodule", None)
+    n = getattr(dm, "num_calibration_samples", None)
+    if n is not None:
+        return int(n)
+    if dm is None or not callable(getattr(dm, "predict_dataloader", None)):
+        return None
+    try:
+        loaders = dm.predict_dataloader()
+        loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        return sum(len(dl.dataset) for dl in loaders)  # type: ignore[arg-type]
+    except Exception:  # not sized, not a DataLoader, or needs state not set up yet: Lightning checks later
+        return None
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DataModule
+# --------------------------------------------------------------------------------------------------------------------
+class TaskDataModule(LightningDataModule):
+    """Calibration (``predict``) and evaluation (``test``) data for K tasks, in the order of the experts.
+
+    Args:
+        task_names: task names, in expert order. Keys of ``test``/``calibration`` must be among them.
+        test: task name -> labelled test dataset (None: no evaluation).
+        calibration: task name -> dataset to draw unlabelled calibration samples from (labels are dropped). Defaults
+            to ``test`` (the paper calibrates on a handful of samples from each task's test distribution).
+        samples_per_task: unlabelled samples per task for FSC (1, the paper's default).
+        seed: seed of the calibration draws (0).
+        batch_size: evaluation batch size (32).
+        calibration_batch_size: calibration batch size (1: no padding; statistics are then identical for any
+            number of processes).
+        test_limit: keep only the first ``test_limit`` samples of each test set (None: all).
+        num_workers: DataLoader workers (0).
+        pad_values: padding values for :func:`task_collate`.
+    """
+
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        test: Optional[Mapping[str, Dataset]] = None,
+        calibration: Optional[Mapping[str, Dataset]] = None,
+        samples_per_task: int = 1,
+        seed: int = 0,
+        batch_size: int = 32,
+        calibration_batch_size: int = 1,
+        test_limit: Optional[int] = None,
+        num_workers: int = 0,
+        pad_values: Optional[Mapping[str, int]] = None,
+    ) -> None:
+        super().__init__()
+        self.task_names = list(task_names)
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"task_names has duplicates: {self.task_names}")
+        for label, sets in (("test", test), ("calibration", calibration)):
+            unknown = sorted(set(sets or {}) - set(self.task_names))
+            if unknown:
+                raise ValueError(f"{label} datasets for unknown tasks {unknown}; task_names is {self.task_names}")
+        if samples_per_task < 1:
+            raise ValueError(f"samples_per_task must be >= 1, got {samples_per_task}")
+        self.test_sets = dict(test or {})
+        self.calibration_sources = dict(calibration or {}) or dict(self.test_sets)
+        self.samples_per_task = samples_per_task
+        self.seed = seed
+        self.batch_size = batch_size
+        self.calibration_batch_size = calibration_batch_size
+        self.test_limit = test_limit
+        self.num_workers = num_workers
+        self.pad_values = dict(pad_values or {})
+        self._calibration: Optional[Dataset] = None
+        self._test: Optional[Dataset] = None
+
+    # --- datasets ---------------------------------------------------------------------------------------------------
+    def calibration_dataset(self) -> Dataset:
+        """Unlabelled, task-tagged samples: ``samples_per_task`` per task with a calibration source, task order."""
+        if self._calibration is None:
+            parts = []
+            for k, name in enumerate(self.task_names):
+                source = self.calibration_sources.get(name)
+                if source is None:
+                    continue
+                idx = draw_indices(len(source), self.samples_per_task, seed=self.seed, task=k)  # type: ignore[arg-type]
+                parts.append(TaskTaggedDataset(source, k, idx, drop_labels=True))
+            self._calibration = torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
+        return self._calibration
+
+    def test_dataset(self) -> Dataset:
+        """Labelled, task-tagged test samples of every task (first ``test_limit`` of each)."""
+        if self._test is None:
+            parts = []
+            for k, name in enumerate(self.task_names):
+                ds = self.test_sets.get(name)
+                if ds is None:
+                    continue
+                n = len(ds) if self.test_limit is None else min(self.test_limit, len(ds))  # type: ignore[arg-type]
+                parts.append(TaskTaggedDataset(ds, k, range(n)))
+            self._test = torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
+        return self._test
+
+    @property
+    def num_calibration_samples(self) -> int:
+        return len(self.calibration_dataset())  # type: ignore[arg-type]
+
+    # --- Lightning hooks ----------------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def setup(self, stage: str) -> None:
+        world_size, _ = self._world()
+        if stage == "predict":
+            check_calibration_size(self.num_calibration_samples, world_size)
+        elif stage == "test" and self.test_sets:
+            n = len(self.test_dataset())  # type: ignore[arg-type]
+            if n < world_size:
+                raise ValueError(
+                    f"the test data has {n} sample(s) for {world_size} processes: every process needs at least one "
+                    "(a process without batches would skip the final all-reduce of the accuracy counts)"
+                )
+
+    def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict:
+        return task_collate(samples, self.pad_values)
+
+    def predict_dataloader(self) -> DataLoader:
+        ds = self.calibration_dataset()
+        world_size, _ = self._world()
+        check_calibration_size(len(ds), world_size)  # type: ignore[arg-type]
+        # Lightning wraps this in its unpadded predict sampler (rank::world_size, >= 1 sample per rank).
+        return DataLoader(
+            ds, batch_size=self.calibration_batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=self._collate,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        ds = self.test_dataset()
+        world_size, rank = self._world()
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=UnpaddedDistributedSampler(ds, num_replicas=world_size, rank=rank),
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+        )
+
+
+class _EmptyDataset(Dataset):
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, i: int) -> Any:
+        raise IndexError(i)
+

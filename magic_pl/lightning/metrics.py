@@ -1,0 +1,112 @@
+"""torchmetrics states for calibration statistics and per-task accuracy, summed across processes.
+
+Both metrics hold plain sums (``dist_reduce_fx="sum"``) and are synchronised once, at the end of an epoch, when
+``compute()`` is called on every rank (DESIGN.md section 4): ranks may run different numbers of batches, so nothing
+is reduced per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["FSCStatistics", "PerTaskAccuracy", "accumulation_dtype"]
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device supports it (not MPS), so sums of float32 per-sample terms do not depend on the order
+    in which processes add them up."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class FSCStatistics(Metric):
+    """Sum-reduced FSC statistics: ``ratio_sum`` and ``ratio_count``, ``[K, M]`` (tasks x calibrated modules).
+
+    ``update(ratio_sum, ratio_count)`` adds one chunk of the calibration core's statistics (float32, typically one
+    sample's); ``compute()`` returns ``(ratio_sum, ratio_count)`` summed over all processes. States are float64 so
+    that the total is (to the last bit, in practice) independent of how samples are split over processes.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    ratio_sum: Tensor
+    ratio_count: Tensor
+
+    def __init__(self, num_tasks: int, num_modules: int, dtype: torch.dtype = torch.float64, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if num_tasks < 1 or num_modules < 1:
+            raise ValueError(f"need >= 1 task and >= 1 module, got {num_tasks} tasks and {num_modules} modules")
+        self.shape = (int(num_tasks), int(num_modules))
+        self.add_state("ratio_sum", torch.zeros(self.shape, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("ratio_count", torch.zeros(self.shape, dtype=dtype), dist_reduce_fx="sum")
+
+    def update(self, ratio_sum: Tensor, ratio_count: Tensor) -> None:  # type: ignore[override]
+        if tuple(ratio_sum.shape) != self.shape or tuple(ratio_count.shape) != self.shape:
+            raise ValueError(
+                f"FSC statistics of shape {tuple(ratio_sum.shape)}/{tuple(ratio_count.shape)} do not match the "
+                f"metric's [tasks, modules] = {list(self.shape)}"
+            )
+        self.ratio_sum += ratio_sum.to(self.ratio_sum)
+        self.ratio_count += ratio_count.to(self.ratio_count)
+
+    def compute(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.ratio_sum.clone(), self.ratio_count.clone()
+
+
+class PerTaskAccuracy(Metric):
+    """Exact per-task accuracy: ``correct[T]`` and ``total[T]`` counts (int64, sum-reduced).
+
+    ``update(preds, target, task)`` with class predictions ``preds[N]``, targets ``target[N]`` and task indices
+    ``task[N]`` (or one int); targets equal to ``ignore_index`` (-100) are skipped (token-level LM accuracy).
+    ``compute()`` returns accuracy per task ``[T]`` (NaN for a task with no samples).
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, num_tasks: int, ignore_index: Optional[int] = -100, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_tasks = int(num_tasks)
+        self.ignore_index = ignore_index
+        self.add_state("correct", torch.zeros(self.num_tasks, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(self.num_tasks, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor, task: "Tensor | int") -> None:  # type: ignore[override]
+        preds, target = preds.reshape(-1), target.reshape(-1).to(preds.device)
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ in size")
+        if isinstance(task, int) or (isinstance(task, Tensor) and task.dim() == 0):
+            task = torch.full_like(target, int(task))
+        task = task.reshape(-1).to(preds.device)
+        if task.numel() != target.numel():
+            # task given per sample while preds are per token: repeat per sample's tokens
+            if target.numel() % task.numel() != 0:
+                raise ValueError(f"{task.numel()} task ids for {target.numel()} targets")
+            task = task.repeat_interleave(target.numel() // task.numel())
+        keep = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        if bool((task[keep] >= self.num_tasks).any()) or bool((task[keep] < 0).any()):
+            raise ValueError(f"task index out of range [0, {self.num_tasks})")
+        hits = (preds == target) & keep
+        self.correct += torch.bincount(task[hits], minlength=self.num_tasks)
+        self.total += torch.bincount(task[keep], minlength=self.num_tasks)
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        total = self.total.to(torch.float64)
+        return torch.where(total > 0, self.correct.to(torch.float64) / total.clamp_min(1), torch.nan)
+
+    @staticmethod
+    def average(acc: Tensor, tasks: Optional[Sequence[int]] = None) -> float:
+        """Mean accuracy over tasks that have samples."""
+        vals = acc if tasks is None else acc[list(tasks)]
+        vals = vals[~torch.isnan(vals)]
+        return float(vals.mean()) if vals.numel() else float("nan")

@@ -1,0 +1,529 @@
+"""``MagicModule``: a LightningModule that merges experts, calibrates the merged model with MAGIC and evaluates it.
+
+Lifecycle (DESIGN.md section 4):
+
+1. ``setup()`` (any stage, once): load the base and experts (an adapter from :mod:`magic_pl.models`, or a module plus
+   checkpoint paths), validate them, merge tensor by tensor (:func:`magic_pl.merging.merge`, streaming lazy task
+   vectors) and, for ``calibration="wsc"``/``"dsc"``, apply weight space calibration. Every process does the same
+   deterministic work, so weights are identical on all ranks.
+2. ``trainer.predict`` with unlabelled, task-tagged batches (``calibration="fsc"``/``"dsc"``): ``predict_step``
+   feeds the FSC calibration core; the statistics are torchmetrics states summed across processes once, at the end
+   of the predict epoch; every rank then computes the same xi and folds it into the weights.
+3. ``trainer.test``: per-task accuracy (exact under DDP with :class:`~magic_pl.lightning.data.TaskDataModule`),
+   logged as ``test/acc/<task>`` and ``test/acc/avg``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from magic_pl.calibration import FeatureSpaceCalibrator, load_sensitivity, weight_space_calibration
+from magic_pl.lightning.data import INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size, count_predict_samples
+from magic_pl.lightning.metrics import PerTaskAccuracy
+from magic_pl.lightning.report import CalibrationRecord, delta_norms, module_sq_norms, relative_deviation
+from magic_pl.lightning.statistics import FeatureStatisticsCollector, batch_size_of, split_batch
+from magic_pl.merging import merge
+from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
+from magic_pl.models.heads import TaskModel, logits_of
+from magic_pl.statedict import CheckpointError, load_state_dict
+
+__all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder"]
+
+Calibration = Literal["none", "wsc", "fsc", "dsc"]
+Source = Union[str, os.PathLike, nn.Module]
+
+
+def resolve_sensitive(sensitive: Union[str, os.PathLike, Sequence[str], None], alpha: Optional[int] = None
+                      ) -> Optional[list[str]]:
+    """A sensitive set from a list of names or a ranking JSON written by
+    :func:`magic_pl.calibration.save_sensitivity` (its stored set, or its top ``alpha``). ``None``: no set."""
+    if sensitive is None:
+        return None
+    if isinstance(sensitive, (str, os.PathLike)):
+        return load_sensitivity(sensitive, alpha=alpha)
+    return [str(s) for s in sensitive]
+
+
+def split_inputs(batch: Any) -> tuple[Any, tuple, dict, Optional[Tensor]]:
+    """``(task, args, kwargs, labels)`` of a batch.
+
+    A dict batch holds ``"task"``, optional ``"labels"`` and the inputs: ``"inputs"`` (one tensor, passed
+    positionally) or named tensors (passed as keyword arguments, e.g. ``pixel_values`` or ``input_ids`` +
+    ``attention_mask``). A tuple ``(inputs, labels, task)`` or ``(inputs, task)`` is accepted too.
+    """
+    if isinstance(batch, Mapping):
+        if TASK_KEY not in batch:
+            raise KeyError(f"a task-tagged batch needs a {TASK_KEY!r} entry; got keys {sorted(batch)}")
+        task = batch[TASK_KEY]
+        labels = batch.get(LABELS_KEY)
+        if INPUTS_KEY in batch:
+            return task, (batch[INPUTS_KEY],), {}, labels
+        kwargs = {k: v for k, v in batch.items() if k not in (TASK_KEY, LABELS_KEY)}
+        return task, (), kwargs, labels
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        if len(batch) == 2:
+            return batch[1], (batch[0],), {}, None
+        return batch[2], (batch[0],), {}, batch[1]
+    raise TypeError(f"cannot read a task-tagged batch of type {type(batch).__name__}")
+
+
+class NormRecorder(Mapping[str, Tensor]):
+    """A task-vector view that records ``||tau[key]||^2`` the first time each key is read (expert norms for the
+    report come for free with the merge, which reads every key once)."""
+
+    def __init__(self, source: Mapping[str, Tensor]) -> None:
+        self.source = source
+        self.sq_norms: dict[str, float] = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        t = self.source[key]
+        if key not in self.sq_norms:
+            self.sq_norms[key] = float(t.double().pow(2).sum())
+        return t
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.source
+
+    def shape(self, key: str) -> torch.Size:
+        fn = getattr(self.source, "shape", None)
+        return fn(key) if callable(fn) else self.source[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32
+
+
+class MagicModule(LightningModule):
+    """Merge K experts of one base, calibrate with MAGIC (WSC / FSC / DSC) and evaluate per task.
+
+    Give either ``adapter`` (a :class:`magic_pl.models.base.ModelAdapter`: timm, Hugging Face CLIP / classifiers /
+    causal LMs; it brings the body, the experts, the per-task heads and the saving format) or ``model`` + ``experts``
+    (a body module and checkpoints keyed like its ``state_dict()``).
+
+    Args:
+        adapter: the model family adapter (preferred; see :mod:`magic_pl.models`).
+        model: the body architecture as a module (or a zero-argument builder). Its own weights are the base unless
+            ``base`` is given.
+        experts: expert checkpoints (paths, state dicts or modules), one per task, keyed like ``model``.
+        base: base checkpoint for ``model`` (default: ``model``'s own weights).
+        task_names: one per expert (default: the adapter's, or the expert file names).
+        heads: per-task heads (task name -> module, or a list in task order) applied to the body's output; default
+            none (the body's output is the prediction).
+        output_key: field of the body's output the heads read (e.g. ``"image_embeds"``; default: a tensor output).
+        key_prefix: prefix to strip from checkpoint keys (e.g. ``"bert."`` or ``"model.backbone."``); default ``""``.
+        merge_method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3).
+        merge_options: options of the method (e.g. ``{"scale": 0.3}``, ``{"density": 0.2}``) plus ``bn_stats`` and
+            ``seed``; default none.
+        calibration: ``"none"``, ``"wsc"`` (data-free), ``"fsc"`` (feature space, needs ``trainer.predict``) or
+            ``"dsc"`` (WSC then FSC, the paper's best); default ``"dsc"``.
+        sensitive: magnitude-sensitive tensors/modules (list) or a ranking JSON path; default ``None`` (WSC ungated,
+            FSC uncapped). See DESIGN.md 2.4.
+        sensitive_alpha: take the top ``alpha`` of a ranking JSON instead of its stored set (default ``None``).
+        wsc_options: options of :func:`magic_pl.calibration.weight_space_calibration` (``include``, ``exclude``,
+            ``eps``, ``variant``); default none.
+        fsc_norm: FSC feature norm p: 1 (paper default), 2 or ``"inf"``.
+        fsc_mode: ``"parallel"`` (paper, default) or ``"sequential"``.
+        fsc_modules: explicit module names to calibrate (default: automatic).
+        fsc_per_sample: run FSC one sample at a time (default ``True``): statistics independent of batching and of
+            the number of processes.
+        check_finite: scan experts for NaN/Inf during validation (reads every tensor once more; default ``False``).
+        trust_pickle: allow full pickle for torch checkpoints given as ``model``/``experts`` paths (default ``False``).
+    """
+
+    def __init__(
+        self,
+        adapter: Optional[ModelAdapter] = None,
+        model: Optional[Union[nn.Module, Callable[[], nn.Module]]] = None,
+        experts: Optional[Sequence[Source]] = None,
+        base: Optional[Source] = None,
+        task_names: Optional[Sequence[str]] = None,
+        heads: Optional[Union[Mapping[str, nn.Module], Sequence[nn.Module]]] = None,
+        output_key: Optional[str] = None,
+        key_prefix: str = "",
+        merge_method: str = "task_arithmetic",
+        merge_options: Optional[dict[str, Any]] = None,
+        calibration: Calibration = "dsc",
+        sensitive: Optional[Union[str, Sequence[str]]] = None,
+        sensitive_alpha: Optional[int] = None,
+        wsc_options: Optional[dict[str, Any]] = None,
+        fsc_norm: Union[int, float, str] = 1,
+        fsc_mode: Literal["parallel", "sequential"] = "parallel",
+        fsc_modules: Optional[Sequence[str]] = None,
+        fsc_per_sample: bool = True,
+        check_finite: bool = False,
+        trust_pickle: bool = False,
+    ) -> None:
+        super().__init__()
+        if (adapter is None) == (model is None):
+            raise ValueError("give exactly one of `adapter` (a magic_pl.models adapter) or `model` (+ `experts`)")
+        if model is not None and not experts:
+            raise ValueError("`model` needs `experts`: one fine-tuned checkpoint per task")
+        if calibration not in ("none", "wsc", "fsc", "dsc"):
+            raise ValueError(f"calibration must be one of none, wsc, fsc, dsc; got {calibration!r}")
+        if fsc_mode not in ("parallel", "sequential"):
+            raise ValueError(f"fsc_mode must be 'parallel' or 'sequential', got {fsc_mode!r}")
+        self.save_hyperparameters(ignore=["adapter", "model", "experts", "base", "heads"])
+        self.adapter = adapter
+        self._model_source = model
+        self._expert_sources = list(experts or [])
+        self._base_source = base
+        self._heads_arg = heads
+        self._task_names_arg = list(task_names) if task_names is not None else None
+        self.output_key = output_key
+        self.key_prefix = key_prefix
+        self.merge_method = merge_method
+        self.merge_options = dict(merge_options or {})
+        self.calibration = calibration
+        self.sensitive = resolve_sensitive(sensitive, sensitive_alpha)
+        self.wsc_options = dict(wsc_options or {})
+        self.fsc_norm = fsc_norm
+        self.fsc_mode = fsc_mode
+        self.fsc_modules = list(fsc_modules) if fsc_modules is not None else None
+        self.fsc_per_sample = fsc_per_sample
+        self.check_finite = check_finite
+        self.trust_pickle = trust_pickle
+
+        self.merge_setup: Optional[MergeSetup] = None
+        self.model: Optional[nn.Module] = None
+        self.heads: Optional[nn.ModuleDict] = None
+        self.task_names: list[str] = []
+        self.calibration_record = CalibrationRecord()
+        self.fsc_done = False
+        self._collector: Optional[FeatureStatisticsCollector] = None
+        self._task_models: dict[str, nn.Module] = {}
+        self._test_metric: Optional[PerTaskAccuracy] = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Building
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def uses_fsc(self) -> bool:
+        """True when feature space calibration (``trainer.predict``) is part of the configured calibration."""
+        return self.calibration in ("fsc", "dsc")
+
+    @property
+    def is_built(self) -> bool:
+        return self.model is not None
+
+    def _direct_setup(self) -> MergeSetup:
+        model = self._model_source
+        if not isinstance(model, nn.Module):
+            model = model()  # a builder
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"the model builder returned a {type(model).__name__}, not an nn.Module")
+        if self._base_source is not None:
+            base_sd = self._load(self._base_source, "base")
+            try:
+                model.load_state_dict({k: base_sd[k] for k in base_sd}, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"base {_name(self._base_source)} does not fit {type(model).__name__}: {err}") from err
+        model.eval()
+        tied = find_tied_keys(model)
+        experts = []
+        for src in self._expert_sources:
+            sd = self._load(src, f"expert {_name(src)}")
+            experts.append(KeyView(sd, [k for k in sd if k not in tied]) if tied else sd)
+        paths = [s if isinstance(s, (str, os.PathLike)) else f"task{i}" for i, s in enumerate(self._expert_sources)]
+        names = default_task_names(paths, self._task_names_arg)
+        heads = self._heads_arg
+        if heads is not None and not isinstance(heads, Mapping):
+            heads = list(heads)
+            if len(heads) != len(names):
+                raise ValueError(f"{len(heads)} heads given for {len(names)} tasks")
+            heads = dict(zip(names, heads))
+        return MergeSetup(
+            base=model, experts=experts, task_names=names, heads=dict(heads) if heads is not None else None,
+            tied=tied, adapter=None,
+            metadata={"base": self._base_source if self._base_source is not None else model,
+                      "experts": list(self._expert_sources)},
+        )
+
+    def _load(self, source: Source, what: str) -> Mapping[str, Tensor]:
+        sd = load_state_dict(source, trust_pickle=self.trust_pickle)
+        if self.key_prefix:
+            view = PrefixView(sd, self.key_prefix)
+            if len(view) == 0:
+                raise CheckpointError(f"{what} has no key starting with key_prefix {self.key_prefix!r}")
+            return view
+        return sd
+
+    def build(self) -> None:
+        """Load, validate, merge and (``wsc``/``dsc``) weight-space calibrate; idempotent. Called by ``setup``."""
+        if self.is_built:
+            return
+        rec = self.calibration_record
+        start = time.perf_counter()
+        setup = self.adapter.setup() if self.adapter is not None else self._direct_setup()
+        setup.validate(check_finite=self.check_finite)
+        self.merge_setup = setup
+        self.task_names = list(setup.task_names)
+        rec.task_names = list(self.task_names)
+        rec.config.update(self.describe())
+        rec.sources = {"base": setup.metadata.get("base"), "experts": setup.metadata.get("experts") or []}
+        rec.add_step("load", time.perf_counter() - start, tasks=len(self.task_names))
+
+        start = time.perf_counter()
+        taus = [NormRecorder(tv) for tv in setup.task_vectors()]
+        options = dict(self.merge_options)
+        tau_m = merge(self.merge_method, taus, **options)
+        rec.add_step("merge", time.perf_counter() - start, method=self.merge_method, options=options)
+        rec.expert_norms = _module_means([t.sq_norms for t in taus])
+        rec.deviation_before = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), rec.expert_norms)
+
+        if self.calibration in ("wsc", "dsc"):
+            start = time.perf_counter()
+            tau_m, scales = weight_space_calibration(
+                tau_m, [t.source for t in taus], self.sensitive, return_scales=True, **self.wsc_options
+            )
+            rec.wsc_scales = {k: float(v.mean()) for k, v in scales.items()}
+            rec.add_step("wsc", time.perf_counter() - start, tensors=len(scales), gated=self.sensitive is not None)
+            del scales
+        rec.deviation_after = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), rec.expert_norms)
+
+        self.model = setup.merged_model(tau_m)
+        del tau_m
+        self.model.requires_grad_(False)
+        if setup.heads is not None:
+            self.heads = nn.ModuleDict({_safe(t): h for t, h in setup.heads.items()})
+            self.heads.requires_grad_(False)
+        self._task_models = {t: self._make_task_model(setup, t) for t in self.task_names}
+
+    def _make_task_model(self, setup: MergeSetup, task: str) -> nn.Module:
+        if setup.adapter is not None:
+            return setup.adapter.task_model(setup, self.model, task)
+        if setup.heads is None:
+            return self.model
+        return TaskModel(self.model, setup.heads[task], self.output_key)
+
+    def describe(self) -> dict[str, Any]:
+        """This module's merge and calibration settings (for reports)."""
+        return {
+            "merge_method": self.merge_method,
+            "merge_options": self.merge_options,
+            "calibration": self.calibration,
+            "sensitive": self.sensitive,
+            "wsc_options": self.wsc_options,
+            "fsc": {"norm": self.fsc_norm, "mode": self.fsc_mode, "modules": self.fsc_modules,
+                    "per_sample": self.fsc_per_sample},
+            "adapter": type(self.adapter).__name__ if self.adapter is not None else None,
+            "task_names": self.task_names,
+        }
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ----------------------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        world_size = trainer.world_size if trainer is not None else 1
+        if stage == "predict" and self.uses_fsc and not self.fsc_done:
+            count = count_predict_samples(trainer) if trainer is not None else None
+            if count is not None:
+                check_calibration_size(count, world_size)  # before any merging work
+        self.build()
+        self._check_task_names(trainer)
+        if stage == "predict" and self.uses_fsc and not self.fsc_done:
+            self._start_fsc(trainer.strategy.root_device if trainer is not None else self.device)
+
+    def _check_task_names(self, trainer: Any) -> None:
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        names = getattr(dm, "task_names", None)
+        if names is not None and list(names) != self.task_names:
+            raise ValueError(
+                f"the data's task order {list(names)} differs from the experts' {self.task_names}: batches are "
+                "tagged with the position of their task, which must be the position of its expert"
+            )
+
+    def _start_fsc(self, device: torch.device) -> None:
+        assert self.model is not None and self.merge_setup is not None
+        self.model.to(device)
+        self.model.eval()
+        setup = self.merge_setup
+        # default units: the adapter's choice (leaves out tied aliases and modules no task vector covers)
+        modules = self.fsc_modules if self.fsc_modules is not None else setup.fsc_modules(self.model)
+        calibrator = FeatureSpaceCalibrator(
+            setup.base_state(), self.model, setup.task_vectors(), norm=self.fsc_norm, sensitive=self.sensitive,
+            mode=self.fsc_mode, modules=modules,
+        )
+        self._collector = FeatureStatisticsCollector(calibrator, per_sample=self.fsc_per_sample)
+
+    def on_predict_start(self) -> None:
+        if self.model is not None:
+            self.model.eval()
+
+    def forward(self, *args: Any, task: Union[int, str, None] = None, **kwargs: Any) -> Any:
+        """Run the merged model; with ``task`` (index or name) through that task's head, returning logits."""
+        if self.model is None:
+            raise RuntimeError("MagicModule is not built yet: call build() or run it through a Trainer")
+        if task is None:
+            return self.model(*args, **kwargs)
+        name = self.task_names[task] if isinstance(task, int) else task
+        return logits_of(self._task_models[name](*args, **kwargs))
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """During FSC: feed the calibrator (returns ``{}``). Otherwise: class predictions of each sample."""
+        task, args, kwargs, _ = split_inputs(batch)
+        if self._collector is not None:
+            self._collector.update(task, *args, **kwargs)
+            return {}  # nothing to return (an empty dict avoids Lightning's "predict returned None" warning)
+        return self._predict(task, args, kwargs)
+
+    def on_predict_epoch_end(self) -> None:
+        collector = self._collector
+        if collector is None:
+            return
+        report = collector.finish()  # one sum all-reduce, then the same fold on every rank
+        rec = self.calibration_record
+        rec.set_fold(report)
+        rec.add_step("fsc", collector.seconds, mode=report.mode, norm=report.norm, rounds=report.rounds,
+                     samples_per_task=collector.samples.tolist())
+        setup = self.merge_setup
+        rec.deviation_after = relative_deviation(delta_norms(_float_state(self.model), setup.base_state()),
+                                                 rec.expert_norms)
+        self._collector = None
+        self.fsc_done = True
+
+    # --- evaluation -------------------------------------------------------------------------------------------------
+    def _groups(self, task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, Optional[Tensor], tuple, dict]]:
+        """``(task, rows, args, kwargs)`` per task present in the batch (``rows`` None: the whole batch)."""
+        tasks = _task_tensor(task)
+        if tasks is None or bool((tasks == tasks[0]).all()):
+            yield (int(tasks[0]) if tasks is not None else int(task)), None, args, kwargs
+            return
+        size = batch_size_of(args, kwargs)
+        for t in torch.unique(tasks).tolist():
+            rows = (tasks == t).nonzero().reshape(-1)
+            a, kw = split_batch(args, kwargs, rows, size)
+            yield int(t), rows, a, kw
+
+    def _predict(self, task: Any, args: tuple, kwargs: dict) -> Tensor:
+        """Predicted class per sample (per token for causal LMs), rows in batch order."""
+        out: Optional[Tensor] = None
+        size = batch_size_of(args, kwargs)
+        for t, rows, a, kw in self._groups(task, args, kwargs):
+            preds = self(*a, task=t, **kw).argmax(-1)
+            if rows is None:
+                return preds
+            if out is None:
+                out = preds.new_zeros((size, *preds.shape[1:]))
+            out[rows.to(out.device)] = preds
+        assert out is not None
+        return out
+
+    def _eval_step(self, batch: Any) -> None:
+        task, args, kwargs, labels = split_inputs(batch)
+        if labels is None:
+            raise KeyError(f"evaluation batches need {LABELS_KEY!r}")
+        assert self._test_metric is not None
+        for t, rows, a, kw in self._groups(task, args, kwargs):
+            target = labels if rows is None else labels.index_select(0, rows.to(labels.device))
+            logits = self(*a, task=t, **kw)
+            if logits.dim() == 3 and target.dim() == 2:  # causal LM: next-token accuracy on labelled positions
+                preds, target = logits[:, :-1].argmax(-1), target[:, 1:]
+            else:
+                preds = logits.argmax(-1)
+            self._test_metric.update(preds, target, t)
+
+    def _start_eval(self) -> None:
+        with torch.inference_mode(False):
+            self._test_metric = PerTaskAccuracy(len(self.task_names)).to(self.device)
+
+    def _end_eval(self, prefix: str) -> dict[str, float]:
+        assert self._test_metric is not None
+        acc = self._test_metric.compute()  # one sum all-reduce of correct/total counts
+        totals = self._test_metric.total.clone()
+        self._test_metric.reset()
+        out: dict[str, float] = {}
+        seen = []
+        for k, name in enumerate(self.task_names):
+            if int(totals[k]) > 0:
+                out[f"{prefix}/acc/{name}"] = float(acc[k])
+                seen.append(k)
+        if seen:
+            out[f"{prefix}/acc/avg"] = PerTaskAccuracy.average(acc, seen)
+        for key, value in out.items():
+            # already summed across ranks (identical everywhere): "max" of identical values is exact
+            self.log(key, value, sync_dist=True, reduce_fx="max")
+        self.calibration_record.metrics.update(out)
+        return out
+
+    def on_test_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def on_validation_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    # --- saving -----------------------------------------------------------------------------------------------------
+    def save_calibrated(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the calibrated model atomically: the adapter's format (``save_pretrained`` for Hugging Face models,
+        timm layout, ...); without an adapter, ``save_pretrained`` if the body has it, else one safetensors file
+        (``path`` ending in ``.safetensors``, or ``path/model.safetensors``) plus the heads."""
+        from magic_pl.lightning.writer import save_module
+
+        if self.model is None or self.merge_setup is None:
+            raise RuntimeError("nothing to save: the module is not built")
+        if self.merge_setup.adapter is not None:
+            return Path(self.merge_setup.save(self.model, path))
+        return save_module(self.model, path, heads=dict(self.heads.items()) if self.heads is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def _name(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _sqrt(d: Mapping[str, float]) -> dict[str, float]:
+    return {k: v ** 0.5 for k, v in d.items()}
+
+
+def _module_means(per_task_sq: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """mean_k ||tau_k,l|| per module from per-key squared norms of each task vector."""
+    from magic_pl.lightning.report import module_of
+
+    totals: dict[str, float] = {}
+    for sq in per_task_sq:
+        per_module: dict[str, float] = {}
+        for key, v in sq.items():
+            per_module[module_of(key)] = per_module.get(module_of(key), 0.0) + v
+        for m, v in per_module.items():
+            totals[m] = totals.get(m, 0.0) + v ** 0.5
+    n = max(len(per_task_sq), 1)
+    return {m: v / n for m, v in totals.items()}
+
+
+def _float_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+
+def _task_tensor(task: Any) -> Optional[Tensor]:
+    if isinstance(task, Tensor) and task.dim() > 0:
+        return task.reshape(-1)
+    return None

@@ -1,0 +1,315 @@
+"""The calibration record and its files: JSON (xi, magnitude deviation, modules, inputs with hashes, config, timings)
+and a PNG plot (DESIGN.md section 4).
+
+*Magnitude deviation* of module ``l`` is ``||theta_l - theta0_l|| / mean_k ||tau_k,l||`` (Frobenius norm over the
+module's floating tensors): 1 means the merged update is as large as an average expert's. Averaging shrinks it
+(about ``1/sqrt(K)`` for orthogonal task vectors); MAGIC's calibration moves it back (Li et al., arXiv 2512.19320).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from magic_pl.statedict import atomic_path, is_mergeable
+
+__all__ = [
+    "CalibrationRecord",
+    "module_of",
+    "module_sq_norms",
+    "delta_norms",
+    "expert_norms",
+    "relative_deviation",
+    "describe_source",
+    "sha256_path",
+    "sha256_state",
+    "write_json",
+    "plot_record",
+]
+
+
+#: Module name used for tensors owned directly by the root module (e.g. a ViT's ``cls_token``).
+ROOT = "(root)"
+
+
+def module_of(key: str) -> str:
+    """``"a.b.weight" -> "a.b"`` (:data:`ROOT` for a top-level tensor)."""
+    return key.rpartition(".")[0] or ROOT
+
+
+def module_sq_norms(items: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
+    """Sum of squared entries per owning module, in float64 (first-seen module order)."""
+    out: dict[str, float] = {}
+    for key, t in items:
+        m = module_of(key)
+        out[m] = out.get(m, 0.0) + float(t.detach().double().pow(2).sum())
+    return out
+
+
+def _float_keys(state: Mapping[str, Tensor]) -> list[str]:
+    return [k for k in state if is_mergeable(state[k])]
+
+
+def delta_norms(current: Mapping[str, Tensor], base: Mapping[str, Tensor], keys: Optional[Sequence[str]] = None
+                ) -> dict[str, float]:
+    """``||current_l - base_l||`` per module over the shared floating keys (``keys``: restrict to these)."""
+    keys = list(keys) if keys is not None else [k for k in _float_keys(current) if k in base]
+
+    def diffs() -> Iterable[tuple[str, Tensor]]:
+        for k in keys:
+            c = current[k]
+            yield k, c.double() - base[k].to(c.device).double()
+
+    return {m: math.sqrt(v) for m, v in module_sq_norms(diffs()).items()}
+
+
+def expert_norms(task_vectors: Sequence[Mapping[str, Tensor]], keys: Optional[Sequence[str]] = None
+                 ) -> dict[str, float]:
+    """``mean_k ||tau_k,l||`` per module (reads each task vector key by key; lazy task vectors stream)."""
+    totals: dict[str, float] = {}
+    for tv in task_vectors:
+        ks = list(keys) if keys is not None else list(tv.keys())
+        for m, v in module_sq_norms((k, tv[k]) for k in ks).items():
+            totals[m] = totals.get(m, 0.0) + math.sqrt(v)
+    n = max(len(task_vectors), 1)
+    return {m: v / n for m, v in totals.items()}
+
+
+def relative_deviation(norms: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """``norms[m] / reference[m]`` for modules with a non-zero reference."""
+    return {m: v / reference[m] for m, v in norms.items() if reference.get(m, 0.0) > 0.0}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inputs and hashes
+# --------------------------------------------------------------------------------------------------------------------
+def sha256_path(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
+    """sha256 of a file, or of a directory's regular files (relative names and contents, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def sha256_state(state: Mapping[str, Tensor]) -> str:
+    """sha256 of a state dict's keys, dtypes, shapes and bytes (in key order)."""
+    h = hashlib.sha256()
+    for k in state:
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def describe_source(source: Any, *, hash_contents: bool = True) -> dict[str, Any]:
+    """JSON description of a checkpoint source: path + sha256, a module/mapping + content hash, or a hub name."""
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.exists():
+            return {"path": str(p.resolve()), "sha256": sha256_path(p) if hash_contents else None}
+        return {"name": str(source), "sha256": None, "note": "not a local path (hub name?): not hashed"}
+    if isinstance(source, nn.Module):
+        state = {k: v for k, v in source.state_dict().items()}
+        return {"module": type(source).__name__, "sha256": sha256_state(state) if hash_contents else None}
+    if isinstance(source, Mapping):
+        desc: dict[str, Any] = {"state_dict": type(source).__name__, "tensors": len(source)}
+        files = sorted({str(p) for p in getattr(source, "_weight_map", {}).values()})
+        if files:
+            desc["files"] = [{"path": f, "sha256": sha256_path(f) if hash_contents else None} for f in files]
+        elif hash_contents:
+            desc["sha256"] = sha256_state(source)
+        return desc
+    return {"repr": repr(source)[:200]}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    return repr(obj)
+
+
+@dataclass
+class CalibrationRecord:
+    """What the merge and calibration steps did, filled in by them as they run (one per calibrated model).
+
+    Steps append ``{"step": name, "seconds": s, ...}`` to ``steps``. ``deviation_before`` is the magnitude deviation
+    of the model before any calibration (the merged model), ``deviation_after`` that of the final model.
+    """
+
+    config: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)  # raw base/experts sources, described when written
+    task_names: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    coefficients: dict[str, float] = field(default_factory=dict)
+    folded: list[str] = field(default_factory=list)
+    wrapped: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)
+    sensitive: list[str] = field(default_factory=list)
+    task_ratios: dict[str, list[Optional[float]]] = field(default_factory=dict)
+    wsc_scales: dict[str, float] = field(default_factory=dict)
+    expert_norms: dict[str, float] = field(default_factory=dict)
+    deviation_before: dict[str, float] = field(default_factory=dict)
+    deviation_after: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def add_step(self, step: str, seconds: float, **details: Any) -> None:
+        self.steps.append({"step": step, "seconds": round(float(seconds), 6), **details})
+
+    def set_fold(self, report: Any) -> None:
+        """Copy a :class:`magic_pl.calibration.CalibrationReport` (coefficients, folded/wrapped modules, ...)."""
+        self.coefficients = dict(report.coefficients)
+        for name in ("folded", "wrapped", "unchanged", "uncalibrated", "sensitive"):
+            setattr(self, name, list(getattr(report, name, [])))
+        self.task_ratios = dict(getattr(report, "task_ratios", {}) or {})
+        if getattr(report, "wsc_scales", None):
+            self.wsc_scales = dict(report.wsc_scales)
+
+    def timings(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for s in self.steps:
+            out[s["step"]] = out.get(s["step"], 0.0) + float(s["seconds"])
+        out["total"] = sum(out.values())
+        return out
+
+    def to_dict(self, *, hash_inputs: bool = True) -> dict[str, Any]:
+        inputs = dict(self.inputs)
+        if self.sources:
+            base = self.sources.get("base")
+            experts = self.sources.get("experts") or []
+            if base is not None:
+                inputs.setdefault("base", describe_source(base, hash_contents=hash_inputs))
+            if experts:
+                inputs.setdefault("experts", [describe_source(e, hash_contents=hash_inputs) for e in experts])
+        before, after = self.deviation_before, self.deviation_after
+
+        def summary(d: Mapping[str, float]) -> Optional[float]:
+            return sum(d.values()) / len(d) if d else None
+
+        xi = list(self.coefficients.values())
+        doc = {
+            "format": "magic-pl/calibration-report",
+            "version": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": {"python": platform.python_version(), "torch": torch.__version__},
+            "task_names": self.task_names,
+            "config": self.config,
+            "inputs": inputs,
+            "timings": self.timings(),
+            "steps": self.steps,
+            "coefficients": self.coefficients,
+            "coefficient_summary": (
+                {"min": min(xi), "max": max(xi), "mean": sum(xi) / len(xi), "modules": len(xi)} if xi else {}
+            ),
+            "modules": {
+                "folded": self.folded, "wrapped": self.wrapped, "unchanged": self.unchanged,
+                "uncalibrated": self.uncalibrated, "sensitive": self.sensitive,
+            },
+            "task_ratios": self.task_ratios,
+            "wsc_scales": self.wsc_scales,
+            "magnitude_deviation": {
+                "definition": "||theta_l - theta0_l|| / mean_k ||tau_k,l|| per module",
+                "before": before, "after": after,
+                "mean_before": summary(before), "mean_after": summary(after),
+            },
+            "metrics": self.metrics,
+            "outputs": self.outputs,
+        }
+        return _jsonable(doc)
+
+
+def write_json(doc: Mapping[str, Any], path: Union[str, os.PathLike]) -> Path:
+    """Write ``doc`` as indented JSON, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def plot_record(record: CalibrationRecord, path: Union[str, os.PathLike], *, title: Optional[str] = None) -> Path:
+    """PNG with xi per module (top) and the magnitude deviation before/after per module (bottom); Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(11, 7), constrained_layout=True)
+    ax1, ax2 = fig.subplots(2, 1)
+    names = list(record.coefficients)
+    if names:
+        ax1.plot(range(len(names)), [record.coefficients[n] for n in names], marker=".", lw=1, label="xi (FSC)")
+        wrapped = set(record.wrapped)
+        wi = [i for i, n in enumerate(names) if n in wrapped]
+        if wi:
+            ax1.scatter(wi, [record.coefficients[names[i]] for i in wi], color="tab:red", zorder=3, label="wrapped")
+        ax1.legend(loc="best", fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "no feature space calibration", ha="center", va="center", transform=ax1.transAxes)
+    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax1.set_ylabel("xi")
+    ax1.set_title(title or "MAGIC calibration coefficient per module")
+    _ticks(ax1, names)
+    mods = list(record.deviation_before) or list(record.deviation_after)
+    if mods:
+        if record.deviation_before:
+            ax2.plot(range(len(mods)), [record.deviation_before.get(m, float("nan")) for m in mods], marker=".",
+                     lw=1, label="before calibration (merged)")
+        if record.deviation_after:
+            ax2.plot(range(len(mods)), [record.deviation_after.get(m, float("nan")) for m in mods], marker=".",
+                     lw=1, label="after calibration")
+        ax2.legend(loc="best", fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no magnitude data", ha="center", va="center", transform=ax2.transAxes)
+    ax2.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax2.set_ylabel("||theta - theta0|| / mean_k ||tau_k||")
+    ax2.set_title("magnitude deviation per module")
+    _ticks(ax2, mods)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def _ticks(ax: Any, names: Sequence[str], max_labels: int = 48) -> None:
+    if not names:
+        return
+    if len(names) <= max_labels:
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+    else:
+        ax.set_xlabel(f"module index (0..{len(names) - 1}, forward registration order)")
+

@@ -1,0 +1,169 @@
+"""FSC statistics under Lightning: feed the calibration core batch by batch, sum across processes once, fold.
+
+:class:`FeatureStatisticsCollector` is the glue shared by :class:`~magic_pl.lightning.module.MagicModule` and the
+:class:`~magic_pl.lightning.callbacks.FeatureSpaceCalibration` callback (DESIGN.md section 4):
+
+- ``update`` runs the :class:`~magic_pl.calibration.FeatureSpaceCalibrator` on each sample of a task-tagged batch
+  (or per task), and moves the calibrator's float32 statistics into a float64, sum-reduced
+  :class:`~magic_pl.lightning.metrics.FSCStatistics` after every chunk. Sums of per-sample terms in float64 do not
+  depend on how samples are spread over processes, so xi (and the folded weights) are the same on 1 or N processes.
+- ``finish`` synchronises the metric once (``compute()`` on every rank), loads the totals into the calibrator and
+  folds: every rank computes the same xi and writes the same weights.
+
+Sequential mode (each module measured after the earlier ones are calibrated) needs one reduction per measurement
+round; it uses the calibrator's ``finalize(reduce=...)`` with the same sum-reduced metric (exact up to float32
+rounding of each rank's partial sums).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from magic_pl.calibration import CalibrationReport, FeatureSpaceCalibrator
+from magic_pl.lightning.metrics import FSCStatistics, accumulation_dtype
+
+__all__ = ["FeatureStatisticsCollector", "split_batch", "batch_size_of"]
+
+
+def batch_size_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[int]:
+    """Size of dim 0 of the first tensor among ``args`` then ``kwargs`` (None if there is no tensor)."""
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return None
+
+
+def _take(v: Any, index: Tensor, size: int) -> Any:
+    if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size:
+        return v.index_select(0, index.to(v.device))
+    return v
+
+
+def split_batch(args: Sequence[Any], kwargs: Mapping[str, Any], index: Tensor, size: int) -> tuple[tuple, dict]:
+    """Rows ``index`` of every tensor whose dim 0 is the batch ``size``; other values pass through unchanged."""
+    return tuple(_take(a, index, size) for a in args), {k: _take(v, index, size) for k, v in kwargs.items()}
+
+
+def _trim_padding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """For one right-padded sequence (``attention_mask`` of shape [1, L]), drop the padded positions of every
+    tensor with a length-L dim 1, so a sample's statistics do not depend on the batch it was padded in."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != 1:
+        return args, kwargs
+    length = int(mask.sum())
+    full = mask.shape[1]
+    if length == full or length == 0 or not bool(mask[0, :length].all()):
+        return args, kwargs  # nothing to trim, or not right padding
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] == full:
+            return v[:, :length]
+        return v
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+class FeatureStatisticsCollector:
+    """Collects FSC statistics for one calibrator across a (possibly distributed) predict epoch.
+
+    Args:
+        calibrator: the calibration core, built on the merged module (already on its device).
+        per_sample: feed samples one at a time (default True). Makes the statistics independent of batch
+            composition (and so of the number of processes) and lets right padding be trimmed per sample.
+        device: where the sum-reduced states live (default: the calibrator's statistics' device).
+    """
+
+    def __init__(
+        self, calibrator: FeatureSpaceCalibrator, *, per_sample: bool = True, device: Optional[torch.device] = None
+    ) -> None:
+        self.calibrator = calibrator
+        self.per_sample = per_sample
+        device = device or calibrator.ratio_sum.device
+        k, m = calibrator.ratio_sum.shape
+        with torch.inference_mode(False):
+            self.metric = FSCStatistics(k, m, dtype=accumulation_dtype(device)).to(device)
+            self._zeros = torch.zeros_like(calibrator.ratio_sum)
+        self.samples = torch.zeros(k, dtype=torch.long)
+        self.seconds = 0.0
+        self.report: Optional[CalibrationReport] = None
+
+    @property
+    def sequential(self) -> bool:
+        return self.calibrator.mode == "sequential"
+
+    @property
+    def num_tasks(self) -> int:
+        return self.calibrator.num_tasks
+
+    # ------------------------------------------------------------------------------------------------------------
+    def update(self, task: Union[int, Tensor], *args: Any, **kwargs: Any) -> None:
+        """Accumulate one batch. ``task``: one int for the whole batch, or a tensor of per-sample task indices."""
+        start = time.perf_counter()
+        size = batch_size_of(args, kwargs)
+        if isinstance(task, Tensor) and task.dim() > 0:
+            tasks = task.detach().to("cpu", torch.long).reshape(-1)
+            if size is not None and tasks.numel() != size:
+                raise ValueError(f"batch has {size} samples but {tasks.numel()} task ids")
+        else:
+            tasks = None
+            task_id = int(task)
+        if size is None:  # no tensor to split: one chunk
+            self._update_one(int(tasks[0]) if tasks is not None else task_id, args, kwargs, 1)
+        elif self.per_sample:
+            for i in range(size):
+                idx = torch.tensor([i])
+                a, kw = split_batch(args, kwargs, idx, size)
+                a, kw = _trim_padding(a, kw)
+                self._update_one(int(tasks[i]) if tasks is not None else task_id, a, kw, 1)
+        elif tasks is None or bool((tasks == tasks[0]).all()):
+            self._update_one(int(tasks[0]) if tasks is not None else task_id, args, kwargs, size)
+        else:
+            for t in torch.unique(tasks).tolist():
+                idx = (tasks == t).nonzero().reshape(-1)
+                a, kw = split_batch(args, kwargs, idx, size)
+                self._update_one(int(t), a, kw, int(idx.numel()))
+        self.seconds += time.perf_counter() - start
+
+    def _update_one(self, task: int, args: tuple, kwargs: dict, n: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"batch task index {task} is out of range: there are {self.num_tasks} experts")
+        self.calibrator.update(task, *args, **kwargs)
+        self.samples[task] += n
+        if not self.sequential:
+            # move this chunk's float32 sums into the float64 sum-reduced states, then zero the calibrator's
+            self.metric.update(self.calibrator.ratio_sum, self.calibrator.ratio_count)
+            self.calibrator.load_statistics(self._zeros, self._zeros)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _reduce(self, stacked: Tensor) -> Tensor:
+        """Sum ``[2, K, M]`` statistics over processes with the metric (one sync)."""
+        self.metric.reset()
+        self.metric.update(stacked[0], stacked[1])
+        total_sum, total_count = self.metric.compute()
+        self.metric.reset()
+        return torch.stack([total_sum, total_count]).to(stacked)
+
+    def finish(self) -> CalibrationReport:
+        """Sum the statistics over all processes (once), compute xi and fold it into the merged module.
+
+        Call on every rank at the end of the predict epoch (collective). Safe under ``inference_mode``: the fold
+        runs with inference mode off so the model keeps normal tensors.
+        """
+        start = time.perf_counter()
+        if self.sequential:
+            self.calibrator.finalize(reduce=self._reduce)
+        else:
+            total_sum, total_count = self.metric.compute()  # the one all-reduce (sum)
+            with torch.inference_mode(False):
+                total_sum, total_count = total_sum.clone(), total_count.clone()
+            self.calibrator.load_statistics(total_sum, total_count)
+            self.calibrator.finalize()
+            self.metric.reset()
+        self.report = self.calibrator.fold()
+        self.seconds += time.perf_counter() - start
+        return self.report

@@ -1,0 +1,55 @@
+"""Saving a calibrated module atomically: ``save_pretrained`` for Hugging Face models, safetensors otherwise.
+
+The output is always a directory written under a temporary name and renamed into place
+(:func:`magic_pl.statedict.atomic_path`), so an interrupted run leaves no partial model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional, Union
+
+from torch import nn
+
+from magic_pl.statedict import atomic_path, save_state_dict
+
+__all__ = ["save_module", "is_hf_model"]
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """True for a ``transformers.PreTrainedModel`` (anything with ``save_pretrained`` and a ``config``)."""
+    return callable(getattr(module, "save_pretrained", None)) and hasattr(module, "config")
+
+
+def save_module(
+    module: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    heads: Optional[Mapping[str, nn.Module]] = None,
+    filename: str = "model.safetensors",
+    metadata: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Write ``module`` (and optional per-task ``heads``) into the directory ``path``, atomically.
+
+    Hugging Face models go through ``save_pretrained`` (safetensors, ``config.json``, loadable with
+    ``from_pretrained``); other modules become ``path/<filename>`` (safetensors of ``state_dict()``), heads
+    ``path/heads/<task>.safetensors``. An existing ``path`` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        if is_hf_model(module):
+            module.save_pretrained(tmp, safe_serialization=True)
+        else:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            save_state_dict(state, tmp / filename, metadata=metadata)
+        if heads:
+            (tmp / "heads").mkdir()
+            for task, head in heads.items():
+                save_state_dict({k: v.detach().cpu() for k, v in head.state_dict().items()},
+                                tmp / "heads" / f"{task}.safetensors")
+            (tmp / "heads" / "tasks.json").write_text(json.dumps(list(heads), indent=2) + "\n")
+    return path

@@ -1,0 +1,113 @@
+"""Tiny models and data written to a temp dir for the Lightning tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+TIMM_NAME = "vit_tiny_patch16_224"
+TIMM_KWARGS = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+WORDS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "<s>", "</s>"] + [f"w{i}" for i in range(40)]
+
+
+def make_tiny_timm(directory: Path, num_classes: tuple[int, ...] = (3, 4), noise: float = 0.05) -> dict[str, Path]:
+    """``base.safetensors`` (timm ViT, 3 classes) and one expert per entry of ``num_classes`` (``a``, ``b``, ...):
+    the base plus seeded noise, each with its own classifier head."""
+    import timm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    base = timm.create_model(TIMM_NAME, pretrained=False, num_classes=3, **TIMM_KWARGS)
+    out = {"base": directory / "base.safetensors"}
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(out["base"]))
+    base_sd = base.state_dict()
+    for i, nc in enumerate(num_classes):
+        name = "abcdefgh"[i]
+        g = torch.Generator().manual_seed(100 + i)
+        expert = timm.create_model(TIMM_NAME, pretrained=False, num_classes=nc, **TIMM_KWARGS)
+        sd = {}
+        for k, v in expert.state_dict().items():
+            b = base_sd.get(k)
+            if b is not None and b.shape == v.shape and v.is_floating_point():
+                sd[k] = (b + noise * torch.randn(b.shape, generator=g)).contiguous()
+            else:
+                sd[k] = v.contiguous()
+        out[name] = directory / f"{name}.safetensors"
+        save_file(sd, str(out[name]))
+    return out
+
+
+def tiny_tokenizer(path: Path) -> Path:
+    """Word-level fast tokenizer over :data:`WORDS`, saved with ``save_pretrained``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def clip_tokenizer(path: Path) -> None:
+    """Byte-level CLIP BPE tokenizer without merges (bytes, bytes</w>, start/end tokens)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def random_sentences(n: int, seed: int, num_labels: Optional[int] = None, length: tuple[int, int] = (3, 9),
+                     column: str = "text") -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        L = int(torch.randint(length[0], length[1], (1,), generator=g))
+        words = " ".join(f"w{int(i)}" for i in torch.randint(0, 40, (L,), generator=g))
+        row = {column: words}
+        if num_labels is not None:
+            row["label"] = int(torch.randint(0, num_labels, (1,), generator=g))
+        rows.append(row)
+    return rows
+
+
+def random_images(directory: Path, n: int, seed: int, num_labels: int, size: int = 20) -> list[dict]:
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+        name = f"{seed}_{i}.png"
+        Image.fromarray(arr).save(directory / name)
+        rows.append({"image": f"images/{name}", "label": int(torch.randint(0, num_labels, (1,), generator=g))})
+    return rows

@@ -1,0 +1,40 @@
+"""Sum-reduced torchmetrics states: per-task accuracy and FSC statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from magic_pl.lightning.metrics import FSCStatistics, PerTaskAccuracy
+
+
+def test_per_task_accuracy_counts_and_ignores_padding():
+    m = PerTaskAccuracy(3)
+    m.update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 1]))
+    m.update(torch.tensor([[1, 1, 0]]), torch.tensor([[1, -100, 1]]), 1)  # token-level, -100 ignored
+    acc = m.compute()
+    assert acc[0].item() == 1.0
+    assert acc[1].item() == pytest.approx(2 / 4)
+    assert math.isnan(acc[2].item())
+    assert m.total.tolist() == [2, 4, 0] and m.correct.tolist() == [2, 2, 0]
+    assert PerTaskAccuracy.average(acc) == pytest.approx(0.75)
+
+
+def test_per_task_accuracy_rejects_bad_task():
+    m = PerTaskAccuracy(2)
+    with pytest.raises(ValueError, match=r"task index out of range \[0, 2\)"):
+        m.update(torch.tensor([0]), torch.tensor([0]), 2)
+
+
+def test_fsc_statistics_accumulate_in_float64_and_check_shape():
+    m = FSCStatistics(2, 3)
+    a = torch.full((2, 3), 0.1, dtype=torch.float32)
+    for _ in range(10):
+        m.update(a, torch.ones(2, 3))
+    s, c = m.compute()
+    assert s.dtype == torch.float64 and torch.allclose(s, torch.full((2, 3), 10 * float(a[0, 0]), dtype=torch.float64))
+    assert c.tolist() == [[10.0] * 3] * 2
+    with pytest.raises(ValueError, match=r"do not match the metric's \[tasks, modules\] = \[2, 3\]"):
+        m.update(torch.zeros(3, 2), torch.zeros(3, 2))

@@ -1,0 +1,155 @@
+"""MagicModule: merge / WSC / FSC through the Trainer equal the calibration core run by hand; exact test accuracy."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from magic_pl.calibration import FeatureSpaceCalibrator, save_sensitivity, weight_space_calibration
+from magic_pl.lightning import MagicModule, RandomTaskDataset, TaskDataModule
+from magic_pl.merging import merge, merge_models
+from magic_pl.statedict import apply_task_vector, task_vector
+
+
+class Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+def _experts(base: nn.Module, k: int = 3) -> list[nn.Module]:
+    out = []
+    for i in range(k):
+        e = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in e.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        out.append(e)
+    return out
+
+
+@pytest.fixture
+def setup3():
+    torch.manual_seed(0)
+    base = Body()
+    experts = _experts(base)
+    heads = [nn.Linear(8, n) for n in (3, 4, 2)]
+    data = {t: RandomTaskDataset(11, (6,), n, seed=i) for i, (t, n) in enumerate(zip("xyz", (3, 4, 2)))}
+    return base, experts, heads, data
+
+
+def _trainer() -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False)
+
+
+def _module(base, experts, heads, **kw) -> MagicModule:
+    return MagicModule(model=copy.deepcopy(base), experts=experts, heads=heads, task_names=list("xyz"), **kw)
+
+
+@pytest.mark.parametrize("calibration", ["none", "wsc"])
+def test_data_free_calibrations_equal_the_core(setup3, calibration):
+    base, experts, heads, data = setup3
+    mod = _module(base, experts, heads, calibration=calibration, merge_method="ties", merge_options={"density": 0.5})
+    mod.build()
+    if calibration == "none":
+        want = merge_models(base, experts, "ties", density=0.5)
+    else:
+        taus = [task_vector(e, base) for e in experts]
+        tau = weight_space_calibration(merge("ties", taus, density=0.5), taus)
+        want = apply_task_vector(base.state_dict(), tau)
+    got = mod.model.state_dict()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-7)
+    assert mod.calibration_record.deviation_before and mod.calibration_record.expert_norms
+
+
+def test_dsc_predict_equals_core_and_test_accuracy_is_exact(setup3):
+    base, experts, heads, data = setup3
+    dm = TaskDataModule(list("xyz"), test=data, samples_per_task=2, seed=5, batch_size=4)
+    mod = _module(base, experts, heads, calibration="dsc")
+    trainer = _trainer()
+    out = trainer.predict(mod, datamodule=dm, return_predictions=False)
+    assert out is None and mod.fsc_done
+
+    # the same pipeline by hand with the calibration core
+    taus = [task_vector(e, base) for e in experts]
+    tau = weight_space_calibration(merge("task_arithmetic", taus), taus)
+    ref = copy.deepcopy(base)
+    ref.load_state_dict(apply_task_vector(base.state_dict(), tau))
+    cal = FeatureSpaceCalibrator(base.state_dict(), ref, taus)
+    calib = dm.calibration_dataset()
+    for i in range(len(calib)):
+        item = calib[i]
+        cal.update(item["task"], item["inputs"][None])
+    report = cal.fold()
+    xi = mod.calibration_record.coefficients
+    assert set(xi) == set(report.coefficients) == {"fc1", "norm", "fc2"}
+    assert max(abs(xi[k] - report.coefficients[k]) for k in xi) <= 1e-6
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(mod.model.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+    # exact per-task accuracy (odd test sets, mixed-task batches)
+    results = trainer.test(mod, datamodule=dm, verbose=False)[0]
+    for k, t in enumerate("xyz"):
+        ds = data[t]
+        with torch.no_grad():
+            pred = heads[k](ref(ds.x)).argmax(-1)
+        want = (pred == ds.y).double().mean().item()
+        assert mod.calibration_record.metrics[f"test/acc/{t}"] == pytest.approx(want, abs=1e-12)
+        assert results[f"test/acc/{t}"] == pytest.approx(want, abs=1e-6)
+    avg = sum(mod.calibration_record.metrics[f"test/acc/{t}"] for t in "xyz") / 3
+    assert mod.calibration_record.metrics["test/acc/avg"] == pytest.approx(avg)
+
+    # after calibration predict returns class predictions
+    preds = trainer.predict(mod, datamodule=dm)
+    assert torch.cat(preds).dtype == torch.long and len(torch.cat(preds)) == 6
+
+
+def test_sequential_mode_runs_and_sensitive_json_caps_xi(setup3, tmp_path):
+    base, experts, heads, data = setup3
+    path = save_sensitivity(tmp_path / "sens.json", ["fc2.weight"])
+    dm = TaskDataModule(list("xyz"), test=data, samples_per_task=1)
+    mod = _module(base, experts, heads, calibration="fsc", fsc_mode="sequential", sensitive=str(path),
+                  merge_method="weight_average")
+    _trainer().predict(mod, datamodule=dm, return_predictions=False)
+    xi = mod.calibration_record.coefficients
+    assert mod.sensitive == ["fc2.weight"] and xi["fc2"] <= 1.0
+    assert xi["fc1"] > 1.0  # averaging shrinks the update: FSC scales it back up
+
+
+def test_too_few_calibration_samples_fails_before_merging(setup3):
+    base, experts, heads, data = setup3
+    mod = _module(base, experts, heads)
+    dm = TaskDataModule(list("xyz"), test=data, samples_per_task=1)
+    fake = SimpleNamespace(world_size=4, global_rank=0, datamodule=dm)
+    mod._trainer = fake  # what Lightning sets; setup reads world size and data from it
+    with pytest.raises(ValueError, match=r"has 3 sample\(s\) but the run uses 4 processes"):
+        mod.setup("predict")
+    assert mod.model is None  # nothing was loaded or merged
+
+
+def test_task_order_mismatch_is_rejected(setup3):
+    base, experts, heads, data = setup3
+    mod = _module(base, experts, heads, calibration="none")
+    dm = TaskDataModule(list("zyx"), test=data)
+    with pytest.raises(ValueError, match="task order"):
+        _trainer().test(mod, datamodule=dm, verbose=False)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="exactly one of `adapter`"):
+        MagicModule()
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        MagicModule(model=Body(), experts=[Body()], calibration="fcs")
