@@ -646,5 +646,5 @@ class CalibrationReport(Callback):
         rec = record_of(trainer, pl_module) or self.calibration_record
         for k, v in trainer.callback_metrics.items():
             if k.startswith("test/"):
-                rec.metrics[k] = float(v)
+                rec.metrics.setdefault(k, float(v))  # keep the module's float64 values where it recorded them
         self.write(trainer, pl_module)

@@ -86,7 +86,7 @@ def test_dsc_predict_equals_core_and_test_accuracy_is_exact(setup3):
     # the same pipeline by hand with the calibration core
     taus = [task_vector(e, base) for e in experts]
     tau = weight_space_calibration(merge("task_arithmetic", taus), taus)
-    ref = copy.deepcopy(base)
+    ref = copy.deepcopy(base).eval()
     ref.load_state_dict(apply_task_vector(base.state_dict(), tau))
     cal = FeatureSpaceCalibrator(base.state_dict(), ref, taus)
     calib = dm.calibration_dataset()

@@ -1,0 +1,117 @@
+"""Writer and report callbacks: atomic output (a crash leaves no partial model), report contents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from lightning_helpers import TIMM_KWARGS, TIMM_NAME
+from magic_pl.lightning import CalibratedModelWriter, CalibrationReport, MagicModule, RandomTaskDataset, TaskDataModule
+from magic_pl.lightning.report import CalibrationRecord, plot_record, sha256_path
+from magic_pl.lightning.writer import save_module
+from magic_pl.models import TimmAdapter
+
+
+def _module(tiny_timm, **kw) -> MagicModule:
+    adapter = TimmAdapter(TIMM_NAME, experts=[str(tiny_timm["a"]), str(tiny_timm["b"])], base=str(tiny_timm["base"]),
+                          task_names=["a", "b"], model_kwargs=TIMM_KWARGS)
+    return MagicModule(adapter=adapter, **kw)
+
+
+def _data() -> TaskDataModule:
+    test = {"a": RandomTaskDataset(5, (3, 16, 16), 3, seed=1), "b": RandomTaskDataset(5, (3, 16, 16), 4, seed=2)}
+    return TaskDataModule(["a", "b"], test=test, samples_per_task=2)
+
+
+def _trainer(*callbacks) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=list(callbacks))
+
+
+def _leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_crash_during_calibration_writes_nothing(tiny_timm, tmp_path, monkeypatch):
+    mod = _module(tiny_timm, calibration="fsc")
+    calls = {"n": 0}
+    original = mod.predict_step
+
+    def failing(batch, batch_idx, dataloader_idx=0):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Boom("worker lost")
+        return original(batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(mod, "predict_step", failing)
+    writer = CalibratedModelWriter(tmp_path / "model")
+    with pytest.raises(Boom):
+        _trainer(writer, CalibrationReport(tmp_path)).predict(mod, datamodule=_data(), return_predictions=False)
+    assert not (tmp_path / "model").exists() and writer.written is None
+    assert not (tmp_path / "calibration_report.json").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_crash_while_saving_leaves_no_partial_model_and_keeps_the_old_one(tiny_timm, tmp_path, monkeypatch):
+    import magic_pl.models.timm as timm_adapter
+
+    old = tmp_path / "model"
+    old.mkdir()
+    (old / "previous.txt").write_text("an earlier complete result")
+    real_save = timm_adapter.save_state_dict
+    calls = {"n": 0}
+
+    def save_then_die(state, path, **kw):
+        calls["n"] += 1
+        real_save(state, path, **kw)  # a real file lands in the temporary directory...
+        if calls["n"] == 2:
+            raise Boom("disk full")  # ...then the process dies mid-write
+
+    monkeypatch.setattr(timm_adapter, "save_state_dict", save_then_die)
+    mod = _module(tiny_timm, calibration="dsc")
+    with pytest.raises(Boom):
+        _trainer(CalibratedModelWriter(old)).predict(mod, datamodule=_data(), return_predictions=False)
+    assert calls["n"] == 2
+    assert sorted(p.name for p in old.iterdir()) == ["previous.txt"]  # untouched, no partial model
+    assert _leftovers(tmp_path) == []
+
+
+def test_writer_writes_at_test_start_when_nothing_was_written(tiny_timm, tmp_path):
+    mod = _module(tiny_timm, calibration="wsc")
+    writer = CalibratedModelWriter(tmp_path / "model")
+    _trainer(writer).test(mod, datamodule=_data(), verbose=False)
+    assert writer.written == tmp_path / "model"
+    assert {p.name for p in (tmp_path / "model").iterdir()} >= {"model.safetensors", "config.json", "heads"}
+
+
+def test_save_module_plain_and_hf(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    body = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    save_module(body, tmp_path / "plain", heads={"t": nn.Linear(4, 2)})
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["heads", "model.safetensors"]
+    hf = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=32))
+    save_module(hf, tmp_path / "hf")
+    again = BertModel.from_pretrained(tmp_path / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), again.state_dict().values()))
+
+
+def test_report_plot_and_hash(tmp_path):
+    rec = CalibrationRecord(coefficients={"a": 1.2, "b": 0.9}, deviation_before={"a": 0.4, "b": 0.5},
+                            deviation_after={"a": 1.0, "b": 1.1}, wrapped=["b"])
+    png = plot_record(rec, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "w.bin").write_bytes(b"abc")
+    assert sha256_path(tmp_path / "w.bin") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    doc = rec.to_dict()
+    assert doc["coefficient_summary"]["max"] == 1.2 and doc["magnitude_deviation"]["mean_after"] == pytest.approx(1.05)
+    json.dumps(doc, allow_nan=False)

@@ -1,0 +1,62 @@
+"""Exactness under DDP: 2 CPU processes (gloo) give the same xi, weights and per-task accuracy as 1 process.
+
+The 2-process run is the real command line (``python -m magic_pl.lightning.cli calibrate ... --trainer.strategy ddp``:
+Lightning starts the second process itself); the test sets have odd sizes (21 and 20 samples, 41 in all), so a padded
+sampler would count a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_helpers import CONFIGS
+from magic_pl.lightning.cli import main
+
+
+def _run_ddp(workdir: Path, out: str, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
+    env["PYTHONWARNINGS"] = "ignore"
+    cmd = [sys.executable, "-m", "magic_pl.lightning.cli", "calibrate", "-c", str(CONFIGS / "tiny.yaml"),
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--output_dir", out, *extra]
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_process_ddp_equals_one_process(tiny_workdir, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["magic-pl"])
+    proc = _run_ddp(tiny_workdir, "ddp2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    main(["calibrate", "-c", str(CONFIGS / "tiny.yaml"), "--output_dir", "one"])
+
+    one = json.loads((tiny_workdir / "one" / "calibration_report.json").read_text())
+    two = json.loads((tiny_workdir / "ddp2" / "calibration_report.json").read_text())
+    assert two["config"]["trainer"]["world_size"] == 2 and one["config"]["trainer"]["world_size"] == 1
+    xi1, xi2 = one["coefficients"], two["coefficients"]
+    assert xi1.keys() == xi2.keys() and len(xi1) > 0
+    assert max(abs(xi1[k] - xi2[k]) for k in xi1) <= 1e-6
+    # identical weights, bit for bit
+    w1 = load_file(str(tiny_workdir / "one" / "model" / "model.safetensors"))
+    w2 = load_file(str(tiny_workdir / "ddp2" / "model" / "model.safetensors"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    # per-task accuracy: exactly equal, every test sample counted once
+    assert one["metrics"] == two["metrics"] and set(two["metrics"]) == {"test/acc/a", "test/acc/b", "test/acc/avg"}
+    for task, n in (("a", 21), ("b", 20)):
+        acc = two["metrics"][f"test/acc/{task}"]
+        assert abs(acc * n - round(acc * n)) < 1e-9  # a whole number of correct samples out of n
+
+
+@pytest.mark.slow
+def test_fewer_calibration_samples_than_processes_fails_before_work(tiny_workdir):
+    """Real 3-process launch (slow; the same check is unit-tested in test_module / test_data)."""
+    # 2 tasks x 1 sample, 3 processes
+    proc = _run_ddp(tiny_workdir, "few", "--trainer.devices", "3", "--data.init_args.samples_per_task", "1")
+    assert proc.returncode != 0
+    assert "has 2 sample(s) but the run uses 3 processes" in proc.stderr
+    assert "Merge" not in proc.stderr and not (tiny_workdir / "few" / "model").exists()

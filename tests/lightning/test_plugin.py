@@ -1,0 +1,143 @@
+"""Plug-in example: an existing LightningModule with a timm backbone and its own DataModule gains merging + DSC by
+adding magic-pl callbacks to its Trainer, without changing its code.
+
+This is the README snippet::
+
+    from magic_pl.lightning import (MergeExperts, WeightSpaceCalibration, FeatureSpaceCalibration,
+                                    CalibratedModelWriter, CalibrationReport)
+
+    trainer = Trainer(callbacks=[
+        MergeExperts(experts=["a.safetensors", "b.safetensors"], base="base.safetensors", backbone="backbone"),
+        WeightSpaceCalibration(backbone="backbone"),      # base / experts come from MergeExperts
+        FeatureSpaceCalibration(backbone="backbone"),     # task = predict dataloader index (or batch["task"])
+        CalibratedModelWriter("out/model", backbone="backbone"),
+        CalibrationReport("out"),
+    ])
+    trainer.predict(model, datamodule=data, return_predictions=False)   # merge, WSC, FSC, save
+    trainer.test(model, datamodule=data)                                # the project's own evaluation
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_helpers import TIMM_KWARGS, TIMM_NAME
+from magic_pl.lightning import (
+    CalibratedModelWriter,
+    CalibrationReport,
+    FeatureSpaceCalibration,
+    MagicModule,
+    MergeExperts,
+    TaskDataModule,
+    WeightSpaceCalibration,
+)
+from magic_pl.models import TimmAdapter
+
+
+# ---- the "existing project": nothing magic-pl specific -------------------------------------------------------------
+class LitMultiTask(LightningModule):
+    def __init__(self, num_classes: tuple[int, ...] = (3, 4)) -> None:
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, **TIMM_KWARGS)
+        self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, n) for n in num_classes)
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.heads[task](self.backbone(x))
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        x, _ = batch
+        return self(x, dataloader_idx).argmax(-1)
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        acc = (self(x, dataloader_idx).argmax(-1) == y).float().mean()
+        self.log(f"acc_{dataloader_idx}", acc, add_dataloader_idx=False)
+
+
+class LitData(LightningDataModule):
+    def __init__(self, calib: list[TensorDataset], test: list[TensorDataset]) -> None:
+        super().__init__()
+        self.calib, self.test = calib, test
+
+    def predict_dataloader(self):
+        return [DataLoader(ds, batch_size=2) for ds in self.calib]
+
+    def test_dataloader(self):
+        return [DataLoader(ds, batch_size=8) for ds in self.test]
+
+
+def _datasets(seed: int, n: int, classes=(3, 4)) -> list[TensorDataset]:
+    g = torch.Generator().manual_seed(seed)
+    return [TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, c, (n,), generator=g))
+            for c in classes]
+
+
+# ---- the test --------------------------------------------------------------------------------------------------
+def test_callbacks_add_merging_and_dsc_to_an_existing_module(tiny_timm, tmp_path):
+    torch.manual_seed(0)
+    model, calib, test = LitMultiTask(), _datasets(1, 3), _datasets(2, 9)
+    data = LitData(calib, test)
+    experts = [str(tiny_timm["a"]), str(tiny_timm["b"])]
+    trainer = Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[
+            # listed out of order on purpose: FSC runs the merge and WSC it depends on first
+            FeatureSpaceCalibration(backbone="backbone"),
+            CalibratedModelWriter(tmp_path / "model", backbone="backbone"),
+            CalibrationReport(tmp_path),
+            WeightSpaceCalibration(backbone="backbone"),
+            MergeExperts(experts=experts, base=str(tiny_timm["base"]), backbone="backbone",
+                         method="task_arithmetic", options={"scale": 0.3}, task_names=["a", "b"]),
+        ],
+    )
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    results = {k: v for d in trainer.test(model, datamodule=data, verbose=False) for k, v in d.items()}
+    assert set(results) == {"acc_0", "acc_1"}
+
+    # the same merge + DSC through MagicModule / the timm adapter on the same calibration samples
+    ref = MagicModule(
+        adapter=TimmAdapter(TIMM_NAME, experts=experts, base=str(tiny_timm["base"]), task_names=["a", "b"],
+                            model_kwargs=TIMM_KWARGS),
+        merge_method="task_arithmetic", merge_options={"scale": 0.3}, calibration="dsc",
+    )
+    dm = TaskDataModule(["a", "b"], calibration={t: ds for t, ds in zip("ab", calib)}, samples_per_task=3)
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False).predict(ref, datamodule=dm, return_predictions=False)
+
+    report = json.loads((tmp_path / "calibration_report.json").read_text())
+    xi, want = report["coefficients"], ref.calibration_record.coefficients
+    assert xi.keys() == want.keys() and max(abs(xi[k] - want[k]) for k in xi) <= 1e-6
+    for key, value in ref.model.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value, rtol=0, atol=1e-6)
+
+    # written atomically by the writer, loadable into the project's backbone
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in model.backbone.state_dict().items())
+    assert [s["step"] for s in report["steps"]] == ["merge", "wsc", "fsc", "write"]
+    assert report["magnitude_deviation"]["before"] and report["magnitude_deviation"]["after"]
+    assert report["inputs"]["base"]["path"].endswith("base.safetensors")
+    assert (tmp_path / "calibration_report.png").is_file()
+
+
+def test_fsc_callback_without_sources_says_what_is_missing(tiny_timm):
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      callbacks=[FeatureSpaceCalibration(backbone="backbone")])
+    data = LitData(_datasets(1, 2), _datasets(2, 2))
+    with pytest.raises(ValueError, match="give experts= .* or add a MergeExperts callback for backbone 'backbone'"):
+        trainer.predict(LitMultiTask(), datamodule=data, return_predictions=False)
+
+
+def test_wrong_backbone_path_lists_children(tiny_timm):
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      callbacks=[MergeExperts(experts=[str(tiny_timm["a"])], backbone="encoder")])
+    with pytest.raises(AttributeError, match=r"no submodule 'encoder' \(its children: \['backbone', 'heads'\]\)"):
+        trainer.predict(LitMultiTask(), datamodule=LitData(_datasets(1, 2), []), return_predictions=False)
