@@ -1,0 +1,45 @@
+"""The built-in offline benchmark on real weights and real data (DESIGN.md sections 6-7, issue 6).
+
+``run_benchmark("text")`` fine-tunes (once, cached) MiniLM-L6 experts on five real text tasks, merges them with every
+method, calibrates with MAGIC's WSC / FSC / DSC and writes per-task tables, CSV, JSON, a chart and the calibration
+reports. From a shell: ``python -m magic_pl.zoo --suite text`` (or ``magic-pl benchmark``).
+
+Names are imported lazily, so ``python -m magic_pl.zoo`` can configure OpenMP before torch loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "run_benchmark": "magic_pl.zoo.runner",
+    "DEFAULT_METHODS": "magic_pl.zoo.runner",
+    "CALIBRATIONS": "magic_pl.zoo.runner",
+    "BN_CALIBRATIONS": "magic_pl.zoo.runner",
+    "SENSITIVE_CHOICES": "magic_pl.zoo.runner",
+    "SUITES": "magic_pl.zoo.suites",
+    "Suite": "magic_pl.zoo.suites",
+    "get_suite": "magic_pl.zoo.suites",
+    "Task": "magic_pl.zoo.data",
+    "DataUnavailableError": "magic_pl.zoo.data",
+    "FinetuneConfig": "magic_pl.zoo.experts",
+    "ExpertSet": "magic_pl.zoo.experts",
+    "build_experts": "magic_pl.zoo.experts",
+    "default_cache_dir": "magic_pl.zoo.experts",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'magic_pl.zoo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

