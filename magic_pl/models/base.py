@@ -1,0 +1,406 @@
+"""The adapter interface: a user's checkpoints -> (base body, expert bodies, per-task heads) for merging and calibration.
+
+Every model family (timm, Hugging Face CLIP / classifiers / causal LMs, LoRA) has a :class:`ModelAdapter` whose
+:meth:`~ModelAdapter.setup` returns a :class:`MergeSetup`:
+
+- ``base``: the pretrained *body* as an ``nn.Module`` (the part that is merged and calibrated), in eval mode;
+- ``experts``: one state dict per task, keyed exactly like ``base.state_dict()`` (minus tied aliases), usually lazy
+  (:class:`~magic_pl.statedict.LazyStateDict` views: reading one key reads one tensor);
+- ``heads``: per-task modules that are *not* merged (classifier heads, zero-shot heads), or ``None`` (causal LMs);
+- ``tied``: alias key -> canonical key for parameters shared inside the body (tied input/output embeddings). Aliases
+  are left out of the experts and task vectors; the merged model keeps them tied.
+
+Task vectors follow DESIGN.md section 2: ``tau_k = theta_k - theta0`` over floating-point entries only, computed on
+access by :class:`LazyTaskVector`, so merging K experts holds about one model in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from magic_pl.calibration.taskvectors import LazyTaskVector as _CalibrationLazyTaskVector
+from magic_pl.statedict import (
+    CheckpointError,
+    StateDict,
+    is_mergeable,
+    validate_experts,
+)
+
+__all__ = [
+    "MergeSetup",
+    "ModelAdapter",
+    "LazyTaskVector",
+    "PrefixView",
+    "KeyView",
+    "find_tied_keys",
+    "tensor_shape",
+    "tensor_dtype",
+    "check_experts",
+    "shape_error",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lazy mapping views
+# --------------------------------------------------------------------------------------------------------------------
+def tensor_shape(sd: StateDict, key: str) -> torch.Size:
+    """Shape of ``sd[key]`` without reading the data when ``sd`` knows it (``.shape(key)``)."""
+    shape = getattr(sd, "shape", None)
+    if callable(shape):
+        return torch.Size(shape(key))
+    return sd[key].shape
+
+
+def tensor_dtype(sd: StateDict, key: str) -> torch.dtype:
+    """Dtype of ``sd[key]`` without reading the data when ``sd`` knows it (``.dtype(key)``)."""
+    dtype = getattr(sd, "dtype", None)
+    if callable(dtype):
+        return dtype(key)
+    return sd[key].dtype
+
+
+class PrefixView(Mapping[str, Tensor]):
+    """The entries of ``source`` under ``prefix`` with the prefix removed (``"bert.x.w"`` -> ``"x.w"``); lazy.
+
+    Args:
+        source: any state dict (a :class:`~magic_pl.statedict.LazyStateDict` stays lazy).
+        prefix: key prefix including its trailing dot, e.g. ``"bert."``; ``""`` keeps every key.
+        add: a prefix prepended to every exposed key instead (``"" -> "model."``); default ``""``.
+    """
+
+    def __init__(self, source: StateDict, prefix: str, add: str = ""):
+        self.source, self.prefix, self.add = source, prefix, add
+        self._keys = [add + k[len(prefix):] for k in source.keys() if k.startswith(prefix)]
+        self._set = set(self._keys)
+
+    def _src(self, key: str) -> str:
+        if key not in self._set:
+            raise KeyError(key)
+        return self.prefix + key[len(self.add):]
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.source[self._src(key)]
+
+    def shape(self, key: str) -> torch.Size:
+        return tensor_shape(self.source, self._src(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return tensor_dtype(self.source, self._src(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def __repr__(self) -> str:
+        return f"PrefixView({self.prefix!r} of {self.source!r})"
+
+
+class KeyView(Mapping[str, Tensor]):
+    """The entries of ``source`` restricted to ``keys`` (in that order); lazy. Missing keys raise ``KeyError``."""
+
+    def __init__(self, source: StateDict, keys: Sequence[str]):
+        self.source = source
+        self._keys = list(keys)
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._set:
+            raise KeyError(key)
+        return self.source[key]
+
+    def shape(self, key: str) -> torch.Size:
+        return tensor_shape(self.source, key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return tensor_dtype(self.source, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+
+class LazyTaskVector(_CalibrationLazyTaskVector):
+    """``tau = expert - base`` in float32, computed when a key is read (DESIGN.md section 2).
+
+    The calibration core's :class:`magic_pl.calibration.LazyTaskVector` (keys: the base's floating-point keys;
+    integer/bool buffers never enter a task vector) with errors naming the expert, ``shape``/``dtype`` lookups that
+    read no data, and an optional compute ``device``. Reading a key reads one base and one expert tensor, so K lazy
+    task vectors over lazily loaded checkpoints stream key by key, and ``FeatureSpaceCalibrator`` (which takes task
+    vectors as mappings) reads one module's slices at a time.
+
+    Args:
+        expert: the fine-tuned state dict (any mapping; :class:`~magic_pl.statedict.LazyStateDict` stays lazy).
+        base: the base state dict, keyed like ``expert``.
+        device: where the difference is computed and returned (default: where the tensors live, usually CPU).
+        name: how error messages call this expert.
+    """
+
+    def __init__(self, expert: StateDict, base: StateDict, *, device: Optional[Union[str, torch.device]] = None,
+                 name: str = "expert"):
+        super().__init__(expert, base)
+        self.expert, self.name = expert, name
+        self.device = torch.device(device) if device is not None else None
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self:
+            raise KeyError(key)
+        try:
+            e = self.expert[key]
+        except KeyError:
+            raise CheckpointError(f"{self.name} lacks key {key!r} of the base") from None
+        b = self.base[key]
+        if e.shape != b.shape:
+            raise shape_error(self.name, key, b.shape, e.shape)
+        if self.device is not None:
+            e, b = e.to(self.device), b.to(self.device)
+        return e.float() - b.to(device=e.device).float()
+
+    def shape(self, key: str) -> torch.Size:
+        if key not in self:
+            raise KeyError(key)
+        return tensor_shape(self.base, key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if key not in self:
+            raise KeyError(key)
+        return torch.float32
+
+    def __repr__(self) -> str:
+        return f"LazyTaskVector({self.name}, {len(self)} tensors)"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tied parameters and validation
+# --------------------------------------------------------------------------------------------------------------------
+def find_tied_keys(module: nn.Module) -> dict[str, str]:
+    """Alias -> canonical key for state-dict entries that share storage (tied weights, e.g. ``lm_head.weight`` and
+    ``model.embed_tokens.weight`` under ``tie_word_embeddings``). The canonical key is the first in state-dict order."""
+    seen: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for key, t in module.state_dict(keep_vars=True).items():
+        if t is None or t.numel() == 0 or t.device.type == "meta":
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            tied[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return tied
+
+
+_VOCAB_HINT_WORDS = ("embed", "wte", "word_embeddings", "token_embedding", "lm_head", "shared")
+
+
+def shape_error(name: str, key: str, base_shape: Sequence[int], expert_shape: Sequence[int]) -> CheckpointError:
+    """A :class:`CheckpointError` for a shape mismatch, with a vocabulary hint for embedding tables."""
+    msg = f"{name}: shape mismatch for {key!r}: base {tuple(base_shape)} vs expert {tuple(expert_shape)}"
+    if any(w in key for w in _VOCAB_HINT_WORDS):
+        msg += " (the vocabularies differ: experts must share the base's tokenizer and vocabulary size)"
+    return CheckpointError(msg)
+
+
+def check_experts(base: StateDict, experts: Sequence[StateDict], names: Sequence[str], *,
+                  check_finite: bool = False) -> None:
+    """:func:`~magic_pl.statedict.validate_experts` plus a vocabulary hint for embedding shape mismatches.
+
+    ``check_finite`` (default ``False`` here: it reads every expert tensor once more) scans for NaN/Inf.
+    """
+    try:
+        validate_experts(base, experts, names=names, check_finite=check_finite)
+    except CheckpointError as err:
+        msg = str(err)
+        if "shape mismatch" in msg and any(w in msg for w in _VOCAB_HINT_WORDS):
+            msg += " (the vocabularies differ: experts must share the base's tokenizer and vocabulary size)"
+            raise CheckpointError(msg) from err
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The setup and the adapter interface
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class MergeSetup:
+    """Everything merging and calibration need, built by a :class:`ModelAdapter`.
+
+    Attributes:
+        base: pretrained body module (eval mode). Its ``state_dict()`` keys (minus ``tied`` aliases) are the merge keys.
+        experts: per-task body state dicts keyed like ``base`` (minus aliases); often lazy.
+        task_names: one name per expert (unique).
+        heads: per-task head modules (not merged), or ``None`` when the whole model is merged.
+        tied: alias key -> canonical key inside ``base``; aliases are not merged and stay tied.
+        adapter: the adapter that built this setup (used by :meth:`task_model` and :meth:`save`).
+        metadata: free-form facts about the sources (paths, configs) for reports.
+        exact_task_vectors: task vectors to use instead of ``expert - base`` (LoRA: ``B @ A * scale`` exactly, over
+            the keys the adapters touch); default ``None``.
+    """
+
+    base: nn.Module
+    experts: list[StateDict]
+    task_names: list[str]
+    heads: Optional[dict[str, nn.Module]] = None
+    tied: dict[str, str] = field(default_factory=dict)
+    adapter: Optional["ModelAdapter"] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    exact_task_vectors: Optional[list[Mapping[str, Tensor]]] = None
+
+    def __post_init__(self) -> None:
+        if len(self.experts) != len(self.task_names):
+            raise ValueError(f"{len(self.experts)} experts but {len(self.task_names)} task names")
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"task names must be unique, got {self.task_names}")
+        if self.heads is not None:
+            missing = [t for t in self.task_names if t not in self.heads]
+            if missing:
+                raise ValueError(f"no head for task(s) {missing}; heads exist for {sorted(self.heads)}")
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def base_state(self) -> dict[str, Tensor]:
+        """The base body's state dict without tied aliases (detached; shares storage with ``base``)."""
+        return {k: v.detach() for k, v in self.base.state_dict().items() if k not in self.tied}
+
+    def task_vectors(self, *, device: Optional[Union[str, torch.device]] = None) -> list[Mapping[str, Tensor]]:
+        """One lazy task vector per expert (float32, computed on access; tied aliases left out)."""
+        if self.exact_task_vectors is not None:
+            return list(self.exact_task_vectors)
+        base = self.base_state()
+        return [LazyTaskVector(e, base, device=device, name=f"expert {n!r}") for e, n in zip(self.experts, self.task_names)]
+
+    def fsc_modules(self, model: Optional[nn.Module] = None) -> Optional[list[str]]:
+        """Module names to give ``FeatureSpaceCalibrator(modules=...)``, or ``None`` for its automatic choice.
+
+        Restricts the automatic units to those whose tensors are all in the task vectors, leaving out units that own
+        a tied alias (e.g. ``lm_head`` under ``tie_word_embeddings``: the shared weight is calibrated once, by the
+        canonical owner ``embed_tokens``, and stays foldable into an ordinary checkpoint) and units no task vector
+        covers (LoRA adapters touch a subset of modules).
+        """
+        from magic_pl.calibration.modules import find_units
+
+        model = self.base if model is None else model
+        keys = set(self.task_vectors()[0].keys())
+        units = find_units(model)
+        names = [u.name for u in units if not any(k in self.tied for k in u.keys) and all(k in keys for k in u.keys)]
+        return None if len(names) == len(units) else names
+
+    def validate(self, *, check_finite: bool = False) -> None:
+        """Raise :class:`~magic_pl.statedict.CheckpointError` naming the expert and key on any key/shape/dtype
+        mismatch between the experts and the base body (and NaN/Inf when ``check_finite``)."""
+        check_experts(self.base_state(), self.experts, [f"expert {n!r}" for n in self.task_names],
+                      check_finite=check_finite)
+
+    # -- models -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_model(self, merged_tv: Mapping[str, Tensor], *, scale: float = 1.0) -> nn.Module:
+        """A copy of the base body with ``theta0 + scale * tau`` loaded (in each tensor's dtype).
+
+        Keys absent from ``merged_tv`` (integer buffers, untouched tensors) keep the base values; tied aliases stay
+        tied (they share the canonical parameter). Raises :class:`CheckpointError` for unknown keys or shapes.
+        """
+        model = copy.deepcopy(self.base)
+        params = dict(model.state_dict(keep_vars=True))
+        unknown = [k for k in merged_tv if k not in params or k in self.tied]
+        if unknown:
+            raise CheckpointError(f"merged task vector has keys the base body lacks, e.g. {unknown[:5]}")
+        for key, tau in merged_tv.items():
+            target = params[key]
+            if not is_mergeable(target):
+                continue
+            if tuple(tau.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"merged task vector shape {tuple(tau.shape)} does not match base {tuple(target.shape)} for {key!r}"
+                )
+            new = target.detach().float() + scale * tau.to(device=target.device, dtype=torch.float32)
+            target.data.copy_(new.to(target.dtype))
+        model.eval()
+        return model
+
+    def task_model(self, task: str, body: Optional[nn.Module] = None) -> nn.Module:
+        """A runnable model for ``task``: ``body`` (default: the base) followed by the task's head. The body is shared,
+        not copied."""
+        if task not in self.task_names:
+            raise KeyError(f"unknown task {task!r}; tasks: {self.task_names}")
+        body = self.base if body is None else body
+        if self.adapter is None:
+            if self.heads is None:
+                return body
+            from magic_pl.models.heads import TaskModel
+
+            return TaskModel(body, self.heads[task])
+        return self.adapter.task_model(self, body, task)
+
+    def multitask_model(self, body: Optional[nn.Module] = None) -> nn.Module:
+        """One module over all tasks: ``forward(*inputs, task=name)`` returns that task's logits."""
+        from magic_pl.models.heads import MultiTaskModel
+
+        body = self.base if body is None else body
+        return MultiTaskModel({t: self.task_model(t, body) for t in self.task_names})
+
+    def save(self, body: nn.Module, path: PathLike, **options: Any) -> Path:
+        """Save the calibrated ``body`` (with the heads) in the format the checkpoints came in (see the adapter)."""
+        if self.adapter is None:
+            raise ValueError("this MergeSetup has no adapter to save with")
+        return self.adapter.save(self, body, path, **options)
+
+
+class ModelAdapter(ABC):
+    """Turns a model family's checkpoints into a :class:`MergeSetup` and saves calibrated models in their format.
+
+    Subclasses take plain typed constructor arguments (paths, model names) so they can be built from YAML configs
+    (jsonargparse ``class_path`` / ``init_args``).
+    """
+
+    @abstractmethod
+    def setup(self) -> MergeSetup:
+        """Load the base body, open the experts (lazily where the format allows) and build the heads."""
+
+    @abstractmethod
+    def save(self, setup: MergeSetup, body: nn.Module, path: PathLike, **options: Any) -> Path:
+        """Write ``body`` (plus heads) to ``path`` atomically, in the source format. Returns ``path``."""
+
+    def task_model(self, setup: MergeSetup, body: nn.Module, task: str) -> nn.Module:
+        """Runnable model for one task (default: body then head, see :class:`~magic_pl.models.heads.TaskModel`)."""
+        from magic_pl.models.heads import TaskModel
+
+        if setup.heads is None:
+            return body
+        return TaskModel(body, setup.heads[task])
+
+
+def default_task_names(paths: Sequence[PathLike], task_names: Optional[Sequence[str]]) -> list[str]:
+    """``task_names`` if given (checked against the number of experts), else unique names from the expert paths."""
+    if task_names is not None:
+        if len(task_names) != len(paths):
+            raise ValueError(f"{len(task_names)} task names given for {len(paths)} experts")
+        return [str(t) for t in task_names]
+    names: list[str] = []
+    for p in paths:
+        stem = Path(p).name
+        for suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+        name, i = stem or "task", 1
+        while name in names:
+            i += 1
+            name = f"{stem}_{i}"
+        names.append(name)
+    return names

@@ -1,0 +1,129 @@
+"""Causal language models (Llama family and other ``AutoModelForCausalLM`` architectures): the whole model is merged.
+
+Tied input/output embeddings (``tie_word_embeddings``: ``lm_head.weight`` shares ``model.embed_tokens.weight``) are
+merged once, under the canonical key; the alias is left out of the experts and task vectors, so the merged and
+calibrated model keeps them tied, and ``save_pretrained`` writes them once, as ``transformers`` does. Experts whose
+vocabulary, size or tying differ from the base fail with a message naming the config field or key.
+
+The model is held in memory (about one model plus the lazily read expert tensors of one key at a time). For models
+larger than memory, merge + WSC with :func:`magic_pl.models.streaming.stream_merge`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from magic_pl.models._hf import (
+    check_config,
+    expert_body_state,
+    from_pretrained_checked,
+    load_config,
+    dtype_kwargs,
+    resolve_dtype,
+)
+from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys
+from magic_pl.models.io import save_pretrained_atomic
+from magic_pl.statedict import CheckpointError, load_state_dict
+
+__all__ = ["CausalLMAdapter"]
+
+PathLike = Union[str, os.PathLike]
+
+
+class CausalLMAdapter(ModelAdapter):
+    """Hugging Face causal LMs -> :class:`~magic_pl.models.base.MergeSetup` with the whole model as the body.
+
+    Args:
+        base: the pretrained model directory (or hub id, when a network is available).
+        experts: fine-tuned model directories of the same architecture (``save_pretrained`` layout; safetensors
+            experts are read lazily, tensor by tensor).
+        task_names: one name per expert (default: the directory names).
+        dtype: the dtype the base is loaded in: ``"float32"`` (default, exact arithmetic for calibration),
+            ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's).
+        max_shard_size: largest safetensors shard when saving (default ``"5GB"``, as ``transformers``).
+    """
+
+    def __init__(self, base: str, experts: list[str], task_names: Optional[list[str]] = None,
+                 dtype: Optional[str] = "float32", max_shard_size: str = "5GB"):
+        if not experts:
+            raise ValueError("need at least one expert model")
+        self.base_path = str(base)
+        self.expert_paths = [str(e) for e in experts]
+        self.task_names = default_task_names(self.expert_paths, task_names)
+        self.dtype = dtype
+        self.max_shard_size = max_shard_size
+
+    def load_base(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = dtype_kwargs(self.dtype)
+        return from_pretrained_checked(AutoModelForCausalLM, self.base_path, name=f"base {self.base_path}", **kwargs)
+
+    def setup(self) -> MergeSetup:
+        from transformers import AutoModelForCausalLM
+
+        base_cfg = load_config(self.base_path)
+        model = self.load_base()
+        tied = find_tied_keys(model)
+        expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+        experts = []
+        for path, task in zip(self.expert_paths, self.task_names):
+            name = f"expert {task!r}"
+            check_config(base_cfg, load_config(path), f"{name} ({path})")
+
+            def materialize(path: str = path, name: str = name):
+                m = from_pretrained_checked(AutoModelForCausalLM, path, name=name)
+                return {k: v for k, v in m.state_dict().items()}
+
+            view = expert_body_state(path, expected, prefixes=("",), name=name, materialize=materialize)
+            self._check_tied_on_disk(path, tied, name)
+            experts.append(view)
+        setup = MergeSetup(
+            base=model, experts=experts, task_names=list(self.task_names), heads=None, tied=tied, adapter=self,
+            metadata={"family": "causal_lm", "base": self.base_path, "experts": list(self.expert_paths),
+                      "model_type": getattr(base_cfg, "model_type", None)},
+        )
+        setup.validate()
+        return setup
+
+    @staticmethod
+    def _check_tied_on_disk(path: str, tied: dict[str, str], name: str) -> None:
+        """An expert that stores a tied alias must store the same tensor under both names."""
+        if not tied:
+            return
+        sd = load_state_dict(path)
+        for alias, canonical in tied.items():
+            if alias in sd and canonical in sd:
+                a, c = sd[alias], sd[canonical]
+                if a.shape != c.shape or not torch.equal(a, c):
+                    raise CheckpointError(
+                        f"{name} ({path}): {alias!r} differs from {canonical!r}, but the base ties them "
+                        "(tie_word_embeddings): tied and untied models cannot be merged key for key"
+                    )
+
+    def task_model(self, setup: MergeSetup, body: nn.Module, task: str) -> nn.Module:
+        return body
+
+    def save(self, setup: MergeSetup, body: nn.Module, path: PathLike, *, max_shard_size: Optional[str] = None,
+             dtype: Optional[str] = None, **options: Any) -> Path:
+        """``save_pretrained`` (safetensors, sharded above ``max_shard_size``) into ``path`` atomically, with the
+        base's tokenizer and other support files copied. ``dtype``: cast before saving (e.g. ``"bfloat16"`` to match
+        a bf16 source); default: as held."""
+        if options:
+            raise TypeError(f"unknown save option(s) for causal LMs: {sorted(options)}")
+        tied_before = find_tied_keys(body)
+        missing = [a for a in setup.tied if a not in tied_before]
+        if missing:
+            raise CheckpointError(f"tied weights {missing} were untied in the calibrated model; re-tie before saving")
+        target = resolve_dtype(dtype)
+        if isinstance(target, torch.dtype) and next(body.parameters()).dtype != target:
+            body = copy.deepcopy(body).to(target)  # a copy: the caller's model keeps its dtype
+        support = self.base_path if Path(self.base_path).is_dir() else None
+        return save_pretrained_atomic(body, path, support_from=support,
+                                      max_shard_size=max_shard_size or self.max_shard_size)

@@ -1,0 +1,512 @@
+"""Checkpoint I/O in the formats checkpoints come in: sharded safetensors (+ ``model.safetensors.index.json``),
+Hugging Face ``save_pretrained`` directories (config and tokenizer files copied), all written atomically.
+
+Also a safetensors reader that uses plain positional reads instead of a memory map
+(:class:`SafetensorsReader`): a memory-mapped file keeps every page it touched resident in the process (counted in
+its RSS) until the map is closed, so streaming K experts through ``safe_open`` grows to K models of resident pages.
+Reading with ``pread`` into a fresh tensor keeps the resident set at the tensors actually held. The writer
+(:class:`ShardedSafetensorsWriter`) plans every shard's header up front and writes each tensor at its offset as it
+arrives, so neither side ever holds a whole model.
+
+``magic_pl.statedict`` has single-file saving (:func:`~magic_pl.statedict.save_state_dict`); sharded saving lives
+here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from magic_pl.statedict import CheckpointError, StateDict, atomic_path
+
+__all__ = [
+    "parse_size",
+    "SafetensorsReader",
+    "open_safetensors",
+    "ShardedSafetensorsWriter",
+    "save_sharded_safetensors",
+    "save_pretrained_atomic",
+    "copy_support_files",
+    "WEIGHT_FILE_PATTERNS",
+    "SAFETENSORS_INDEX",
+]
+
+PathLike = Union[str, os.PathLike]
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+#: Files that hold weights; everything else in a model directory (config, tokenizer, generation config, processor,
+#: README) is a support file copied next to a written model.
+WEIGHT_FILE_PATTERNS = (
+    r".*\.safetensors$",
+    r".*\.safetensors\.index\.json$",
+    r".*\.bin$",
+    r".*\.bin\.index\.json$",
+    r".*\.pt$",
+    r".*\.pth$",
+    r".*\.ckpt$",
+    r".*\.h5$",
+    r".*\.msgpack$",
+)
+
+_DTYPE_TO_ST = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"),
+                   ("uint64", "U64")):
+    if hasattr(torch, _name):
+        _DTYPE_TO_ST[getattr(torch, _name)] = _st
+_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes in ``size``: an int, or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"`` (decimal units for B/KB/MB/GB,
+    binary for KiB/MiB/GiB, as in ``transformers``' ``max_shard_size``)."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}: expected e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    out = int(value * factors[unit])
+    if out <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return out
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading without a memory map
+# --------------------------------------------------------------------------------------------------------------------
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header: returns (header dict, byte offset of the data section)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 * 2**20:
+                raise CheckpointError(f"{path}: safetensors header of {n} bytes is implausible (corrupt file?)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read safetensors header of {path}: {err}") from err
+    return header, 8 + n
+
+
+class SafetensorsReader(Mapping[str, Tensor]):
+    """Read-only mapping over safetensors file(s) that reads each tensor with ``pread`` (no memory map).
+
+    ``reader[key]`` returns a new CPU tensor (one read, one copy); ``reader.read_rows(key, start, stop)`` reads a
+    contiguous slice of the first dimension. Nothing stays resident between calls, so the process's resident set is
+    the tensors it holds (see the module docstring).
+
+    Args:
+        weight_map: key -> file path (use :meth:`from_path` for files, directories and ``*.index.json``).
+        drop_page_cache: after each read, advise the kernel to drop those file pages from the page cache
+            (``POSIX_FADV_DONTNEED``); default ``False``. Useful on shared machines streaming very large models.
+    """
+
+    def __init__(self, weight_map: Mapping[str, PathLike], *, drop_page_cache: bool = False):
+        self._files: dict[Path, tuple[dict[str, Any], int]] = {}
+        self._map: dict[str, Path] = {}
+        self._fds: dict[Path, int] = {}
+        self.drop_page_cache = drop_page_cache
+        self.metadata: dict[str, str] = {}
+        for key, file in weight_map.items():
+            file = Path(file)
+            if file not in self._files:
+                if not file.is_file():
+                    raise CheckpointError(f"safetensors file {file} does not exist")
+                header, start = _read_header(file)
+                self.metadata = self.metadata or dict(header.get("__metadata__") or {})
+                self._files[file] = (header, start)
+            if key not in self._files[file][0]:
+                raise CheckpointError(f"key {key!r} is listed for {file} but the file does not hold it")
+            self._map[key] = file
+
+    @classmethod
+    def from_path(cls, path: PathLike, *, drop_page_cache: bool = False) -> "SafetensorsReader":
+        """Open a ``.safetensors`` file, a ``*.safetensors.index.json``, or a directory holding either
+        (``model.safetensors.index.json`` preferred, then ``model.safetensors``, then a single ``*.safetensors``)."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / SAFETENSORS_INDEX).is_file():
+                path = path / SAFETENSORS_INDEX
+            elif (path / "model.safetensors").is_file():
+                path = path / "model.safetensors"
+            else:
+                indexes = sorted(path.glob("*.safetensors.index.json"))
+                files = sorted(path.glob("*.safetensors"))
+                if len(indexes) == 1:
+                    path = indexes[0]
+                elif len(files) == 1:
+                    path = files[0]
+                else:
+                    raise CheckpointError(
+                        f"directory {path} holds no safetensors checkpoint (found {len(files)} .safetensors files and "
+                        f"{len(indexes)} index files)"
+                    )
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if path.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as err:
+                raise CheckpointError(f"cannot read sharded-checkpoint index {path}: {err}") from err
+            return cls({k: path.parent / v for k, v in weight_map.items()}, drop_page_cache=drop_page_cache)
+        if path.name.endswith(".safetensors"):
+            header, _ = _read_header(path)
+            return cls({k: path for k in header if k != "__metadata__"}, drop_page_cache=drop_page_cache)
+        raise CheckpointError(f"{path} is not a safetensors checkpoint (.safetensors, *.index.json or a directory)")
+
+    # -- metadata ---------------------------------------------------------------------------------------------------
+    def _entry(self, key: str) -> tuple[Path, dict[str, Any], int]:
+        try:
+            file = self._map[key]
+        except KeyError:
+            raise KeyError(key) from None
+        header, start = self._files[file]
+        return file, header[key], start
+
+    def shape(self, key: str) -> torch.Size:
+        """Shape of ``key`` (from the header; no data read)."""
+        return torch.Size(self._entry(key)[1]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype of ``key`` (from the header; no data read)."""
+        st = self._entry(key)[1]["dtype"]
+        try:
+            return _ST_TO_DTYPE[st]
+        except KeyError:
+            raise CheckpointError(f"tensor {key!r} has safetensors dtype {st}, which this reader does not support") from None
+
+    def nbytes(self, key: str) -> int:
+        begin, end = self._entry(key)[1]["data_offsets"]
+        return int(end) - int(begin)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def file_of(self, key: str) -> Path:
+        return self._entry(key)[0]
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[file] = fd
+        return fd
+
+    def _pread_into(self, file: Path, offset: int, out: Tensor) -> None:
+        fd = self._fd(file)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        total, n = 0, len(view)
+        while total < n:
+            got = os.preadv(fd, [view[total:]], offset + total)
+            if got <= 0:
+                raise CheckpointError(f"{file}: unexpected end of file at byte {offset + total}")
+            total += got
+        if self.drop_page_cache and n and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+
+    def __getitem__(self, key: str) -> Tensor:
+        file, entry, start = self._entry(key)
+        dtype, shape = self.dtype(key), torch.Size(entry["shape"])
+        begin, end = entry["data_offsets"]
+        out = torch.empty(shape, dtype=dtype)
+        if _nbytes(shape, dtype) != end - begin:
+            raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {tuple(shape)} {dtype}")
+        self._pread_into(file, start + int(begin), out)
+        return out
+
+    def read_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``key``'s first dimension (a contiguous byte range), read alone."""
+        file, entry, data_start = self._entry(key)
+        dtype, shape = self.dtype(key), torch.Size(entry["shape"])
+        if len(shape) == 0:
+            raise ValueError(f"{key!r} is a scalar; it has no rows")
+        start, stop = max(0, start), min(int(shape[0]), stop)
+        row_bytes = _nbytes(shape[1:], dtype)
+        out = torch.empty((max(0, stop - start), *shape[1:]), dtype=dtype)
+        self._pread_into(file, data_start + int(entry["data_offsets"][0]) + start * row_bytes, out)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __repr__(self) -> str:
+        return f"SafetensorsReader({len(self)} tensors in {len(self._files)} file(s))"
+
+
+def open_safetensors(path: PathLike, *, drop_page_cache: bool = False) -> SafetensorsReader:
+    """Shorthand for :meth:`SafetensorsReader.from_path`."""
+    return SafetensorsReader.from_path(path, drop_page_cache=drop_page_cache)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing shards
+# --------------------------------------------------------------------------------------------------------------------
+class ShardedSafetensorsWriter:
+    """Write a (possibly sharded) safetensors checkpoint whose tensor list is known in advance, tensor by tensor.
+
+    Shards are planned greedily in the given order (a new shard starts when the next tensor would push the current
+    one past ``max_shard_size``; one tensor larger than that gets a shard of its own), named like Hugging Face's
+    (``model-00001-of-00003.safetensors``; a single shard is ``model.safetensors`` without an index). Each shard's
+    header is written first and every tensor is written at its planned offset when :meth:`write` receives it, in any
+    order; :meth:`close` checks that all arrived and writes ``model.safetensors.index.json``.
+
+    Writes go directly into ``directory`` (use :func:`~magic_pl.statedict.atomic_path` around it for atomicity).
+
+    Args:
+        directory: output directory (created).
+        plan: ``(key, shape, dtype)`` for every tensor, in file order.
+        max_shard_size: bytes per shard (int) or a string like ``"5GB"`` (default ``"5GB"``, as ``transformers``).
+        metadata: the ``__metadata__`` of every shard (default ``{"format": "pt"}``).
+        prefix: shard file stem (default ``"model"``).
+    """
+
+    def __init__(self, directory: PathLike, plan: Sequence[tuple[str, Sequence[int], torch.dtype]], *,
+                 max_shard_size: Union[int, str] = "5GB", metadata: Optional[Mapping[str, str]] = None,
+                 prefix: str = "model"):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        limit = parse_size(max_shard_size)
+        self.metadata = {"format": "pt", **dict(metadata or {})}
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        seen: set[str] = set()
+        for key, shape, dtype in plan:
+            if key in seen:
+                raise ValueError(f"tensor {key!r} appears twice in the write plan")
+            seen.add(key)
+            if dtype not in _DTYPE_TO_ST:
+                raise CheckpointError(f"cannot write {key!r}: dtype {dtype} has no safetensors equivalent")
+            nb = _nbytes(shape, dtype)
+            if shards[-1] and size + nb > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, tuple(int(s) for s in shape), dtype, nb))
+            size += nb
+        n = len(shards)
+        self.total_size = 0
+        self._where: dict[str, tuple[Path, int, tuple[int, ...], torch.dtype]] = {}
+        self._fds: dict[Path, int] = {}
+        self.weight_map: dict[str, str] = {}
+        self.shard_files: list[Path] = []
+        for i, shard in enumerate(shards):
+            fname = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            path = self.directory / fname
+            header: dict[str, Any] = {"__metadata__": self.metadata}
+            offset = 0
+            for key, shape, dtype, nb in shard:
+                header[key] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nb]}
+                offset += nb
+            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            raw += b" " * ((8 - len(raw) % 8) % 8)  # align the data section to 8 bytes, as the reference writer
+            data_start = 8 + len(raw)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            os.ftruncate(fd, data_start + offset)
+            self._fds[path] = fd
+            self.shard_files.append(path)
+            for key, shape, dtype, nb in shard:
+                self._where[key] = (path, data_start + int(header[key]["data_offsets"][0]), shape, dtype)
+                self.weight_map[key] = fname
+            self.total_size += offset
+        self._pending = set(self._where)
+        self._partial: dict[str, int] = {}
+        self.index_path: Optional[Path] = None
+
+    def write(self, key: str, tensor: Tensor, *, row_offset: int = 0) -> None:
+        """Write ``tensor`` (or, with ``row_offset``, the rows starting there) into its planned place.
+
+        The tensor must have the planned dtype and shape (a row slice: the planned shape after the first dimension).
+        """
+        if key not in self._where:
+            raise KeyError(f"tensor {key!r} is not in the write plan")
+        path, offset, shape, dtype = self._where[key]
+        if tensor.dtype != dtype:
+            raise CheckpointError(f"cannot write {key!r}: planned dtype {dtype}, got {tensor.dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        if row_offset == 0 and tuple(t.shape) == shape:
+            rows = shape[0] if shape else 1
+        else:
+            if not shape or tuple(t.shape[1:]) != shape[1:] or row_offset + t.shape[0] > shape[0]:
+                raise CheckpointError(
+                    f"cannot write rows {row_offset}..{row_offset + (t.shape[0] if t.dim() else 0)} of {key!r}: "
+                    f"planned shape {shape}, got {tuple(t.shape)}"
+                )
+            rows = t.shape[0]
+            offset += row_offset * _nbytes(shape[1:], dtype)
+        data = t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
+        fd = self._fds[path]
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+        if not shape or (row_offset == 0 and rows == shape[0]):
+            self._pending.discard(key)
+        else:
+            got = self._partial.get(key, 0) + rows
+            self._partial[key] = got
+            if got >= shape[0]:
+                self._pending.discard(key)
+
+    def close(self) -> Path:
+        """Flush shards, check every planned tensor was written, write the index (several shards). Returns the
+        directory."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+        if self._pending:
+            missing = sorted(self._pending)
+            raise CheckpointError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[:5]}")
+        if len(self.shard_files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            self.index_path = self.directory / SAFETENSORS_INDEX
+            self.index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return self.directory
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "ShardedSafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_sharded_safetensors(state: StateDict, directory: PathLike, *, max_shard_size: Union[int, str] = "5GB",
+                             metadata: Optional[Mapping[str, str]] = None, support_from: Optional[PathLike] = None,
+                             prefix: str = "model") -> Path:
+    """Write ``state`` atomically as ``directory/`` with safetensors shard(s) (+ index when there are several).
+
+    Tensors sharing storage (tied weights) are written once each (the format cannot alias). ``support_from``: a model
+    directory whose support files (config, tokenizer, ...) are copied alongside (:func:`copy_support_files`).
+    Returns ``directory``.
+    """
+    directory = Path(directory)
+    from magic_pl.models.base import tensor_dtype, tensor_shape
+
+    plan = [(k, tuple(tensor_shape(state, k)), tensor_dtype(state, k)) for k in state]
+    with atomic_path(directory) as tmp:
+        with ShardedSafetensorsWriter(tmp, plan, max_shard_size=max_shard_size, metadata=metadata,
+                                      prefix=prefix) as writer:
+            for key in state:
+                writer.write(key, state[key])
+        if support_from is not None:
+            copy_support_files(support_from, tmp)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hugging Face directories
+# --------------------------------------------------------------------------------------------------------------------
+def copy_support_files(source: PathLike, target: PathLike, *, overwrite: bool = False) -> list[str]:
+    """Copy the non-weight files of model directory ``source`` (config, tokenizer, processor, generation config, ...)
+    into ``target``. Files already in ``target`` are kept unless ``overwrite``. Returns the copied names."""
+    source, target = Path(source), Path(target)
+    if not source.is_dir():
+        return []
+    copied = []
+    patterns = [re.compile(p) for p in WEIGHT_FILE_PATTERNS]
+    for f in sorted(source.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or any(p.fullmatch(f.name) for p in patterns):
+            continue
+        dest = target / f.name
+        if dest.exists() and not overwrite:
+            continue
+        shutil.copy2(f, dest)
+        copied.append(f.name)
+    return copied
+
+
+def save_pretrained_atomic(model: nn.Module, path: PathLike, *, support_from: Optional[PathLike] = None,
+                           tokenizer: Any = None, max_shard_size: Union[int, str] = "5GB",
+                           extra_files: Optional[Mapping[str, Union[str, bytes]]] = None) -> Path:
+    """``model.save_pretrained`` into a temporary directory renamed to ``path`` on success.
+
+    Args:
+        model: a ``transformers.PreTrainedModel``.
+        path: output directory (replaced atomically if it exists).
+        support_from: source model directory whose tokenizer / processor / other non-weight files are copied in
+            (files ``save_pretrained`` wrote itself, e.g. ``config.json``, are kept).
+        tokenizer: optionally an object with ``save_pretrained`` (tokenizer or processor) to save as well.
+        max_shard_size: largest shard (default ``"5GB"``, ``transformers``' default); larger models get
+            ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+        extra_files: name -> text/bytes written into the directory too (e.g. a calibration report).
+    """
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"{type(model).__name__} has no save_pretrained; use save_sharded_safetensors")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if support_from is not None:
+            copy_support_files(support_from, tmp)
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+    return path
+
+
+def iter_weight_files(directory: PathLike) -> Iterable[Path]:
+    """The weight files of a model directory (by :data:`WEIGHT_FILE_PATTERNS`)."""
+    patterns = [re.compile(p) for p in WEIGHT_FILE_PATTERNS]
+    return [f for f in sorted(Path(directory).iterdir()) if f.is_file() and any(p.fullmatch(f.name) for p in patterns)]

@@ -1,0 +1,428 @@
+"""Big models: merge + WSC streamed tensor by tensor from (sharded) safetensors, and FSC over lazily read sources.
+
+:func:`stream_merge` never holds a model: for each key it reads the base tensor and the K expert tensors (with
+``pread``, no memory map, see :class:`~magic_pl.models.io.SafetensorsReader`), merges them
+(:func:`magic_pl.merging.merge` on that one key), applies WSC to that key
+(:func:`magic_pl.calibration.weight_space_calibration`), writes ``base + tau`` into its planned place in an output
+shard (:class:`~magic_pl.models.io.ShardedSafetensorsWriter`) and frees everything. For the row-separable methods
+(weight average, task arithmetic; WSC is row-wise by definition, DESIGN.md 2.2) large tensors are processed in
+blocks of rows bounded by ``chunk_bytes``, so the peak working set does not grow with K or with the largest tensor.
+Other methods (TIES, DARE, TSV-M, ...) need whole tensors: the peak is then the K float32 task-vector slices of the
+largest tensor plus the method's own temporaries (WSC still runs in row blocks).
+
+:func:`lazy_calibration_sources` and :func:`streaming_fsc` run FSC on a merged model held in memory while the base
+and expert tensors are read from disk one module at a time (``FeatureSpaceCalibrator`` takes mappings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import types
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from magic_pl.models.base import LazyTaskVector, find_tied_keys, shape_error, tensor_dtype, tensor_shape
+from magic_pl.models.io import (
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    copy_support_files,
+    parse_size,
+)
+from magic_pl.statedict import CheckpointError, StateDict, atomic_path, is_mergeable, load_state_dict
+
+__all__ = [
+    "StreamReport",
+    "stream_merge",
+    "open_checkpoint",
+    "check_headers",
+    "resolve_device",
+    "AliasView",
+    "lazy_calibration_sources",
+    "streaming_fsc",
+    "LazyTaskVector",
+]
+
+PathLike = Union[str, os.PathLike]
+
+#: Methods whose per-tensor result is computed row by row (elementwise), so tensors may be processed in row blocks.
+ROW_SEPARABLE_METHODS = ("weight_average", "task_arithmetic")
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def open_checkpoint(path: PathLike, *, drop_page_cache: bool = False, reader: str = "pread") -> StateDict:
+    """A lazily read checkpoint.
+
+    ``reader="pread"`` (default): :class:`~magic_pl.models.io.SafetensorsReader` for safetensors sources (file, index,
+    directory); ``"mmap"``: :func:`~magic_pl.statedict.load_state_dict` (``safe_open``, memory-mapped: pages it
+    touched stay in the process's RSS while the file is open). Non-safetensors sources always go through
+    ``load_state_dict`` (torch files are loaded whole).
+    """
+    if reader not in ("pread", "mmap"):
+        raise ValueError(f"reader must be 'pread' or 'mmap', got {reader!r}")
+    if reader == "pread":
+        try:
+            return SafetensorsReader.from_path(path, drop_page_cache=drop_page_cache)
+        except CheckpointError:
+            pass
+    return load_state_dict(path)
+
+
+def _config_dict(path: PathLike) -> Optional[dict[str, Any]]:
+    p = Path(path)
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except ValueError:
+        return None
+
+
+def check_headers(base: StateDict, experts: Sequence[StateDict], names: Sequence[str]) -> None:
+    """Key sets, shapes and float-ness of every expert against the base, from headers only (no tensor data read).
+
+    Raises :class:`~magic_pl.statedict.CheckpointError` naming the expert and key (with a vocabulary hint for
+    embedding tables, and a tying hint for a lone ``lm_head.weight``).
+    """
+    base_keys = list(base.keys())
+    bset = set(base_keys)
+    for name, e in zip(names, experts):
+        eset = set(e.keys())
+        missing, extra = sorted(bset - eset), sorted(eset - bset)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} key(s) of the base, e.g. {missing[:5]}")
+            if extra:
+                parts.append(f"has {len(extra)} key(s) the base lacks, e.g. {extra[:5]}")
+            hint = ""
+            if any("lm_head" in k for k in missing + extra):
+                hint = " (one side ties lm_head to the input embeddings and the other does not?)"
+            raise CheckpointError(f"{name} does not match the base architecture: " + "; ".join(parts) + hint)
+        for key in base_keys:
+            bs, es = tuple(tensor_shape(base, key)), tuple(tensor_shape(e, key))
+            if bs != es:
+                raise shape_error(name, key, bs, es)
+            bf, ef = is_mergeable(tensor_dtype(base, key)), is_mergeable(tensor_dtype(e, key))
+            if bf != ef:
+                raise CheckpointError(
+                    f"{name}: dtype mismatch for {key!r}: base {tensor_dtype(base, key)} vs expert "
+                    f"{tensor_dtype(e, key)} (a float tensor is needed on both sides)"
+                )
+
+
+@dataclass
+class StreamReport:
+    """What :func:`stream_merge` did.
+
+    Attributes:
+        output: the written directory.
+        method, method_options, wsc, wsc_options: the settings used.
+        tensors: tensors written; merged: float tensors merged; calibrated: tensors WSC changed (had >= 1 row scaled);
+        copied: non-float tensors copied from the base.
+        chunked: tensors processed in row blocks.
+        bytes_written: tensor bytes in the output shards.
+        seconds: wall time.
+        device: where the arithmetic ran.
+        shards: output shard file names.
+        wsc_mean_scale: tensor key -> mean WSC row scale.
+    """
+
+    output: str
+    method: str
+    method_options: dict[str, Any]
+    wsc: bool
+    wsc_options: dict[str, Any]
+    tensors: int = 0
+    merged: int = 0
+    calibrated: int = 0
+    copied: int = 0
+    chunked: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    shards: list[str] = field(default_factory=list)
+    wsc_mean_scale: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _KeyReader:
+    """Row blocks of one key: read with ``pread`` per block, or (other mappings) the whole tensor once, then sliced."""
+
+    def __init__(self, sd: StateDict, key: str):
+        self.sd, self.key = sd, key
+        self.full: Optional[Tensor] = None
+
+    def rows(self, start: Optional[int], stop: Optional[int]) -> Tensor:
+        if start is None:
+            return self.sd[self.key]
+        if isinstance(self.sd, SafetensorsReader):
+            return self.sd.read_rows(self.key, start, stop)
+        if self.full is None:
+            self.full = self.sd[self.key]
+        return self.full[start:stop]
+
+
+def stream_merge(
+    base: PathLike,
+    experts: Sequence[PathLike],
+    output: PathLike,
+    *,
+    method: str = "task_arithmetic",
+    method_options: Optional[Mapping[str, Any]] = None,
+    wsc: bool = True,
+    sensitive: Optional[Collection[str]] = None,
+    wsc_options: Optional[Mapping[str, Any]] = None,
+    bn_stats: str = "average",
+    seed: int = 0,
+    device: Optional[Union[str, torch.device]] = "auto",
+    max_shard_size: Union[int, str] = "5GB",
+    chunk_bytes: Union[int, str] = "256MB",
+    copy_support: bool = True,
+    drop_page_cache: bool = False,
+    check_config: bool = True,
+    reader: str = "pread",
+    progress: bool = False,
+) -> StreamReport:
+    """Merge K experts of one base and apply WSC, streaming tensor by tensor, into a sharded safetensors directory.
+
+    Args:
+        base: the base checkpoint (directory with ``model.safetensors[.index.json]``, an index file, or a
+            ``.safetensors`` file).
+        experts: the K expert checkpoints, same layout and keys as the base.
+        output: the output directory (written to a temporary directory and renamed into place).
+        method: a merge method of :data:`magic_pl.merging.MERGE_METHODS` (default ``"task_arithmetic"``).
+        method_options: the method's options (e.g. ``{"scale": 0.3}``); ``global_topk`` (needs every tensor before
+            the first) is not available here.
+        wsc: apply weight space calibration per tensor (default ``True``).
+        sensitive: WSC's magnitude-sensitive set (``None``: no gating).
+        wsc_options: ``include``, ``exclude``, ``eps``, ``variant`` for WSC.
+        bn_stats: BatchNorm statistics policy of :func:`magic_pl.merging.merge` (default ``"average"``).
+        seed: seed for randomised methods (DARE), per key as in :func:`magic_pl.merging.merge`.
+        device: where the arithmetic runs: ``"auto"`` (default: CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        max_shard_size: output shard size (default ``"5GB"``, as ``transformers``).
+        chunk_bytes: working-set bound per block of rows for row-separable methods (default ``"256MB"``).
+        copy_support: copy the base directory's config / tokenizer / generation files (default ``True``).
+        drop_page_cache: ask the kernel to drop read pages from the page cache (default ``False``).
+        check_config: compare ``config.json`` architecture fields of base and experts when present (default
+            ``True``).
+        reader: ``"pread"`` (default, no memory map: resident memory stays at the tensors in use) or ``"mmap"``
+            (``safe_open`` via :func:`~magic_pl.statedict.load_state_dict`; for comparison, see :func:`open_checkpoint`).
+        progress: print one line per 10% of tensors (default ``False``).
+
+    Returns:
+        A :class:`StreamReport`.
+    """
+    from magic_pl.calibration import weight_space_calibration
+    from magic_pl.merging import MERGE_METHODS, merge
+
+    t0 = time.perf_counter()
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}")
+    opts = dict(method_options or {})
+    if opts.get("global_topk"):
+        raise ValueError("global_topk needs every tensor before the first is merged; stream_merge merges per tensor "
+                         "(use magic_pl.merging.merge_models for global thresholds)")
+    wopts = dict(wsc_options or {})
+    if not experts:
+        raise CheckpointError("need at least one expert, got none")
+    dev = resolve_device(device)
+    names = [f"expert {i} ({p})" for i, p in enumerate(experts)]
+    if check_config:
+        from magic_pl.models._hf import check_config as _check_config
+
+        bcfg = _config_dict(base)
+        if bcfg is not None:
+            for name, e in zip(names, experts):
+                ecfg = _config_dict(e)
+                if ecfg is not None:
+                    _check_config(types.SimpleNamespace(**bcfg), types.SimpleNamespace(**ecfg), name)
+    base_sd = open_checkpoint(base, drop_page_cache=drop_page_cache, reader=reader)
+    expert_sds = [open_checkpoint(e, drop_page_cache=drop_page_cache, reader=reader) for e in experts]
+    check_headers(base_sd, expert_sds, names)
+    K = len(expert_sds)
+    chunk_limit = parse_size(chunk_bytes)
+    report = StreamReport(output=str(output), method=method, method_options=opts, wsc=wsc, wsc_options=wopts,
+                          device=str(dev))
+    keys = list(base_sd.keys())
+    plan = [(k, tuple(tensor_shape(base_sd, k)), tensor_dtype(base_sd, k)) for k in keys]
+    output = Path(output)
+    row_separable = method in ROW_SEPARABLE_METHODS
+    with atomic_path(output) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, plan, max_shard_size=max_shard_size)
+        try:
+            for i, (key, shape, dtype) in enumerate(plan):
+                if progress and len(plan) >= 10 and i % max(1, len(plan) // 10) == 0:
+                    print(f"[stream_merge] {i}/{len(plan)} tensors, {time.perf_counter() - t0:.1f}s", flush=True)
+                if not is_mergeable(dtype):
+                    writer.write(key, base_sd[key].to(dtype))
+                    report.copied += 1
+                    continue
+                numel_row = 1
+                for s in shape[1:]:
+                    numel_row *= int(s)
+                rows = int(shape[0]) if len(shape) else 1
+                # float32 working set per row: K task rows, WSC's [K, rows, in] stack and its squares, base, merged,
+                # calibrated, output
+                per_row = numel_row * 4 * (3 * K + 6)
+                blocks: list[tuple[Optional[int], Optional[int]]] = [(None, None)]
+                if row_separable and len(shape) >= 1 and rows > 1 and per_row * rows > chunk_limit:
+                    step = max(1, chunk_limit // per_row)
+                    blocks = [(s, min(rows, s + step)) for s in range(0, rows, step)]
+                    report.chunked += 1
+                scale_sum, changed = 0.0, False
+                base_rd = _KeyReader(base_sd, key)
+                expert_rds = [_KeyReader(e, key) for e in expert_sds]
+                for start, stop in blocks:
+                    b = base_rd.rows(start, stop).to(dev)
+                    b32 = b.float()
+                    taus = [rd.rows(start, stop).to(dev).float() - b32 for rd in expert_rds]
+                    merged = merge(method, [{key: t} for t in taus], bn_stats=bn_stats, seed=seed, **opts)[key]
+                    if wsc:
+                        # WSC is row-wise: run it on row sub-blocks of the held slices (views, no copies), so its
+                        # [K, rows, in] stack stays within chunk_bytes even when the method needed whole tensors.
+                        n = merged.shape[0] if merged.dim() >= 2 else 1
+                        wsc_step = n if merged.dim() < 2 else max(1, chunk_limit // max(1, numel_row * 4 * (2 * K + 2)))
+                        for r0 in range(0, n, wsc_step):
+                            sl = slice(r0, min(n, r0 + wsc_step)) if merged.dim() >= 2 else slice(None)
+                            cal, scales = weight_space_calibration({key: merged[sl]}, [{key: t[sl]} for t in taus],
+                                                                   sensitive, return_scales=True, **wopts)
+                            if key in scales:
+                                lam = scales[key]
+                                scale_sum += float(lam.sum())
+                                changed = changed or bool((lam != 1).any())
+                                merged[sl] = cal[key]
+                    del taus
+                    out = (b32 + merged).to(dtype).cpu()
+                    writer.write(key, out, row_offset=start or 0)
+                    del b, b32, merged, out
+                del base_rd, expert_rds
+                if wsc and scale_sum:
+                    report.wsc_mean_scale[key] = scale_sum / rows
+                report.calibrated += int(changed)
+                report.merged += 1
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        report.shards = [p.name for p in writer.shard_files]
+        report.bytes_written = writer.total_size
+        report.tensors = len(plan)
+        if copy_support:
+            src = Path(base) if Path(base).is_dir() else Path(base).parent
+            copy_support_files(src, tmp)
+    for sd in (base_sd, *expert_sds):
+        if isinstance(sd, SafetensorsReader):
+            sd.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FSC with lazily read base and experts
+# --------------------------------------------------------------------------------------------------------------------
+class AliasView(Mapping[str, Tensor]):
+    """``source`` plus tied aliases resolved to their canonical key (``lm_head.weight`` -> ``embed_tokens.weight``):
+    a checkpoint saved with tied weights stores one of them, while the in-memory model's state dict names both."""
+
+    def __init__(self, source: StateDict, aliases: Mapping[str, str]):
+        self.source = source
+        self.aliases = {a: c for a, c in aliases.items() if a not in source and c in source}
+        self._keys = list(source.keys()) + list(self.aliases)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.source[self.aliases.get(key, key)]
+
+    def shape(self, key: str) -> torch.Size:
+        return tensor_shape(self.source, self.aliases.get(key, key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return tensor_dtype(self.source, self.aliases.get(key, key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.aliases or key in self.source
+
+
+def lazy_calibration_sources(
+    base: PathLike,
+    experts: Sequence[PathLike],
+    *,
+    tied: Optional[Mapping[str, str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> tuple[StateDict, list[LazyTaskVector]]:
+    """``(base state, task vectors)`` read tensor by tensor from disk, for
+    ``FeatureSpaceCalibrator(base_state, merged_model, task_vectors, ...)`` on a model too large to hold twice.
+
+    Args:
+        base, experts: checkpoints as in :func:`stream_merge`.
+        tied: alias -> canonical key of the in-memory model (:func:`~magic_pl.models.base.find_tied_keys`), so
+            aliases absent on disk resolve.
+        device: where task-vector differences are computed (default: CPU).
+    """
+    base_sd = AliasView(open_checkpoint(base), tied or {})
+    expert_sds = [AliasView(open_checkpoint(e), tied or {}) for e in experts]
+    check_headers(base_sd, expert_sds, [f"expert {i} ({p})" for i, p in enumerate(experts)])
+    return base_sd, [LazyTaskVector(e, base_sd, device=device, name=f"expert {i} ({p})")
+                     for i, (e, p) in enumerate(zip(expert_sds, experts))]
+
+
+def streaming_fsc(
+    merged: nn.Module,
+    base: PathLike,
+    experts: Sequence[PathLike],
+    batches: Any,
+    *,
+    sensitive: Optional[Collection[str]] = None,
+    norm: Union[int, float, str] = 1,
+    mode: str = "parallel",
+    modules: Optional[Sequence[str]] = None,
+) -> Any:
+    """FSC on a merged model held in memory, reading base and expert tensors from disk one module at a time.
+
+    Tied aliases (``lm_head`` under ``tie_word_embeddings``) are left out of the calibrated modules, so the shared
+    weight is calibrated once by its canonical owner and the model stays an ordinary, foldable checkpoint.
+
+    Args:
+        merged: the merged (e.g. WSC-calibrated, from :func:`stream_merge`) model, calibrated in place.
+        base, experts: the checkpoints it was merged from.
+        batches: ``{task_index: iterable of batches}`` or ``(task_index, batch)`` pairs (see
+            :func:`magic_pl.calibration.dsc.feed`).
+        sensitive, norm, mode: as :class:`magic_pl.calibration.FeatureSpaceCalibrator`.
+        modules: explicit modules (default: the automatic units minus tied aliases).
+
+    Returns:
+        The :class:`~magic_pl.calibration.CalibrationReport`.
+    """
+    from magic_pl.calibration import FeatureSpaceCalibrator
+    from magic_pl.calibration.dsc import feed
+    from magic_pl.calibration.modules import find_units
+
+    tied = find_tied_keys(merged)
+    base_sd, tvs = lazy_calibration_sources(base, experts, tied=tied)
+    if modules is None and tied:
+        modules = [u.name for u in find_units(merged) if not any(k in tied for k in u.keys)]
+    calibrator = FeatureSpaceCalibrator(base_sd, merged, tvs, norm=norm, sensitive=sensitive, mode=mode,
+                                        modules=modules)
+    feed(calibrator, batches)
+    return calibrator.fold()

@@ -1,0 +1,114 @@
+"""Checkpoint I/O: pread-based safetensors reader, planned sharded writer, atomic save_pretrained and support files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from magic_pl.models.io import (
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    copy_support_files,
+    parse_size,
+    save_pretrained_atomic,
+    save_sharded_safetensors,
+)
+from magic_pl.statedict import CheckpointError, LazyStateDict, load_state_dict
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "emb.weight": torch.randn(50, 8, generator=g).to(torch.bfloat16),
+        "lin.weight": torch.randn(16, 8, generator=g),
+        "lin.bias": torch.randn(16, generator=g).half(),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(5, dtype=torch.int32),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+    }
+
+
+def test_reader_matches_safetensors(tmp_path):
+    state = _state()
+    save_file(state, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    reader = SafetensorsReader.from_path(tmp_path / "m.safetensors")
+    assert set(reader) == set(state) and reader.metadata == {"format": "pt"}
+    for k, v in state.items():
+        assert reader.shape(k) == v.shape and reader.dtype(k) == v.dtype
+        assert torch.equal(reader[k], v), k
+    torch.testing.assert_close(reader.read_rows("emb.weight", 10, 13), state["emb.weight"][10:13])
+    torch.testing.assert_close(reader.read_rows("emb.weight", 48, 99), state["emb.weight"][48:])
+    t = reader["lin.weight"]
+    t.add_(1)  # a fresh tensor: the file and later reads are unaffected
+    assert torch.equal(reader["lin.weight"], state["lin.weight"])
+    reader.close()
+
+
+def test_sharded_writer_plans_shards_and_index(tmp_path):
+    state = _state()
+    out = save_sharded_safetensors(state, tmp_path / "ckpt", max_shard_size=1000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(s.startswith("model-0000") for s in shards)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+    loaded = {}
+    for s in shards:
+        loaded.update(load_file(str(out / s)))  # the reference reader accepts our files
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+    lazy = load_state_dict(out)
+    assert isinstance(lazy, LazyStateDict) and torch.equal(lazy["lin.weight"], state["lin.weight"])
+    assert torch.equal(SafetensorsReader.from_path(out)["emb.weight"], state["emb.weight"])
+    # a single shard is model.safetensors without an index, like transformers
+    single = save_sharded_safetensors(state, tmp_path / "one", max_shard_size="1GB")
+    assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
+
+
+def test_writer_any_order_row_blocks_and_missing(tmp_path):
+    w = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    plan = [("a", (10, 4), torch.float32), ("b", (3,), torch.int64)]
+    with ShardedSafetensorsWriter(tmp_path / "x", plan, max_shard_size="1MB") as writer:
+        writer.write("b", torch.tensor([1, 2, 3]))
+        writer.write("a", w[6:], row_offset=6)
+        writer.write("a", w[:6], row_offset=0)
+    got = load_file(str(tmp_path / "x" / "model.safetensors"))
+    assert torch.equal(got["a"], w) and torch.equal(got["b"], torch.tensor([1, 2, 3]))
+    writer = ShardedSafetensorsWriter(tmp_path / "y", plan)
+    writer.write("a", w)
+    with pytest.raises(CheckpointError, match=r"never written.*'b'"):
+        writer.close()
+    with pytest.raises(CheckpointError, match="planned dtype"):
+        ShardedSafetensorsWriter(tmp_path / "z", plan).write("a", w.double())
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234
+    assert parse_size("500MB") == 500 * 10**6 and parse_size("1.5KB") == 1500
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_size("lots")
+
+
+def test_save_pretrained_atomic_replaces_and_copies(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    (src / "special_tokens_map.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"not copied")
+    model = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    save_pretrained_atomic(model, out, support_from=src, extra_files={"report.json": "{}"})
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "model.safetensors", "report.json", "special_tokens_map.json", "tokenizer.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    reloaded = BertModel.from_pretrained(out)
+    assert torch.equal(reloaded.pooler.dense.weight, model.pooler.dense.weight)
+    assert copy_support_files(src, out) == []  # existing files are kept

@@ -1,0 +1,128 @@
+"""Big-model path on tiny models: merge + WSC streamed from sharded bf16 safetensors equals the in-memory computation;
+FSC with lazily read base and experts equals FSC with them in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magic_pl.calibration import FeatureSpaceCalibrator, weight_space_calibration
+from magic_pl.merging import merge
+from magic_pl.models import LazyTaskVector, save_sharded_safetensors, stream_merge, streaming_fsc
+from magic_pl.models.streaming import AliasView, lazy_calibration_sources
+from magic_pl.statedict import CheckpointError, load_state_dict
+
+from model_fixtures import llama_config, perturb, save_tiny_tokenizer
+
+
+def _write_family(tmp_path, k=3, **config):
+    """Base + k experts as sharded bf16 safetensors with config.json (and a tokenizer in the base)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(**config)).to(torch.bfloat16)
+    model.config.save_pretrained(tmp_path / "cfg")
+    paths = []
+    for i in range(k + 1):
+        m = model if i == 0 else perturb(_copy(model), seed=i, scale=0.05)
+        sd = {n: t for n, t in m.state_dict().items() if n != "lm_head.weight" or not model.config.tie_word_embeddings}
+        sd["extra.counter"] = torch.tensor([10 * i, 1], dtype=torch.int64)  # an integer buffer: copied from the base
+        out = save_sharded_safetensors(sd, tmp_path / ("base" if i == 0 else f"e{i}"), max_shard_size="30KB",
+                                       support_from=tmp_path / "cfg")
+        paths.append(out)
+    save_tiny_tokenizer(paths[0])
+    return paths[0], paths[1:]
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _reference(base, experts, method, **options):
+    b = {k: v for k, v in load_state_dict(base).items()}
+    es = [load_state_dict(e) for e in experts]
+    float_keys = [k for k in b if b[k].dtype.is_floating_point]
+    tvs = [{k: e[k].float() - b[k].float() for k in float_keys} for e in es]
+    tau = weight_space_calibration(merge(method, tvs, **options), tvs)
+    out = {k: (b[k].float() + tau[k]).to(b[k].dtype) if k in tau else b[k] for k in b}
+    return out
+
+
+@pytest.mark.parametrize("method,options,chunk", [("task_arithmetic", {"scale": 0.3}, "4KB"),
+                                                   ("ties", {}, "4KB")])
+def test_stream_merge_equals_in_memory(tmp_path, method, options, chunk):
+    base, experts = _write_family(tmp_path)
+    report = stream_merge(base, experts, tmp_path / "out", method=method, method_options=options, chunk_bytes=chunk,
+                          max_shard_size="40KB", device="cpu")
+    assert report.copied == 1 and report.merged == report.tensors - 1 and len(report.shards) > 1
+    assert report.calibrated > 0 and (report.chunked > 0) == (method == "task_arithmetic")
+    got = load_state_dict(tmp_path / "out")
+    ref = _reference(base, experts, method, **options)
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype, k
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0) if not v.dtype.is_floating_point else \
+            torch.testing.assert_close(got[k].float(), v.float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.equal(got["extra.counter"], torch.tensor([0, 1]))
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= names
+
+
+def test_streamed_model_loads_and_streaming_fsc_matches_in_memory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, experts = _write_family(tmp_path, k=2)
+    for d in [base, *experts]:  # drop the test-only integer buffer so transformers loads the directories strictly
+        sd = {k: v for k, v in load_state_dict(d).items() if k != "extra.counter"}
+        save_sharded_safetensors(sd, d, max_shard_size="30KB", support_from=tmp_path / "cfg")
+    save_tiny_tokenizer(base)
+    stream_merge(base, experts, tmp_path / "out", method="task_arithmetic", device="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = {k: torch.randint(6, 40, (1, 5), generator=torch.Generator().manual_seed(k)) for k in range(2)}
+    batches = {k: [(ids[k],)] for k in range(2)}
+
+    lazy_model = _copy(merged)
+    report = streaming_fsc(lazy_model, base, experts, batches)
+    assert "lm_head" not in report.coefficients and not report.wrapped
+    assert lazy_model.lm_head.weight is lazy_model.model.embed_tokens.weight
+
+    # the same with base and task vectors in memory
+    base_sd = {k: v.float() for k, v in load_state_dict(base).items()}
+    tvs = [{k: v.float() - base_sd[k] for k, v in load_state_dict(e).items()} for e in experts]
+    modules = [m for m in report.coefficients]
+    cal = FeatureSpaceCalibrator(base_sd, merged, tvs, modules=modules)
+    for k, b in batches.items():
+        cal.update(k, *b[0])
+    ref = cal.fold()
+    for name, xi in ref.coefficients.items():
+        assert report.coefficients[name] == pytest.approx(xi, rel=1e-5), name
+    with torch.no_grad():
+        torch.testing.assert_close(lazy_model(ids[0]).logits, merged(ids[0]).logits)
+
+
+def test_lazy_sources_resolve_tied_aliases(tmp_path):
+    base, experts = _write_family(tmp_path, k=1)
+    b, tvs = lazy_calibration_sources(base, experts, tied={"lm_head.weight": "model.embed_tokens.weight"})
+    assert isinstance(b, AliasView) and "lm_head.weight" in b
+    assert torch.equal(b["lm_head.weight"], b["model.embed_tokens.weight"])
+    assert isinstance(tvs[0], LazyTaskVector)
+    torch.testing.assert_close(tvs[0]["lm_head.weight"], tvs[0]["model.embed_tokens.weight"])
+
+
+def test_stream_merge_errors(tmp_path):
+    base, experts = _write_family(tmp_path, k=1)
+    with pytest.raises(ValueError, match="global_topk"):
+        stream_merge(base, experts, tmp_path / "o", method="ties", method_options={"global_topk": True})
+    (tmp_path / "big").mkdir()
+    big_base, big = _write_family(tmp_path / "big", k=1, vocab_size=60)
+    with pytest.raises(CheckpointError, match=r"vocab_size=60.*vocabularies differ"):
+        stream_merge(base, big, tmp_path / "o")
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'model\.embed_tokens\.weight'.*vocabularies"):
+        stream_merge(base, big, tmp_path / "o", check_config=False)
+    (tmp_path / "untied").mkdir()
+    _, untied = _write_family(tmp_path / "untied", k=1, tie_word_embeddings=False)
+    with pytest.raises(CheckpointError, match="lm_head"):
+        stream_merge(base, untied, tmp_path / "o", check_config=False)
+    assert not (tmp_path / "o").exists()
