@@ -1,0 +1,46 @@
+"""Training-free merge methods in task-vector space, computed tensor by tensor (DESIGN.md section 3).
+
+Per-tensor functions ``fn(taus, *, name="", **options) -> Tensor`` take the K task-vector slices of one parameter and
+return the merged slice in float32, scaling coefficient included. :func:`merge` applies one to whole task vectors key
+by key (lazy safetensors inputs stream); :func:`merge_models` goes from base + expert checkpoints to a merged model.
+
+Example::
+
+    from magic_pl.merging import merge, merge_models
+    tau_m = merge("ties", [tau_a, tau_b, tau_c], density=0.2)
+    state = merge_models("base.safetensors", ["a.safetensors", "b.safetensors"], "task_arithmetic", scale=0.3)
+"""
+
+from ._common import DEFAULT_MATRIX_EXCLUDE
+from .basic import task_arithmetic, weight_average
+from .breadcrumbs import breadcrumbs, breadcrumbs_mask
+from .consensus import consensus, tall_masks
+from .dare import dare, dare_drop
+from .registry import BN_STATS_POLICIES, MERGE_METHODS, MergeFn, merge, merge_models, merge_tensor, method_options
+from .svd import iso_c, iso_cts, tsv_factors, tsv_m
+from .ties import global_magnitude_thresholds, ties
+
+__all__ = [
+    "MergeFn",
+    "MERGE_METHODS",
+    "BN_STATS_POLICIES",
+    "DEFAULT_MATRIX_EXCLUDE",
+    "merge",
+    "merge_models",
+    "merge_tensor",
+    "method_options",
+    "weight_average",
+    "task_arithmetic",
+    "ties",
+    "global_magnitude_thresholds",
+    "dare",
+    "dare_drop",
+    "breadcrumbs",
+    "breadcrumbs_mask",
+    "consensus",
+    "tall_masks",
+    "tsv_m",
+    "tsv_factors",
+    "iso_c",
+    "iso_cts",
+]
