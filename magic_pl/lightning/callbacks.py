@@ -497,7 +497,8 @@ class FeatureSpaceCalibration(_SourcesMixin, Callback):
             rec.set_fold(self.report)
             rec.config.setdefault("fsc", {"norm": self.norm, "mode": self.mode, "sensitive": self.sensitive,
                                           "modules": self.modules, "per_sample": self.per_sample})
-            rec.add_step("fsc", self.collector.seconds, mode=self.report.mode, rounds=self.report.rounds)
+            rec.add_step("fsc", self.collector.seconds, mode=self.report.mode, rounds=self.report.rounds,
+                         samples_per_task=self.collector.samples.tolist())
             assert self.sources is not None
             _update_after(rec, self.sources, get_backbone(pl_module, self.backbone))
         rank_zero_info(f"FSC folded {len(self.report.folded)} module(s), wrapped {len(self.report.wrapped)}")

@@ -7,8 +7,11 @@ Subcommands:
   (:meth:`magic_pl.lightning.trainer.MagicTrainer.calibrate`).
 - ``benchmark``: the offline real-data benchmark, forwarded to ``magic_pl.zoo.run_benchmark``.
 
+With no config the subcommands run a tiny synthetic demo (:mod:`magic_pl.lightning.demo`).
+
 Examples::
 
+    magic-pl calibrate                                   # the synthetic demo, seconds on a CPU
     magic-pl calibrate -c configs/clip_vit_b32_8tasks.yaml
     magic-pl calibrate -c configs/tiny.yaml --model.init_args.calibration wsc --output_dir out/
     magic-pl calibrate -c configs/tiny.yaml --print_config > my.yaml && magic-pl calibrate -c my.yaml
@@ -18,6 +21,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -91,11 +95,37 @@ def benchmark_main(args: Sequence[str]) -> Any:
     return run_benchmark(**kwargs)
 
 
+_RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict", "calibrate")
+
+
+def with_demo_config(argv: list[str]) -> list[str]:
+    """``argv`` with the synthetic demo config (:func:`magic_pl.lightning.demo.demo_defaults`) inserted after the
+    subcommand when neither a config (``-c``/``--config``) nor any ``--model*``/``--data*`` argument is given."""
+    if not argv or argv[0] not in _RUN_SUBCOMMANDS:
+        return argv
+    user_config = any(a in ("-c", "--config") or a.startswith(("--config=", "--model", "--data")) for a in argv[1:])
+    if user_config or "PL_CONFIG" in os.environ:
+        return argv
+    import yaml
+
+    from magic_pl.lightning.demo import demo_defaults
+
+    return [argv[0], "--config", yaml.safe_dump(demo_defaults(), sort_keys=False), *argv[1:]]
+
+
 def main(args: Optional[Sequence[str]] = None) -> None:
     """Entry point of the ``magic-pl`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "benchmark":
         benchmark_main(argv[1:])
+        return
+    demo = with_demo_config(argv)
+    if demo is not argv:
+        import warnings
+
+        with warnings.catch_warnings():  # args deliberately extend the command line here
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            MagicCLI(args=demo)
         return
     MagicCLI(args=None if args is None else argv)
 

@@ -402,6 +402,8 @@ class TaskDataModule(LightningDataModule):
     Args:
         task_names: task names, in expert order. Keys of ``test``/``calibration`` must be among them.
         test: task name -> labelled test dataset (None: no evaluation).
+        val: task name -> labelled validation dataset for ``trainer.validate`` (e.g. to tune a merge coefficient
+            without touching the test sets); default none.
         calibration: task name -> dataset to draw unlabelled calibration samples from (labels are dropped). Defaults
             to ``test`` (the paper calibrates on a handful of samples from each task's test distribution).
         samples_per_task: unlabelled samples per task for FSC (1, the paper's default).
@@ -419,6 +421,7 @@ class TaskDataModule(LightningDataModule):
         task_names: Sequence[str],
         test: Optional[Mapping[str, Dataset]] = None,
         calibration: Optional[Mapping[str, Dataset]] = None,
+        val: Optional[Mapping[str, Dataset]] = None,
         samples_per_task: int = 1,
         seed: int = 0,
         batch_size: int = 32,
@@ -431,13 +434,14 @@ class TaskDataModule(LightningDataModule):
         self.task_names = list(task_names)
         if len(set(self.task_names)) != len(self.task_names):
             raise ValueError(f"task_names has duplicates: {self.task_names}")
-        for label, sets in (("test", test), ("calibration", calibration)):
+        for label, sets in (("test", test), ("calibration", calibration), ("val", val)):
             unknown = sorted(set(sets or {}) - set(self.task_names))
             if unknown:
                 raise ValueError(f"{label} datasets for unknown tasks {unknown}; task_names is {self.task_names}")
         if samples_per_task < 1:
             raise ValueError(f"samples_per_task must be >= 1, got {samples_per_task}")
         self.test_sets = dict(test or {})
+        self.val_sets = dict(val or {})
         self.calibration_sources = dict(calibration or {}) or dict(self.test_sets)
         self.samples_per_task = samples_per_task
         self.seed = seed
@@ -448,6 +452,7 @@ class TaskDataModule(LightningDataModule):
         self.pad_values = dict(pad_values or {})
         self._calibration: Optional[Dataset] = None
         self._test: Optional[Dataset] = None
+        self._val: Optional[Dataset] = None
 
     # --- datasets ---------------------------------------------------------------------------------------------------
     def calibration_dataset(self) -> Dataset:
@@ -463,18 +468,27 @@ class TaskDataModule(LightningDataModule):
             self._calibration = torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
         return self._calibration
 
+    def _labelled(self, sets: Mapping[str, Dataset]) -> Dataset:
+        parts = []
+        for k, name in enumerate(self.task_names):
+            ds = sets.get(name)
+            if ds is None:
+                continue
+            n = len(ds) if self.test_limit is None else min(self.test_limit, len(ds))  # type: ignore[arg-type]
+            parts.append(TaskTaggedDataset(ds, k, range(n)))
+        return torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
+
     def test_dataset(self) -> Dataset:
         """Labelled, task-tagged test samples of every task (first ``test_limit`` of each)."""
         if self._test is None:
-            parts = []
-            for k, name in enumerate(self.task_names):
-                ds = self.test_sets.get(name)
-                if ds is None:
-                    continue
-                n = len(ds) if self.test_limit is None else min(self.test_limit, len(ds))  # type: ignore[arg-type]
-                parts.append(TaskTaggedDataset(ds, k, range(n)))
-            self._test = torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
+            self._test = self._labelled(self.test_sets)
         return self._test
+
+    def val_dataset(self) -> Dataset:
+        """Labelled, task-tagged validation samples of every task (first ``test_limit`` of each)."""
+        if self._val is None:
+            self._val = self._labelled(self.val_sets)
+        return self._val
 
     @property
     def num_calibration_samples(self) -> int:
@@ -489,11 +503,11 @@ class TaskDataModule(LightningDataModule):
         world_size, _ = self._world()
         if stage == "predict":
             check_calibration_size(self.num_calibration_samples, world_size)
-        elif stage == "test" and self.test_sets:
-            n = len(self.test_dataset())  # type: ignore[arg-type]
+        elif stage in ("test", "validate") and (self.test_sets if stage == "test" else self.val_sets):
+            n = len(self.test_dataset() if stage == "test" else self.val_dataset())  # type: ignore[arg-type]
             if n < world_size:
                 raise ValueError(
-                    f"the test data has {n} sample(s) for {world_size} processes: every process needs at least one "
+                    f"the {stage} data has {n} sample(s) for {world_size} processes: every process needs at least one "
                     "(a process without batches would skip the final all-reduce of the accuracy counts)"
                 )
 
@@ -511,7 +525,12 @@ class TaskDataModule(LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
-        ds = self.test_dataset()
+        return self._eval_loader(self.test_dataset())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_dataset())
+
+    def _eval_loader(self, ds: Dataset) -> DataLoader:
         world_size, rank = self._world()
         return DataLoader(
             ds,

@@ -26,8 +26,9 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
 class FSCStatistics(Metric):
     """Sum-reduced FSC statistics: ``ratio_sum`` and ``ratio_count``, ``[K, M]`` (tasks x calibrated modules).
 
-    ``update(ratio_sum, ratio_count)`` adds one chunk of the calibration core's statistics (float32, typically one
-    sample's); ``compute()`` returns ``(ratio_sum, ratio_count)`` summed over all processes. States are float64 so
+    ``update(ratio_sum, ratio_count, samples=None)`` adds one chunk of the calibration core's statistics (float32,
+    typically one sample's) and optionally per-task sample counts ``[K]``; ``compute()`` returns
+    ``(ratio_sum, ratio_count, samples)`` summed over all processes. States are float64 so
     that the total is (to the last bit, in practice) independent of how samples are split over processes.
     """
 
@@ -37,6 +38,7 @@ class FSCStatistics(Metric):
 
     ratio_sum: Tensor
     ratio_count: Tensor
+    samples: Tensor
 
     def __init__(self, num_tasks: int, num_modules: int, dtype: torch.dtype = torch.float64, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -45,8 +47,9 @@ class FSCStatistics(Metric):
         self.shape = (int(num_tasks), int(num_modules))
         self.add_state("ratio_sum", torch.zeros(self.shape, dtype=dtype), dist_reduce_fx="sum")
         self.add_state("ratio_count", torch.zeros(self.shape, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("samples", torch.zeros(self.shape[0], dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, ratio_sum: Tensor, ratio_count: Tensor) -> None:  # type: ignore[override]
+    def update(self, ratio_sum: Tensor, ratio_count: Tensor, samples: Optional[Tensor] = None) -> None:  # type: ignore[override]
         if tuple(ratio_sum.shape) != self.shape or tuple(ratio_count.shape) != self.shape:
             raise ValueError(
                 f"FSC statistics of shape {tuple(ratio_sum.shape)}/{tuple(ratio_count.shape)} do not match the "
@@ -54,9 +57,12 @@ class FSCStatistics(Metric):
             )
         self.ratio_sum += ratio_sum.to(self.ratio_sum)
         self.ratio_count += ratio_count.to(self.ratio_count)
+        if samples is not None:
+            self.samples += samples.to(self.samples)
 
-    def compute(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return self.ratio_sum.clone(), self.ratio_count.clone()
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """``(ratio_sum, ratio_count, samples)`` summed over processes."""
+        return self.ratio_sum.clone(), self.ratio_count.clone(), self.samples.clone()
 
 
 class PerTaskAccuracy(Metric):

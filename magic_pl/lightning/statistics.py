@@ -88,7 +88,7 @@ class FeatureStatisticsCollector:
         with torch.inference_mode(False):
             self.metric = FSCStatistics(k, m, dtype=accumulation_dtype(device)).to(device)
             self._zeros = torch.zeros_like(calibrator.ratio_sum)
-        self.samples = torch.zeros(k, dtype=torch.long)
+        self.samples = torch.zeros(k, dtype=torch.long)  # this process's samples per task (all, after finish)
         self.seconds = 0.0
         self.report: Optional[CalibrationReport] = None
 
@@ -136,7 +136,9 @@ class FeatureStatisticsCollector:
         self.samples[task] += n
         if not self.sequential:
             # move this chunk's float32 sums into the float64 sum-reduced states, then zero the calibrator's
-            self.metric.update(self.calibrator.ratio_sum, self.calibrator.ratio_count)
+            count = torch.zeros(self.num_tasks, dtype=torch.long)
+            count[task] = n
+            self.metric.update(self.calibrator.ratio_sum, self.calibrator.ratio_count, count)
             self.calibrator.load_statistics(self._zeros, self._zeros)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ class FeatureStatisticsCollector:
         """Sum ``[2, K, M]`` statistics over processes with the metric (one sync)."""
         self.metric.reset()
         self.metric.update(stacked[0], stacked[1])
-        total_sum, total_count = self.metric.compute()
+        total_sum, total_count, _ = self.metric.compute()
         self.metric.reset()
         return torch.stack([total_sum, total_count]).to(stacked)
 
@@ -158,9 +160,10 @@ class FeatureStatisticsCollector:
         if self.sequential:
             self.calibrator.finalize(reduce=self._reduce)
         else:
-            total_sum, total_count = self.metric.compute()  # the one all-reduce (sum)
+            total_sum, total_count, samples = self.metric.compute()  # the one all-reduce (sum)
             with torch.inference_mode(False):
                 total_sum, total_count = total_sum.clone(), total_count.clone()
+                self.samples = samples.detach().cpu().clone()  # now the count over all processes
             self.calibrator.load_statistics(total_sum, total_count)
             self.calibrator.finalize()
             self.metric.reset()

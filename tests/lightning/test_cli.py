@@ -86,3 +86,20 @@ def test_help_lists_calibrate(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "calibrate" in out and "benchmark" in out
+
+
+def test_no_config_runs_the_synthetic_demo_and_its_printed_config_runs_as_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "magic_pl.lightning.demo.DemoAdapter" in printed
+    (tmp_path / "demo.yaml").write_text(printed)
+    main(["calibrate", "-c", "demo.yaml", "--output_dir", "demo_out"])
+    report = json.loads((tmp_path / "demo_out" / "calibration_report.json").read_text())
+    assert report["task_names"] == ["task0", "task1", "task2"] and set(report["coefficients"]) == {"fc1", "norm", "fc2"}
+    # a user config replaces the demo entirely (nothing of it leaks in)
+    from magic_pl.lightning.cli import with_demo_config
+
+    assert with_demo_config(["calibrate", "-c", "x.yaml"]) == ["calibrate", "-c", "x.yaml"]
+    assert with_demo_config(["benchmark"]) == ["benchmark"]

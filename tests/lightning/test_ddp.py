@@ -45,6 +45,8 @@ def test_two_process_ddp_equals_one_process(tiny_workdir, monkeypatch):
     w1 = load_file(str(tiny_workdir / "one" / "model" / "model.safetensors"))
     w2 = load_file(str(tiny_workdir / "ddp2" / "model" / "model.safetensors"))
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    fsc1, fsc2 = ([s for s in r["steps"] if s["step"] == "fsc"][0] for r in (one, two))
+    assert fsc1["samples_per_task"] == fsc2["samples_per_task"] == [2, 2]  # summed over both processes
     # per-task accuracy: exactly equal, every test sample counted once
     assert one["metrics"] == two["metrics"] and set(two["metrics"]) == {"test/acc/a", "test/acc/b", "test/acc/avg"}
     for task, n in (("a", 21), ("b", 20)):

@@ -32,8 +32,9 @@ def test_fsc_statistics_accumulate_in_float64_and_check_shape():
     m = FSCStatistics(2, 3)
     a = torch.full((2, 3), 0.1, dtype=torch.float32)
     for _ in range(10):
-        m.update(a, torch.ones(2, 3))
-    s, c = m.compute()
+        m.update(a, torch.ones(2, 3), torch.tensor([1, 0]))
+    s, c, n = m.compute()
+    assert n.tolist() == [10, 0]
     assert s.dtype == torch.float64 and torch.allclose(s, torch.full((2, 3), 10 * float(a[0, 0]), dtype=torch.float64))
     assert c.tolist() == [[10.0] * 3] * 2
     with pytest.raises(ValueError, match=r"do not match the metric's \[tasks, modules\] = \[2, 3\]"):

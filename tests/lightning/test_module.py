@@ -153,3 +153,12 @@ def test_constructor_errors():
         MagicModule()
     with pytest.raises(ValueError, match="calibration must be one of"):
         MagicModule(model=Body(), experts=[Body()], calibration="fcs")
+
+
+def test_validate_logs_per_task_accuracy_on_validation_sets(setup3):
+    base, experts, heads, data = setup3
+    dm = TaskDataModule(list("xyz"), val={"x": data["x"], "z": data["z"]})
+    mod = _module(base, experts, heads, calibration="wsc")
+    out = _trainer().validate(mod, datamodule=dm, verbose=False)[0]
+    assert set(out) == {"val/acc/x", "val/acc/z", "val/acc/avg"}
+    assert out["val/acc/avg"] == pytest.approx((out["val/acc/x"] + out["val/acc/z"]) / 2, abs=1e-6)
