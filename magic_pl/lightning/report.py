@@ -207,14 +207,14 @@ class CalibrationRecord:
         return out
 
     def to_dict(self, *, hash_inputs: bool = True) -> dict[str, Any]:
-        inputs = dict(self.inputs)
-        if self.sources:
+        if self.sources:  # described (and hashed) once, then kept: reports are rewritten after test
             base = self.sources.get("base")
             experts = self.sources.get("experts") or []
-            if base is not None:
-                inputs.setdefault("base", describe_source(base, hash_contents=hash_inputs))
-            if experts:
-                inputs.setdefault("experts", [describe_source(e, hash_contents=hash_inputs) for e in experts])
+            if base is not None and "base" not in self.inputs:
+                self.inputs["base"] = describe_source(base, hash_contents=hash_inputs)
+            if experts and "experts" not in self.inputs:
+                self.inputs["experts"] = [describe_source(e, hash_contents=hash_inputs) for e in experts]
+        inputs = dict(self.inputs)
         before, after = self.deviation_before, self.deviation_after
 
         def summary(d: Mapping[str, float]) -> Optional[float]:
