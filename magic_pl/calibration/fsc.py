@@ -162,6 +162,12 @@ class FeatureSpaceCalibrator:
         self.units: list[CalibrationUnit] = find_units(merged, modules)
         if not self.units:
             raise ValueError(f"{type(merged).__name__} has no module with floating parameters to calibrate")
+        for u in self.units:
+            if getattr(u.module, "inplace", False) is True:
+                raise ValueError(
+                    f"module {u.name!r} ({type(u.module).__name__}) modifies its input in place, so FSC cannot re-run "
+                    "it on the same input; build the model with inplace=False"
+                )
         self._validate_keys()
         self.module_names = [u.name for u in self.units]
         sens = set(sensitive) if sensitive else set()
@@ -232,10 +238,11 @@ class FeatureSpaceCalibrator:
         self._run(k, args, kwargs)
 
     def _run(self, k: int, args: tuple, kwargs: dict) -> None:
-        if not self._warned_train and any(
-            u.module.training and isinstance(u.module, nn.modules.batchnorm._NormBase) for u in self.units
-        ):
-            warnings.warn("FSC on a model in training mode: BatchNorm uses batch statistics; call model.eval() first")
+        if not self._warned_train and any(m.training for m in self.merged.modules()):
+            warnings.warn(
+                "FSC on a model in training mode (dropout active, BatchNorm on batch statistics, which the fold does "
+                "not use); call model.eval() first"
+            )
             self._warned_train = True
         handles = [u.module.register_forward_hook(self._hook(i), with_kwargs=True) for i, u in enumerate(self.units)]
         self._scratch = torch.zeros(len(self.units), dtype=torch.float32, device=_model_device(self.merged))
@@ -291,26 +298,56 @@ class FeatureSpaceCalibrator:
                 out[local] = t32.to(like.dtype)
         return out
 
+    def _deltas(self, unit: CalibrationUnit, k: Optional[int]) -> dict[str, Tensor]:
+        """The unit's tau_k (or tau_m = theta_m - theta0 for ``k=None``), float32 math, in the merged tensors' dtype."""
+        out = {}
+        for local, like in unit.module.named_parameters():
+            key = unit.tensors[local]
+            if k is None:
+                d = like.float() - self.base_state[key].to(device=like.device, dtype=torch.float32)
+            else:
+                d = self.task_vectors[k][key]
+                if d.shape != like.shape:
+                    raise ValueError(
+                        f"task vector {k}: shape {tuple(d.shape)} of {key!r} does not match the model's {tuple(like.shape)}"
+                    )
+            out[local] = d.to(device=like.device, dtype=like.dtype)
+        return out
+
     def _measure(self, idx: int, module: nn.Module, args: tuple, kwargs: dict, output: Any, fm: Tensor) -> Any:
         unit = self.units[idx]
         k = self._task
-        f0_out = functional_call(module, self._swapped(unit, None), args, kwargs)
-        f0 = primary_tensor(f0_out)
-        fk = primary_tensor(functional_call(module, self._swapped(unit, k), args, kwargs))
-        dim = unit.feature_dim if fm.dim() > 1 else -1
-        f0_32 = f0.float()
+        xi = self._apply[idx] if self._apply is not None else 1.0
+        if unit.linear:
+            # f is linear in its parameters: dh(z; tau) = f(z; tau) exactly, without subtracting two nearly equal
+            # outputs (DESIGN.md 2.1). For tau_m that needs theta_m - theta0 per call; in float32/float64 the
+            # cancellation of fm - f0 is negligible and f0 needs no parameter arithmetic, so that path is used there.
+            dk = primary_tensor(functional_call(module, self._deltas(unit, k), args, kwargs)).float()
+            if fm.dtype in (torch.float32, torch.float64):
+                f0_out = functional_call(module, self._swapped(unit, None), args, kwargs)
+                dm = fm.float() - primary_tensor(f0_out).float()
+            else:
+                dm = primary_tensor(functional_call(module, self._deltas(unit, None), args, kwargs)).float()
+                f0_out = None
+        else:
+            f0_out = functional_call(module, self._swapped(unit, None), args, kwargs)
+            f0 = primary_tensor(f0_out).float()
+            dk = primary_tensor(functional_call(module, self._swapped(unit, k), args, kwargs)).float() - f0
+            dm = fm.float() - f0
+            del f0
         if fm.dim() == 0:
-            f0_32 = f0_32.reshape(1)
-        num = torch.linalg.vector_norm(fk.float().reshape(f0_32.shape) - f0_32, ord=self.norm, dim=dim)
-        del fk
-        den = torch.linalg.vector_norm(fm.float().reshape(f0_32.shape) - f0_32, ord=self.norm, dim=dim)
-        ratio = num / den
+            dk, dm = dk.reshape(1), dm.reshape(1)
+        dim = unit.feature_dim if fm.dim() > 1 else -1
+        ratio = torch.linalg.vector_norm(dk, ord=self.norm, dim=dim) / torch.linalg.vector_norm(dm, ord=self.norm, dim=dim)
+        del dk
         ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
         self._scratch[idx] += ratio.sum().to(self._scratch.device)
         self._scratch_count[idx] += ratio.numel()
-        if self._apply is not None and self._apply[idx] != 1.0:
-            return calibrate_output(f0_out, output, self._apply[idx])
-        return None
+        if xi == 1.0:
+            return None
+        if f0_out is None:  # f0 + xi (fm - f0) = fm + (xi - 1) dh(z; tau_m)
+            return (fm.float() + (xi - 1.0) * dm.reshape(fm.shape)).to(fm.dtype)
+        return calibrate_output(f0_out, output, xi)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
@@ -369,6 +406,12 @@ class FeatureSpaceCalibrator:
         with torch.no_grad():
             self.ratio_sum.copy_(ratio_sum.to(self.ratio_sum.device, torch.float32))
             self.ratio_count.copy_(ratio_count.to(self.ratio_count.device, torch.float32))
+
+    def to(self, device: Union[str, torch.device]) -> "FeatureSpaceCalibrator":
+        """Move the statistics (e.g. to the GPU before an NCCL all-reduce); returns self."""
+        self.ratio_sum = self.ratio_sum.to(device)
+        self.ratio_count = self.ratio_count.to(device)
+        return self
 
     def reset(self) -> None:
         """Zero the statistics and forget stored batches."""

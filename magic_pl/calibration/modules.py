@@ -11,7 +11,7 @@ calibration report lists them as ``uncalibrated``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +29,7 @@ __all__ = [
     "feature_dim",
     "find_units",
     "fold_kind",
+    "is_linear_in_params",
     "primary_tensor",
     "replace_submodule",
 ]
@@ -72,6 +73,7 @@ class CalibrationUnit:
     module: nn.Module
     tensors: dict[str, str] = field(default_factory=dict)
     feature_dim: int = -1
+    linear: bool = False
 
     @property
     def keys(self) -> list[str]:
@@ -80,6 +82,28 @@ class CalibrationUnit:
 
 def _has_running_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._NormBase) and getattr(module, "running_mean", None) is not None
+
+
+#: ``forward`` methods of torch modules whose output is *linear* in their parameters (not merely affine), so that
+#: ``f(z; theta0 + tau) - f(z; theta0) = f(z; tau)``: FSC then computes the task feature directly from ``tau``, which
+#: avoids the cancellation of subtracting two nearly equal outputs (it matters in bf16). Subclasses that override
+#: ``forward`` are not trusted and take the general path.
+_LINEAR_FORWARDS = {
+    cls.forward
+    for cls in (
+        nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+        nn.ConvTranspose3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm),
+    )
+}
+
+
+def is_linear_in_params(module: nn.Module) -> bool:
+    """True when the module's output is linear in its parameters (see ``_LINEAR_FORWARDS``)."""
+    if type(module).forward not in _LINEAR_FORWARDS:
+        return False
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return False  # renormalises its weight in place
+    return True
 
 
 def feature_dim(module: nn.Module) -> int:
@@ -123,7 +147,9 @@ def find_units(
             if name not in named:
                 raise KeyError(f"module {name!r} given in modules= is not a submodule of {type(model).__name__}")
             mod = named[name]
-            units.append(CalibrationUnit(name, mod, _unit_tensors(name, mod, state_keys), feature_dim(mod)))
+            units.append(
+                CalibrationUnit(name, mod, _unit_tensors(name, mod, state_keys), feature_dim(mod), is_linear_in_params(mod))
+            )
         return [u for u in units if u.tensors]
     inseparable = tuple(INSEPARABLE_MODULE_TYPES)
     covered: list[str] = []
@@ -143,7 +169,7 @@ def find_units(
             continue  # direct tensors next to parameterised children: the children are the units
         tensors = _unit_tensors(name, mod, state_keys)
         if tensors:
-            units.append(CalibrationUnit(name, mod, tensors, feature_dim(mod)))
+            units.append(CalibrationUnit(name, mod, tensors, feature_dim(mod), is_linear_in_params(mod)))
     return units
 
 

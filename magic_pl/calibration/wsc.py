@@ -37,8 +37,11 @@ DEFAULT_WSC_EXCLUDE: tuple[str, ...] = (
 
 #: ``"paper"``: the formula above (default, MAGIC paper). ``"norm_match"``: ``lambda_i = mean_k ||a_k|| / ||d||`` (the
 #: merged row's norm matched to the mean task-row norm; equals "paper" for orthogonal equal-norm task rows and gives 1
-#: for K identical task rows where "paper" gives ``1/sqrt(K + (K-1)^2)``; DESIGN.md section 7).
-WSC_VARIANTS: tuple[str, ...] = ("paper", "norm_match")
+#: for K identical task rows where "paper" gives ``1/sqrt(K + (K-1)^2)``; DESIGN.md section 7). ``"joint"``: the
+#: paper's formula with the ``alpha_k`` solved jointly, ``alpha = argmin ||d - sum_k alpha_k a_k||`` (minimum-norm
+#: least squares, ``pinv`` of the K x K Gram matrix per row), so correlated task rows are not counted twice; equals
+#: "paper" for orthogonal task rows; K identical rows and ``d = a`` give ``alpha_k = 1/K`` and ``lambda = sqrt(K)``.
+WSC_VARIANTS: tuple[str, ...] = ("paper", "norm_match", "joint")
 
 
 def row_scales(merged: Tensor, tasks: Tensor, *, eps: float = 1e-8, variant: str = "paper") -> Tensor:
@@ -63,6 +66,12 @@ def row_scales(merged: Tensor, tasks: Tensor, *, eps: float = 1e-8, variant: str
     r = task_sq.sqrt().mean(0)  # [out]
     if variant == "norm_match":
         lam = r / torch.linalg.vector_norm(d, dim=-1)
+    elif variant == "joint":
+        gram = torch.einsum("koi,joi->okj", a, a).double()  # [out, K, K]
+        rhs = torch.einsum("koi,oi->ok", a, d).double()  # [out, K]
+        alpha = (torch.linalg.pinv(gram, hermitian=True) @ rhs.unsqueeze(-1)).squeeze(-1).float().T  # [K, out]
+        d_res = d - torch.einsum("ko,koi->oi", alpha, a)
+        lam = ((alpha * alpha).sum(0) + (d_res * d_res).sum(-1) / (r * r) + eps).rsqrt()
     else:
         alpha = torch.einsum("koi,oi->ko", a, d) / task_sq  # [K, out]; a zero task row gives NaN -> lambda 1
         d_res = d - torch.einsum("ko,koi->oi", alpha, a)

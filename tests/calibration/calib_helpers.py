@@ -33,7 +33,7 @@ def merged_model(base: nn.Module, tau_m: Mapping[str, Tensor]) -> nn.Module:
         for key, v in merged.state_dict().items():
             if key in tau_m:
                 v.copy_((v.double() + tau_m[key].double()).to(v.dtype))
-    return merged
+    return merged.eval()
 
 
 def weight_average(tvs: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:

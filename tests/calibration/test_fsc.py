@@ -258,7 +258,8 @@ def test_sequential_mode_definition():
     for k, x in enumerate(xs):
         par.update(k, x)
         one.update(k, x)
-        seq.update(k, x)
+        with torch.inference_mode():  # stored inference tensors are replayed later, outside inference mode
+            seq.update(k, x.clone())
     assert one.coefficients() == par.coefficients()  # round 1 is the parallel measurement
     got = seq.coefficients()
     assert seq.rounds <= len(seq.module_names) + 1
@@ -320,3 +321,43 @@ def test_fold_closes_the_calibrator_and_root_wrap_error():
     cal.update(0, x, x, x)
     with pytest.raises(ValueError, match="root module"):
         cal.fold()
+
+
+def test_linear_shortcut_equals_general_path_float64():
+    torch.manual_seed(10)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.LayerNorm(5)).double()
+    tvs = make_task_vectors(base, 3, scale=0.2, seed=10)
+    merged = merged_model(base, {k: 0.3 * sum(tv[k] for tv in tvs) for k in tvs[0]})
+    xs = [torch.randn(2, 3, 6, 6, dtype=torch.float64) for _ in range(3)]
+    fast = FeatureSpaceCalibrator(base, copy.deepcopy(merged), tvs, mode="sequential", tol=0.0)
+    slow = FeatureSpaceCalibrator(base, copy.deepcopy(merged), tvs, mode="sequential", tol=0.0)
+    assert all(u.linear for u in fast.units)
+    for u in slow.units:
+        u.linear = False
+    for k, x in enumerate(xs):
+        fast.update(k, x)
+        slow.update(k, x)
+    assert fast.coefficients() == pytest.approx(slow.coefficients(), rel=1e-6)  # statistics are float32
+    torch.testing.assert_close(fast.task_ratios(), slow.task_ratios(), rtol=1e-6, atol=0)
+
+
+def test_inplace_module_rejected_and_training_mode_warns():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(4))
+            self.inplace = True
+
+        def forward(self, x):
+            return x.mul_(self.gamma)
+
+    base = nn.Sequential(nn.Linear(4, 4), Scale())
+    tvs = make_task_vectors(base, 1, scale=0.1)
+    with pytest.raises(ValueError, match="'1' \\(Scale\\) modifies its input in place"):
+        FeatureSpaceCalibrator(base, merged_model(base, tvs[0]), tvs)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    tvs = make_task_vectors(base, 1, scale=0.1)
+    merged = merged_model(base, tvs[0]).train()
+    cal = FeatureSpaceCalibrator(base, merged, tvs)
+    with pytest.warns(UserWarning, match="training mode"):
+        cal.update(0, torch.randn(2, 4))

@@ -148,3 +148,25 @@ def test_errors_name_the_key():
         weight_space_calibration({"w": torch.ones(2, 2)}, [{"v": torch.ones(2, 2)}])
     with pytest.raises(ValueError, match="shape mismatch for 'w'"):
         weight_space_calibration({"w": torch.ones(2, 2)}, [{"w": torch.ones(2, 3)}])
+
+
+def test_joint_variant():
+    K, dim = 3, 12
+    tasks = _orthogonal_rows(K, dim, 1.3)[:, None, :]
+    d = 0.4 * tasks.sum(0) + 0.0
+    torch.testing.assert_close(row_scales(d, tasks, variant="joint"), row_scales(d, tasks), rtol=1e-5, atol=0)
+    a = torch.randn(2, dim, generator=torch.Generator().manual_seed(7))
+    same = torch.stack([a] * 4)
+    torch.testing.assert_close(row_scales(a, same, variant="joint", eps=0.0), torch.full((2,), 2.0), rtol=1e-5, atol=0)
+    # random correlated rows against an independent float64 least-squares solve, row by row
+    g = torch.Generator().manual_seed(8)
+    tasks = torch.randn(3, 4, dim, generator=g) + torch.randn(1, 4, dim, generator=g)
+    d = torch.randn(4, dim, generator=g)
+    got = row_scales(d, tasks, variant="joint", eps=0.0)
+    for i in range(4):
+        A = tasks[:, i, :].double()  # [K, dim]
+        alpha = torch.linalg.lstsq(A.T, d[i].double().unsqueeze(-1)).solution.squeeze(-1)
+        res = d[i].double() - alpha @ A
+        r = A.norm(dim=-1).mean()
+        want = 1 / math.sqrt(float(alpha @ alpha) + float(res @ res) / float(r * r))
+        assert got[i].item() == pytest.approx(want, rel=1e-4)
