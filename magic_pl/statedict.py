@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -31,6 +31,7 @@ __all__ = [
     "is_batchnorm_stat",
     "validate_state_dict",
     "validate_experts",
+    "key_mismatch_error",
     "task_vector",
     "iter_task_vectors",
     "apply_task_vector",
@@ -281,6 +282,22 @@ def validate_state_dict(state: StateDict, *, name: str = "checkpoint", check_fin
             _check_finite(state[key], key, name)
 
 
+def key_mismatch_error(
+    name: str, base_keys: Collection[str], expert_keys: Collection[str], *, hint: str = ""
+) -> CheckpointError | None:
+    """The error for an expert whose key set differs from the base's (names a few missing/extra keys), or None."""
+    bset, eset = set(base_keys), set(expert_keys)
+    missing, extra = sorted(bset - eset), sorted(eset - bset)
+    if not (missing or extra):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s) of the base, e.g. {missing[:5]}")
+    if extra:
+        parts.append(f"has {len(extra)} key(s) the base lacks, e.g. {extra[:5]}")
+    return CheckpointError(f"{name} does not match the base architecture: " + "; ".join(parts) + hint)
+
+
 def validate_experts(
     base: StateDict,
     experts: Sequence[StateDict],
@@ -303,15 +320,9 @@ def validate_experts(
     if not base_keys:
         raise CheckpointError("the base checkpoint is empty")
     for name, expert in zip(names, experts):
-        keys = set(expert.keys())
-        missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} key(s) of the base, e.g. {missing[:5]}")
-            if extra:
-                parts.append(f"has {len(extra)} key(s) the base lacks, e.g. {extra[:5]}")
-            raise CheckpointError(f"{name} does not match the base architecture: " + "; ".join(parts))
+        mismatch = key_mismatch_error(name, base_keys, expert.keys())
+        if mismatch is not None:
+            raise mismatch
         for key in base:
             bshape, eshape = _shape(base, key), _shape(expert, key)
             if bshape != eshape:

@@ -35,7 +35,14 @@ from magic_pl.models.io import (
     copy_support_files,
     parse_size,
 )
-from magic_pl.statedict import CheckpointError, StateDict, atomic_path, is_mergeable, load_state_dict
+from magic_pl.statedict import (
+    CheckpointError,
+    StateDict,
+    atomic_path,
+    is_mergeable,
+    key_mismatch_error,
+    load_state_dict,
+)
 
 __all__ = [
     "StreamReport",
@@ -101,17 +108,12 @@ def check_headers(base: StateDict, experts: Sequence[StateDict], names: Sequence
     bset = set(base_keys)
     for name, e in zip(names, experts):
         eset = set(e.keys())
-        missing, extra = sorted(bset - eset), sorted(eset - bset)
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} key(s) of the base, e.g. {missing[:5]}")
-            if extra:
-                parts.append(f"has {len(extra)} key(s) the base lacks, e.g. {extra[:5]}")
-            hint = ""
-            if any("lm_head" in k for k in missing + extra):
-                hint = " (one side ties lm_head to the input embeddings and the other does not?)"
-            raise CheckpointError(f"{name} does not match the base architecture: " + "; ".join(parts) + hint)
+        hint = ""
+        if any("lm_head" in k for k in bset ^ eset):
+            hint = " (one side ties lm_head to the input embeddings and the other does not?)"
+        mismatch = key_mismatch_error(name, bset, eset, hint=hint)
+        if mismatch is not None:
+            raise mismatch
         for key in base_keys:
             bs, es = tuple(tensor_shape(base, key)), tuple(tensor_shape(e, key))
             if bs != es:
