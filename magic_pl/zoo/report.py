@@ -91,8 +91,9 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     out += [
         f"Average test accuracy (%) over {len(names)} tasks; merged encoder + each task's own head. FSC/DSC: "
         f"{cfg['n_calib']} unlabelled sample(s) per task from {src}, mean ± std over {draws} draws. "
-        f"Sensitive set: {cfg['sensitive']}. BatchNorm statistics of merges: {cfg['bn_stats']}"
-        + (" of the experts'." if cfg["bn_stats"] == "average" else "."),
+        f"Sensitive set: {cfg['sensitive']}."
+        + (f" BatchNorm: experts fine-tuned with {cfg['finetune'].get('batchnorm', 'train')} statistics; merges "
+           f"take the {cfg['bn_stats']} of the experts' statistics." if result.get("batchnorm") else ""),
         "",
     ]
     out += _main_table(result, "avg")
@@ -101,11 +102,20 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     gains = result["gains"]["over_uncalibrated"]
     gcals = [c for c in cals if c != "none"]
     if gains:
-        out += ["", "### Gain over the uncalibrated merge (average accuracy, points)", "",
-                "| method | " + " | ".join(_cal_header(c, result) for c in gcals) + " |",
+        cis = result["gains"].get("over_uncalibrated_ci95", {})
+        out += ["", "### Gain over the uncalibrated merge (average accuracy, points; paired 95% bootstrap interval)",
+                "", "| method | " + " | ".join(_cal_header(c, result) for c in gcals) + " |",
                 "|---|" + "---|" * len(gcals)]
-        for m, g in gains.items():
-            out.append(f"| {m} | " + " | ".join(f"{100 * g[c]:+.1f}" if c in g else "-" for c in gcals) + " |")
+
+        def gain_cell(m: str, c: str) -> str:
+            g = gains[m]
+            if c not in g:
+                return "-"
+            ci = cis.get(m, {}).get(c)
+            return f"{100 * g[c]:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+        for m in gains:
+            out.append(f"| {m} | " + " | ".join(gain_cell(m, c) for c in gcals) + " |")
         mean = result["gains"]["mean_over_methods"]
         out.append("| **mean** | " + " | ".join(f"{100 * mean[c]:+.1f}" if c in mean else "-" for c in gcals) + " |")
     tuned = rows.get(("task_arithmetic_tuned", "none"))
@@ -115,8 +125,10 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         best = max((r for r in result["rows"] if r["method"] not in ("base", "expert", "task_arithmetic_tuned")),
                    key=lambda r: r["avg"], default=None)
         if best is not None:
+            ci = result["gains"].get("over_tuned_ta_ci95", {}).get(best["method"], {}).get(best["calibration"])
             out[-1] += (f"{best['method']} + {_CAL_LABEL.get(best['calibration'], best['calibration'])} "
-                        f"{_pct(best['avg'])} ({100 * (best['avg'] - tuned['avg']):+.1f} points).")
+                        f"{_pct(best['avg'])} ({100 * (best['avg'] - tuned['avg']):+.1f} points"
+                        + (f", paired 95% interval [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "") + ").")
     out += ["", "### Per-task accuracy (%)", "",
             "| method | calibration | " + " | ".join(names) + " | avg | 95% CI (avg) |",
             "|---|---|" + "---|" * (len(names) + 2)]

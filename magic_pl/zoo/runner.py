@@ -12,8 +12,12 @@ Rows of the result (all evaluated on every task's test split, each task through 
   baseline DESIGN.md 7 asks MAGIC to beat; its gain is reported separately). BatchNorm suites also tune it with BN
   re-estimation.
 
-BatchNorm policy: merges average the experts' running statistics (``bn_stats="average"``; never extrapolated by a
-merge coefficient); ``bn_stats="base"`` keeps the base's. Experts' own statistics are re-estimated after fine-tuning.
+BatchNorm policy: experts fine-tune with frozen running statistics (``train_batchnorm="frozen"``: the frozen probe
+heads keep seeing the features they were fitted on), so their statistics equal the base's and every merge keeps them.
+With ``train_batchnorm="train"`` (batch statistics, the DESIGN.md 7 prototype's protocol) each expert's statistics are
+re-estimated after fine-tuning and merges average them (``bn_stats="average"``; never extrapolated by a merge
+coefficient; ``"base"`` keeps the base's). The ``bn`` rows re-estimate the merged model's statistics on unlabelled
+images of all tasks whatever the protocol.
 """
 
 from __future__ import annotations
@@ -151,6 +155,7 @@ def run_benchmark(
     train_lr: Optional[float] = None,
     train_batch_size: Optional[int] = None,
     train_head: Optional[str] = None,
+    train_batchnorm: Optional[str] = None,
     max_test: Optional[int] = None,
     seed: int = 0,
     device: str = "cpu",
@@ -187,6 +192,8 @@ def run_benchmark(
         train_steps, train_lr, train_batch_size: override the suite's expert fine-tuning (new cache entry).
         train_head: ``"probe_frozen"`` (linear probe on the base, frozen while fine-tuning: the analogue of the
             paper's frozen zero-shot heads) or ``"probe_tuned"`` (the head keeps training with the encoder).
+        train_batchnorm: BatchNorm while fine-tuning experts: ``"frozen"`` (running statistics) or ``"train"``
+            (batch statistics, re-estimated afterwards); see :class:`~magic_pl.zoo.experts.FinetuneConfig`.
         max_test: cap on test examples per task (suite default: 600 for text/vision).
         seed: seed of calibration draws, merges and expert fine-tuning.
         device: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``.
@@ -212,7 +219,8 @@ def run_benchmark(
             fsc_norm=fsc_norm, fsc_mode=fsc_mode, wsc_variant=wsc_variant, sensitive=sensitive,
             sensitive_alpha=sensitive_alpha, bn_stats=bn_stats, bn_reestimate=bn_reestimate, bn_samples=bn_samples,
             tune_ta=tune_ta, ta_grid=ta_grid, train_steps=train_steps, train_lr=train_lr,
-            train_batch_size=train_batch_size, train_head=train_head, max_test=max_test, seed=seed, device=device,
+            train_batch_size=train_batch_size, train_head=train_head,
+            train_batchnorm=train_batchnorm, max_test=max_test, seed=seed, device=device,
             rebuild=rebuild, bootstrap=bootstrap, progress=progress, write=write,
         )
     finally:
@@ -221,8 +229,8 @@ def run_benchmark(
 
 def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib, draws, calibration_from_test,
          fsc_norm, fsc_mode, wsc_variant, sensitive, sensitive_alpha, bn_stats, bn_reestimate, bn_samples, tune_ta,
-         ta_grid, train_steps, train_lr, train_batch_size, train_head, max_test, seed, device, rebuild, bootstrap,
-         progress, write) -> dict[str, Any]:
+         ta_grid, train_steps, train_lr, train_batch_size, train_head, train_batchnorm, max_test, seed, device,
+         rebuild, bootstrap, progress, write) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from magic_pl.calibration import (
@@ -264,7 +272,9 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         spec.finetune.batch_size = int(train_batch_size)
     if train_head is not None:
         spec.finetune.head = train_head
-        spec.finetune.__post_init__()
+    if train_batchnorm is not None:
+        spec.finetune.batchnorm = train_batchnorm
+    spec.finetune.__post_init__()
     spec.finetune.seed = int(seed)
     if max_test is not None:
         spec.caps["test"] = int(max_test)
@@ -479,7 +489,7 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         "base_pretext": es.base_info,
         "expert_cache": str(es.directory),
         "rows": summaries,
-        "gains": _gains(summaries, methods),
+        "gains": _gains(summaries, methods, rows, bootstrap, seed),
         "sensitive_set": sens,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": library_versions(),
@@ -492,20 +502,39 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
     return result
 
 
-def _gains(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Average-accuracy gain of every calibration over the same method uncalibrated, and vs tuned TA."""
+def _gains(rows: Sequence[dict[str, Any]], methods: Sequence[str], raw: Sequence[_Row] = (), bootstrap: int = 0,
+           seed: int = 0) -> dict[str, Any]:
+    """Average-accuracy gain of every calibration over the same method uncalibrated, and vs tuned TA.
+
+    With ``raw`` rows and ``bootstrap > 0``, also paired 95% bootstrap intervals of those gains (the same test examples
+    resampled for both rows, so the interval is much tighter than the rows' own intervals).
+    """
     table = {(r["method"], r["calibration"]): r["avg"] for r in rows}
-    out: dict[str, Any] = {"over_uncalibrated": {}, "over_tuned_ta": {}}
-    tuned = table.get(("task_arithmetic_tuned", "none"))
+    correct = {(r.method, r.calibration): {n: np.mean([d[n] for d in r.draws], axis=0) for n in r.draws[0]}
+               for r in raw}
+
+    def paired(a: tuple[str, str], b: tuple[str, str]) -> list[float] | None:
+        if bootstrap <= 0 or a not in correct or b not in correct:
+            return None
+        diff = {n: correct[a][n].astype(np.float64) - correct[b][n] for n in correct[a]}
+        return list(bootstrap_ci(diff, samples=bootstrap, seed=seed))
+
+    out: dict[str, Any] = {"over_uncalibrated": {}, "over_uncalibrated_ci95": {}, "over_tuned_ta": {},
+                           "over_tuned_ta_ci95": {}}
+    tuned_key = ("task_arithmetic_tuned", "none")
+    tuned = table.get(tuned_key)
+    cals = [c for c in CALIBRATIONS + BN_CALIBRATIONS]
     for m in methods:
         none = table.get((m, "none"))
-        out["over_uncalibrated"][m] = {c: table[(m, c)] - none for c in CALIBRATIONS + BN_CALIBRATIONS
-                                       if c != "none" and (m, c) in table and none is not None}
+        present = [c for c in cals if (m, c) in table]
+        if none is not None:
+            out["over_uncalibrated"][m] = {c: table[(m, c)] - none for c in present if c != "none"}
+            out["over_uncalibrated_ci95"][m] = {c: paired((m, c), (m, "none")) for c in present if c != "none"}
         if tuned is not None:
-            out["over_tuned_ta"][m] = {c: table[(m, c)] - tuned for c in CALIBRATIONS + BN_CALIBRATIONS
-                                       if (m, c) in table}
+            out["over_tuned_ta"][m] = {c: table[(m, c)] - tuned for c in present}
+            out["over_tuned_ta_ci95"][m] = {c: paired((m, c), tuned_key) for c in present}
     per_cal: dict[str, float] = {}
-    for c in CALIBRATIONS[1:] + BN_CALIBRATIONS:
+    for c in cals[1:]:
         vals = [g[c] for g in out["over_uncalibrated"].values() if c in g]
         if vals:
             per_cal[c] = float(np.mean(vals))

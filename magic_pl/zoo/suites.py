@@ -98,7 +98,7 @@ SUITES: dict[str, Suite] = {
         backbone_options={"image_size": 32},
         tasks=list(VISION_TASKS),
         task_table=VISION_TASKS,
-        finetune=FinetuneConfig(steps=150, batch_size=64, lr=5e-4, weight_decay=0.01, bn_samples=2048),
+        finetune=FinetuneConfig(steps=150, batch_size=64, lr=1e-4, weight_decay=0.01, bn_samples=2048),
         caps={"test": 600, "calib": 256, "val": 150, "train": 4000},
         eval_batch_size=256,
         bn_samples=128,

@@ -139,3 +139,27 @@ def test_cli_reports_missing_data_clearly(tmp_path, monkeypatch, capsys):
     vision_data.load_fashion_mnist.cache_clear()
     assert code == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["frozen", "train"])
+def test_finetune_batchnorm_modes(mode):
+    from magic_pl.zoo.experts import finetune_expert
+
+    torch.manual_seed(0)
+    bb = TinyCNNBackbone()
+    base = TinyCNN().eval()
+    prep = bb.prepare(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8))
+    labels = torch.arange(64) % 3
+    head = nn.Linear(bb.feature_dim(), 3)
+    cfg = FinetuneConfig(steps=5, batch_size=16, lr=1e-2, batchnorm=mode, bn_samples=64)
+    enc, new_head, stats = finetune_expert(bb, base, head, prep, labels, cfg, seed=0, device=torch.device("cpu"),
+                                           progress=False)
+    torch.testing.assert_close(new_head.weight, head.weight)  # probe_frozen: the head never moves
+    assert not torch.equal(enc.conv1.weight, base.conv1.weight)
+    same_stats = torch.equal(enc.bn2.running_mean, base.bn2.running_mean)
+    if mode == "frozen":
+        assert same_stats and stats["batchnorm_layers_reestimated"] == 0
+        assert not torch.equal(enc.bn2.weight, base.bn2.weight)  # affine parameters still train
+    else:
+        assert not same_stats and stats["batchnorm_layers_reestimated"] == 3
+    assert not enc.training
