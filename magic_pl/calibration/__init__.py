@@ -2,7 +2,14 @@
 magnitude-sensitive-layer probe. Usable without Lightning."""
 
 from magic_pl.calibration.dsc import dual_space_calibration
-from magic_pl.calibration.fsc import FSC_MODES, CalibrationReport, FeatureSpaceCalibrator
+from magic_pl.calibration.fsc import (
+    FSC_GATES,
+    FSC_GRANULARITIES,
+    FSC_MODES,
+    FSC_STATISTICS,
+    CalibrationReport,
+    FeatureSpaceCalibrator,
+)
 from magic_pl.calibration.modules import CalibratedModule, find_units, fold_kind
 from magic_pl.calibration.sensitivity import (
     accuracy_score,
@@ -12,14 +19,21 @@ from magic_pl.calibration.sensitivity import (
     save_sensitivity,
     sensitivity_scores,
 )
+from magic_pl.calibration.settings import AUTO, PRESETS, CalibrationSetting, resolve_setting
 from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, WSC_VARIANTS, row_scales, weight_space_calibration, wsc_keys
 
 __all__ = [
+    "AUTO",
     "DEFAULT_WSC_EXCLUDE",
+    "FSC_GATES",
+    "FSC_GRANULARITIES",
     "FSC_MODES",
+    "FSC_STATISTICS",
+    "PRESETS",
     "WSC_VARIANTS",
     "CalibratedModule",
+    "CalibrationSetting",
     "CalibrationReport",
     "FeatureSpaceCalibrator",
     "LazyTaskVector",
@@ -30,6 +44,7 @@ __all__ = [
     "fold_kind",
     "load_sensitivity",
     "output_divergence_score",
+    "resolve_setting",
     "row_scales",
     "save_sensitivity",
     "sensitivity_scores",

@@ -55,6 +55,9 @@ def dual_space_calibration(
     exclude: Patterns = DEFAULT_WSC_EXCLUDE,
     eps: float = 1e-8,
     variant: str = "paper",
+    statistic: str = "mean_of_ratios",
+    granularity: str = "module",
+    gate: str = "none",
 ) -> CalibrationReport:
     """WSC, load the calibrated task vector into ``merged``, FSC measured on that model, fold (in place).
 
@@ -66,7 +69,8 @@ def dual_space_calibration(
         batches: unlabelled calibration batches per task (:data:`Batches`; paper default: one sample per task).
         sensitive: magnitude-sensitive tensors/modules, used by both WSC gating and the FSC cap (``None``: none,
             and WSC ungated).
-        norm, mode, modules: FSC options (:class:`FeatureSpaceCalibrator`; defaults 1, ``"parallel"``, automatic).
+        norm, mode, modules, statistic, granularity, gate: FSC options (:class:`FeatureSpaceCalibrator`; the paper's
+            defaults).
         include, exclude, eps, variant: WSC options (:func:`weight_space_calibration`).
 
     Returns:
@@ -87,7 +91,8 @@ def dual_space_calibration(
             new = base_state[key].to(device=target.device, dtype=torch.float32) + calibrated[key].to(target.device, torch.float32)
             target.copy_(new.to(target.dtype))
     del calibrated
-    calibrator = FeatureSpaceCalibrator(base_state, merged, task_vectors, norm=norm, sensitive=sensitive, mode=mode, modules=modules)
+    calibrator = FeatureSpaceCalibrator(base_state, merged, task_vectors, norm=norm, sensitive=sensitive, mode=mode,
+                                        modules=modules, statistic=statistic, granularity=granularity, gate=gate)
     feed(calibrator, batches)
     report = calibrator.fold()
     report.wsc_scales = {k: float(v.mean()) for k, v in scales.items()}

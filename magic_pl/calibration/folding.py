@@ -8,13 +8,15 @@
   parameters the statistics carry it instead (``var = 1 / a_c^2 - eps``, ``mean = -b_c / a_c``) when ``a_c > 0``.
 - Everything else is wrapped in :class:`~magic_pl.calibration.modules.CalibratedModule`.
 
-All folding arithmetic runs in float64 and is cast back to each tensor's dtype.
+A per-channel ``xi`` (a ``[C]`` tensor, issue 7) folds the same way row by row: it broadcasts along each tensor's output
+channel axis (dim 0; the last dim for ``nn.Embedding``, whose output channels are its columns) and elementwise through
+the BatchNorm rewrite. All folding arithmetic runs in float64 and is cast back to each tensor's dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +34,8 @@ def batchnorm_affine(weight: Optional[Tensor], bias: Optional[Tensor], mean: Ten
     return a, b
 
 
-def fold_batchnorm(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], eps: float, xi: float) -> dict[str, Tensor]:
+def fold_batchnorm(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], eps: float,
+                   xi: Union[float, Tensor]) -> dict[str, Tensor]:
     """Calibrated BatchNorm tensors (float64) for eval mode; keys ``weight``/``bias``/``running_mean``/``running_var``.
 
     ``base`` and ``merged`` hold ``running_mean``, ``running_var`` and, when affine, ``weight`` and ``bias``. With
@@ -41,6 +44,8 @@ def fold_batchnorm(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], eps
     """
     a0, b0 = batchnorm_affine(base.get("weight"), base.get("bias"), base["running_mean"], base["running_var"], eps)
     am, bm = batchnorm_affine(merged.get("weight"), merged.get("bias"), merged["running_mean"], merged["running_var"], eps)
+    if isinstance(xi, Tensor):
+        xi = xi.to(device=a0.device, dtype=torch.float64)
     ac = a0 + xi * (am - a0)
     bc = b0 + xi * (bm - b0)
     mean_m, var_m = merged["running_mean"].double(), merged["running_var"].double()
@@ -61,29 +66,47 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor], xi: float, *, force_wrap: bool = False) -> str:
+def _channel_view(xi: Tensor, t: Tensor, module: nn.Module) -> Tensor:
+    """``xi [C]`` shaped to broadcast along ``t``'s output-channel axis."""
+    if t.dim() == 0:
+        raise ValueError("a per-channel coefficient cannot apply to a scalar tensor")
+    axis = t.dim() - 1 if isinstance(module, nn.Embedding) else 0
+    if t.shape[axis] != xi.numel():
+        raise ValueError(f"per-channel coefficient of length {xi.numel()} does not match axis {axis} of a tensor of "
+                         f"shape {tuple(t.shape)}")
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    return xi.to(device=t.device, dtype=torch.float64).reshape(shape)
+
+
+def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor], xi: Union[float, Tensor], *,
+              force_wrap: bool = False) -> str:
     """Apply ``xi`` to one unit of ``model`` in place.
 
     Args:
         model: the merged model (needed to swap a wrapped unit in).
         unit: the calibrated unit.
         base: local tensor name -> base tensor (theta0) for the unit's tensors.
-        xi: the coefficient.
+        xi: the coefficient, or a ``[C]`` tensor of per-output-channel coefficients (foldable modules only).
         force_wrap: wrap even a foldable module (used when a tensor is shared with another unit).
 
     Returns:
         ``"unchanged"`` (xi == 1), ``"folded"`` or ``"wrapped"``.
     """
-    if xi == 1.0:
+    per_channel = isinstance(xi, Tensor)
+    if (bool((xi == 1.0).all()) if per_channel else xi == 1.0):
         return "unchanged"
     module = unit.module
     kind = "runtime" if force_wrap else fold_kind(module)
+    if per_channel and kind not in ("affine", "batchnorm"):
+        raise ValueError(f"module {unit.name!r} cannot take a per-channel coefficient (it is not foldable)")
     current = _tensors(module)
     if kind == "affine":
         for local in unit.tensors:
             t = current[local]
             theta0 = base[local].to(device=t.device, dtype=torch.float64)
-            t.copy_((theta0 + xi * (t.double() - theta0)).to(t.dtype))
+            x = _channel_view(xi, t, module) if per_channel else xi
+            t.copy_((theta0 + x * (t.double() - theta0)).to(t.dtype))
         return "folded"
     if kind == "batchnorm":
         names = ("weight", "bias", "running_mean", "running_var")
@@ -92,6 +115,9 @@ def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor
         try:
             new = fold_batchnorm(b, m, float(module.eps), xi)
         except ValueError:
+            if per_channel:
+                raise ValueError(f"BatchNorm {unit.name!r} without affine parameters cannot absorb this per-channel "
+                                 "calibration in its statistics") from None
             kind = "runtime"
         else:
             for n, v in new.items():

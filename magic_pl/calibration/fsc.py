@@ -10,6 +10,15 @@ DESIGN.md 2.1 (Li et al., MAGIC, arXiv 2512.19320): run ``n`` unlabelled samples
 A non-finite ratio counts as 1; the norm is over the feature dimension (last dim, or dim 1 for Conv/BatchNorm/
 GroupNorm outputs). The calibrated module computes ``f_l(z; theta0) + xi_l (f_l(z; theta_m) - f_l(z; theta0))``.
 
+Beyond the paper (issue 7; the paper's behaviour is the default of every option):
+
+- ``statistic="ratio_of_means"``: ``r_{k,l} = sum ||dh(z; tau_k)|| / sum ||dh(z; tau_m)||`` over samples and positions
+  instead of the mean of per-position ratios, which positions where the merged change is tiny can dominate.
+- ``granularity="channel"``: one xi per output channel (the norm over the feature dimension becomes the absolute value
+  of each channel, so ``norm`` does not matter); foldable modules take it per row, runtime-wrapped ones keep one xi.
+- ``gate="paper"``: WSC's gating rule (DESIGN.md 2.2) applied to xi: non-sensitive modules only scale up
+  (``xi = max(xi, 1)``), sensitive ones only down (``min(xi, 1)``, the paper's FSC cap).
+
 Implementation: forward hooks on the merged model's units capture ``z`` and ``f_l(z; theta_m)``; the base and expert
 outputs come from ``torch.func.functional_call`` on the same module with swapped tensors (``theta0``,
 ``theta0 + tau_k``), one module at a time, so no expert model is ever built (memory: merged model + base tensors +
@@ -30,13 +39,20 @@ from torch.func import functional_call
 
 from magic_pl.calibration._names import module_is_sensitive
 from magic_pl.calibration.folding import fold_unit
-from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, primary_tensor
+from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, fold_kind, primary_tensor
 
 __all__ = ["FSC_MODES", "CalibrationReport", "FeatureSpaceCalibrator", "StateSource"]
 
 #: ``"parallel"``: the paper's measurement, every module on the uncalibrated merged model in one pass (default).
 #: ``"sequential"``: each module measured with the modules executed before it already calibrated (an extension).
 FSC_MODES: tuple[str, ...] = ("parallel", "sequential")
+#: How per-position ratios become ``r_{k,l}``: the paper's mean of ratios, or the ratio of the summed norms.
+FSC_STATISTICS: tuple[str, ...] = ("mean_of_ratios", "ratio_of_means")
+#: One xi per module (paper) or per output channel.
+FSC_GRANULARITIES: tuple[str, ...] = ("module", "channel")
+#: ``"none"``: xi as measured (sensitive modules capped at 1, the paper's FSC); ``"paper"``: WSC's rule, non-sensitive
+#: modules only scale up and sensitive ones only down.
+FSC_GATES: tuple[str, ...] = ("none", "paper")
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
 
@@ -46,7 +62,9 @@ class CalibrationReport:
     """What :meth:`FeatureSpaceCalibrator.fold` did.
 
     Attributes:
-        coefficients: module name -> xi (sensitive cap applied).
+        coefficients: module name -> xi (sensitive cap applied; with per-channel coefficients, their mean).
+        channel_coefficients: module name -> per-channel xi (``granularity="channel"`` only; runtime-wrapped modules
+            are absent: they keep one xi).
         folded: modules whose weights now hold ``theta0 + xi * tau_m`` (or the BatchNorm rewrite).
         wrapped: modules replaced by a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`.
         unchanged: modules with xi == 1 exactly (left as merged).
@@ -54,7 +72,8 @@ class CalibrationReport:
             ``cls_token``/``pos_embed`` owned by the root next to parameterised children); they keep merged values.
         sensitive: calibrated modules treated as magnitude-sensitive (xi capped at 1).
         task_ratios: module name -> per-task ``r_{k,l}`` (``None`` where task k sent no sample through it).
-        mode, norm, rounds: the FSC settings, and the measurement rounds used (1 for parallel).
+        mode, norm, rounds, statistic, granularity, gate: the FSC settings, and the measurement rounds used (1 for
+            parallel).
         wsc_scales: for DSC, tensor key -> mean WSC row scale applied before FSC (empty for FSC alone).
     """
 
@@ -69,12 +88,21 @@ class CalibrationReport:
     norm: float = 1.0
     rounds: int = 1
     wsc_scales: dict[str, float] = field(default_factory=dict)
+    statistic: str = "mean_of_ratios"
+    granularity: str = "module"
+    gate: str = "none"
+    channel_coefficients: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (``norm = inf`` is written as the string ``"inf"``)."""
+        """JSON-serialisable dict (``norm = inf`` is written as the string ``"inf"``; per-channel coefficients are
+        summarised as min/mean/max per module)."""
         out = asdict(self)
         if math.isinf(self.norm):
             out["norm"] = "inf"
+        out["channel_coefficients"] = {
+            name: {"min": min(v), "mean": sum(v) / len(v), "max": max(v), "channels": len(v)}
+            for name, v in self.channel_coefficients.items()
+        }
         return out
 
 
@@ -128,11 +156,18 @@ class FeatureSpaceCalibrator:
             :func:`~magic_pl.calibration.modules.find_units`).
         tol: sequential mode's stopping tolerance on max |delta xi| (default 1e-4; 0 runs until exact).
         max_rounds: sequential mode's round limit (default ``None``: the number of modules, i.e. exact).
+        statistic: ``"mean_of_ratios"`` (paper, default) or ``"ratio_of_means"`` (see the module docstring).
+        granularity: ``"module"`` (paper, default) or ``"channel"`` (one xi per output channel of every foldable
+            module: Linear/Conv rows, norm and BatchNorm channels, Embedding columns).
+        gate: ``"none"`` (paper's FSC, default) or ``"paper"`` (WSC's gating rule applied to xi).
 
     Attributes:
         module_names: the calibrated modules, in registration order.
-        ratio_sum: float32 ``[K, M]``: sum over samples and positions of the ratio (summable across processes).
-        ratio_count: float32 ``[K, M]``: number of ratio terms.
+        slots: module name -> ``(start, stop)``: its columns of the statistics (one per module, or one per channel).
+        ratio_sum: float32 ``[K, N]`` (N slots: M modules, or all channels): the numerator, summed over samples and
+            positions: the ratios (mean of ratios) or the task-change norms (ratio of means). Summable across
+            processes.
+        ratio_count: float32 ``[K, N]``: the denominator: the number of ratio terms, or the merged-change norms.
     """
 
     def __init__(
@@ -147,9 +182,15 @@ class FeatureSpaceCalibrator:
         *,
         tol: float = 1e-4,
         max_rounds: Optional[int] = None,
+        statistic: str = "mean_of_ratios",
+        granularity: str = "module",
+        gate: str = "none",
     ):
-        if mode not in FSC_MODES:
-            raise ValueError(f"unknown FSC mode {mode!r}; choose one of {FSC_MODES}")
+        for what, value, choices in (("mode", mode, FSC_MODES), ("statistic", statistic, FSC_STATISTICS),
+                                     ("granularity", granularity, FSC_GRANULARITIES), ("gate", gate, FSC_GATES)):
+            if value not in choices:
+                raise ValueError(f"unknown FSC {what} {value!r}; choose one of {choices}")
+        self.statistic, self.granularity, self.gate = statistic, granularity, gate
         self.task_vectors = list(task_vectors)
         if not self.task_vectors:
             raise ValueError("FeatureSpaceCalibrator needs at least one task vector (K >= 1), got none")
@@ -172,19 +213,27 @@ class FeatureSpaceCalibrator:
         self.module_names = [u.name for u in self.units]
         sens = set(sensitive) if sensitive else set()
         self.sensitive_modules = [u.name for u in self.units if module_is_sensitive(u.name, u.keys, sens)]
-        self._sensitive_mask = torch.tensor([n in set(self.sensitive_modules) for n in self.module_names])
-        K, M = len(self.task_vectors), len(self.units)
+        sizes = [self._channels(u) if granularity == "channel" else 1 for u in self.units]
+        bounds = [0]
+        for n in sizes:
+            bounds.append(bounds[-1] + n)
+        self.slots = {u.name: (bounds[i], bounds[i + 1]) for i, u in enumerate(self.units)}
+        self._bounds = bounds
+        sens_names = set(self.sensitive_modules)
+        self._sensitive_mask = torch.tensor([u.name in sens_names for u, n in zip(self.units, sizes) for _ in range(n)],
+                                            dtype=torch.bool)
+        K, N = len(self.task_vectors), bounds[-1]
         device = _model_device(merged)
         with torch.inference_mode(False):  # normal tensors even if constructed inside inference mode
-            self.ratio_sum = torch.zeros(K, M, dtype=torch.float32, device=device)
-            self.ratio_count = torch.zeros(K, M, dtype=torch.float32, device=device)
+            self.ratio_sum = torch.zeros(K, N, dtype=torch.float32, device=device)
+            self.ratio_count = torch.zeros(K, N, dtype=torch.float32, device=device)
         self.rounds = 0
         self._cache: list[tuple[int, tuple, dict]] = []
         self._apply: Optional[list[float]] = None
         self._task: Optional[int] = None
         self._busy = False
         self._scratch: Optional[Tensor] = None
-        self._scratch_count: list[int] = []
+        self._scratch_count: Optional[Tensor] = None
         self._finalized = False
         self._folded = False
         self._warned_train = False
@@ -193,6 +242,19 @@ class FeatureSpaceCalibrator:
     @property
     def num_tasks(self) -> int:
         return len(self.task_vectors)
+
+    @staticmethod
+    def _channels(unit: CalibrationUnit) -> int:
+        """Output channels of a foldable unit (its per-channel xi length); 1 for runtime units (one xi)."""
+        module = unit.module
+        if fold_kind(module) not in ("affine", "batchnorm"):
+            return 1
+        tensors = dict(module.named_parameters())
+        tensors.update(dict(module.named_buffers()))
+        first = tensors[next(iter(unit.tensors))]
+        if first.dim() == 0:
+            return 1
+        return int(first.shape[-1] if isinstance(module, nn.Embedding) else first.shape[0])
 
     def _validate_keys(self) -> None:
         for u in self.units:
@@ -245,8 +307,9 @@ class FeatureSpaceCalibrator:
             )
             self._warned_train = True
         handles = [u.module.register_forward_hook(self._hook(i), with_kwargs=True) for i, u in enumerate(self.units)]
-        self._scratch = torch.zeros(len(self.units), dtype=torch.float32, device=_model_device(self.merged))
-        self._scratch_count = [0] * len(self.units)
+        n_slots = self._bounds[-1]
+        self._scratch = torch.zeros(n_slots, dtype=torch.float32, device=_model_device(self.merged))
+        self._scratch_count = torch.zeros(n_slots, dtype=torch.float32, device=self._scratch.device)
         self._task = k
         try:
             with torch.no_grad():
@@ -257,8 +320,8 @@ class FeatureSpaceCalibrator:
                 h.remove()
         dev = self.ratio_sum.device
         self.ratio_sum[k].add_(self._scratch.to(dev))
-        self.ratio_count[k].add_(torch.tensor(self._scratch_count, dtype=torch.float32, device=dev))
-        self._scratch = None
+        self.ratio_count[k].add_(self._scratch_count.to(dev))
+        self._scratch = self._scratch_count = None
 
     def _hook(self, idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -338,12 +401,30 @@ class FeatureSpaceCalibrator:
         if fm.dim() == 0:
             dk, dm = dk.reshape(1), dm.reshape(1)
         dim = unit.feature_dim if fm.dim() > 1 else -1
-        ratio = torch.linalg.vector_norm(dk, ord=self.norm, dim=dim) / torch.linalg.vector_norm(dm, ord=self.norm, dim=dim)
+        start, stop = self._bounds[idx], self._bounds[idx + 1]
+        if stop - start > 1:  # per channel: |dh| of each channel over all other dimensions
+            c = stop - start
+            if dk.shape[dim] != c:
+                raise ValueError(f"module {unit.name!r}: output has {dk.shape[dim]} channels on dim {dim}, its "
+                                 f"parameters {c}; per-channel FSC needs them equal")
+            nk, nm = dk.movedim(dim, -1).reshape(-1, c).abs(), dm.movedim(dim, -1).reshape(-1, c).abs()
+        else:
+            nk = torch.linalg.vector_norm(dk, ord=self.norm, dim=dim).reshape(-1, 1)
+            nm = torch.linalg.vector_norm(dm, ord=self.norm, dim=dim).reshape(-1, 1)
         del dk
-        ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
-        self._scratch[idx] += ratio.sum().to(self._scratch.device)
-        self._scratch_count[idx] += ratio.numel()
-        if xi == 1.0:
+        if self.statistic == "ratio_of_means":
+            num, den = nk.sum(0), nm.sum(0)
+        else:
+            ratio = nk / nm
+            num = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio)).sum(0)
+            den = torch.full_like(num, float(ratio.shape[0]))
+        self._scratch[start:stop] += num.to(self._scratch.device)
+        self._scratch_count[start:stop] += den.to(self._scratch.device)
+        if isinstance(xi, Tensor):
+            shape = [1] * fm.dim()
+            shape[dim] = -1
+            xi = xi.to(fm.device).reshape(shape)
+        elif xi == 1.0:
             return None
         if f0_out is None:  # f0 + xi (fm - f0) = fm + (xi - 1) dh(z; tau_m)
             return (fm.float() + (xi - 1.0) * dm.reshape(fm.shape)).to(fm.dtype)
@@ -374,12 +455,12 @@ class FeatureSpaceCalibrator:
             self.rounds = 1
         else:
             max_rounds = self.max_rounds if self.max_rounds is not None else len(self.units)
-            prev = torch.ones(len(self.units))
+            prev = torch.ones(self._bounds[-1])
             self.rounds = 0
             for _ in range(max(1, max_rounds)):
                 self.ratio_sum.zero_()
                 self.ratio_count.zero_()
-                self._apply = prev.tolist()
+                self._apply = self._per_unit(prev)
                 try:
                     for k, args, kwargs in self._cache:
                         self._run(k, args, kwargs)
@@ -423,23 +504,47 @@ class FeatureSpaceCalibrator:
 
     # ---------------------------------------------------------------------------------------------------------------
     def task_ratios(self) -> Tensor:
-        """``[K, M]`` float32 ``r_{k,l}`` (NaN where task k sent no sample through module l)."""
+        """``[K, N]`` float32 ``r_{k,l}`` per slot (module or channel): NaN where task k sent no sample through it.
+        With ``statistic="ratio_of_means"`` a zero merged change under a non-zero task change counts as 1."""
         s, c = self.ratio_sum.detach().float().cpu(), self.ratio_count.detach().float().cpu()
-        return torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, float("nan")))
+        nan = torch.full_like(s, float("nan"))
+        r = torch.where(c > 0, s / torch.where(c > 0, c, torch.ones_like(c)), nan)
+        if self.statistic == "ratio_of_means":
+            r = torch.where((c == 0) & (s > 0), torch.ones_like(s), r)
+        return r
 
     def _xi(self) -> Tensor:
         r = self.task_ratios()
         seen = ~torch.isnan(r)
         n = seen.sum(0)
         xi = torch.where(n > 0, torch.where(seen, r, torch.zeros_like(r)).sum(0) / n.clamp_min(1), torch.ones(r.shape[1]))
-        return torch.where(self._sensitive_mask, xi.clamp(max=1.0), xi)
+        xi = torch.where(self._sensitive_mask, xi.clamp(max=1.0), xi)
+        if self.gate == "paper":
+            xi = torch.where(self._sensitive_mask, xi, xi.clamp(min=1.0))
+        return xi
+
+    def _per_unit(self, xi: Tensor) -> list[Union[float, Tensor]]:
+        """Slot coefficients -> one float per module-level unit, a ``[C]`` tensor per per-channel unit."""
+        out: list[Union[float, Tensor]] = []
+        for i in range(len(self.units)):
+            start, stop = self._bounds[i], self._bounds[i + 1]
+            out.append(float(xi[start]) if stop - start == 1 else xi[start:stop].clone())
+        return out
 
     def coefficients(self) -> dict[str, float]:
-        """Module name -> xi_l (mean over tasks that reached the module; 1 where none did; sensitive capped at 1).
+        """Module name -> xi_l (mean over tasks that reached the module; 1 where none did; sensitive capped at 1;
+        the mean of the module's channels with ``granularity="channel"``, see :meth:`channel_coefficients`).
         In sequential mode the first call runs :meth:`finalize` (single process)."""
         if self.mode == "sequential" and not self._finalized and not self._folded:
             self.finalize()
-        return dict(zip(self.module_names, self._xi().tolist()))
+        return {name: float(x) if isinstance(x, float) else float(x.mean())
+                for name, x in zip(self.module_names, self._per_unit(self._xi()))}
+
+    def channel_coefficients(self) -> dict[str, Tensor]:
+        """Module name -> ``[C]`` float32 per-channel xi (``granularity="channel"``; modules with one xi are absent)."""
+        if self.mode == "sequential" and not self._finalized and not self._folded:
+            self.finalize()
+        return {name: x for name, x in zip(self.module_names, self._per_unit(self._xi())) if isinstance(x, Tensor)}
 
     # ---------------------------------------------------------------------------------------------------------------
     def fold(self) -> CalibrationReport:
@@ -451,6 +556,7 @@ class FeatureSpaceCalibrator:
         """
         self._check_open()
         coeffs = self.coefficients()
+        per_unit = self._per_unit(self._xi())
         owners: dict[int, set[int]] = {}
         for i, u in enumerate(self.units):
             tensors = dict(u.module.named_parameters())
@@ -460,16 +566,27 @@ class FeatureSpaceCalibrator:
         shared = {i for s in owners.values() if len(s) > 1 for i in s}
         report = CalibrationReport(
             coefficients=coeffs, mode=self.mode, norm=self.norm, rounds=max(self.rounds, 1),
-            sensitive=list(self.sensitive_modules),
+            sensitive=list(self.sensitive_modules), statistic=self.statistic, granularity=self.granularity,
+            gate=self.gate,
         )
         ratios = self.task_ratios()
         for j, name in enumerate(self.module_names):
-            report.task_ratios[name] = [None if math.isnan(v) else v for v in ratios[:, j].tolist()]
+            start, stop = self._bounds[j], self._bounds[j + 1]
+            col = ratios[:, start:stop]
+            seen = ~torch.isnan(col)
+            # per-channel: the mean over the channels the task reached
+            means = torch.where(seen, col, torch.zeros_like(col)).sum(1) / seen.sum(1).clamp_min(1)
+            report.task_ratios[name] = [None if not bool(seen[k].any()) else float(v) for k, v in enumerate(means)]
         with torch.inference_mode(False), torch.no_grad():
             for i, u in enumerate(self.units):
                 base_local = {local: self.base_state[key] for local, key in u.tensors.items()}
-                status = fold_unit(self.merged, u, base_local, coeffs[u.name], force_wrap=i in shared)
+                xi = per_unit[i]
+                if isinstance(xi, Tensor) and i in shared:
+                    xi = float(xi.mean())  # a runtime wrapper keeps one coefficient
+                status = fold_unit(self.merged, u, base_local, xi, force_wrap=i in shared)
                 getattr(report, status).append(u.name)
+                if isinstance(xi, Tensor):
+                    report.channel_coefficients[u.name] = xi.tolist()
             covered = {key for u in self.units for key in u.keys}
             for key, t in self.merged.state_dict().items():
                 if key in covered or not t.dtype.is_floating_point or key not in self.base_state:

@@ -397,6 +397,8 @@ class FeatureSpaceCalibration(_SourcesMixin, Callback):
         mode: ``"parallel"`` (paper, default) or ``"sequential"``.
         sensitive: magnitude-sensitive modules (names) or a ranking JSON path: xi capped at 1 (default none).
         modules: explicit module names to calibrate (default: automatic).
+        statistic, granularity, gate: FSC variants beyond the paper (:class:`FeatureSpaceCalibrator`; defaults are
+            the paper's).
         per_sample: feed samples one at a time (default ``True``; makes results independent of the process count).
         task_key: batch key of the task index (default ``"task"``).
         task_fn: ``(batch, dataloader_idx) -> int or LongTensor[B]`` overriding the rules above.
@@ -407,6 +409,8 @@ class FeatureSpaceCalibration(_SourcesMixin, Callback):
                  experts: Optional[Sequence[Source]] = None, norm: Union[int, float, str] = 1,
                  mode: Literal["parallel", "sequential"] = "parallel",
                  sensitive: Optional[Union[str, Sequence[str]]] = None, modules: Optional[Sequence[str]] = None,
+                 statistic: Literal["mean_of_ratios", "ratio_of_means"] = "mean_of_ratios",
+                 granularity: Literal["module", "channel"] = "module", gate: Literal["none", "paper"] = "none",
                  per_sample: bool = True, task_key: str = TASK_KEY,
                  task_fn: Optional[Callable[[Any, int], Any]] = None, key_prefix: Optional[str] = None,
                  trust_pickle: bool = False) -> None:
@@ -419,6 +423,7 @@ class FeatureSpaceCalibration(_SourcesMixin, Callback):
         self.mode = mode
         self.sensitive = resolve_sensitive(sensitive)
         self.modules = list(modules) if modules is not None else None
+        self.variant = {"statistic": statistic, "granularity": granularity, "gate": gate}
         self.per_sample = per_sample
         self.task_key = task_key
         self.task_fn = task_fn
@@ -452,7 +457,7 @@ class FeatureSpaceCalibration(_SourcesMixin, Callback):
         modules = self.modules if self.modules is not None else _fsc_units(body, sources)
         calibrator = FeatureSpaceCalibrator(
             sources.base_state, body, sources.task_vectors(device=device), norm=self.norm,
-            sensitive=self.sensitive, mode=self.mode, modules=modules,
+            sensitive=self.sensitive, mode=self.mode, modules=modules, **self.variant,
         )
         self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample)
         self._handle = body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)

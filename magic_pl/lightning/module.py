@@ -137,6 +137,9 @@ class MagicModule(LightningModule):
         fsc_norm: FSC feature norm p: 1 (paper default), 2 or ``"inf"``.
         fsc_mode: ``"parallel"`` (paper, default) or ``"sequential"``.
         fsc_modules: explicit module names to calibrate (default: automatic).
+        fsc_statistic, fsc_granularity, fsc_gate: FSC variants beyond the paper (defaults are the paper's:
+            ``"mean_of_ratios"``, ``"module"``, ``"none"``); the recommended ``auto`` setting is
+            ``calibration="fsc", fsc_statistic="ratio_of_means", fsc_gate="paper"`` (see ``magic_pl.calibration.AUTO``).
         fsc_per_sample: run FSC one sample at a time (default ``True``): statistics independent of batching and of
             the number of processes.
         check_finite: scan experts for NaN/Inf during validation (reads every tensor once more; default ``False``).
@@ -162,6 +165,9 @@ class MagicModule(LightningModule):
         fsc_norm: Union[int, float, str] = 1,
         fsc_mode: Literal["parallel", "sequential"] = "parallel",
         fsc_modules: Optional[Sequence[str]] = None,
+        fsc_statistic: Literal["mean_of_ratios", "ratio_of_means"] = "mean_of_ratios",
+        fsc_granularity: Literal["module", "channel"] = "module",
+        fsc_gate: Literal["none", "paper"] = "none",
         fsc_per_sample: bool = True,
         check_finite: bool = False,
         trust_pickle: bool = False,
@@ -193,6 +199,7 @@ class MagicModule(LightningModule):
         self.fsc_mode = fsc_mode
         self.fsc_modules = list(fsc_modules) if fsc_modules is not None else None
         self.fsc_per_sample = fsc_per_sample
+        self.fsc_variant = {"statistic": fsc_statistic, "granularity": fsc_granularity, "gate": fsc_gate}
         self.check_finite = check_finite
         self.trust_pickle = trust_pickle
 
@@ -355,7 +362,7 @@ class MagicModule(LightningModule):
         modules = self.fsc_modules if self.fsc_modules is not None else setup.fsc_modules(self.model)
         calibrator = FeatureSpaceCalibrator(
             setup.base_state(), self.model, setup.task_vectors(), norm=self.fsc_norm, sensitive=self.sensitive,
-            mode=self.fsc_mode, modules=modules,
+            mode=self.fsc_mode, modules=modules, **self.fsc_variant,
         )
         self._collector = FeatureStatisticsCollector(calibrator, per_sample=self.fsc_per_sample)
 

@@ -68,6 +68,24 @@ class Evaluator:
         """task -> accuracy."""
         return {n: float(c.mean()) for n, c in self.correct(encoder, tasks).items()}
 
+    @torch.inference_mode()
+    def log_likelihood(self, encoder: nn.Module, limit: int | None = None) -> float:
+        """Mean over tasks of the mean log-probability of the true label (first ``limit`` examples per task): a
+        smooth labelled score, e.g. for the labelled magnitude-sensitivity probe (accuracy on a few examples moves
+        in steps and ties most tensors)."""
+        encoder.eval()
+        scores = []
+        for name in self.names:
+            y = self.labels[name]
+            n = len(y) if limit is None else min(limit, len(y))
+            total = 0.0
+            # prepared inputs are token lists or image tensors: both slice
+            for idx, kw in self.backbone.eval_batches(self.prepared[name][:n], self.batch_size, self.device):
+                logp = torch.log_softmax(self.heads[name](encoder(**kw).float()), -1).cpu()
+                total += float(logp.gather(1, y[torch.as_tensor(idx, dtype=torch.long)].view(-1, 1)).sum())
+            scores.append(total / n)
+        return float(np.mean(scores))
+
 
 def bootstrap_ci(per_task: Mapping[str, np.ndarray], *, samples: int = 1000, seed: int = 0,
                  weights: Mapping[str, float] | None = None) -> tuple[float, float]:

@@ -4,8 +4,11 @@ Protocol (the paper's, adapted to backbones without CLIP text heads):
 
 1. Each task gets a linear head fitted on the *frozen base* features of its training split (L2-regularised logistic
    regression, L-BFGS): the analogue of CLIP's zero-shot head, so "base + heads" is a meaningful zero point.
-2. The expert fine-tunes the whole encoder with that head frozen (``head="probe_frozen"``, default; ``"probe_tuned"``
-   trains the head too), AdamW with linear warm-up and decay, gradient clipping, seeded batches.
+2. The expert fine-tunes the whole encoder with that head frozen (``head="probe_frozen"``; ``"probe_tuned"`` trains the
+   head too, LP-FT style), AdamW with linear warm-up and decay, gradient clipping, seeded batches. With
+   ``head="scratch"`` (step 1 skipped) the head starts from a seeded random initialisation and trains with the encoder:
+   standard full fine-tuning, the protocol of DESIGN.md section 7 and of NLP merging papers; "base + heads" then
+   pairs the base encoder with heads it was never trained with, so it is a floor rather than a zero-shot point.
 3. BatchNorm (``batchnorm="frozen"``, default): running statistics stay the base's during fine-tuning (eval-mode
    BatchNorm; weight and bias still train), so the frozen head sees consistent features from the first step. With
    ``batchnorm="train"`` the statistics come from the batches and are re-estimated on the training images after
@@ -63,6 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
+HEAD_MODES = ("probe_frozen", "probe_tuned", "scratch")
 
 
 def default_cache_dir() -> Path:
@@ -97,7 +101,8 @@ class FinetuneConfig:
         warmup: warm-up fraction (0.1).
         grad_clip: global gradient-norm clip (1.0).
         head: ``"probe_frozen"`` (linear probe on base features, frozen while fine-tuning; the analogue of the
-            paper's frozen zero-shot heads) or ``"probe_tuned"`` (the head keeps training).
+            paper's frozen zero-shot heads), ``"probe_tuned"`` (the head keeps training) or ``"scratch"`` (seeded random
+            head trained with the encoder).
         probe_l2: L2 strength of the linear probe (1e-3, on the mean loss).
         batchnorm: BatchNorm during fine-tuning: ``"frozen"`` (default: eval mode, running statistics kept, affine
             parameters trained; the frozen probe head keeps seeing the features it was fitted on) or ``"train"``
@@ -128,8 +133,8 @@ class FinetuneConfig:
         return out
 
     def __post_init__(self) -> None:
-        if self.head not in ("probe_frozen", "probe_tuned"):
-            raise ValueError(f"head must be 'probe_frozen' or 'probe_tuned', got {self.head!r}")
+        if self.head not in HEAD_MODES:
+            raise ValueError(f"head must be one of {HEAD_MODES}, got {self.head!r}")
         if self.batchnorm not in ("frozen", "train"):
             raise ValueError(f"batchnorm must be 'frozen' or 'train', got {self.batchnorm!r}")
         if self.steps < 0 or self.batch_size < 1:
@@ -240,7 +245,7 @@ def finetune_expert(
     progress: bool = True,
     desc: str = "fine-tune",
 ) -> tuple[nn.Module, nn.Linear, dict[str, Any]]:
-    """Fine-tune a copy of ``base`` (and of ``head`` if ``cfg.head == "probe_tuned"``) on one task.
+    """Fine-tune a copy of ``base`` (and of ``head`` unless ``cfg.head == "probe_frozen"``) on one task.
 
     Returns ``(encoder, head, stats)``; the encoder is in eval mode with re-estimated BatchNorm statistics.
     """
@@ -253,7 +258,7 @@ def finetune_expert(
         for m in bn_layers:
             m.eval()  # running statistics used and kept; weight and bias still train
     head = copy.deepcopy(head).to(device)
-    train_head = cfg.head == "probe_tuned"
+    train_head = cfg.head != "probe_frozen"
     head.requires_grad_(train_head)
     params = [p for p in encoder.parameters() if p.requires_grad] + (list(head.parameters()) if train_head else [])
     decay = [p for p in params if p.ndim >= 2]
@@ -450,9 +455,13 @@ def build_experts(
         seed = _task_seed(cfg.seed, task.name)
         labels = task.labels[torch.as_tensor(task.splits["train"], dtype=torch.long)]
         t0 = time.perf_counter()
-        feats = encode(backbone, base_encoder, prepared_train[task.name], device)
-        head = fit_probe_head(feats, labels, task.num_classes, l2=cfg.probe_l2)
-        probe_acc = _accuracy(head, feats, labels)
+        if cfg.head == "scratch":
+            torch.manual_seed(seed)
+            head, probe_acc = nn.Linear(backbone.feature_dim(), task.num_classes), None
+        else:
+            feats = encode(backbone, base_encoder, prepared_train[task.name], device)
+            head = fit_probe_head(feats, labels, task.num_classes, l2=cfg.probe_l2)
+            probe_acc = _accuracy(head, feats, labels)
         probe_seconds = time.perf_counter() - t0
         encoder, head, stats = finetune_expert(backbone, base_encoder, head, prepared_train[task.name], labels, cfg,
                                                seed=seed, device=device, progress=progress,

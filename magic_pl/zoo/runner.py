@@ -6,6 +6,8 @@ Rows of the result (all evaluated on every task's test split, each task through 
 - ``expert``: expert k on task k (the ceiling; normalised accuracies divide by it).
 - ``<method> x {none, wsc, fsc, dsc}``: merged encoder ``theta0 + tau_m``; WSC is data-free (one row); FSC and DSC
   use ``n_calib`` unlabelled samples per task and are repeated over ``draws`` draws of those samples (mean and std).
+  Any other calibration setting (a preset of :data:`magic_pl.calibration.PRESETS` such as ``auto`` or ``fsc_rom``, or
+  a ``"space:key=value,..."`` string) adds its own column.
 - BatchNorm suites add ``bn`` (re-estimate the merged model's BatchNorm statistics on ``bn_samples`` unlabelled images
   per task: a data-based calibration of its own) and ``bn+fsc`` (then FSC).
 - ``task_arithmetic_tuned``: Task Arithmetic with its coefficient chosen on the labelled validation split (the
@@ -52,8 +54,12 @@ CALIBRATIONS = ("none", "wsc", "fsc", "dsc")
 #: Extra rows of BatchNorm suites.
 BN_CALIBRATIONS = ("bn", "bn+fsc")
 #: ``sensitive`` choices: ``none`` (no sensitive set: WSC ungated, FSC uncapped), ``empty`` (the paper's WSC gating
-#: with an empty sensitive set: rows only grow), ``detect`` (label-free probe of DESIGN.md 2.4 on the weight average).
+#: with an empty sensitive set: rows only grow), ``detect`` (the probe of DESIGN.md 2.4 on the weight average).
 SENSITIVE_CHOICES = ("none", "empty", "detect")
+#: How ``detect`` scores a perturbed model: ``label_free`` (L2 change of the encoder features on 8 unlabelled
+#: calibration samples per task) or ``labelled`` (mean log-likelihood of the true labels on 64 validation examples
+#: per task through the task heads: the paper's labelled probe, made smooth).
+SENSITIVE_PROBES = ("label_free", "labelled")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -146,6 +152,7 @@ def run_benchmark(
     wsc_variant: str = "paper",
     sensitive: str = "none",
     sensitive_alpha: int = 10,
+    sensitive_probe: str = "label_free",
     bn_stats: str = "average",
     bn_reestimate: bool = True,
     bn_samples: Optional[int] = None,
@@ -174,7 +181,8 @@ def run_benchmark(
         results_dir: where reports go (default ``results/<suite>``).
         tasks: subset of the suite's tasks (default: all).
         methods: merge methods (default :data:`DEFAULT_METHODS`).
-        calibrations: subset of :data:`CALIBRATIONS` (default all four).
+        calibrations: columns: :data:`CALIBRATIONS` (default all four, the paper's), presets of
+            :data:`magic_pl.calibration.PRESETS` (e.g. ``"auto"``) or ``"space:key=value,..."`` strings.
         n_calib: unlabelled calibration samples per task for FSC/DSC (paper default 1).
         draws: independent draws of those samples (FSC/DSC rows report mean and std; default 3).
         calibration_from_test: draw calibration samples from the test split, as the paper does (default ``False``:
@@ -184,14 +192,16 @@ def run_benchmark(
         wsc_variant: ``"paper"`` or ``"norm_match"`` (DESIGN.md 7).
         sensitive: one of :data:`SENSITIVE_CHOICES` (default ``"none"``).
         sensitive_alpha: tensors in a detected sensitive set (paper 10).
+        sensitive_probe: :data:`SENSITIVE_PROBES` (default ``"label_free"``).
         bn_stats: merged BatchNorm statistics: ``"average"`` of the experts' (default) or ``"base"``.
         bn_reestimate: BatchNorm suites: add the ``bn`` and ``bn+fsc`` rows and tuned TA + BN.
         bn_samples: unlabelled images per task for BN re-estimation (suite default).
         tune_ta: add Task Arithmetic with its coefficient tuned on the labelled validation split.
         ta_grid: coefficients tried (default 0.1, 0.2, ..., 1.0).
         train_steps, train_lr, train_batch_size: override the suite's expert fine-tuning (new cache entry).
-        train_head: ``"probe_frozen"`` (linear probe on the base, frozen while fine-tuning: the analogue of the
-            paper's frozen zero-shot heads) or ``"probe_tuned"`` (the head keeps training with the encoder).
+        train_head: ``"scratch"`` (random head trained with the encoder: full fine-tuning), ``"probe_frozen"``
+            (linear probe on the base, frozen while fine-tuning: the analogue of the paper's frozen zero-shot heads)
+            or ``"probe_tuned"`` (probe, then trained with the encoder); suite default.
         train_batchnorm: BatchNorm while fine-tuning experts: ``"frozen"`` (running statistics) or ``"train"``
             (batch statistics, re-estimated afterwards); see :class:`~magic_pl.zoo.experts.FinetuneConfig`.
         max_test: cap on test examples per task (suite default: 600 for text/vision).
@@ -217,7 +227,7 @@ def run_benchmark(
             spec, cache_dir=cache_dir, results_dir=results_dir, tasks=tasks, methods=methods,
             calibrations=calibrations, n_calib=n_calib, draws=draws, calibration_from_test=calibration_from_test,
             fsc_norm=fsc_norm, fsc_mode=fsc_mode, wsc_variant=wsc_variant, sensitive=sensitive,
-            sensitive_alpha=sensitive_alpha, bn_stats=bn_stats, bn_reestimate=bn_reestimate, bn_samples=bn_samples,
+            sensitive_alpha=sensitive_alpha, sensitive_probe=sensitive_probe, bn_stats=bn_stats, bn_reestimate=bn_reestimate, bn_samples=bn_samples,
             tune_ta=tune_ta, ta_grid=ta_grid, train_steps=train_steps, train_lr=train_lr,
             train_batch_size=train_batch_size, train_head=train_head,
             train_batchnorm=train_batchnorm, max_test=max_test, seed=seed, device=device,
@@ -228,16 +238,15 @@ def run_benchmark(
 
 
 def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib, draws, calibration_from_test,
-         fsc_norm, fsc_mode, wsc_variant, sensitive, sensitive_alpha, bn_stats, bn_reestimate, bn_samples, tune_ta,
+         fsc_norm, fsc_mode, wsc_variant, sensitive, sensitive_alpha, sensitive_probe, bn_stats, bn_reestimate, bn_samples, tune_ta,
          ta_grid, train_steps, train_lr, train_batch_size, train_head, train_batchnorm, max_test, seed, device,
          rebuild, bootstrap, progress, write) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from magic_pl.calibration import (
-        FeatureSpaceCalibrator,
         detect_sensitive_layers,
-        dual_space_calibration,
         output_divergence_score,
+        resolve_setting,
         weight_space_calibration,
     )
     from magic_pl.merging import MERGE_METHODS, merge
@@ -251,11 +260,15 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
     unknown = [m for m in methods if m not in MERGE_METHODS]
     if unknown:
         raise ValueError(f"unknown merge method(s) {unknown}; available: {sorted(MERGE_METHODS)}")
-    bad = [c for c in calibrations if c not in CALIBRATIONS]
-    if bad:
-        raise ValueError(f"unknown calibration(s) {bad}; choose from {CALIBRATIONS}")
     if sensitive not in SENSITIVE_CHOICES:
         raise ValueError(f"sensitive must be one of {SENSITIVE_CHOICES}, got {sensitive!r}")
+    if sensitive_probe not in SENSITIVE_PROBES:
+        raise ValueError(f"sensitive_probe must be one of {SENSITIVE_PROBES}, got {sensitive_probe!r}")
+    # run-wide options fill the paper's plain names; presets and explicit strings keep their own
+    settings = {c: resolve_setting(c, wsc_variant=wsc_variant, norm=fsc_norm, mode=fsc_mode,
+                                   sensitive=sensitive) for c in calibrations}
+    if len(set(calibrations)) != len(calibrations):
+        raise ValueError(f"calibrations repeat a name: {calibrations}")
     if n_calib < 1 or draws < 1:
         raise ValueError(f"n_calib ({n_calib}) and draws ({draws}) must be >= 1")
 
@@ -307,8 +320,13 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
     taus = [task_vector(e, base_state) for e in expert_states]
     is_bn = has_batchnorm(template)
     evaluator = Evaluator(backbone, task_list, es.heads, split="test", device=dev, batch_size=spec.eval_batch_size)
+    # which probes the settings need: policy -> probe ("detect" follows sensitive_probe; "detect_labelled" is labelled)
+    probes = {pol: ("labelled" if pol == "detect_labelled" else sensitive_probe)
+              for pol in {s.sensitive for s in settings.values()} | ({sensitive} if is_bn and bn_reestimate else set())
+              if pol.startswith("detect")}
+    need_val = tune_ta or "labelled" in probes.values()
     val_eval = (Evaluator(backbone, task_list, es.heads, split="val", device=dev, batch_size=spec.eval_batch_size)
-                if tune_ta else None)
+                if need_val else None)
     pools = _calibration_pools(task_list, calibration_from_test)
     by_name = {t.name: t for t in task_list}
     prepared_pool = {n: backbone.prepare(by_name[n].take(pools[n])) for n in names}
@@ -340,7 +358,7 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
 
     rows: list[_Row] = []
     reports: dict[str, Any] = {}
-    n_configs = (2 + len(methods) * sum(1 if c in ("none", "wsc") else draws for c in calibrations)
+    n_configs = (2 + len(methods) * sum(draws if settings[c].uses_data else 1 for c in calibrations)
                  + (len(methods) * (1 + draws) if is_bn and bn_reestimate else 0) + (1 if tune_ta else 0))
     bar = tqdm(total=n_configs, desc=f"{suite}: evaluate", disable=not progress)
 
@@ -364,30 +382,29 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
     rows.append(row)
 
     # ---- sensitive set ----------------------------------------------------------------------------------------------
-    sens: Optional[list[str]] = None
-    if sensitive == "empty":
-        sens = []
-    elif sensitive == "detect":
+    detected: dict[str, list[str]] = {}
+    for policy, probe_kind in probes.items():
         t = time.perf_counter()
-        probe = merged_model(merge("weight_average", taus, bn_stats=bn_stats))
-        probe_batches = []
-        for k, n in enumerate(names):
-            picked = _draw(pools[n], 8, seed * 1_000 + 555 + k)
-            probe_batches.extend(backbone.batch(prepared_pool[n], [pool_pos[n][int(i)]], dev) for i in picked)
-        score = output_divergence_score(probe_batches, metric="l2")
         wa_tv = merge("weight_average", taus, bn_stats=bn_stats)
-        sens = detect_sensitive_layers(probe, wa_tv, score, alpha=sensitive_alpha)
-        reports["sensitive"] = {"tensors": sens, "seconds": time.perf_counter() - t,
-                                "score": "label-free: L2 change of encoder features on 8 unlabelled samples per task"}
+        probe = merged_model(wa_tv)
+        if probe_kind == "labelled":
+            score = lambda model: val_eval.log_likelihood(model, limit=64)  # noqa: E731
+            how = "labelled: mean log-likelihood of the true labels on 64 validation examples per task"
+        else:
+            probe_batches = []
+            for k, n in enumerate(names):
+                picked = _draw(pools[n], 8, seed * 1_000 + 555 + k)
+                probe_batches.extend(backbone.batch(prepared_pool[n], [pool_pos[n][int(i)]], dev) for i in picked)
+            score = output_divergence_score(probe_batches, metric="l2")
+            how = "label-free: L2 change of encoder features on 8 unlabelled samples per task"
+        detected[policy] = detect_sensitive_layers(probe, wa_tv, score, alpha=sensitive_alpha)
+        del probe, wa_tv
+        reports[f"sensitive_{policy}"] = {"tensors": detected[policy], "seconds": time.perf_counter() - t,
+                                          "score": how}
+    fsc_paper = resolve_setting("fsc", norm=fsc_norm, mode=fsc_mode, sensitive=sensitive)  # the bn+fsc rows
 
-    fsc_kw = {"norm": fsc_norm, "mode": fsc_mode}
-
-    def run_fsc(model: nn.Module, draw: int) -> Any:
-        cal = FeatureSpaceCalibrator(base_state, model, taus, sensitive=sens, **fsc_kw)
-        for k, batches in calib_batches(draw).items():
-            for b in batches:
-                cal.update(k, **b)
-        return cal.fold()
+    def run_setting(setting, model: nn.Module, tau_m: Mapping[str, Tensor], draw: int) -> Any:
+        return setting.calibrate(base_state, model, taus, tau_m, calib_batches(draw), detected)
 
     # ---- merges x calibrations ---------------------------------------------------------------------------------------
     for method in methods:
@@ -395,31 +412,29 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         tau_m = merge(method, taus, bn_stats=bn_stats, seed=seed)
         merge_s = time.perf_counter() - t
         for calib in calibrations:
-            row = _Row(method, calib, merge_seconds=merge_s)
-            if calib == "none":
+            setting = settings[calib]
+            row = _Row(method, calib, merge_seconds=merge_s, setting=setting.to_string())
+            if setting.space == "none":
                 evaluate(row, merged_model(tau_m), 0.0)
-            elif calib == "wsc":
+            elif setting.space == "wsc":
                 t = time.perf_counter()
-                tau_w, scales = weight_space_calibration(tau_m, taus, sens, variant=wsc_variant, return_scales=True)
+                tau_w, scales = weight_space_calibration(tau_m, taus, setting.sensitive_set(detected),
+                                                         variant=setting.wsc_variant, return_scales=True)
                 model = merged_model(tau_w)
                 cs = time.perf_counter() - t
                 lam = {k: float(v.mean()) for k, v in scales.items()}
                 row.xi.append(lam)
-                reports[f"{method}/wsc"] = {"row_scale_mean": lam}
+                reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": lam}
                 del tau_w
                 evaluate(row, model, cs)
             else:  # fsc / dsc, over draws
                 for d in range(draws):
                     t = time.perf_counter()
                     model = merged_model(tau_m)
-                    if calib == "fsc":
-                        rep = run_fsc(model, d)
-                    else:
-                        rep = dual_space_calibration(base_state, model, taus, tau_m, calib_batches(d), sens,
-                                                     variant=wsc_variant, **fsc_kw)
+                    rep = run_setting(setting, model, tau_m, d)
                     cs = time.perf_counter() - t
                     row.xi.append(rep.coefficients)
-                    reports[f"{method}/{calib}/draw{d}"] = rep.to_dict()
+                    reports[f"{method}/{calib}/draw{d}"] = {"setting": setting.to_dict(), **rep.to_dict()}
                     evaluate(row, model, cs)
             rows.append(row)
         if is_bn and bn_reestimate:
@@ -434,7 +449,7 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
                 t = time.perf_counter()
                 model = merged_model(tau_m)
                 reestimate_batchnorm(model, bn_batches)
-                rep = run_fsc(model, d)
+                rep = run_setting(fsc_paper, model, None, d)
                 row.xi.append(rep.coefficients)
                 reports[f"{method}/bn+fsc/draw{d}"] = rep.to_dict()
                 evaluate(row, model, time.perf_counter() - t)
@@ -476,6 +491,7 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
             "methods": methods, "calibrations": calibrations, "n_calib": n_calib, "draws": draws,
             "calibration_from_test": calibration_from_test, "fsc_norm": fsc_norm, "fsc_mode": fsc_mode,
             "wsc_variant": wsc_variant, "sensitive": sensitive, "sensitive_alpha": sensitive_alpha,
+            "sensitive_probe": sensitive_probe, "settings": {c: s.to_dict() for c, s in settings.items()},
             "bn_stats": bn_stats, "bn_reestimate": bn_reestimate, "bn_samples": spec.bn_samples,
             "tune_ta": tune_ta, "ta_grid": grid, "seed": seed, "device": str(dev),
             "threads": torch.get_num_threads(), "bootstrap": bootstrap,
@@ -490,7 +506,8 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         "expert_cache": str(es.directory),
         "rows": summaries,
         "gains": _gains(summaries, methods, rows, bootstrap, seed),
-        "sensitive_set": sens,
+        "sensitive_set": [] if sensitive == "empty" else detected.get(sensitive),
+        "sensitive_sets": detected,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -523,7 +540,8 @@ def _gains(rows: Sequence[dict[str, Any]], methods: Sequence[str], raw: Sequence
                            "over_tuned_ta_ci95": {}}
     tuned_key = ("task_arithmetic_tuned", "none")
     tuned = table.get(tuned_key)
-    cals = [c for c in CALIBRATIONS + BN_CALIBRATIONS]
+    cals = ["none"] + list(dict.fromkeys(r["calibration"] for r in rows if r["method"] in methods
+                                         and r["calibration"] != "none"))
     for m in methods:
         none = table.get((m, "none"))
         present = [c for c in cals if (m, c) in table]
@@ -539,4 +557,19 @@ def _gains(rows: Sequence[dict[str, Any]], methods: Sequence[str], raw: Sequence
         if vals:
             per_cal[c] = float(np.mean(vals))
     out["mean_over_methods"] = per_cal
+
+    def mean_paired(c: str, ref: Optional[tuple[str, str]]) -> list[float] | None:
+        """Interval of the gain averaged over methods: per example, the mean over methods of the difference."""
+        pairs = [((m, c), ref or (m, "none")) for m in methods if (m, c) in correct and (ref or (m, "none")) in correct]
+        if bootstrap <= 0 or not pairs:
+            return None
+        diff = {n: np.mean([correct[a][n].astype(np.float64) - correct[b][n] for a, b in pairs], axis=0)
+                for n in correct[pairs[0][0]]}
+        return list(bootstrap_ci(diff, samples=bootstrap, seed=seed))
+
+    out["mean_over_methods_ci95"] = {c: mean_paired(c, None) for c in per_cal}
+    if tuned is not None:
+        out["mean_over_tuned_ta"] = {c: float(np.mean([table[(m, c)] - tuned for m in methods if (m, c) in table]))
+                                     for c in cals if any((m, c) in table for m in methods)}
+        out["mean_over_tuned_ta_ci95"] = {c: mean_paired(c, tuned_key) for c in out["mean_over_tuned_ta"]}
     return out

@@ -162,3 +162,24 @@ def test_validate_logs_per_task_accuracy_on_validation_sets(setup3):
     out = _trainer().validate(mod, datamodule=dm, verbose=False)[0]
     assert set(out) == {"val/acc/x", "val/acc/z", "val/acc/avg"}
     assert out["val/acc/avg"] == pytest.approx((out["val/acc/x"] + out["val/acc/z"]) / 2, abs=1e-6)
+
+
+def test_auto_setting_predict_equals_core(setup3):
+    """The recommended setting through Lightning (FSC, ratio of means, paper gate) equals the calibration core's."""
+    from magic_pl.calibration import AUTO
+
+    base, experts, heads, data = setup3
+    dm = TaskDataModule(list("xyz"), test=data, samples_per_task=2, seed=5, batch_size=4)
+    mod = _module(base, experts, heads, calibration=AUTO.space, fsc_statistic=AUTO.statistic, fsc_gate=AUTO.gate,
+                  merge_method="ties", merge_options={"density": 0.5})
+    _trainer().predict(mod, datamodule=dm, return_predictions=False)
+    taus = [task_vector(e, base) for e in experts]
+    ref = copy.deepcopy(base).eval()
+    ref.load_state_dict(apply_task_vector(base.state_dict(), merge("ties", taus, density=0.5)))
+    calib = dm.calibration_dataset()
+    batches = [(calib[i]["task"], calib[i]["inputs"][None]) for i in range(len(calib))]
+    report = AUTO.calibrate(base.state_dict(), ref, taus, batches=batches)
+    assert report.statistic == "ratio_of_means" and report.gate == "paper"
+    assert all(v >= 1.0 for v in report.coefficients.values())
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(mod.model.state_dict()[key], value, rtol=1e-6, atol=1e-6)

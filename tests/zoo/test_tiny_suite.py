@@ -167,3 +167,28 @@ def test_sensitive_sets(tiny, sensitive):
         assert len(result["sensitive_set"]) == 3
         assert all(isinstance(k, str) and k.endswith(("weight", "bias")) for k in result["sensitive_set"])
     assert 0.2 < rows[("ties", "fsc")]["avg"] <= 1.0
+
+
+def test_named_settings_columns_equal_their_explicit_strings(tiny):
+    """A preset and the explicit string of the same setting are two paths to the same numbers; both probes run."""
+    cals = ["none", "auto", "fsc:statistic=ratio_of_means,gate=paper", "fsc_channel", "wsc_gated_detect_labelled",
+            "wsc_gated_detect"]
+    result = run_benchmark("tiny", cache_dir=str(tiny["cache"]), progress=False, methods=["weight_average", "ties"],
+                           calibrations=cals, draws=2, tune_ta=True, ta_grid=[0.3, 0.6], bn_reestimate=False,
+                           bootstrap=100, write=False, sensitive_alpha=3)
+    rows = _rows(result)
+    for m in ("weight_average", "ties"):
+        a, b = rows[(m, "auto")], rows[(m, "fsc:statistic=ratio_of_means,gate=paper")]
+        assert a["draw_avgs"] == b["draw_avgs"]
+        assert a["setting"] == "fsc:statistic=ratio_of_means,gate=paper"
+        # the paper gate never shrinks: every module's xi >= 1
+        assert a["scales"]["min"] >= 1.0
+    sets = result["sensitive_sets"]
+    assert set(sets) == {"detect", "detect_labelled"} and all(len(v) == 3 for v in sets.values())
+    gains = result["gains"]
+    for c in cals[1:]:
+        lo, hi = gains["mean_over_methods_ci95"][c]
+        assert lo <= gains["mean_over_methods"][c] + 1e-9 and gains["mean_over_methods"][c] <= hi + 1e-9
+        tuned = rows[("task_arithmetic_tuned", "none")]["avg"]
+        want = np.mean([rows[(m, c)]["avg"] - tuned for m in ("weight_average", "ties")])
+        assert gains["mean_over_tuned_ta"][c] == pytest.approx(want)

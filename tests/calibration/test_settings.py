@@ -1,0 +1,91 @@
+"""Calibration settings: parsing, presets, and each space applied through a setting equals the direct call."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from calib_helpers import make_task_vectors, merged_model, weight_average
+from magic_pl.calibration import (
+    AUTO,
+    PRESETS,
+    CalibrationSetting,
+    FeatureSpaceCalibrator,
+    dual_space_calibration,
+    resolve_setting,
+    weight_space_calibration,
+)
+
+
+def test_strings_presets_and_round_trip():
+    s = resolve_setting("fsc:statistic=ratio_of_means,norm=2,granularity=channel")
+    assert (s.space, s.statistic, s.norm, s.granularity) == ("fsc", "ratio_of_means", 2.0, "channel")
+    for name, preset in PRESETS.items():
+        assert resolve_setting(preset.to_string()) == preset, name
+    assert resolve_setting("fsc") == CalibrationSetting()  # the paper's
+    assert resolve_setting("auto") is AUTO and AUTO.to_string() == "fsc:statistic=ratio_of_means,gate=paper"
+    # run-wide options reach the plain paper names only
+    assert resolve_setting("wsc", wsc_variant="joint").wsc_variant == "joint"
+    assert resolve_setting("wsc_norm_match", wsc_variant="joint").wsc_variant == "norm_match"
+
+
+@pytest.mark.parametrize("bad, match", [("fcs", "not a preset"), ("fsc:stat=x", "bad option"),
+                                        ("fsc:gate=up", "gate='up'"), ("wsc:space=fsc", "bad option"),
+                                        ("fsc:norm=3", "norm")])
+def test_bad_settings_name_the_problem(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_setting(bad)
+
+
+def _setup():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)).double()
+    tvs = make_task_vectors(base, 3, scale=0.2)
+    tau_m = weight_average(tvs)
+    batches = {k: [torch.randn(2, 4, dtype=torch.float64)] for k in range(3)}
+    return base, tvs, tau_m, batches
+
+
+def test_each_space_equals_the_direct_call():
+    base, tvs, tau_m, batches = _setup()
+    # WSC (gated, empty set)
+    m = merged_model(base, tau_m)
+    assert resolve_setting("wsc_gated").calibrate(base, m, tvs, tau_m) is None
+    tau_w = weight_space_calibration(tau_m, tvs, [])
+    for key, v in merged_model(base, tau_w).state_dict().items():
+        torch.testing.assert_close(m.state_dict()[key], v, rtol=0, atol=1e-12)
+    # FSC, a variant
+    m = merged_model(base, tau_m)
+    rep = resolve_setting("fsc_rom").calibrate(base, m, tvs, tau_m, batches)
+    ref = merged_model(base, tau_m)
+    cal = FeatureSpaceCalibrator(base, ref, tvs, statistic="ratio_of_means")
+    for k, bs in batches.items():
+        cal.update(k, bs[0])
+    assert cal.fold().coefficients == rep.coefficients
+    for key, v in ref.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[key], v, rtol=0, atol=0)
+    # DSC
+    m = merged_model(base, tau_m)
+    rep = resolve_setting("dsc:gate=paper").calibrate(base, m, tvs, tau_m, batches)
+    ref = merged_model(base, tau_m)
+    want = dual_space_calibration(base, ref, tvs, tau_m, batches, gate="paper")
+    assert rep.coefficients == want.coefficients and rep.wsc_scales == want.wsc_scales
+    # none leaves the model alone
+    m = merged_model(base, tau_m)
+    before = copy.deepcopy(m.state_dict())
+    assert resolve_setting("none").calibrate(base, m, tvs, tau_m) is None
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_missing_inputs_are_errors():
+    base, tvs, tau_m, batches = _setup()
+    with pytest.raises(ValueError, match="needs unlabelled batches"):
+        AUTO.calibrate(base, merged_model(base, tau_m), tvs, tau_m)
+    with pytest.raises(ValueError, match="sensitive_set"):
+        PRESETS["wsc_gated_detect"].calibrate(base, merged_model(base, tau_m), tvs, tau_m)
+    # a mapping policy -> set picks the policy's set
+    got = PRESETS["wsc_gated_detect_labelled"].sensitive_set({"detect": ["0.weight"], "detect_labelled": ["2.weight"]})
+    assert got == ["2.weight"]
