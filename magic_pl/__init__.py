@@ -6,43 +6,62 @@ The pure-PyTorch core is importable without Lightning::
 
 The Lightning layer lives in :mod:`magic_pl.lightning`, model adapters in :mod:`magic_pl.models` and the offline
 benchmark in :mod:`magic_pl.zoo`.
+
+Names are imported on first use, so importing a submodule does not load torch before the command-line entry points
+(``magic-pl``, ``python -m magic_pl.zoo``) have configured OpenMP.
 """
 
-from magic_pl.calibration import (
-    FeatureSpaceCalibrator,
-    detect_sensitive_layers,
-    dual_space_calibration,
-    weight_space_calibration,
-)
-from magic_pl.merging import MERGE_METHODS, merge, merge_models, merge_tensor
-from magic_pl.statedict import (
-    CheckpointError,
-    LazyStateDict,
-    apply_task_vector,
-    iter_task_vectors,
-    load_state_dict,
-    save_state_dict,
-    task_vector,
-    validate_experts,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from magic_pl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "FeatureSpaceCalibrator",
-    "LazyStateDict",
-    "MERGE_METHODS",
-    "apply_task_vector",
-    "detect_sensitive_layers",
-    "dual_space_calibration",
-    "iter_task_vectors",
-    "load_state_dict",
-    "merge",
-    "merge_models",
-    "merge_tensor",
-    "save_state_dict",
-    "task_vector",
-    "validate_experts",
-    "weight_space_calibration",
-]
+_EXPORTS = {
+    "FeatureSpaceCalibrator": "magic_pl.calibration",
+    "CalibrationSetting": "magic_pl.calibration",
+    "detect_sensitive_layers": "magic_pl.calibration",
+    "dual_space_calibration": "magic_pl.calibration",
+    "weight_space_calibration": "magic_pl.calibration",
+    "resolve_setting": "magic_pl.calibration",
+    "MERGE_METHODS": "magic_pl.merging",
+    "merge": "magic_pl.merging",
+    "merge_models": "magic_pl.merging",
+    "merge_tensor": "magic_pl.merging",
+    "CheckpointError": "magic_pl.statedict",
+    "LazyStateDict": "magic_pl.statedict",
+    "apply_task_vector": "magic_pl.statedict",
+    "iter_task_vectors": "magic_pl.statedict",
+    "load_state_dict": "magic_pl.statedict",
+    "save_state_dict": "magic_pl.statedict",
+    "task_vector": "magic_pl.statedict",
+    "validate_experts": "magic_pl.statedict",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # static analysers see the real names
+    from magic_pl.calibration import (  # noqa: F401
+        CalibrationSetting,
+        FeatureSpaceCalibrator,
+        detect_sensitive_layers,
+        dual_space_calibration,
+        resolve_setting,
+        weight_space_calibration,
+    )
+    from magic_pl.merging import MERGE_METHODS, merge, merge_models, merge_tensor  # noqa: F401
+    from magic_pl.statedict import (  # noqa: F401
+        CheckpointError,
+        LazyStateDict,
+        apply_task_vector,
+        iter_task_vectors,
+        load_state_dict,
+        save_state_dict,
+        task_vector,
+        validate_experts,
+    )
+
+
+__getattr__, __dir__ = lazy_exports("magic_pl", globals(), _EXPORTS)

@@ -9,8 +9,7 @@ Names are imported lazily, so ``python -m magic_pl.zoo`` can configure OpenMP be
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from magic_pl._lazy import lazy_exports
 
 _EXPORTS = {
     "run_benchmark": "magic_pl.zoo.runner",
@@ -32,14 +31,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'magic_pl.zoo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports("magic_pl.zoo", globals(), _EXPORTS)

@@ -122,8 +122,8 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     if tuned is not None:
         out += ["", f"Best calibrated merge vs Task Arithmetic tuned on the validation split "
                     f"({_pct(tuned['avg'])}, scale {tuned['scale']}): "]
-        best = max((r for r in result["rows"] if r["method"] not in ("base", "expert", "task_arithmetic_tuned")),
-                   key=lambda r: r["avg"], default=None)
+        best = max((r for r in result["rows"] if r["method"] not in ("base", "expert", "task_arithmetic_tuned")
+                    and r["calibration"] != "none"), key=lambda r: r["avg"], default=None)
         if best is not None:
             ci = result["gains"].get("over_tuned_ta_ci95", {}).get(best["method"], {}).get(best["calibration"])
             out[-1] += (f"{best['method']} + {_CAL_LABEL.get(best['calibration'], best['calibration'])} "

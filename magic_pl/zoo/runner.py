@@ -204,7 +204,9 @@ def run_benchmark(
             or ``"probe_tuned"`` (probe, then trained with the encoder); suite default.
         train_batchnorm: BatchNorm while fine-tuning experts: ``"frozen"`` (running statistics) or ``"train"``
             (batch statistics, re-estimated afterwards); see :class:`~magic_pl.zoo.experts.FinetuneConfig`.
-        max_test: cap on test examples per task (suite default: 600 for text/vision).
+        max_test: evaluate on a seeded subsample of at most this many test examples per task, drawn after the
+            suite's splits are made, so the experts (and their cache entry) stay the same (default: the suite's test
+            split, 500 for text, 600 for vision).
         seed: seed of calibration draws, merges and expert fine-tuning.
         device: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``.
         threads: torch CPU threads during the run (default: the suite's choice, 1 for ``tiny``, else torch's);
@@ -289,8 +291,6 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         spec.finetune.batchnorm = train_batchnorm
     spec.finetune.__post_init__()
     spec.finetune.seed = int(seed)
-    if max_test is not None:
-        spec.caps["test"] = int(max_test)
     if bn_samples is not None:
         spec.bn_samples = int(bn_samples)
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -300,6 +300,12 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
     # ---- data and experts ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     task_list = spec.load_tasks(cache_root)
+    if max_test is not None:
+        for t in task_list:
+            test = t.splits["test"]
+            if len(test) > max_test:
+                rng = np.random.default_rng(seed * 7919 + sum(map(ord, t.name)))
+                t.splits["test"] = np.sort(rng.choice(test, size=int(max_test), replace=False))
     backbone: Backbone = spec.build_backbone()
     names = [t.name for t in task_list]
     prepared_train = {t.name: backbone.prepare(t.select("train")[0]) for t in task_list}
@@ -493,7 +499,7 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
             "wsc_variant": wsc_variant, "sensitive": sensitive, "sensitive_alpha": sensitive_alpha,
             "sensitive_probe": sensitive_probe, "settings": {c: s.to_dict() for c, s in settings.items()},
             "bn_stats": bn_stats, "bn_reestimate": bn_reestimate, "bn_samples": spec.bn_samples,
-            "tune_ta": tune_ta, "ta_grid": grid, "seed": seed, "device": str(dev),
+            "tune_ta": tune_ta, "ta_grid": grid, "seed": seed, "device": str(dev), "max_test": max_test,
             "threads": torch.get_num_threads(), "bootstrap": bootstrap,
             "finetune": vars(spec.finetune).copy(), "backbone": backbone.identity(), "splits": spec.split_config(),
         },

@@ -38,21 +38,23 @@ STUDY_CALIBRATIONS: list[str] = [
 
 @dataclass
 class StudyCase:
-    """One measured configuration: a suite and a subset of its tasks (``None``: all)."""
+    """One measured configuration: a suite, a subset of its tasks (``None``: all) and optionally a smaller test cap
+    per task (``max_test``; ``None``: the suite's)."""
 
     suite: str
     tasks: Optional[list[str]] = None
     label: str = ""
+    max_test: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.label:
             self.label = f"{self.suite}_K{len(self.tasks)}" if self.tasks else f"{self.suite}_all"
 
 
-#: Text at K = 3 and K = 5 (all its tasks), vision at K = 4 (all).
+#: Text at K = 3 and K = 5 (all its tasks; 300 test examples per task to keep 1,500 per case), vision at K = 4 (all).
 DEFAULT_CASES: list[StudyCase] = [
     StudyCase("text", ["rt_sentiment", "debate_party", "convention_party"], "text_K3"),
-    StudyCase("text", None, "text_K5"),
+    StudyCase("text", None, "text_K5", max_test=300),
     StudyCase("vision", None, "vision_K4"),
 ]
 
@@ -65,6 +67,7 @@ def summarise_case(result: dict[str, Any]) -> dict[str, Any]:
     rows = {(r["method"], r["calibration"]): r for r in result["rows"]}
     tuned = rows.get(("task_arithmetic_tuned", "none"))
     out: dict[str, Any] = {"tasks": result["config"]["tasks"], "methods": methods,
+                           "test_examples": sum(t["splits"]["test"]["size"] for t in result["tasks"]),
                            "tuned_ta": tuned["avg"] if tuned else None,
                            "tuned_ta_scale": tuned.get("scale") if tuned else None,
                            "experts": rows[("expert", "none")]["avg"], "base": rows[("base", "none")]["avg"],
@@ -109,7 +112,8 @@ def study_markdown(summary: dict[str, Any]) -> str:
            "safe on that case). Calibration samples: "
            f"{summary['n_calib']} unlabelled per task, {summary['draws']} draws.", ""]
     for label, case in cases.items():
-        out += [f"## {label}: {len(case['tasks'])} tasks ({', '.join(case['tasks'])})", "",
+        out += [f"## {label}: {len(case['tasks'])} tasks ({', '.join(case['tasks'])}; {case['test_examples']} test "
+                f"examples)", "",
                 f"Base {100 * case['base']:.1f}, experts {100 * case['experts']:.1f}, uncalibrated merges (mean over "
                 f"{len(case['methods'])} methods) {100 * case['uncalibrated_mean']:.1f}, tuned TA "
                 f"{100 * case['tuned_ta']:.1f} (scale {case['tuned_ta_scale']}).", "",
@@ -201,17 +205,18 @@ def run_study(
         result = run_benchmark(case.suite, tasks=case.tasks, methods=methods, calibrations=calibrations,
                                n_calib=n_calib, draws=draws, cache_dir=cache_dir,
                                results_dir=str(out_dir / case.label), sensitive_alpha=sensitive_alpha,
-                               bn_reestimate=False, tune_ta=True, bootstrap=bootstrap, seed=seed, device=device,
+                               bn_reestimate=False, tune_ta=True, max_test=case.max_test, bootstrap=bootstrap,
+                               seed=seed, device=device,
                                threads=threads, progress=progress)
         summary["cases"][case.label] = summarise_case(result)
         summary["timings"][case.label] = result["timings"]
         summary.setdefault("versions", result["versions"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("study.md", study_markdown(summary)),
-                       ("study.json", json.dumps(_jsonable(summary), indent=1))):
-        with atomic_path(out_dir / name) as tmp:
-            Path(tmp).write_text(text)
-    study_chart(summary, out_dir / "study.png")
+        # after every case, so an interrupted study keeps the finished cases' summary
+        for name, text in (("study.md", study_markdown(summary)),
+                           ("study.json", json.dumps(_jsonable(summary), indent=1))):
+            with atomic_path(out_dir / name) as tmp:
+                Path(tmp).write_text(text)
+        study_chart(summary, out_dir / "study.png")
     return summary
 
 

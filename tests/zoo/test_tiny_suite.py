@@ -192,3 +192,14 @@ def test_named_settings_columns_equal_their_explicit_strings(tiny):
         tuned = rows[("task_arithmetic_tuned", "none")]["avg"]
         want = np.mean([rows[(m, c)]["avg"] - tuned for m in ("weight_average", "ties")])
         assert gains["mean_over_tuned_ta"][c] == pytest.approx(want)
+
+
+def test_max_test_subsamples_the_test_split_and_keeps_the_cached_experts(tiny):
+    result = run_benchmark("tiny", cache_dir=str(tiny["cache"]), progress=False, methods=["weight_average"],
+                           calibrations=["none"], tune_ta=False, bn_reestimate=False, bootstrap=0, write=False,
+                           max_test=50)
+    assert all(e["cached"] for e in result["experts"].values())
+    assert result["expert_cache"] == tiny["result"]["expert_cache"]
+    assert all(t["splits"]["test"]["size"] == 50 for t in result["tasks"])
+    # the subsample is part of the full test split: its accuracy is an average of the full run's examples
+    assert all(len(r["per_task"]) == len(result["config"]["tasks"]) for r in result["rows"])
