@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from magic_pl.calibration.fsc import CalibrationReport
 from magic_pl.statedict import atomic_path, is_mergeable
 
 __all__ = [
@@ -165,7 +166,9 @@ class CalibrationRecord:
     """What the merge and calibration steps did, filled in by them as they run (one per calibrated model).
 
     Steps append ``{"step": name, "seconds": s, ...}`` to ``steps``. ``deviation_before`` is the magnitude deviation
-    of the model before any calibration (the merged model), ``deviation_after`` that of the final model.
+    of the model before any calibration (the merged model), ``deviation_after`` that of the final model. ``fsc`` holds
+    the calibration core's :class:`~magic_pl.calibration.CalibrationReport` once FSC has folded (its coefficients and
+    module lists are exposed as read-only attributes); ``wsc_scales`` the mean WSC row scale per tensor.
     """
 
     config: dict[str, Any] = field(default_factory=dict)
@@ -173,13 +176,7 @@ class CalibrationRecord:
     sources: dict[str, Any] = field(default_factory=dict)  # raw base/experts sources, described when written
     task_names: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
-    coefficients: dict[str, float] = field(default_factory=dict)
-    folded: list[str] = field(default_factory=list)
-    wrapped: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    uncalibrated: list[str] = field(default_factory=list)
-    sensitive: list[str] = field(default_factory=list)
-    task_ratios: dict[str, list[Optional[float]]] = field(default_factory=dict)
+    fsc: Optional[CalibrationReport] = None
     wsc_scales: dict[str, float] = field(default_factory=dict)
     expert_norms: dict[str, float] = field(default_factory=dict)
     deviation_before: dict[str, float] = field(default_factory=dict)
@@ -190,14 +187,29 @@ class CalibrationRecord:
     def add_step(self, step: str, seconds: float, **details: Any) -> None:
         self.steps.append({"step": step, "seconds": round(float(seconds), 6), **details})
 
-    def set_fold(self, report: Any) -> None:
-        """Copy a :class:`magic_pl.calibration.CalibrationReport` (coefficients, folded/wrapped modules, ...)."""
-        self.coefficients = dict(report.coefficients)
-        for name in ("folded", "wrapped", "unchanged", "uncalibrated", "sensitive"):
-            setattr(self, name, list(getattr(report, name, [])))
-        self.task_ratios = dict(getattr(report, "task_ratios", {}) or {})
-        if getattr(report, "wsc_scales", None):
+    def set_fold(self, report: CalibrationReport) -> None:
+        """Keep the FSC :class:`~magic_pl.calibration.CalibrationReport` (and its WSC scales, for DSC)."""
+        self.fsc = report
+        if report.wsc_scales:
             self.wsc_scales = dict(report.wsc_scales)
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        """FSC xi per module (empty before FSC)."""
+        return self.fsc.coefficients if self.fsc is not None else {}
+
+    def _modules(self, name: str) -> list[str]:
+        return list(getattr(self.fsc, name)) if self.fsc is not None else []
+
+    folded = property(lambda self: self._modules("folded"), doc="modules folded by FSC")
+    wrapped = property(lambda self: self._modules("wrapped"), doc="modules wrapped at runtime by FSC")
+    unchanged = property(lambda self: self._modules("unchanged"), doc="modules with xi == 1")
+    uncalibrated = property(lambda self: self._modules("uncalibrated"), doc="changed keys no module owns")
+    sensitive = property(lambda self: self._modules("sensitive"), doc="modules capped as magnitude-sensitive")
+
+    @property
+    def task_ratios(self) -> dict[str, list[Optional[float]]]:
+        return dict(self.fsc.task_ratios) if self.fsc is not None else {}
 
     def timings(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -240,6 +252,8 @@ class CalibrationRecord:
                 "uncalibrated": self.uncalibrated, "sensitive": self.sensitive,
             },
             "task_ratios": self.task_ratios,
+            "fsc_settings": ({k: getattr(self.fsc, k) for k in ("mode", "norm", "rounds", "statistic", "granularity",
+                                                                 "gate")} if self.fsc is not None else {}),
             "wsc_scales": self.wsc_scales,
             "magnitude_deviation": {
                 "definition": "||theta_l - theta0_l|| / mean_k ||tau_k,l|| per module",

@@ -106,12 +106,16 @@ def test_save_module_plain_and_hf(tmp_path):
 
 
 def test_report_plot_and_hash(tmp_path):
-    rec = CalibrationRecord(coefficients={"a": 1.2, "b": 0.9}, deviation_before={"a": 0.4, "b": 0.5},
-                            deviation_after={"a": 1.0, "b": 1.1}, wrapped=["b"])
+    from magic_pl.calibration import CalibrationReport
+
+    rec = CalibrationRecord(deviation_before={"a": 0.4, "b": 0.5}, deviation_after={"a": 1.0, "b": 1.1})
+    rec.set_fold(CalibrationReport(coefficients={"a": 1.2, "b": 0.9}, wrapped=["b"], statistic="ratio_of_means"))
+    assert rec.wrapped == ["b"] and rec.coefficients["a"] == 1.2
     png = plot_record(rec, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "w.bin").write_bytes(b"abc")
     assert sha256_path(tmp_path / "w.bin") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     doc = rec.to_dict()
     assert doc["coefficient_summary"]["max"] == 1.2 and doc["magnitude_deviation"]["mean_after"] == pytest.approx(1.05)
+    assert doc["modules"]["wrapped"] == ["b"] and doc["fsc_settings"]["statistic"] == "ratio_of_means"
     json.dumps(doc, allow_nan=False)
