@@ -10,11 +10,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tiny_models import WORDS  # noqa: F401 (re-exported)
+from tiny_models import perturb as _perturb
+from tiny_models import save_clip_tokenizer as clip_tokenizer  # noqa: F401 (re-exported)
+from tiny_models import save_tiny_tokenizer
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 TIMM_NAME = "vit_tiny_patch16_224"
 TIMM_KWARGS = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-WORDS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "<s>", "</s>"] + [f"w{i}" for i in range(40)]
 
 
 def make_tiny_timm(directory: Path, num_classes: tuple[int, ...] = (3, 4), noise: float = 0.05) -> dict[str, Path]:
@@ -45,39 +49,14 @@ def make_tiny_timm(directory: Path, num_classes: tuple[int, ...] = (3, 4), noise
 
 
 def tiny_tokenizer(path: Path) -> Path:
-    """Word-level fast tokenizer over :data:`WORDS`, saved with ``save_pretrained``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    return path
+    """Word-level fast tokenizer over :data:`WORDS` with ``[CLS]``/``[SEP]``, saved with ``save_pretrained``."""
+    return save_tiny_tokenizer(path, cls_sep=True)
 
 
-def clip_tokenizer(path: Path) -> None:
-    """Byte-level CLIP BPE tokenizer without merges (bytes, bytes</w>, start/end tokens)."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
-
-
-@torch.no_grad()
 def perturb(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
-    return model
+    """Seeded fake fine-tuning (the Lightning tests' default noise is 0.05)."""
+    return _perturb(model, seed, scale)
+
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

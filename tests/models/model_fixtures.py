@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,44 +11,7 @@ from magic_pl.calibration import FeatureSpaceCalibrator, weight_space_calibratio
 from magic_pl.merging import merge
 from magic_pl.models.base import MergeSetup
 
-WORDS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "<s>", "</s>"] + [f"w{i}" for i in range(40)]
-
-
-def save_tiny_tokenizer(path: Path) -> None:
-    """A word-level fast tokenizer (46 tokens) saved with save_pretrained (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.save_pretrained(path)
-
-
-def save_clip_tokenizer(path: Path) -> None:
-    """A byte-level CLIP BPE tokenizer without merges (514 tokens: bytes, bytes</w>, <|startoftext|>, <|endoftext|>)."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
-
-
-@torch.no_grad()
-def perturb(model: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
-    """Add seeded Gaussian noise to every floating parameter (a fake fine-tuning), in place."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
-    return model
+from tiny_models import WORDS, perturb, save_clip_tokenizer, save_tiny_tokenizer  # noqa: F401 (re-exported)
 
 
 def llama_config(**overrides):

@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny tokenizers in their real on-disk formats and a seeded fake fine-tuning (no downloads).
+
+Used by tests/models and tests/lightning (``tests/`` is on ``sys.path`` through ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WORDS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "<s>", "</s>"] + [f"w{i}" for i in range(40)]
+
+
+def save_tiny_tokenizer(path: Path, *, cls_sep: bool = False) -> Path:
+    """A word-level fast tokenizer over :data:`WORDS` (46 tokens) saved with ``save_pretrained``; ``cls_sep`` also
+    declares ``[CLS]``/``[SEP]`` as the classifier/separator tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"cls_token": "[CLS]", "sep_token": "[SEP]"} if cls_sep else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                            eos_token="</s>", **extra).save_pretrained(path)
+    return path
+
+
+def save_clip_tokenizer(path: Path) -> None:
+    """A byte-level CLIP BPE tokenizer without merges (514 tokens: bytes, bytes</w>, <|startoftext|>, <|endoftext|>)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
+    """Add seeded Gaussian noise to every floating parameter (a fake fine-tuning), in place."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
+    return model
