@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -70,7 +70,28 @@ def tensor_dtype(sd: StateDict, key: str) -> torch.dtype:
     return sd[key].dtype
 
 
-class PrefixView(Mapping[str, Tensor]):
+class KeyedMapping(Mapping[str, Tensor]):
+    """A lazy mapping over a fixed, ordered key list (``self._keys``, with ``self._set`` for membership): subclasses
+    set them through :meth:`_set_keys` and implement ``__getitem__``."""
+
+    _keys: list[str]
+    _set: set[str]
+
+    def _set_keys(self, keys: Iterable[str]) -> None:
+        self._keys = list(keys)
+        self._set = set(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+
+class PrefixView(KeyedMapping):
     """The entries of ``source`` under ``prefix`` with the prefix removed (``"bert.x.w"`` -> ``"x.w"``); lazy.
 
     Args:
@@ -81,8 +102,7 @@ class PrefixView(Mapping[str, Tensor]):
 
     def __init__(self, source: StateDict, prefix: str, add: str = ""):
         self.source, self.prefix, self.add = source, prefix, add
-        self._keys = [add + k[len(prefix):] for k in source.keys() if k.startswith(prefix)]
-        self._set = set(self._keys)
+        self._set_keys(add + k[len(prefix):] for k in source.keys() if k.startswith(prefix))
 
     def _src(self, key: str) -> str:
         if key not in self._set:
@@ -98,26 +118,16 @@ class PrefixView(Mapping[str, Tensor]):
     def dtype(self, key: str) -> torch.dtype:
         return tensor_dtype(self.source, self._src(key))
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
-
     def __repr__(self) -> str:
         return f"PrefixView({self.prefix!r} of {self.source!r})"
 
 
-class KeyView(Mapping[str, Tensor]):
+class KeyView(KeyedMapping):
     """The entries of ``source`` restricted to ``keys`` (in that order); lazy. Missing keys raise ``KeyError``."""
 
     def __init__(self, source: StateDict, keys: Sequence[str]):
         self.source = source
-        self._keys = list(keys)
-        self._set = set(self._keys)
+        self._set_keys(keys)
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._set:
@@ -129,15 +139,6 @@ class KeyView(Mapping[str, Tensor]):
 
     def dtype(self, key: str) -> torch.dtype:
         return tensor_dtype(self.source, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
 
 
 class LazyTaskVector(_CalibrationLazyTaskVector):

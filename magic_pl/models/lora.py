@@ -41,7 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magic_pl.models._hf import dtype_kwargs, from_pretrained_checked
-from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys, tensor_dtype
+from magic_pl.models.base import (
+    KeyedMapping,
+    MergeSetup,
+    ModelAdapter,
+    default_task_names,
+    find_tied_keys,
+    tensor_dtype,
+)
 from magic_pl.models.io import copy_support_files, save_pretrained_atomic
 from magic_pl.statedict import CheckpointError, StateDict, atomic_path, is_mergeable, load_state_dict
 
@@ -228,13 +235,13 @@ class LoRACheckpoint:
         return f"LoRACheckpoint({self.path}, {len(self.modules)} LoRA modules, {len(self.full)} full tensors)"
 
 
-class LoRATaskVector(Mapping[str, Tensor]):
+class LoRATaskVector(KeyedMapping):
     """The task vector of one adapter over ``keys``: LoRA deltas, full replacements minus the base, zeros elsewhere;
     float32, computed on access."""
 
     def __init__(self, adapter: LoRACheckpoint, base: StateDict, keys: Sequence[str], name: str = "adapter"):
-        self.adapter, self.base, self._keys, self.name = adapter, base, list(keys), name
-        self._set = set(self._keys)
+        self.adapter, self.base, self.name = adapter, base, name
+        self._set_keys(keys)
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._set:
@@ -246,15 +253,6 @@ class LoRATaskVector(Mapping[str, Tensor]):
                 f"{self.name}: delta for {key!r} has shape {tuple(out.shape)}, the base weight {tuple(b.shape)}"
             )
         return out
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
 
 
 class _ExpertView(Mapping[str, Tensor]):
