@@ -138,8 +138,9 @@ class MagicModule(LightningModule):
         fsc_mode: ``"parallel"`` (paper, default) or ``"sequential"``.
         fsc_modules: explicit module names to calibrate (default: automatic).
         fsc_statistic, fsc_granularity, fsc_gate: FSC variants beyond the paper (defaults are the paper's:
-            ``"mean_of_ratios"``, ``"module"``, ``"none"``); the recommended ``auto`` setting is
-            ``calibration="fsc", fsc_statistic="ratio_of_means", fsc_gate="paper"`` (see ``magic_pl.calibration.AUTO``).
+            ``"mean_of_ratios"``, ``"module"``, ``"none"``). The recommended ``auto`` setting is ``calibration="fsc"``
+            with ``sensitive`` from the label-free probe (``magic_pl.calibration.AUTO``; the set from
+            ``magic_pl.calibration.settings.detect_label_free``).
         fsc_per_sample: run FSC one sample at a time (default ``True``): statistics independent of batching and of
             the number of processes.
         check_finite: scan experts for NaN/Inf during validation (reads every tensor once more; default ``False``).

@@ -31,9 +31,8 @@ __all__ = ["StudyCase", "DEFAULT_CASES", "STUDY_CALIBRATIONS", "run_study", "sum
 STUDY_CALIBRATIONS: list[str] = [
     "none", "wsc", "fsc", "dsc",
     "wsc_gated", "wsc_gated_detect", "wsc_gated_detect_labelled", "wsc_norm_match", "wsc_joint",
-    "fsc_sequential", "fsc_channel", "fsc_rom", "fsc_p2", "fsc_cap_detect", "fsc_gated",
-    "auto",
-]
+    "fsc_sequential", "fsc_channel", "fsc_rom", "fsc_p2", "fsc_cap_detect", "fsc_gated", "fsc_rom_gated",
+]  # "auto" is fsc_cap_detect (magic_pl.calibration.AUTO), measured once
 
 
 @dataclass
@@ -103,24 +102,36 @@ def _ci(ci: Optional[Sequence[float]]) -> str:
     return "" if not ci else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
 
 
+def _setting_string(options: dict[str, Any]) -> str:
+    from magic_pl.calibration import CalibrationSetting
+
+    return CalibrationSetting(**options).to_string()
+
+
 def study_markdown(summary: dict[str, Any]) -> str:
     """The study's tables: per case, every setting's mean gain over the uncalibrated merges and over tuned TA."""
+    from magic_pl.calibration import AUTO
+
     cases = summary["cases"]
+    first = next(iter(cases.values()), {"settings": {}})
+    names_of_auto = [c for c, e in first["settings"].items() if _setting_string(e["setting"]) == AUTO.to_string()]
     out = ["# magic-pl study: calibration variants vs uncalibrated merges and tuned Task Arithmetic", "",
            "Gains in average test accuracy (points), averaged over the merge methods, with paired 95% bootstrap "
            "intervals. *Worse* lists the methods whose own paired interval lies below zero (a setting with none is "
            "safe on that case). Calibration samples: "
-           f"{summary['n_calib']} unlabelled per task, {summary['draws']} draws.", ""]
+           f"{summary['n_calib']} unlabelled per task, {summary['draws']} draws. The recommended setting `auto` "
+           f"(`magic_pl.calibration.AUTO`) is `{AUTO.to_string()}`"
+           + (f" (row {', '.join(names_of_auto)})." if names_of_auto else "."), ""]
     for label, case in cases.items():
         out += [f"## {label}: {len(case['tasks'])} tasks ({', '.join(case['tasks'])}; {case['test_examples']} test "
                 f"examples)", "",
                 f"Base {100 * case['base']:.1f}, experts {100 * case['experts']:.1f}, uncalibrated merges (mean over "
                 f"{len(case['methods'])} methods) {100 * case['uncalibrated_mean']:.1f}, tuned TA "
                 f"{100 * case['tuned_ta']:.1f} (scale {case['tuned_ta_scale']}).", "",
-                "| setting | mean acc. | gain over uncalibrated | gain over tuned TA | worse | better |",
-                "|---|---|---|---|---|---|"]
+                "| setting | options | mean acc. | gain over uncalibrated | gain over tuned TA | worse | better |",
+                "|---|---|---|---|---|---|---|"]
         for c, e in case["settings"].items():
-            out.append(f"| {c} | {100 * e['mean_avg']:.1f} | "
+            out.append(f"| {c} | `{_setting_string(e['setting'])}` | {100 * e['mean_avg']:.1f} | "
                        + (_pts(e.get("over_uncalibrated")) + _ci(e.get("over_uncalibrated_ci95")) if c != "none"
                           else "-")
                        + f" | {_pts(e['over_tuned_ta'])}{_ci(e['over_tuned_ta_ci95'])} | "

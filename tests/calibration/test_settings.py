@@ -26,7 +26,8 @@ def test_strings_presets_and_round_trip():
     for name, preset in PRESETS.items():
         assert resolve_setting(preset.to_string()) == preset, name
     assert resolve_setting("fsc") == CalibrationSetting()  # the paper's
-    assert resolve_setting("auto") is AUTO and AUTO.to_string() == "fsc:statistic=ratio_of_means,gate=paper"
+    assert resolve_setting("auto") is AUTO and AUTO == PRESETS["fsc_cap_detect"]
+    assert AUTO.to_string() == "fsc:sensitive=detect"
     # run-wide options reach the plain paper names only
     assert resolve_setting("wsc", wsc_variant="joint").wsc_variant == "joint"
     assert resolve_setting("wsc_norm_match", wsc_variant="joint").wsc_variant == "norm_match"
@@ -85,7 +86,29 @@ def test_missing_inputs_are_errors():
     with pytest.raises(ValueError, match="needs unlabelled batches"):
         AUTO.calibrate(base, merged_model(base, tau_m), tvs, tau_m)
     with pytest.raises(ValueError, match="sensitive_set"):
-        PRESETS["wsc_gated_detect"].calibrate(base, merged_model(base, tau_m), tvs, tau_m)
+        PRESETS["wsc_gated_detect_labelled"].calibrate(base, merged_model(base, tau_m), tvs, tau_m)
     # a mapping policy -> set picks the policy's set
     got = PRESETS["wsc_gated_detect_labelled"].sensitive_set({"detect": ["0.weight"], "detect_labelled": ["2.weight"]})
     assert got == ["2.weight"]
+
+
+def test_auto_runs_the_label_free_probe_and_caps_its_set():
+    """AUTO without a set detects one on the probe batches; the result equals FSC with that set passed explicitly."""
+    from magic_pl.calibration import detect_sensitive_layers, output_divergence_score
+    from magic_pl.calibration.settings import detect_label_free
+
+    base, tvs, tau_m, batches = _setup()
+    probe = [torch.randn(3, 4, dtype=torch.float64) for _ in range(3)]
+    found = detect_label_free(base, merged_model(base, tau_m), tvs, probe, alpha=2)
+    # independent: the weight-average model probed with the library's scorer
+    wa_model = merged_model(base, weight_average(tvs))
+    assert found == detect_sensitive_layers(wa_model, weight_average(tvs), output_divergence_score(probe, metric="l2"),
+                                            alpha=2)
+    m = merged_model(base, {k: 2.0 * v for k, v in tau_m.items()})  # over-scaled: xi < 1 where measured
+    rep = AUTO.calibrate(base, m, tvs, tau_m, batches, probe_batches=probe, alpha=2)
+    ref = merged_model(base, {k: 2.0 * v for k, v in tau_m.items()})
+    want = CalibrationSetting(space="fsc", sensitive="detect").calibrate(base, ref, tvs, tau_m, batches,
+                                                                          sensitive_set=found)
+    assert rep.coefficients == want.coefficients and rep.sensitive == want.sensitive
+    assert set(rep.sensitive) == {k.rpartition(".")[0] for k in found}
+    assert all(rep.coefficients[name] <= 1.0 for name in rep.sensitive)

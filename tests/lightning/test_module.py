@@ -165,21 +165,22 @@ def test_validate_logs_per_task_accuracy_on_validation_sets(setup3):
 
 
 def test_auto_setting_predict_equals_core(setup3):
-    """The recommended setting through Lightning (FSC, ratio of means, paper gate) equals the calibration core's."""
+    """The recommended setting through Lightning (FSC capped on a label-free detected set) equals the core's."""
     from magic_pl.calibration import AUTO
+    from magic_pl.calibration.settings import detect_label_free
 
     base, experts, heads, data = setup3
     dm = TaskDataModule(list("xyz"), test=data, samples_per_task=2, seed=5, batch_size=4)
-    mod = _module(base, experts, heads, calibration=AUTO.space, fsc_statistic=AUTO.statistic, fsc_gate=AUTO.gate,
-                  merge_method="ties", merge_options={"density": 0.5})
-    _trainer().predict(mod, datamodule=dm, return_predictions=False)
     taus = [task_vector(e, base) for e in experts]
-    ref = copy.deepcopy(base).eval()
-    ref.load_state_dict(apply_task_vector(base.state_dict(), merge("ties", taus, density=0.5)))
     calib = dm.calibration_dataset()
     batches = [(calib[i]["task"], calib[i]["inputs"][None]) for i in range(len(calib))]
-    report = AUTO.calibrate(base.state_dict(), ref, taus, batches=batches)
-    assert report.statistic == "ratio_of_means" and report.gate == "paper"
-    assert all(v >= 1.0 for v in report.coefficients.values())
+    ref = copy.deepcopy(base).eval()
+    ref.load_state_dict(apply_task_vector(base.state_dict(), merge("ties", taus, density=0.5)))
+    found = detect_label_free(base.state_dict(), ref, taus, [b for _, b in batches], alpha=2)
+    mod = _module(base, experts, heads, calibration=AUTO.space, sensitive=found, merge_method="ties",
+                  merge_options={"density": 0.5})
+    _trainer().predict(mod, datamodule=dm, return_predictions=False)
+    report = AUTO.calibrate(base.state_dict(), ref, taus, batches=batches, alpha=2)
+    assert report.sensitive and all(report.coefficients[n] <= 1.0 for n in report.sensitive)
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(mod.model.state_dict()[key], value, rtol=1e-6, atol=1e-6)

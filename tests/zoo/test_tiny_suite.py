@@ -171,16 +171,17 @@ def test_sensitive_sets(tiny, sensitive):
 
 def test_named_settings_columns_equal_their_explicit_strings(tiny):
     """A preset and the explicit string of the same setting are two paths to the same numbers; both probes run."""
-    cals = ["none", "auto", "fsc:statistic=ratio_of_means,gate=paper", "fsc_channel", "wsc_gated_detect_labelled",
-            "wsc_gated_detect"]
+    cals = ["none", "fsc_rom_gated", "fsc:statistic=ratio_of_means,gate=paper", "auto", "fsc:sensitive=detect",
+            "fsc_channel", "wsc_gated_detect_labelled"]
     result = run_benchmark("tiny", cache_dir=str(tiny["cache"]), progress=False, methods=["weight_average", "ties"],
                            calibrations=cals, draws=2, tune_ta=True, ta_grid=[0.3, 0.6], bn_reestimate=False,
                            bootstrap=100, write=False, sensitive_alpha=3)
     rows = _rows(result)
     for m in ("weight_average", "ties"):
-        a, b = rows[(m, "auto")], rows[(m, "fsc:statistic=ratio_of_means,gate=paper")]
+        a, b = rows[(m, "fsc_rom_gated")], rows[(m, "fsc:statistic=ratio_of_means,gate=paper")]
         assert a["draw_avgs"] == b["draw_avgs"]
         assert a["setting"] == "fsc:statistic=ratio_of_means,gate=paper"
+        assert rows[(m, "auto")]["draw_avgs"] == rows[(m, "fsc:sensitive=detect")]["draw_avgs"]
         # the paper gate never shrinks: every module's xi >= 1
         assert a["scales"]["min"] >= 1.0
     sets = result["sensitive_sets"]
