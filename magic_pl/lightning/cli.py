@@ -92,7 +92,11 @@ def benchmark_main(args: Sequence[str]) -> Any:
     cfg = parser.parse_args(list(args))
     kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
     kwargs.pop("config", None)
-    return run_benchmark(**kwargs)
+    result = run_benchmark(**kwargs)
+    from magic_pl.zoo.__main__ import print_result
+
+    print_result(result)
+    return result
 
 
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict", "calibrate")

@@ -44,11 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataUnavailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print_result(result)
+    return 0
+
+
+def print_result(result: dict) -> None:
+    """Print the markdown report and the files written (or the result itself when nothing was written)."""
     files = result.get("files", {})
     print(open(files["markdown"]).read() if "markdown" in files else result)
     if files:
         print("\nwritten:", ", ".join(files.values()))
-    return 0
 
 
 if __name__ == "__main__":

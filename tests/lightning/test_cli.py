@@ -65,20 +65,23 @@ def test_calibrate_without_fsc_or_evaluation_still_saves(tiny_workdir):
     assert (tiny_workdir / "wsc_out" / "model" / "model.safetensors").is_file()
 
 
-def test_benchmark_subcommand_forwards_to_zoo(monkeypatch):
+def test_benchmark_subcommand_forwards_to_zoo(monkeypatch, tmp_path, capsys):
     calls = []
 
     def run_benchmark(suite: str = "text", methods: tuple[str, ...] = ("task_arithmetic",), samples: int = 1,
                       output_dir: str = "results"):
         """Run a built-in offline benchmark suite."""
         calls.append(dict(suite=suite, methods=list(methods), samples=samples, output_dir=output_dir))
-        return {"ok": True}
+        (tmp_path / "results.md").write_text("| the table |\n")
+        return {"ok": True, "files": {"markdown": str(tmp_path / "results.md")}}
 
     import magic_pl.zoo
 
     monkeypatch.setattr(magic_pl.zoo, "run_benchmark", run_benchmark, raising=False)
     main(["benchmark", "--suite", "vision", "--methods", "[ties, dare]", "--samples", "4"])
     assert calls == [dict(suite="vision", methods=["ties", "dare"], samples=4, output_dir="results")]
+    out = capsys.readouterr().out  # the report is printed, and where the files went
+    assert "| the table |" in out and "written:" in out and "results.md" in out
 
 
 def test_help_lists_calibrate(capsys):
