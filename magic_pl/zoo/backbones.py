@@ -353,7 +353,13 @@ class TinyCNNBackbone(_ImageBackbone):
         images, _ = load_mnist_images()  # labels unused: the pretext is self-supervised
         x = self.prepare(images)
         gen = torch.Generator().manual_seed(seed)
-        head = nn.Linear(self.feature_dim(), 4)
+        # the initial weights come from the seed too, not from whatever the global RNG did before this call
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in encoder.modules():
+                if m is not encoder and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            head = nn.Linear(self.feature_dim(), 4)
         opt = torch.optim.Adam(list(encoder.parameters()) + list(head.parameters()), lr=3e-3)
         encoder.train()
         loss_val = float("nan")

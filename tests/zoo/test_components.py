@@ -163,3 +163,19 @@ def test_finetune_batchnorm_modes(mode):
     else:
         assert not same_stats and stats["batchnorm_layers_reestimated"] == 3
     assert not enc.training
+
+
+def test_tiny_pretext_base_depends_on_the_seed_only():
+    """The pretext base is the same whatever the global RNG did before (fresh processes used to differ)."""
+    bb = TinyCNNBackbone(width=4, pretrain_steps=2)
+    states = []
+    for noise in (0, 7):
+        torch.manual_seed(1234 + noise)
+        torch.rand(noise + 1)  # a different global RNG history
+        enc = bb.build()
+        bb.pretrain(enc, seed=3, progress=False)
+        states.append(enc.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    other = bb.build()
+    bb.pretrain(other, seed=4, progress=False)
+    assert not all(torch.equal(states[0][k], other.state_dict()[k]) for k in states[0] if k.endswith("weight"))
