@@ -14,7 +14,7 @@ from magic_pl.calibration.fsc import CalibrationReport, FeatureSpaceCalibrator, 
 from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, weight_space_calibration
 
-__all__ = ["Batches", "dual_space_calibration", "feed"]
+__all__ = ["Batches", "apply_weight_space_calibration", "dual_space_calibration", "feed"]
 
 #: Calibration data: ``{task_index: iterable of batches}`` or an iterable of ``(task_index, batch)`` pairs. A batch
 #: that is a tensor is passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``.
@@ -38,6 +38,33 @@ def feed(calibrator: FeatureSpaceCalibrator, batches: Batches) -> int:
             calibrator.update(k, batch)
         n += 1
     return n
+
+
+@torch.no_grad()
+def apply_weight_space_calibration(
+    base: StateSource,
+    merged: nn.Module,
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    merged_tv: Optional[Mapping[str, Tensor]] = None,
+    sensitive: Optional[Collection[str]] = None,
+    **wsc_options: Any,
+) -> dict[str, Tensor]:
+    """WSC written into ``merged`` in place: every calibrated tensor becomes ``theta0 + calibrated tau_m`` (summed in
+    float32, or float64 for float64 models). ``merged_tv`` ``None`` computes ``merged - base`` on access;
+    ``wsc_options`` go to :func:`weight_space_calibration`. Returns the per-row scales applied, per tensor."""
+    base_state = _state_of(base)
+    merged_state = merged.state_dict()
+    if merged_tv is None:
+        merged_tv = LazyTaskVector({k: v.detach() for k, v in merged_state.items()}, base_state)
+    calibrated, scales = weight_space_calibration(merged_tv, task_vectors, sensitive, return_scales=True,
+                                                  **wsc_options)
+    for key in scales:
+        if key not in merged_state:
+            raise KeyError(f"WSC calibrated {key!r}, which the merged model does not have")
+        target = merged_state[key]
+        acc = torch.promote_types(target.dtype, torch.float32)
+        target.copy_((base_state[key].to(target.device, acc) + calibrated[key].to(target.device, acc)).to(target.dtype))
+    return scales
 
 
 def dual_space_calibration(
@@ -77,20 +104,8 @@ def dual_space_calibration(
         The FSC :class:`CalibrationReport`, with ``wsc_scales`` (mean WSC row scale per calibrated tensor).
     """
     base_state = _state_of(base)
-    merged_state = merged.state_dict()
-    if merged_tv is None:
-        merged_tv = LazyTaskVector({k: v.detach() for k, v in merged_state.items()}, base_state)
-    calibrated, scales = weight_space_calibration(
-        merged_tv, task_vectors, sensitive, include=include, exclude=exclude, eps=eps, variant=variant, return_scales=True
-    )
-    with torch.no_grad():
-        for key in scales:
-            if key not in merged_state:
-                raise KeyError(f"WSC calibrated {key!r}, which the merged model does not have")
-            target = merged_state[key]
-            new = base_state[key].to(device=target.device, dtype=torch.float32) + calibrated[key].to(target.device, torch.float32)
-            target.copy_(new.to(target.dtype))
-    del calibrated
+    scales = apply_weight_space_calibration(base_state, merged, task_vectors, merged_tv, sensitive, include=include,
+                                            exclude=exclude, eps=eps, variant=variant)
     calibrator = FeatureSpaceCalibrator(base_state, merged, task_vectors, norm=norm, sensitive=sensitive, mode=mode,
                                         modules=modules, statistic=statistic, granularity=granularity, gate=gate)
     feed(calibrator, batches)

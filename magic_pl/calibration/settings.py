@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.dsc import Batches, dual_space_calibration, feed
+from magic_pl.calibration.dsc import Batches, apply_weight_space_calibration, dual_space_calibration, feed
 from magic_pl.calibration.fsc import (
     FSC_GATES,
     FSC_GRANULARITIES,
@@ -137,8 +137,6 @@ class CalibrationSetting:
                 probes with 8 unlabelled samples per task. ``detect_labelled`` needs the set from the caller.
         """
         from magic_pl.calibration.fsc import _state_of
-        from magic_pl.calibration.taskvectors import LazyTaskVector
-        from magic_pl.calibration.wsc import weight_space_calibration
 
         if self.space == "none":
             return None
@@ -158,16 +156,7 @@ class CalibrationSetting:
             cal = FeatureSpaceCalibrator(base_state, merged, task_vectors, sensitive=sens, **self.fsc_options())
             feed(cal, batches)
             return cal.fold()
-        state = merged.state_dict()
-        if merged_tv is None:
-            merged_tv = LazyTaskVector({k: v.detach() for k, v in state.items()}, base_state)
-        tau_w, scales = weight_space_calibration(merged_tv, task_vectors, sens, variant=self.wsc_variant,
-                                                 return_scales=True)
-        with torch.no_grad():
-            for key in scales:
-                t = state[key]
-                acc = torch.promote_types(t.dtype, torch.float32)  # float32 at least, float64 models stay exact
-                t.copy_((base_state[key].to(t.device, acc) + tau_w[key].to(t.device, acc)).to(t.dtype))
+        apply_weight_space_calibration(base_state, merged, task_vectors, merged_tv, sens, variant=self.wsc_variant)
         return None
 
     def sensitive_set(self, detected: Optional[Collection[str]]) -> Optional[list[str]]:
@@ -193,10 +182,12 @@ def _flat(batches: Optional[Batches]) -> list[Any]:
 
 
 def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
-                      probe_batches: Sequence[Any], alpha: int = 10) -> list[str]:
+                      probe_batches: Sequence[Any], alpha: int = 10,
+                      weight_average: Optional[Mapping[str, Tensor]] = None) -> list[str]:
     """The label-free magnitude-sensitivity probe (DESIGN.md 2.4) on the weight average: the ``alpha`` parameter
     tensors whose ``tau`` scaled by 1.1 moves the outputs on ``probe_batches`` most (L2). ``merged`` only provides the
-    architecture (a copy is probed; it is not modified)."""
+    architecture (a copy is probed; it is not modified). ``weight_average``: a precomputed mean task vector (e.g.
+    with another BatchNorm-statistics policy); default ``mean_k tau_k`` over every floating key."""
     import copy
 
     from magic_pl.calibration.fsc import _state_of
@@ -204,8 +195,13 @@ def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequen
 
     base_state = _state_of(base)
     probe = copy.deepcopy(merged).eval()
-    keys = [k for k, v in probe.state_dict().items() if v.dtype.is_floating_point and all(k in tv for tv in task_vectors)]
-    wa = {k: sum(tv[k].float() for tv in task_vectors) / len(task_vectors) for k in keys}
+    if weight_average is None:
+        keys = [k for k, v in probe.state_dict().items()
+                if v.dtype.is_floating_point and all(k in tv for tv in task_vectors)]
+        wa = {k: sum(tv[k].float() for tv in task_vectors) / len(task_vectors) for k in keys}
+    else:
+        wa = dict(weight_average)
+        keys = [k for k in wa if k in probe.state_dict()]
     with torch.no_grad():
         state = probe.state_dict()
         for k in keys:

@@ -111,7 +111,8 @@ class _Row:
             out["avg_normalized_std"] = float(norm_draws.mean(1).std(ddof=1)) if len(self.draws) > 1 else 0.0
         if self.xi:
             vals = np.array([list(x.values()) for x in self.xi])
-            kind = "WSC mean row scale per tensor" if self.calibration == "wsc" else "FSC xi per module"
+            wsc = str(self.extra.get("setting", self.calibration)).startswith("wsc")
+            kind = "WSC mean row scale per tensor" if wsc else "FSC xi per module"
             out["scales"] = {"kind": kind, "mean": float(vals.mean()), "min": float(vals.min()),
                              "max": float(vals.max()), "count": int(vals.shape[1])}
         out.update(self.extra)
@@ -247,10 +248,10 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
 
     from magic_pl.calibration import (
         detect_sensitive_layers,
-        output_divergence_score,
         resolve_setting,
         weight_space_calibration,
     )
+    from magic_pl.calibration.settings import detect_label_free
     from magic_pl.merging import MERGE_METHODS, merge
 
     suite = spec.name
@@ -392,19 +393,19 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
     for policy, probe_kind in probes.items():
         t = time.perf_counter()
         wa_tv = merge("weight_average", taus, bn_stats=bn_stats)
-        probe = merged_model(wa_tv)
         if probe_kind == "labelled":
             score = lambda model: val_eval.log_likelihood(model, limit=64)  # noqa: E731
             how = "labelled: mean log-likelihood of the true labels on 64 validation examples per task"
+            detected[policy] = detect_sensitive_layers(merged_model(wa_tv), wa_tv, score, alpha=sensitive_alpha)
         else:
             probe_batches = []
             for k, n in enumerate(names):
                 picked = _draw(pools[n], 8, seed * 1_000 + 555 + k)
                 probe_batches.extend(backbone.batch(prepared_pool[n], [pool_pos[n][int(i)]], dev) for i in picked)
-            score = output_divergence_score(probe_batches, metric="l2")
             how = "label-free: L2 change of encoder features on 8 unlabelled samples per task"
-        detected[policy] = detect_sensitive_layers(probe, wa_tv, score, alpha=sensitive_alpha)
-        del probe, wa_tv
+            detected[policy] = detect_label_free(base_state, template, taus, probe_batches, alpha=sensitive_alpha,
+                                                 weight_average=wa_tv)
+        del wa_tv
         reports[f"sensitive_{policy}"] = {"tensors": detected[policy], "seconds": time.perf_counter() - t,
                                           "score": how}
     fsc_paper = resolve_setting("fsc", norm=fsc_norm, mode=fsc_mode, sensitive=sensitive)  # the bn+fsc rows
