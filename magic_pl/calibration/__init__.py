@@ -1,4 +1,4 @@
-"""MAGIC magnitude calibration (DESIGN.md section 2), pure PyTorch: WSC, FSC with weight folding, DSC and the
+"""MAGIC magnitude calibration (docs/method.md), pure PyTorch: WSC, FSC with weight folding, DSC and the
 magnitude-sensitive-layer probe. Usable without Lightning."""
 
 from magic_pl.calibration.dsc import dual_space_calibration
@@ -7,7 +7,7 @@ from magic_pl.calibration.fsc import (
     FSC_GRANULARITIES,
     FSC_MODES,
     FSC_STATISTICS,
-    CalibrationReport,
+    CalibrationResult,
     FeatureSpaceCalibrator,
 )
 from magic_pl.calibration.modules import CalibratedModule, find_units, fold_kind
@@ -19,7 +19,7 @@ from magic_pl.calibration.sensitivity import (
     save_sensitivity,
     sensitivity_scores,
 )
-from magic_pl.calibration.settings import AUTO, PRESETS, CalibrationSetting, resolve_setting
+from magic_pl.calibration.settings import AUTO, PRESETS, SENSITIVE_POLICIES, CalibrationSetting, resolve_setting
 from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, WSC_VARIANTS, row_scales, weight_space_calibration, wsc_keys
 
@@ -31,10 +31,11 @@ __all__ = [
     "FSC_MODES",
     "FSC_STATISTICS",
     "PRESETS",
+    "SENSITIVE_POLICIES",
     "WSC_VARIANTS",
     "CalibratedModule",
     "CalibrationSetting",
-    "CalibrationReport",
+    "CalibrationResult",
     "FeatureSpaceCalibrator",
     "LazyTaskVector",
     "accuracy_score",

@@ -1,5 +1,5 @@
 """Dual space calibration (DSC): WSC on the merged task vector, then FSC measured on the WSC-calibrated model
-(DESIGN.md 2.3; MAGIC, arXiv 2512.19320)."""
+(MAGIC, arXiv 2512.19320; docs/method.md), and the shared steps: feeding batches, writing WSC into a model."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration._names import Patterns
-from magic_pl.calibration.fsc import CalibrationReport, FeatureSpaceCalibrator, StateSource, _state_of
+from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator, StateSource, _state_of
 from magic_pl.calibration.taskvectors import LazyTaskVector
-from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, weight_space_calibration
+from magic_pl.calibration.wsc import weight_space_calibration
 
 __all__ = ["Batches", "apply_weight_space_calibration", "dual_space_calibration", "feed"]
 
@@ -75,40 +74,19 @@ def dual_space_calibration(
     batches: Batches,
     sensitive: Optional[Collection[str]] = None,
     *,
-    norm: Union[int, float, str] = 1,
-    mode: str = "parallel",
     modules: Optional[Sequence[str]] = None,
-    include: Patterns = None,
-    exclude: Patterns = DEFAULT_WSC_EXCLUDE,
-    eps: float = 1e-8,
-    variant: str = "paper",
-    statistic: str = "mean_of_ratios",
-    granularity: str = "module",
-    gate: str = "none",
-) -> CalibrationReport:
-    """WSC, load the calibrated task vector into ``merged``, FSC measured on that model, fold (in place).
+    **options: Any,
+) -> CalibrationResult:
+    """DSC: WSC, then FSC measured on the WSC-calibrated model, folded (``merged`` modified in place).
 
-    Args:
-        base: the base model or its state dict.
-        merged: the merged model theta0 + tau_m; modified in place (WSC rows, then the FSC fold).
-        task_vectors: the K task vectors.
-        merged_tv: tau_m; ``None`` computes it on access as ``merged - base``.
-        batches: unlabelled calibration batches per task (:data:`Batches`; paper default: one sample per task).
-        sensitive: magnitude-sensitive tensors/modules, used by both WSC gating and the FSC cap (``None``: none,
-            and WSC ungated).
-        norm, mode, modules, statistic, granularity, gate: FSC options (:class:`FeatureSpaceCalibrator`; the paper's
-            defaults).
-        include, exclude, eps, variant: WSC options (:func:`weight_space_calibration`).
-
-    Returns:
-        The FSC :class:`CalibrationReport`, with ``wsc_scales`` (mean WSC row scale per calibrated tensor).
+    The same as ``CalibrationSetting(space="dsc", **options).calibrate(...)``: ``options`` are setting fields (``norm``,
+    ``mode``, ``statistic``, ``granularity``, ``gate``, ``wsc_variant``, ``eps``; the paper's defaults). ``sensitive``:
+    magnitude-sensitive tensors/modules, used by both WSC gating and the FSC cap (``None``: none, WSC ungated).
+    Returns the :class:`CalibrationResult` (FSC coefficients plus WSC row scales).
     """
-    base_state = _state_of(base)
-    scales = apply_weight_space_calibration(base_state, merged, task_vectors, merged_tv, sensitive, include=include,
-                                            exclude=exclude, eps=eps, variant=variant)
-    calibrator = FeatureSpaceCalibrator(base_state, merged, task_vectors, norm=norm, sensitive=sensitive, mode=mode,
-                                        modules=modules, statistic=statistic, granularity=granularity, gate=gate)
-    feed(calibrator, batches)
-    report = calibrator.fold()
-    report.wsc_scales = {k: float(v.mean()) for k, v in scales.items()}
-    return report
+    from magic_pl.calibration.settings import CalibrationSetting
+
+    if "variant" in options:
+        options["wsc_variant"] = options.pop("variant")
+    setting = CalibrationSetting(space="dsc", sensitive="none" if sensitive is None else "given", **options)
+    return setting.calibrate(base, merged, task_vectors, merged_tv, batches, sensitive, modules=modules)

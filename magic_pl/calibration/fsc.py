@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Union
 
 import torch
@@ -41,7 +41,7 @@ from magic_pl.calibration._names import module_is_sensitive
 from magic_pl.calibration.folding import fold_unit
 from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, fold_kind, primary_tensor
 
-__all__ = ["FSC_MODES", "CalibrationReport", "FeatureSpaceCalibrator", "StateSource"]
+__all__ = ["FSC_MODES", "CalibrationResult", "FeatureSpaceCalibrator", "StateSource"]
 
 #: ``"parallel"``: the paper's measurement, every module on the uncalibrated merged model in one pass (default).
 #: ``"sequential"``: each module measured with the modules executed before it already calibrated (an extension).
@@ -58,8 +58,9 @@ StateSource = Union[nn.Module, Mapping[str, Tensor]]
 
 
 @dataclass
-class CalibrationReport:
-    """What :meth:`FeatureSpaceCalibrator.fold` did.
+class CalibrationResult:
+    """What a calibration did, for every space (none, WSC, FSC, DSC): the one result type of
+    :meth:`~magic_pl.calibration.CalibrationSetting.calibrate` and :meth:`FeatureSpaceCalibrator.fold`.
 
     Attributes:
         coefficients: module name -> xi (sensitive cap applied; with per-channel coefficients, their mean).
@@ -74,10 +75,14 @@ class CalibrationReport:
         task_ratios: module name -> per-task ``r_{k,l}`` (``None`` where task k sent no sample through it).
         mode, norm, rounds, statistic, granularity, gate: the FSC settings, and the measurement rounds used (1 for
             parallel).
-        wsc_scales: for DSC, tensor key -> mean WSC row scale applied before FSC (empty for FSC alone).
+        wsc_scales: WSC and DSC: tensor key -> mean WSC row scale applied (empty without WSC).
+        row_scales: WSC and DSC: tensor key -> the ``[rows]`` float32 row scales applied (not in :meth:`to_dict`).
+        space: the calibration space that produced this result (``"none"``, ``"wsc"``, ``"fsc"``, ``"dsc"``).
+        setting: the calibration setting as a string (:meth:`CalibrationSetting.to_string`), when known.
+        samples_per_task: calibration samples seen per task (FSC/DSC; summed over processes).
     """
 
-    coefficients: dict[str, float]
+    coefficients: dict[str, float] = field(default_factory=dict)
     folded: list[str] = field(default_factory=list)
     wrapped: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
@@ -92,11 +97,16 @@ class CalibrationReport:
     granularity: str = "module"
     gate: str = "none"
     channel_coefficients: dict[str, list[float]] = field(default_factory=dict)
+    row_scales: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    space: str = "fsc"
+    setting: str = ""
+    samples_per_task: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (``norm = inf`` is written as the string ``"inf"``; per-channel coefficients are
-        summarised as min/mean/max per module)."""
-        out = asdict(self)
+        summarised as min/mean/max per module; per-row WSC scales by their per-tensor means, ``wsc_scales``)."""
+        out = asdict(replace(self, row_scales={}))
+        del out["row_scales"]
         if math.isinf(self.norm):
             out["norm"] = "inf"
         out["channel_coefficients"] = {
@@ -122,6 +132,14 @@ def _state_of(source: StateSource) -> Mapping[str, Tensor]:
     if isinstance(source, Mapping):
         return source
     raise TypeError(f"expected an nn.Module or a mapping of tensors, got {type(source).__name__}")
+
+
+def _rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    """Samples in a batch: dim 0 of its first tensor (1 when it has none)."""
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 1
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -185,6 +203,7 @@ class FeatureSpaceCalibrator:
         statistic: str = "mean_of_ratios",
         granularity: str = "module",
         gate: str = "none",
+        task_names: Optional[Sequence[str]] = None,
     ):
         for what, value, choices in (("mode", mode, FSC_MODES), ("statistic", statistic, FSC_STATISTICS),
                                      ("granularity", granularity, FSC_GRANULARITIES), ("gate", gate, FSC_GATES)):
@@ -211,22 +230,22 @@ class FeatureSpaceCalibrator:
                 )
         self._validate_keys()
         self.module_names = [u.name for u in self.units]
-        sens = set(sensitive) if sensitive else set()
-        self.sensitive_modules = [u.name for u in self.units if module_is_sensitive(u.name, u.keys, sens)]
         sizes = [self._channels(u) if granularity == "channel" else 1 for u in self.units]
         bounds = [0]
         for n in sizes:
             bounds.append(bounds[-1] + n)
         self.slots = {u.name: (bounds[i], bounds[i + 1]) for i, u in enumerate(self.units)}
         self._bounds = bounds
-        sens_names = set(self.sensitive_modules)
-        self._sensitive_mask = torch.tensor([u.name in sens_names for u, n in zip(self.units, sizes) for _ in range(n)],
-                                            dtype=torch.bool)
+        self.set_sensitive(sensitive)
         K, N = len(self.task_vectors), bounds[-1]
+        if task_names is not None and len(task_names) != K:
+            raise ValueError(f"{len(task_names)} task names for {K} task vectors")
+        self.task_names = [str(n) for n in task_names] if task_names is not None else [f"task {k}" for k in range(K)]
         device = _model_device(merged)
         with torch.inference_mode(False):  # normal tensors even if constructed inside inference mode
             self.ratio_sum = torch.zeros(K, N, dtype=torch.float32, device=device)
             self.ratio_count = torch.zeros(K, N, dtype=torch.float32, device=device)
+            self.task_samples = torch.zeros(K, dtype=torch.long)
         self.rounds = 0
         self._cache: list[tuple[int, tuple, dict]] = []
         self._apply: Optional[list[float]] = None
@@ -239,6 +258,16 @@ class FeatureSpaceCalibrator:
         self._warned_train = False
 
     # ---------------------------------------------------------------------------------------------------------------
+    def set_sensitive(self, sensitive: Optional[Collection[str]]) -> None:
+        """Set the magnitude-sensitive modules (names or parameter keys; xi capped at 1). Parallel measurements do not
+        depend on it, so a set detected from the same calibration data may be given after :meth:`update`."""
+        sens = set(sensitive) if sensitive else set()
+        self.sensitive_modules = [u.name for u in self.units if module_is_sensitive(u.name, u.keys, sens)]
+        names = set(self.sensitive_modules)
+        self._sensitive_mask = torch.tensor(
+            [u.name in names for i, u in enumerate(self.units) for _ in range(self._bounds[i + 1] - self._bounds[i])],
+            dtype=torch.bool)
+
     @property
     def num_tasks(self) -> int:
         return len(self.task_vectors)
@@ -294,6 +323,7 @@ class FeatureSpaceCalibrator:
         k = self._task_index(task_index)
         if self._finalized:
             raise RuntimeError("statistics were finalized; update() cannot add more (create a new calibrator)")
+        self.task_samples[k] += _rows(args, kwargs)
         if self.mode == "sequential":
             self._cache.append((k, args, kwargs))
             return
@@ -478,8 +508,13 @@ class FeatureSpaceCalibrator:
         self._finalized = True
         return self.coefficients()
 
-    def load_statistics(self, ratio_sum: Tensor, ratio_count: Tensor) -> None:
-        """Replace the statistics, e.g. by their sum over processes (the Lightning layer's all-reduce)."""
+    def load_statistics(self, ratio_sum: Tensor, ratio_count: Tensor, samples: Optional[Tensor] = None) -> None:
+        """Replace the statistics, e.g. by their sum over processes (the Lightning layer's all-reduce); ``samples``:
+        the ``[K]`` samples per task behind them (kept as counted by :meth:`update` when ``None``)."""
+        if samples is not None:
+            if tuple(samples.shape) != (self.num_tasks,):
+                raise ValueError(f"samples has shape {tuple(samples.shape)}, expected ({self.num_tasks},)")
+            self.task_samples = samples.detach().to("cpu", torch.long).clone()
         shape = tuple(self.ratio_sum.shape)
         for name, t in (("ratio_sum", ratio_sum), ("ratio_count", ratio_count)):
             if tuple(t.shape) != shape:
@@ -499,6 +534,7 @@ class FeatureSpaceCalibrator:
         self._check_open()
         self.ratio_sum.zero_()
         self.ratio_count.zero_()
+        self.task_samples.zero_()
         self._cache.clear()
         self._finalized = False
 
@@ -546,8 +582,19 @@ class FeatureSpaceCalibrator:
             self.finalize()
         return {name: x for name, x in zip(self.module_names, self._per_unit(self._xi())) if isinstance(x, Tensor)}
 
+    def check_coverage(self, min_samples: int = 1) -> None:
+        """Raise unless every task sent at least ``min_samples`` calibration samples: a task without samples would
+        silently get xi from the other tasks only (or 1 everywhere without any statistics)."""
+        counts = self.task_samples.tolist()
+        if not any(counts):
+            raise ValueError("FSC has no statistics: feed unlabelled batches of every task (update) before fold()")
+        short = [f"{name} ({n})" for name, n in zip(self.task_names, counts) if n < min_samples]
+        if short:
+            raise ValueError(f"FSC needs at least {min_samples} unlabelled sample(s) of every task; too few for: "
+                             f"{', '.join(short)}")
+
     # ---------------------------------------------------------------------------------------------------------------
-    def fold(self) -> CalibrationReport:
+    def fold(self) -> CalibrationResult:
         """Write the calibration into ``merged`` and return the report.
 
         Affine modules get ``theta0 + xi * tau_m``; BatchNorm (eval, running statistics) the rewrite of DESIGN.md
@@ -555,6 +602,7 @@ class FeatureSpaceCalibrator:
         in a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`. The calibrator is closed afterwards.
         """
         self._check_open()
+        self.check_coverage()
         coeffs = self.coefficients()
         per_unit = self._per_unit(self._xi())
         owners: dict[int, set[int]] = {}
@@ -564,10 +612,10 @@ class FeatureSpaceCalibrator:
             for local in u.tensors:
                 owners.setdefault(id(tensors[local]), set()).add(i)
         shared = {i for s in owners.values() if len(s) > 1 for i in s}
-        report = CalibrationReport(
+        report = CalibrationResult(
             coefficients=coeffs, mode=self.mode, norm=self.norm, rounds=max(self.rounds, 1),
             sensitive=list(self.sensitive_modules), statistic=self.statistic, granularity=self.granularity,
-            gate=self.gate,
+            gate=self.gate, samples_per_task=self.task_samples.tolist(),
         )
         ratios = self.task_ratios()
         for j, name in enumerate(self.module_names):

@@ -1,16 +1,24 @@
-"""Named calibration settings: the paper's MAGIC, the variants of issue 7 and the recommended ``"auto"`` setting.
+"""Calibration settings: the one options object that says how to calibrate, and the one driver that applies it.
 
-A :class:`CalibrationSetting` says which space to calibrate (``none``/``wsc``/``fsc``/``dsc``) and every option of
-:func:`~magic_pl.calibration.wsc.weight_space_calibration` and
-:class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` that shapes the result. Settings are written as short strings
-(``"fsc"``, ``"dsc"``, ``"fsc:statistic=ratio_of_means,granularity=channel"``) or looked up by preset name
-(:data:`PRESETS`); :func:`calibrate` applies one to a merged model.
+A :class:`CalibrationSetting` says which space to calibrate (``none``/``wsc``/``fsc``/``dsc``), which sensitive-set
+policy to use, and every option of :func:`~magic_pl.calibration.wsc.weight_space_calibration` and
+:class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` that shapes the result. Every front door (Python,
+``MagicModule``, the callbacks, the CLI, the streaming path, the benchmark) takes one, written as
+
+- a preset name of :data:`PRESETS` (``"fsc"``, ``"dsc"``, ``"auto"``, ...),
+- a ``"space:key=value,..."`` string (``"fsc:statistic=ratio_of_means,granularity=channel"``),
+- a dict of fields (YAML: ``calibration: {space: fsc, sensitive: detect}``), or the object itself;
+
+:func:`resolve_setting` turns each into a setting. :meth:`CalibrationSetting.calibrate` runs it on a merged model and
+returns one :class:`~magic_pl.calibration.fsc.CalibrationResult` for every space; the Lightning layer runs the same
+steps (:meth:`~CalibrationSetting.weight_space`, :meth:`~CalibrationSetting.feature_calibrator`,
+:meth:`~CalibrationSetting.resolve_sensitive`) with statistics collected in its predict loop.
 
 Presets (the paper's behaviour is ``"wsc"``/``"fsc"``/``"dsc"``, exactly as in MAGIC, arXiv 2512.19320):
 
 - ``wsc_gated``: WSC with the paper's gating and an empty sensitive set (rows only grow);
   ``wsc_gated_detect`` / ``wsc_gated_detect_labelled``: gating with a sensitive set detected by the label-free or the
-  labelled probe (DESIGN.md 2.4);
+  labelled probe (see docs/method.md, "Magnitude-sensitive layers");
 - ``wsc_norm_match`` / ``wsc_joint``: WSC that matches each row's norm to the mean task-row norm, or projects jointly;
 - ``fsc_sequential``, ``fsc_channel`` (one xi per output channel), ``fsc_rom`` (ratio of means), ``fsc_p2``
   (p = 2), ``fsc_cap_detect`` (the paper's sensitive cap with a detected set), ``fsc_gated`` (WSC's rule on xi),
@@ -20,36 +28,44 @@ Presets (the paper's behaviour is ``"wsc"``/``"fsc"``/``"dsc"``, exactly as in M
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.dsc import Batches, apply_weight_space_calibration, dual_space_calibration, feed
+from magic_pl.calibration.dsc import Batches, apply_weight_space_calibration, feed
 from magic_pl.calibration.fsc import (
     FSC_GATES,
     FSC_GRANULARITIES,
     FSC_MODES,
     FSC_STATISTICS,
-    CalibrationReport,
+    CalibrationResult,
     FeatureSpaceCalibrator,
     StateSource,
     _parse_norm,
+    _state_of,
 )
 from magic_pl.calibration.wsc import WSC_VARIANTS
 
 __all__ = ["SPACES", "SENSITIVE_POLICIES", "CalibrationSetting", "PRESETS", "AUTO", "resolve_setting",
-           "detect_label_free"]
+           "detect_label_free", "SensitiveSet"]
 
 #: Calibration spaces: nothing, weight space (data-free), feature space, both (WSC then FSC).
 SPACES: tuple[str, ...] = ("none", "wsc", "fsc", "dsc")
-#: Sensitive-set policies: ``none`` (WSC ungated, FSC uncapped; the default), ``empty`` (the paper's gating with no
-#: sensitive tensor), ``detect`` (a set from :func:`~magic_pl.calibration.sensitivity.detect_sensitive_layers`, which
-#: the caller passes to :meth:`CalibrationSetting.calibrate`; ``detect_labelled`` asks the caller for the set of the
-#: labelled probe, the paper's, ``detect`` for a label-free one).
-SENSITIVE_POLICIES: tuple[str, ...] = ("none", "empty", "detect", "detect_labelled")
+#: Sensitive-set policies, the one meaning of "sensitive": ``none`` (WSC ungated, FSC uncapped; the default),
+#: ``empty`` (the paper's gating with no sensitive tensor: WSC rows only grow), ``given`` (a set the caller passes: a
+#: list of tensor/module names or a ranking JSON of :func:`~magic_pl.calibration.sensitivity.save_sensitivity`),
+#: ``detect`` (the label-free probe on unlabelled calibration samples, run by :meth:`CalibrationSetting.calibrate`)
+#: and ``detect_labelled`` (the paper's labelled probe; the caller runs it and passes the set). A given set also
+#: serves ``detect``/``detect_labelled`` (a saved ranking is reused instead of probing again).
+SENSITIVE_POLICIES: tuple[str, ...] = ("none", "empty", "given", "detect", "detect_labelled")
+
+#: A sensitive set as callers give it: names, a ranking JSON path, or ``{policy: names}`` (several probes at once).
+SensitiveSet = Union[Sequence[str], str, os.PathLike, Mapping[str, Sequence[str]], None]
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,8 @@ class CalibrationSetting:
         space: ``"none"``, ``"wsc"``, ``"fsc"`` or ``"dsc"``.
         wsc_variant: :data:`~magic_pl.calibration.wsc.WSC_VARIANTS` (``"paper"``).
         sensitive: :data:`SENSITIVE_POLICIES` (``"none"``).
+        alpha: size of a detected sensitive set (paper: 10).
+        eps: WSC's eps under the square root (1e-8).
         norm: FSC feature norm p (1).
         mode: FSC ``"parallel"`` (paper) or ``"sequential"``.
         statistic: FSC ``"mean_of_ratios"`` (paper) or ``"ratio_of_means"``.
@@ -70,6 +88,8 @@ class CalibrationSetting:
     space: str = "fsc"
     wsc_variant: str = "paper"
     sensitive: str = "none"
+    alpha: int = 10
+    eps: float = 1e-8
     norm: float = 1.0
     mode: str = "parallel"
     statistic: str = "mean_of_ratios"
@@ -85,6 +105,20 @@ class CalibrationSetting:
             if value not in choices:
                 raise ValueError(f"calibration setting: {name}={value!r} is not one of {choices}")
         object.__setattr__(self, "norm", _parse_norm(self.norm))
+        try:
+            alpha = float(self.alpha)
+        except (TypeError, ValueError):
+            alpha = float("nan")
+        if not (alpha.is_integer() and 0 <= alpha <= 10_000):
+            raise ValueError(f"calibration setting: alpha={self.alpha!r} must be a whole number of tensors in [0, 10000]")
+        object.__setattr__(self, "alpha", int(alpha))
+        try:
+            eps = float(self.eps)
+        except (TypeError, ValueError):
+            eps = float("nan")
+        if not (math.isfinite(eps) and 0 < eps <= 1.0):
+            raise ValueError(f"calibration setting: eps={self.eps!r} must be a finite number in (0, 1]")
+        object.__setattr__(self, "eps", eps)
 
     @property
     def uses_data(self) -> bool:
@@ -95,10 +129,19 @@ class CalibrationSetting:
     def uses_wsc(self) -> bool:
         return self.space in ("wsc", "dsc")
 
+    @property
+    def detects(self) -> bool:
+        """True when the label-free probe must run (``sensitive="detect"``) unless a set is given."""
+        return self.sensitive == "detect" and self.space != "none"
+
     def fsc_options(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator`."""
         return {"norm": self.norm, "mode": self.mode, "statistic": self.statistic, "granularity": self.granularity,
                 "gate": self.gate}
+
+    def wsc_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~magic_pl.calibration.wsc.weight_space_calibration`."""
+        return {"variant": self.wsc_variant, "eps": self.eps}
 
     def to_string(self) -> str:
         """The shortest string that :func:`resolve_setting` maps back to this setting."""
@@ -112,6 +155,61 @@ class CalibrationSetting:
         out["norm"] = _fmt(self.norm)
         return out
 
+    # --- the steps ----------------------------------------------------------------------------------------------
+    def resolve_sensitive(self, given: SensitiveSet = None, detected: Optional[Sequence[str]] = None
+                          ) -> Optional[list[str]]:
+        """The sensitive collection WSC/FSC use under this setting's policy.
+
+        ``given``: names, a ranking JSON path, or ``{policy: names}``; ``detected``: the set the label-free probe
+        found. ``None`` means no gating and no cap; ``[]`` the paper's gating with nothing sensitive.
+        """
+        policy = self.sensitive
+        if isinstance(given, Mapping):
+            given = given.get(policy)
+        if isinstance(given, (str, os.PathLike)):
+            from magic_pl.calibration.sensitivity import load_sensitivity
+
+            given = load_sensitivity(given, alpha=self.alpha)
+        if policy == "none":
+            return None
+        if policy == "empty":
+            return []
+        if given is not None:
+            return [str(s) for s in given]
+        if policy == "detect" and detected is not None:
+            return list(detected)
+        raise ValueError(f"calibration {self.to_string()!r} needs a sensitive set: "
+                         + ("give one (names or a ranking JSON)" if policy in ("given", "detect_labelled") else
+                            "give unlabelled probe batches, or a set (names or a ranking JSON)"))
+
+    def weight_space(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
+                     merged_tv: Optional[Mapping[str, Tensor]], sensitive: Optional[Collection[str]]
+                     ) -> dict[str, Tensor]:
+        """WSC written into ``merged`` (for ``wsc``/``dsc``; nothing otherwise). Returns the row scales per tensor."""
+        if not self.uses_wsc:
+            return {}
+        return apply_weight_space_calibration(base, merged, task_vectors, merged_tv, sensitive, **self.wsc_options())
+
+    def feature_calibrator(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
+                           sensitive: Optional[Collection[str]], *, modules: Optional[Sequence[str]] = None,
+                           task_names: Optional[Sequence[str]] = None) -> FeatureSpaceCalibrator:
+        """The FSC calibration core for this setting, on ``merged`` (statistics are fed by the caller)."""
+        if not self.uses_data:
+            raise ValueError(f"calibration {self.to_string()!r} does not use feature statistics")
+        return FeatureSpaceCalibrator(base, merged, task_vectors, sensitive=sensitive, modules=modules,
+                                      task_names=task_names, **self.fsc_options())
+
+    def result(self, fold: Optional[CalibrationResult] = None, row_scales: Optional[Mapping[str, Tensor]] = None
+               ) -> CalibrationResult:
+        """The :class:`CalibrationResult` of this setting from its steps' outputs (an FSC fold and/or WSC scales)."""
+        out = fold if fold is not None else CalibrationResult(norm=self.norm, mode=self.mode, statistic=self.statistic,
+                                                              granularity=self.granularity, gate=self.gate, rounds=0)
+        out.space, out.setting = self.space, self.to_string()
+        if row_scales:
+            out.row_scales = {k: v.detach().float().cpu() for k, v in row_scales.items()}
+            out.wsc_scales = {k: float(v.float().mean()) for k, v in row_scales.items()}
+        return out
+
     def calibrate(
         self,
         base: StateSource,
@@ -119,58 +217,52 @@ class CalibrationSetting:
         task_vectors: Sequence[Mapping[str, Tensor]],
         merged_tv: Optional[Mapping[str, Tensor]] = None,
         batches: Optional[Batches] = None,
-        sensitive_set: Optional[Collection[str]] = None,
+        sensitive_set: SensitiveSet = None,
         *,
         probe_batches: Optional[Sequence[Any]] = None,
-        alpha: int = 10,
-    ) -> Optional[CalibrationReport]:
-        """Apply this setting to ``merged`` (in place) and return the FSC/DSC report (``None`` for none/WSC).
+        modules: Optional[Sequence[str]] = None,
+        task_names: Optional[Sequence[str]] = None,
+    ) -> CalibrationResult:
+        """Apply this setting to ``merged`` (in place) and return what it did.
 
         Args:
-            base, merged, task_vectors, merged_tv: as in :func:`~magic_pl.calibration.dsc.dual_space_calibration`
-                (``merged_tv`` is needed by WSC and DSC; ``None`` computes ``merged - base``).
-            batches: unlabelled batches per task (FSC/DSC).
-            sensitive_set: the detected sensitive tensors/modules, or a mapping policy -> set. With
-                ``sensitive="detect"`` and no set, the label-free probe runs here (DESIGN.md 2.4): the ``alpha``
-                (paper: 10) tensors whose tau is scaled by 1.1 on the weight average theta0 + mean_k tau_k change the
-                model's outputs most (L2) on ``probe_batches`` (default: the calibration batches). The benchmark
-                probes with 8 unlabelled samples per task. ``detect_labelled`` needs the set from the caller.
+            base: the base model or its state dict.
+            merged: the merged model theta0 + tau_m; modified in place.
+            task_vectors: the K task vectors (mappings, read one key at a time).
+            merged_tv: tau_m for WSC/DSC (``None`` computes ``merged - base`` per key).
+            batches: unlabelled batches per task (FSC/DSC; :data:`~magic_pl.calibration.dsc.Batches`); every task
+                must have at least one.
+            sensitive_set: see :meth:`resolve_sensitive`. With ``sensitive="detect"`` and no set, the label-free
+                probe runs here on ``probe_batches`` (default: the calibration batches): the ``alpha`` tensors whose
+                tau scaled by 1.1 on the weight average theta0 + mean_k tau_k moves the model's outputs most (L2).
+            modules: explicit FSC module names (default: automatic).
+            task_names: names of the tasks, for error messages and the result.
         """
-        from magic_pl.calibration.fsc import _state_of
-
-        if self.space == "none":
-            return None
         if self.uses_data and batches is None:
             raise ValueError(f"calibration {self.to_string()!r} needs unlabelled batches per task")
-        if self.sensitive == "detect" and sensitive_set is None:
+        if self.space == "none":
+            return self.result()
+        base_state = _state_of(base)
+        detected = None
+        if self.detects and _pick(sensitive_set, self.sensitive) is None:
             source = probe_batches if probe_batches is not None else _flat(batches)
             if not source:
-                raise ValueError("sensitive='detect' needs unlabelled probe_batches (or batches) to run the probe")
-            sensitive_set = detect_label_free(base, merged, task_vectors, source, alpha=alpha)
-        sens = self.sensitive_set(sensitive_set)
-        base_state = _state_of(base)
-        if self.space == "dsc":
-            return dual_space_calibration(base_state, merged, task_vectors, merged_tv, batches, sens,
-                                          variant=self.wsc_variant, **self.fsc_options())
-        if self.space == "fsc":
-            cal = FeatureSpaceCalibrator(base_state, merged, task_vectors, sensitive=sens, **self.fsc_options())
-            feed(cal, batches)
-            return cal.fold()
-        apply_weight_space_calibration(base_state, merged, task_vectors, merged_tv, sens, variant=self.wsc_variant)
-        return None
+                raise ValueError(f"calibration {self.to_string()!r} detects sensitive layers: it needs unlabelled "
+                                 "probe_batches (or calibration batches), or a given sensitive set")
+            detected = detect_label_free(base_state, merged, task_vectors, source, alpha=self.alpha)
+        sens = self.resolve_sensitive(sensitive_set, detected)
+        scales = self.weight_space(base_state, merged, task_vectors, merged_tv, sens)
+        fold = None
+        if self.uses_data:
+            calibrator = self.feature_calibrator(base_state, merged, task_vectors, sens, modules=modules,
+                                                 task_names=task_names)
+            feed(calibrator, batches)
+            fold = calibrator.fold()
+        return self.result(fold, scales)
 
-    def sensitive_set(self, detected: Optional[Collection[str]]) -> Optional[list[str]]:
-        """The sensitive collection passed to WSC/FSC under this setting's policy."""
-        if self.sensitive == "none":
-            return None
-        if self.sensitive == "empty":
-            return []
-        if isinstance(detected, Mapping):  # {policy: set}, e.g. both probes
-            detected = detected.get(self.sensitive)
-        if detected is None:
-            raise ValueError("this calibration setting detects magnitude-sensitive layers: pass sensitive_set "
-                             "(magic_pl.calibration.detect_sensitive_layers)")
-        return list(detected)
+
+def _pick(given: SensitiveSet, policy: str) -> Any:
+    return given.get(policy) if isinstance(given, Mapping) else given
 
 
 def _flat(batches: Optional[Batches]) -> list[Any]:
@@ -184,13 +276,12 @@ def _flat(batches: Optional[Batches]) -> list[Any]:
 def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                       probe_batches: Sequence[Any], alpha: int = 10,
                       weight_average: Optional[Mapping[str, Tensor]] = None) -> list[str]:
-    """The label-free magnitude-sensitivity probe (DESIGN.md 2.4) on the weight average: the ``alpha`` parameter
+    """The label-free magnitude-sensitivity probe on the weight average: the ``alpha`` parameter
     tensors whose ``tau`` scaled by 1.1 moves the outputs on ``probe_batches`` most (L2). ``merged`` only provides the
     architecture (a copy is probed; it is not modified). ``weight_average``: a precomputed mean task vector (e.g.
     with another BatchNorm-statistics policy); default ``mean_k tau_k`` over every floating key."""
     import copy
 
-    from magic_pl.calibration.fsc import _state_of
     from magic_pl.calibration.sensitivity import detect_sensitive_layers, output_divergence_score
 
     base_state = _state_of(base)
@@ -215,7 +306,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-#: The recommended setting (issue 7): the paper's FSC with its sensitive cap on a set found by the label-free probe
+#: The recommended setting: the paper's FSC with its sensitive cap on a set found by the label-free probe
 #: (``fsc_cap_detect``). Of the 15 settings measured (text K = 3 and 5, vision K = 4; six merge methods; 3 draws),
 #: it is the only one that no merge method of any case finds significantly worse than the uncalibrated merge (mean
 #: gains +1.6, +1.4, +0.4 points). Ungated FSC/DSC gain more on text (up to +3.9) but lower weight averaging, task
@@ -254,6 +345,10 @@ def resolve_setting(spec: "str | CalibrationSetting | Mapping[str, Any]", **defa
     if isinstance(spec, CalibrationSetting):
         return spec
     if isinstance(spec, Mapping):
+        names = {f.name for f in fields(CalibrationSetting)}
+        unknown = sorted(set(spec) - names)
+        if unknown:
+            raise ValueError(f"calibration setting: unknown option(s) {unknown}; options: {sorted(names)}")
         return CalibrationSetting(**dict(spec))
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"calibration setting must be a name or 'space:key=value,...', got {spec!r}")

@@ -120,6 +120,9 @@ def test_unseen_modules_tasks_and_sensitive_cap():
     assert math.isnan(r[2, 0]) and math.isnan(r[1, 1])
     assert coeffs["a"] == pytest.approx(float(r[:2, 0].mean()), rel=1e-6)
     assert float(r[0, 1]) > 1 and coeffs["b"] == 1.0  # capped
+    with pytest.raises(ValueError, match=r"every task; too few for: task 2 \(0\)"):
+        cal.fold()  # a task without samples must not silently take xi from the others
+    cal.update(2, torch.randn(1, 4), use_b=False)
     report = cal.fold()
     assert report.sensitive == ["b"] and "unused" in report.unchanged
     assert report.task_ratios["unused"] == [None, None, None]
@@ -309,7 +312,8 @@ def test_lazy_task_vectors_and_state_dict_base(tmp_path):
 def test_fold_closes_the_calibrator_and_root_wrap_error():
     base, merged, tvs = _linear_setup(2.0)
     cal = FeatureSpaceCalibrator(base, merged, tvs)
-    cal.update(0, torch.randn(2, 6))
+    for k in range(3):
+        cal.update(k, torch.randn(2, 6))
     cal.fold()
     with pytest.raises(RuntimeError, match="already folded"):
         cal.update(0, torch.randn(2, 6))
@@ -319,6 +323,7 @@ def test_fold_closes_the_calibrator_and_root_wrap_error():
     cal = FeatureSpaceCalibrator(mha0, mham, tv)
     x = torch.randn(1, 3, 4)
     cal.update(0, x, x, x)
+    cal.update(1, x, x, x)
     with pytest.raises(ValueError, match="root module"):
         cal.fold()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -54,10 +55,15 @@ def test_each_space_equals_the_direct_call():
     base, tvs, tau_m, batches = _setup()
     # WSC (gated, empty set)
     m = merged_model(base, tau_m)
-    assert resolve_setting("wsc_gated").calibrate(base, m, tvs, tau_m) is None
-    tau_w = weight_space_calibration(tau_m, tvs, [])
+    rep = resolve_setting("wsc_gated").calibrate(base, m, tvs, tau_m)
+    tau_w, scales = weight_space_calibration(tau_m, tvs, [], return_scales=True)
     for key, v in merged_model(base, tau_w).state_dict().items():
         torch.testing.assert_close(m.state_dict()[key], v, rtol=0, atol=1e-12)
+    assert rep.space == "wsc" and rep.setting == "wsc:sensitive=empty" and rep.coefficients == {}
+    assert sorted(rep.row_scales) == sorted(scales)  # one result type: WSC's row scales included
+    for key, v in scales.items():
+        torch.testing.assert_close(rep.row_scales[key], v.float(), rtol=0, atol=0)
+        assert rep.wsc_scales[key] == pytest.approx(float(v.float().mean()))
     # FSC, a variant
     m = merged_model(base, tau_m)
     rep = resolve_setting("fsc_rom").calibrate(base, m, tvs, tau_m, batches)
@@ -77,7 +83,8 @@ def test_each_space_equals_the_direct_call():
     # none leaves the model alone
     m = merged_model(base, tau_m)
     before = copy.deepcopy(m.state_dict())
-    assert resolve_setting("none").calibrate(base, m, tvs, tau_m) is None
+    rep = resolve_setting("none").calibrate(base, m, tvs, tau_m)
+    assert rep.space == "none" and rep.coefficients == {} and rep.row_scales == {}
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
@@ -85,11 +92,24 @@ def test_missing_inputs_are_errors():
     base, tvs, tau_m, batches = _setup()
     with pytest.raises(ValueError, match="needs unlabelled batches"):
         AUTO.calibrate(base, merged_model(base, tau_m), tvs, tau_m)
-    with pytest.raises(ValueError, match="sensitive_set"):
+    with pytest.raises(ValueError, match="needs a sensitive set"):
         PRESETS["wsc_gated_detect_labelled"].calibrate(base, merged_model(base, tau_m), tvs, tau_m)
+    with pytest.raises(ValueError, match="detects sensitive layers"):
+        PRESETS["wsc_gated_detect"].calibrate(base, merged_model(base, tau_m), tvs, tau_m)
     # a mapping policy -> set picks the policy's set
-    got = PRESETS["wsc_gated_detect_labelled"].sensitive_set({"detect": ["0.weight"], "detect_labelled": ["2.weight"]})
+    got = PRESETS["wsc_gated_detect_labelled"].resolve_sensitive({"detect": ["0.weight"], "detect_labelled": ["2.weight"]})
     assert got == ["2.weight"]
+    # a task without calibration samples is an error naming it, not xi from the other tasks
+    with pytest.raises(ValueError, match="too few for: b"):
+        resolve_setting("fsc").calibrate(base, merged_model(base, tau_m), tvs, tau_m, {0: batches[0], 2: batches[2]},
+                                         task_names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("spec, match", [({"space": "fsc", "alpha": -1}, "alpha"), ("fsc:eps=nan", "eps"),
+                                         ("dsc:eps=0", "eps"), ({"space": "fsc", "sensitivity": "x"}, "unknown option")])
+def test_non_finite_or_absurd_options_are_refused_by_name(spec, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_setting(spec)
 
 
 def test_auto_runs_the_label_free_probe_and_caps_its_set():
@@ -105,7 +125,7 @@ def test_auto_runs_the_label_free_probe_and_caps_its_set():
     assert found == detect_sensitive_layers(wa_model, weight_average(tvs), output_divergence_score(probe, metric="l2"),
                                             alpha=2)
     m = merged_model(base, {k: 2.0 * v for k, v in tau_m.items()})  # over-scaled: xi < 1 where measured
-    rep = AUTO.calibrate(base, m, tvs, tau_m, batches, probe_batches=probe, alpha=2)
+    rep = replace(AUTO, alpha=2).calibrate(base, m, tvs, tau_m, batches, probe_batches=probe)
     ref = merged_model(base, {k: 2.0 * v for k, v in tau_m.items()})
     want = CalibrationSetting(space="fsc", sensitive="detect").calibrate(base, ref, tvs, tau_m, batches,
                                                                           sensitive_set=found)
