@@ -1,4 +1,4 @@
-"""Magnitude-sensitive layers: MAGIC's probe (DESIGN.md 2.4; arXiv 2512.19320).
+"""Magnitude-sensitive layers: MAGIC's probe (arXiv 2512.19320; docs/method.md).
 
 Start from a merged model (the paper uses the weight average theta0 + mean_k tau_k). For each parameter tensor,
 scale its tau_m by ``factor`` (paper: 1.1), measure how much a score on a proxy set drops, and keep the ``alpha``
@@ -13,13 +13,14 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ModelInputs",
     "ScoreFn",
     "accuracy_score",
     "detect_sensitive_layers",
@@ -36,7 +37,16 @@ ModelOrBuilder = Union[nn.Module, Callable[[], nn.Module]]
 _FORMAT = "magic-pl/sensitivity"
 
 
+class ModelInputs(NamedTuple):
+    """One model call's positional and keyword arguments (a batch that needs both)."""
+
+    args: tuple
+    kwargs: dict
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, ModelInputs):
+        return model(*inputs.args, **inputs.kwargs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):

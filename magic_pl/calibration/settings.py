@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional, Union
 
@@ -273,16 +273,39 @@ def _flat(batches: Optional[Batches]) -> list[Any]:
     return [b for _, b in batches]
 
 
+class _SummedL2:
+    """Label-free probe score: minus the summed squared change of the outputs (mean over the last dim, summed over
+    samples and positions) from the outputs recorded on the first call. A sum, so per-process scores add up."""
+
+    def __init__(self, batches: Sequence[Any]):
+        self.data = list(batches)
+        self.reference: Optional[list[Tensor]] = None
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        from magic_pl.calibration.sensitivity import _call, _logits
+
+        outs = [_logits(_call(model, inputs)).float() for inputs in self.data]
+        if self.reference is None:
+            self.reference = [o.detach() for o in outs]
+            return 0.0
+        return -sum(float((o - r).pow(2).mean(-1).double().sum()) for o, r in zip(outs, self.reference))
+
+
 def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                       probe_batches: Sequence[Any], alpha: int = 10,
-                      weight_average: Optional[Mapping[str, Tensor]] = None) -> list[str]:
-    """The label-free magnitude-sensitivity probe on the weight average: the ``alpha`` parameter
-    tensors whose ``tau`` scaled by 1.1 moves the outputs on ``probe_batches`` most (L2). ``merged`` only provides the
-    architecture (a copy is probed; it is not modified). ``weight_average``: a precomputed mean task vector (e.g.
-    with another BatchNorm-statistics policy); default ``mean_k tau_k`` over every floating key."""
+                      weight_average: Optional[Mapping[str, Tensor]] = None,
+                      reduce: Optional[Callable[[Tensor], Tensor]] = None) -> list[str]:
+    """The label-free magnitude-sensitivity probe on the weight average theta0 + mean_k tau_k (MAGIC's probe, made
+    label-free; docs/method.md): the ``alpha`` (paper: 10) parameter tensors whose ``tau`` scaled by 1.1 moves the
+    outputs on ``probe_batches`` most (squared L2 change, summed over samples). ``merged`` only provides the
+    architecture (a copy is probed; it is not modified). ``weight_average``: a precomputed mean task vector (e.g. with
+    another BatchNorm-statistics policy); default ``mean_k tau_k`` over every floating key. ``reduce``: sums the
+    float64 per-tensor scores over processes (each process probes its own samples), so every process picks the same
+    set as one process with all the samples. Ties keep model order."""
     import copy
 
-    from magic_pl.calibration.sensitivity import detect_sensitive_layers, output_divergence_score
+    from magic_pl.calibration.sensitivity import sensitivity_scores
 
     base_state = _state_of(base)
     probe = copy.deepcopy(merged).eval()
@@ -297,7 +320,19 @@ def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequen
         state = probe.state_dict()
         for k in keys:
             state[k].copy_((base_state[k].to(state[k].device, torch.float32) + wa[k].to(state[k].device)).to(state[k].dtype))
-    return detect_sensitive_layers(probe, wa, output_divergence_score(list(probe_batches), metric="l2"), alpha=alpha)
+    params = [k for k, p in probe.named_parameters() if p.dtype.is_floating_point and k in wa]
+    if probe_batches:
+        drops = sensitivity_scores(probe, wa, _SummedL2(probe_batches), keys=params)
+    else:  # this process has no probe samples; others do (reduce adds their scores)
+        drops = {k: 0.0 for k in params}
+    scores = torch.tensor([drops[k] for k in params], dtype=torch.float64)
+    if reduce is not None:
+        reduced = reduce(scores)
+        scores = scores if reduced is None else reduced.to("cpu", torch.float64)
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    order = sorted(range(len(params)), key=lambda i: (-float(scores[i]), i))
+    return [params[i] for i in order[:alpha]]
 
 
 def _fmt(v: Any) -> str:

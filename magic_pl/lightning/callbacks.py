@@ -1,21 +1,22 @@
-"""Lightning callbacks: merging, WSC, FSC, writing and reporting, each usable on its own in an existing project.
+"""Lightning callbacks for an existing project: merge + calibrate, write the model, write the report.
 
-Add them to any ``Trainer``; which submodule of the LightningModule is the merged body is an argument
-(``backbone="backbone"``, ``""`` for the whole module), and base / expert weights come from checkpoint paths keyed
-like that submodule (a prefix such as ``"backbone."`` or ``"model."`` is found automatically)::
+Each is self-contained (none calls another; the order in the list does not matter) and works with any
+LightningModule; which submodule is the merged body is an argument (``backbone="backbone"``, ``""`` for the whole
+module), and base / expert weights come from checkpoint paths keyed like that submodule (a prefix such as
+``"backbone."`` or ``"model."`` is found automatically)::
 
     trainer = Trainer(callbacks=[
-        MergeExperts(experts=["a.safetensors", "b.safetensors"], method="task_arithmetic"),
-        WeightSpaceCalibration(),           # base / experts taken from MergeExperts
-        FeatureSpaceCalibration(),          # statistics during trainer.predict, folded at its end
+        MagicCalibration(experts=["a.safetensors", "b.safetensors"], base="base.safetensors", calibration="auto"),
         CalibratedModelWriter("out/model"),
         CalibrationReport("out"),
     ])
     trainer.predict(my_module, datamodule=my_data, return_predictions=False)
 
-The order in the list does not matter: WSC and FSC first run the merge (and FSC the WSC) they depend on. Merging and
-WSC are deterministic and run on every rank; FSC statistics are summed across ranks once at the end of the predict
-epoch, then every rank folds the same coefficients; files are written by rank 0 only.
+:class:`MagicCalibration` merges in ``setup`` and applies the calibration setting with the very same
+:class:`~magic_pl.lightning.pipeline.CalibrationRun` that :class:`~magic_pl.lightning.module.MagicModule` uses: its
+statistics component is fed from a forward pre-hook on the backbone while the module's own ``predict_step`` runs, the
+sums are reduced across ranks once at the end of the predict epoch, and every rank folds the same coefficients.
+Files are written by rank 0 only.
 """
 
 from __future__ import annotations
@@ -24,34 +25,31 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from magic_pl.calibration import FeatureSpaceCalibrator, weight_space_calibration
-from magic_pl.calibration.taskvectors import LazyTaskVector as DiffView
+from magic_pl.calibration import resolve_setting
 from magic_pl.lightning.data import TASK_KEY, check_calibration_size, count_predict_samples
+from magic_pl.lightning.module import Calibration, NormRecorder, _module_means
+from magic_pl.lightning.pipeline import CalibrationRun
 from magic_pl.lightning.report import (
     CalibrationRecord,
     delta_norms,
-    expert_norms,
     plot_record,
     relative_deviation,
     write_json,
 )
-from magic_pl.lightning.statistics import FeatureStatisticsCollector
 from magic_pl.lightning.writer import save_module
 from magic_pl.merging import merge
 from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, find_tied_keys
 from magic_pl.statedict import CheckpointError, load_state_dict
 
 __all__ = [
-    "MergeExperts",
-    "WeightSpaceCalibration",
-    "FeatureSpaceCalibration",
+    "MagicCalibration",
     "CalibratedModelWriter",
     "CalibrationReport",
     "WeightSources",
@@ -65,17 +63,11 @@ _PREFIX_GUESSES = ("model.", "module.", "backbone.", "_orig_mod.", "state_dict."
 # --------------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------------------------
-def record_of(trainer: Optional[Trainer], pl_module: Optional[LightningModule]) -> Optional[CalibrationRecord]:
-    """The record calibration steps write into: the module's own (``MagicModule``), else a
-    :class:`CalibrationReport` callback's, else ``None``."""
+def record_of(pl_module: Optional[LightningModule]) -> Optional[CalibrationRecord]:
+    """The record calibration steps write into: ``pl_module.calibration_record`` (a ``MagicModule``'s own, or the one
+    :class:`MagicCalibration` attaches to a foreign module), else ``None``."""
     rec = getattr(pl_module, "calibration_record", None)
-    if isinstance(rec, CalibrationRecord):
-        return rec
-    for cb in getattr(trainer, "callbacks", None) or []:
-        rec = getattr(cb, "calibration_record", None)
-        if isinstance(rec, CalibrationRecord):
-            return rec
-    return None
+    return rec if isinstance(rec, CalibrationRecord) else None
 
 
 def get_backbone(pl_module: nn.Module, path: str) -> nn.Module:
@@ -180,298 +172,99 @@ def _name(source: Any) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
-def _find(trainer: Trainer, cls: type, backbone: str) -> Optional[Any]:
-    for cb in trainer.callbacks:
-        if isinstance(cb, cls) and getattr(cb, "backbone", None) == backbone:
-            return cb
-    return None
+class MagicCalibration(Callback):
+    """Merge experts into an existing LightningModule's backbone and calibrate it with MAGIC.
 
-
-class _SourcesMixin:
-    """Resolves base/expert weights: its own arguments, else those of a :class:`MergeExperts` on the same backbone."""
-
-    backbone: str
-    experts: Optional[list[Source]]
-    base: Optional[Source]
-    key_prefix: Optional[str]
-    trust_pickle: bool
-    sources: Optional[WeightSources] = None
-
-    def _sources(self, trainer: Trainer, pl_module: LightningModule) -> WeightSources:
-        if self.sources is not None:
-            return self.sources
-        merger = _find(trainer, MergeExperts, self.backbone)
-        if self.experts is None:
-            if merger is None:
-                raise ValueError(
-                    f"{type(self).__name__}: give experts= (and base=) or add a MergeExperts callback for backbone "
-                    f"{self.backbone!r}"
-                )
-            merger.merge_now(trainer, pl_module)
-            self.sources = merger.sources
-        else:
-            if self.base is None:
-                raise ValueError(f"{type(self).__name__}: base= is needed with experts= (the pretrained weights)")
-            self.sources = WeightSources(get_backbone(pl_module, self.backbone), self.experts, self.base,
-                                         key_prefix=self.key_prefix, backbone_path=self.backbone,
-                                         trust_pickle=self.trust_pickle)
-        assert self.sources is not None
-        return self.sources
-
-
-def _ensure_reference(rec: Optional[CalibrationRecord], sources: WeightSources, backbone: nn.Module) -> None:
-    """Fill the record's expert norms and 'before' deviation (from the current weights) if no step did yet."""
-    if rec is None:
-        return
-    if not rec.sources:
-        rec.sources = {"base": sources.base_source, "experts": sources.expert_sources}
-    if not rec.expert_norms:
-        rec.expert_norms = expert_norms(sources.task_vectors())
-    if not rec.deviation_before:
-        current = {k: v for k, v in backbone.state_dict().items() if k in sources.base_state}
-        rec.deviation_before = relative_deviation(delta_norms(current, sources.base_state), rec.expert_norms)
-
-
-def _update_after(rec: Optional[CalibrationRecord], sources: WeightSources, backbone: nn.Module) -> None:
-    if rec is None or not rec.expert_norms:
-        return
-    current = {k: v for k, v in backbone.state_dict().items() if k in sources.base_state}
-    rec.deviation_after = relative_deviation(delta_norms(current, sources.base_state), rec.expert_norms)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Merging
-# --------------------------------------------------------------------------------------------------------------------
-class MergeExperts(_SourcesMixin, Callback):
-    """Merge expert checkpoints into the module's backbone in ``setup`` (once, on every rank, deterministic).
-
-    Args:
-        experts: one fine-tuned checkpoint per task, keyed like the backbone (a ``"backbone."``-style prefix and
-            extra keys such as classifier heads are handled).
-        base: the pretrained checkpoint; default ``None``: the backbone's weights at setup are the base.
-        method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``).
-        options: the method's options, plus ``bn_stats`` / ``seed`` (default none).
-        backbone: attribute path of the merged body in the LightningModule (default ``"backbone"``; ``""``: all).
-        key_prefix: prefix to strip from checkpoint keys (default ``None``: found automatically).
-        task_names: names of the experts' tasks (for reports).
-        trust_pickle: allow full pickle for torch checkpoint files (default ``False``).
-    """
-
-    def __init__(self, experts: Sequence[Source], base: Optional[Source] = None, method: str = "task_arithmetic",
-                 options: Optional[dict[str, Any]] = None, backbone: str = "backbone",
-                 key_prefix: Optional[str] = None, task_names: Optional[Sequence[str]] = None,
-                 trust_pickle: bool = False) -> None:
-        if not experts:
-            raise ValueError("MergeExperts needs at least one expert checkpoint")
-        self.experts = list(experts)
-        self.base = base
-        self.method = method
-        self.options = dict(options or {})
-        self.backbone = backbone
-        self.key_prefix = key_prefix
-        self.task_names = list(task_names) if task_names is not None else None
-        self.trust_pickle = trust_pickle
-        self.sources: Optional[WeightSources] = None
-        self.merged = False
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_before_work(trainer, stage)
-        self.merge_now(trainer, pl_module)
-
-    def merge_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Merge now unless already done (idempotent)."""
-        if self.merged:
-            return
-        start = time.perf_counter()
-        body = get_backbone(pl_module, self.backbone)
-        self.sources = WeightSources(body, self.experts, self.base, key_prefix=self.key_prefix,
-                                     backbone_path=self.backbone, trust_pickle=self.trust_pickle,
-                                     task_names=self.task_names)
-        from magic_pl.lightning.module import NormRecorder
-
-        taus = [NormRecorder(tv) for tv in self.sources.task_vectors()]
-        tau_m = merge(self.method, taus, **self.options)
-        self.sources.load_into(body, tau_m)
-        rec = record_of(trainer, pl_module)
-        if rec is not None:
-            from magic_pl.lightning.module import _module_means
-
-            rec.sources = {"base": self.sources.base_source, "experts": self.sources.expert_sources}
-            rec.task_names = rec.task_names or list(self.sources.task_names)
-            rec.config.setdefault("merge_method", self.method)
-            rec.config.setdefault("merge_options", self.options)
-            rec.expert_norms = _module_means([t.sq_norms for t in taus])
-            rec.deviation_before = relative_deviation(delta_norms(_float_items(body, self.sources), self.sources.base_state),
-                                                      rec.expert_norms)
-            rec.deviation_after = dict(rec.deviation_before)
-            rec.add_step("merge", time.perf_counter() - start, method=self.method, options=self.options)
-        del tau_m
-        self.merged = True
-
-
-def _float_items(body: nn.Module, sources: WeightSources) -> dict[str, Tensor]:
-    return {k: v for k, v in body.state_dict().items() if k in sources.base_state and v.dtype.is_floating_point}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# WSC
-# --------------------------------------------------------------------------------------------------------------------
-class WeightSpaceCalibration(_SourcesMixin, Callback):
-    """Weight space calibration (data-free), applied once in ``setup`` before FSC or evaluation (DESIGN.md 2.2).
-
-    Args:
-        backbone: attribute path of the merged body (default ``"backbone"``; ``""``: the whole module).
-        base, experts: pretrained and fine-tuned checkpoints keyed like the backbone; default ``None``: taken from a
-            :class:`MergeExperts` callback on the same backbone (which then runs first).
-        sensitive: magnitude-sensitive tensors (names) or a ranking JSON path; ``None`` (default): ungated.
-        include, exclude, eps, variant: :func:`magic_pl.calibration.weight_space_calibration` options (defaults:
-            all eligible 2-D weights, ``DEFAULT_WSC_EXCLUDE``, 1e-8, ``"paper"``).
-        key_prefix, trust_pickle: as in :class:`MergeExperts`.
-    """
-
-    def __init__(self, backbone: str = "backbone", base: Optional[Source] = None,
-                 experts: Optional[Sequence[Source]] = None, sensitive: Optional[Union[str, Sequence[str]]] = None,
-                 include: Optional[Union[str, Sequence[str]]] = None,
-                 exclude: Optional[Union[str, Sequence[str]]] = None, eps: float = 1e-8, variant: str = "paper",
-                 key_prefix: Optional[str] = None, trust_pickle: bool = False) -> None:
-        from magic_pl.calibration import DEFAULT_WSC_EXCLUDE
-        from magic_pl.lightning.module import resolve_sensitive
-
-        self.backbone = backbone
-        self.base = base
-        self.experts = list(experts) if experts is not None else None
-        self.sensitive = resolve_sensitive(sensitive)
-        self.options = {"include": include, "exclude": DEFAULT_WSC_EXCLUDE if exclude is None else exclude,
-                        "eps": eps, "variant": variant}
-        self.key_prefix = key_prefix
-        self.trust_pickle = trust_pickle
-        self.sources = None
-        self.applied = False
-        self.scales: dict[str, float] = {}
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_before_work(trainer, stage)
-        self.apply_now(trainer, pl_module)
-
-    def apply_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Apply WSC now unless already done (idempotent)."""
-        if self.applied:
-            return
-        sources = self._sources(trainer, pl_module)
-        body = get_backbone(pl_module, self.backbone)
-        rec = record_of(trainer, pl_module)
-        _ensure_reference(rec, sources, body)
-        start = time.perf_counter()
-        current = {k: v.detach() for k, v in body.state_dict().items() if k in sources.base_state}
-        merged_tv = DiffView(current, sources.base_state)  # tau_m = current - base, computed per key
-        taus = sources.task_vectors()
-        calibrated, scales = weight_space_calibration(merged_tv, taus, self.sensitive, return_scales=True,
-                                                      **self.options)
-        sources.load_into(body, calibrated, keys=list(scales))
-        self.scales = {k: float(v.mean()) for k, v in scales.items()}
-        if rec is not None:
-            rec.wsc_scales = dict(self.scales)
-            rec.config.setdefault("wsc", {"sensitive": self.sensitive, **{k: v for k, v in self.options.items()}})
-            rec.add_step("wsc", time.perf_counter() - start, tensors=len(scales), gated=self.sensitive is not None)
-            _update_after(rec, sources, body)
-        self.applied = True
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# FSC
-# --------------------------------------------------------------------------------------------------------------------
-class FeatureSpaceCalibration(_SourcesMixin, Callback):
-    """Feature space calibration of an existing LightningModule's backbone during ``trainer.predict``.
-
-    While the module's own ``predict_step`` runs on unlabelled calibration batches, a forward pre-hook on the
-    backbone passes each call's inputs to the FSC calibration core with the batch's task. At the end of the predict
-    epoch the statistics are summed across processes once and every rank folds the same xi into the backbone.
+    In ``setup`` (every stage, once, on every rank, deterministic): load the base and expert weights, merge
+    (:func:`magic_pl.merging.merge`) into the backbone and apply the setting's data-free step (WSC for
+    ``wsc``/``dsc``). During ``trainer.predict`` on unlabelled, task-tagged batches (settings that use data): the
+    module's own ``predict_step`` runs, a forward pre-hook on the backbone feeds the shared
+    :class:`~magic_pl.lightning.pipeline.CalibrationRun`, and at the end of the predict epoch every rank folds the same
+    coefficients. The record of the steps is attached to the module as ``calibration_record`` (for
+    :class:`CalibrationReport`).
 
     The task of a batch is ``task_fn(batch, dataloader_idx)`` if given, else ``batch[task_key]`` for dict batches,
     else the dataloader index (one predict dataloader per task, in expert order).
 
     Args:
-        backbone: attribute path of the merged body (default ``"backbone"``; ``""``: the whole module).
-        base, experts: checkpoints keyed like the backbone; default: from a :class:`MergeExperts` callback.
-        norm: feature norm p, 1 (paper default), 2 or ``"inf"``.
-        mode: ``"parallel"`` (paper, default) or ``"sequential"``.
-        sensitive: magnitude-sensitive modules (names) or a ranking JSON path: xi capped at 1 (default none).
-        modules: explicit module names to calibrate (default: automatic).
-        statistic, granularity, gate: FSC variants beyond the paper (:class:`FeatureSpaceCalibrator`; defaults are
-            the paper's).
-        per_sample: feed samples one at a time (default ``True``; makes results independent of the process count).
+        experts: one fine-tuned checkpoint per task (path, state dict or module), keyed like the backbone (a
+            ``"backbone."``-style prefix and extra keys such as classifier heads are handled).
+        base: the pretrained checkpoint; default ``None``: the backbone's weights at setup are the base.
+        method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3).
+        options: the method's options, plus ``bn_stats`` / ``seed`` (default none).
+        calibration: the calibration setting (a preset such as ``"dsc"`` or ``"auto"``, a ``"space:key=value"``
+            string or a dict; default ``"dsc"``), as in :class:`~magic_pl.lightning.module.MagicModule`.
+        sensitive: a given sensitive set (names or a ranking JSON); default none.
+        backbone: attribute path of the merged body in the LightningModule (default ``"backbone"``; ``""``: all).
+        modules: explicit FSC module names (default: automatic).
+        per_sample: feed FSC one sample at a time (default ``True``; independent of the process count).
         task_key: batch key of the task index (default ``"task"``).
         task_fn: ``(batch, dataloader_idx) -> int or LongTensor[B]`` overriding the rules above.
-        key_prefix, trust_pickle: as in :class:`MergeExperts`.
+        key_prefix: prefix to strip from checkpoint keys (default ``None``: found automatically).
+        task_names: names of the experts' tasks (for reports and errors).
+        trust_pickle: allow full pickle for torch checkpoint files (default ``False``).
     """
 
-    def __init__(self, backbone: str = "backbone", base: Optional[Source] = None,
-                 experts: Optional[Sequence[Source]] = None, norm: Union[int, float, str] = 1,
-                 mode: Literal["parallel", "sequential"] = "parallel",
-                 sensitive: Optional[Union[str, Sequence[str]]] = None, modules: Optional[Sequence[str]] = None,
-                 statistic: Literal["mean_of_ratios", "ratio_of_means"] = "mean_of_ratios",
-                 granularity: Literal["module", "channel"] = "module", gate: Literal["none", "paper"] = "none",
-                 per_sample: bool = True, task_key: str = TASK_KEY,
+    def __init__(self, experts: Sequence[Source], base: Optional[Source] = None, method: str = "task_arithmetic",
+                 options: Optional[dict[str, Any]] = None, calibration: Calibration = "dsc",
+                 sensitive: Optional[Union[str, Sequence[str]]] = None, backbone: str = "backbone",
+                 modules: Optional[Sequence[str]] = None, per_sample: bool = True, task_key: str = TASK_KEY,
                  task_fn: Optional[Callable[[Any, int], Any]] = None, key_prefix: Optional[str] = None,
-                 trust_pickle: bool = False) -> None:
-        from magic_pl.lightning.module import resolve_sensitive
+                 task_names: Optional[Sequence[str]] = None, trust_pickle: bool = False) -> None:
+        from magic_pl.lightning.module import MagicModule
 
-        self.backbone = backbone
+        if not experts:
+            raise ValueError("MagicCalibration needs at least one expert checkpoint")
+        setting = resolve_setting(calibration)  # options checked before any checkpoint is read
+        MagicModule._check_merge_options(method, options)
+        self.experts = list(experts)
         self.base = base
-        self.experts = list(experts) if experts is not None else None
-        self.norm = norm
-        self.mode = mode
-        self.sensitive = resolve_sensitive(sensitive)
-        self.modules = list(modules) if modules is not None else None
-        self.variant = {"statistic": statistic, "granularity": granularity, "gate": gate}
-        self.per_sample = per_sample
+        self.method = method
+        self.options = dict(options or {})
+        self.backbone = backbone
         self.task_key = task_key
         self.task_fn = task_fn
         self.key_prefix = key_prefix
+        self.task_names = list(task_names) if task_names is not None else None
         self.trust_pickle = trust_pickle
-        self.sources = None
-        self.collector: Optional[FeatureStatisticsCollector] = None
-        self.report: Any = None
-        self.done = False
-        self._task: Any = None
-        self._handle: Any = None
-        self._busy = False
+        self.run = CalibrationRun(setting, sensitive=sensitive, modules=modules, per_sample=per_sample)
+        self.sources: Optional[WeightSources] = None
+
+    @property
+    def record(self) -> CalibrationRecord:
+        return self.run.record
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "predict" or self.done:
-            return
-        check_before_work(trainer, stage)
-        from magic_pl.lightning.module import MagicModule
+        if stage == "predict" and self.run.needs_data:
+            count = count_predict_samples(trainer)
+            if count is not None:
+                check_calibration_size(count, trainer.world_size)  # before any merging work
+        if getattr(pl_module, "calibration_record", None) is None:
+            pl_module.calibration_record = self.record
+        if self.sources is None:
+            self._merge(pl_module)
 
-        if isinstance(pl_module, MagicModule) and pl_module.uses_fsc:
-            rank_zero_warn("FeatureSpaceCalibration on a MagicModule that already runs FSC: calibrating twice")
-        sources = self._sources(trainer, pl_module)
-        wsc = _find(trainer, WeightSpaceCalibration, self.backbone)
-        if wsc is not None:
-            wsc.apply_now(trainer, pl_module)  # DSC: FSC is measured on the WSC-calibrated model
+    def _merge(self, pl_module: LightningModule) -> None:
+        start = time.perf_counter()
         body = get_backbone(pl_module, self.backbone)
-        _ensure_reference(record_of(trainer, pl_module), sources, body)
-        device = trainer.strategy.root_device
-        body.to(device)
-        body.eval()
-        modules = self.modules if self.modules is not None else _fsc_units(body, sources)
-        calibrator = FeatureSpaceCalibrator(
-            sources.base_state, body, sources.task_vectors(device=device), norm=self.norm,
-            sensitive=self.sensitive, mode=self.mode, modules=modules, **self.variant,
-        )
-        self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample)
-        self._handle = body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self.sources = sources = WeightSources(body, self.experts, self.base, key_prefix=self.key_prefix,
+                                               backbone_path=self.backbone, trust_pickle=self.trust_pickle,
+                                               task_names=self.task_names)
+        taus = [NormRecorder(tv) for tv in sources.task_vectors()]
+        tau_m = merge(self.method, taus, **self.options)
+        sources.load_into(body, tau_m)
+        rec = self.record
+        rec.sources = {"base": sources.base_source, "experts": sources.expert_sources}
+        rec.task_names = list(sources.task_names)
+        rec.config.update({"merge_method": self.method, "merge_options": self.options, "backbone": self.backbone})
+        rec.expert_norms = _module_means([t.sq_norms for t in taus])
+        current = {k: v for k, v in body.state_dict().items() if k in sources.base_state and v.dtype.is_floating_point}
+        rec.deviation_before = relative_deviation(delta_norms(current, sources.base_state), rec.expert_norms)
+        rec.deviation_after = dict(rec.deviation_before)
+        rec.add_step("merge", time.perf_counter() - start, method=self.method, options=self.options)
+        self.run.bind(body, sources.base_state, [t.source for t in taus], sources.task_names, merged_tv=tau_m)
 
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._busy or self.collector is None or self._task is None:
-            return None
-        self._busy = True  # the calibrator runs the backbone itself
-        try:
-            self.collector.update(self._task, *args, **kwargs)
-        finally:
-            self._busy = False
-        return None
-
+    # --- predict: the statistics -------------------------------------------------------------------------------------
     def _batch_task(self, batch: Any, dataloader_idx: int) -> Any:
         if self.task_fn is not None:
             return self.task_fn(batch, dataloader_idx)
@@ -479,46 +272,64 @@ class FeatureSpaceCalibration(_SourcesMixin, Callback):
             return batch[self.task_key]
         return dataloader_idx
 
+    def _probe_calls(self, trainer: Trainer, pl_module: LightningModule):
+        """This process's calibration samples as backbone calls: each batch through the module's own
+        ``predict_step`` with a pre-hook recording the backbone's inputs, one call per sample."""
+        from magic_pl.lightning.module import task_calls
+
+        body = get_backbone(pl_module, self.backbone)
+        seen: list[tuple[Any, tuple, dict]] = []
+        current: dict[str, Any] = {}
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.extend(task_calls(current["task"], args, kwargs))
+
+        handle = body.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            loaders = trainer.predict_dataloaders
+            for idx, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
+                for b, batch in enumerate(loader):
+                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                    current["task"] = self._batch_task(batch, idx)
+                    with torch.no_grad():
+                        pl_module.predict_step(batch, b, idx) if len(loaders) > 1 else pl_module.predict_step(batch, b)
+        finally:
+            handle.remove()
+        return seen
+
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.collector is not None:
-            get_backbone(pl_module, self.backbone).eval()
+        if not self.run.needs_data:
+            return
+        assert self.sources is not None
+        body = get_backbone(pl_module, self.backbone)
+        device = trainer.strategy.root_device
+
+        def reduce(t: Tensor) -> Tensor:
+            return t if trainer.world_size == 1 else trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
+
+        self.run.begin(device, lambda: self._probe_calls(trainer, pl_module), reduce,
+                       fsc_modules=_fsc_units(body, self.sources))
+        if self.run.collector is not None:
+            self.run.attach(body)
 
     def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                                dataloader_idx: int = 0) -> None:
-        if self.collector is not None:
-            self._task = self._batch_task(batch, dataloader_idx)
+        if self.run.collector is not None:
+            self.run.set_task(self._batch_task(batch, dataloader_idx))
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._task = None
+        self.run.set_task(None)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.collector is None:
+        if self.run.collector is None:
             return
-        self._remove_hook()
-        self.report = self.collector.finish()  # one sum all-reduce; every rank folds the same xi
-        rec = record_of(trainer, pl_module)
-        if rec is not None:
-            rec.set_fold(self.report)
-            rec.config.setdefault("fsc", {"norm": self.norm, "mode": self.mode, "sensitive": self.sensitive,
-                                          "modules": self.modules, "per_sample": self.per_sample})
-            rec.add_step("fsc", self.collector.seconds, mode=self.report.mode, rounds=self.report.rounds,
-                         samples_per_task=self.collector.samples.tolist())
-            assert self.sources is not None
-            _update_after(rec, self.sources, get_backbone(pl_module, self.backbone))
-        rank_zero_info(f"FSC folded {len(self.report.folded)} module(s), wrapped {len(self.report.wrapped)}")
-        self.collector = None
-        self.done = True
-
-    def _remove_hook(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        result = self.run.finish()  # one sum all-reduce; every rank folds the same xi
+        rank_zero_info(f"MAGIC {result.setting}: folded {len(result.folded)} module(s), wrapped {len(result.wrapped)}")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_hook()
-        if stage == "predict" and self.collector is not None:  # predict ended without finishing: discard
-            self.collector = None
+        if stage == "predict" and self.run.collector is not None:  # predict ended without finishing: discard
+            self.run.discard()
 
 
 def _fsc_units(body: nn.Module, sources: WeightSources) -> Optional[list[str]]:
@@ -529,15 +340,6 @@ def _fsc_units(body: nn.Module, sources: WeightSources) -> Optional[list[str]]:
     keys = sources.base_state.keys()
     names = [u.name for u in units if all(k in keys and k not in sources.tied for k in u.keys)]
     return None if len(names) == len(units) else names
-
-
-def check_before_work(trainer: Trainer, stage: str) -> None:
-    """Before merging for a predict run with FSC: at least one calibration sample per process (clear error)."""
-    if stage != "predict" or not any(isinstance(cb, FeatureSpaceCalibration) for cb in trainer.callbacks):
-        return
-    count = count_predict_samples(trainer)
-    if count is not None:
-        check_calibration_size(count, trainer.world_size)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -576,7 +378,7 @@ class CalibratedModelWriter(Callback):
                 save_module(get_backbone(pl_module, self.backbone), self.dirpath)
         trainer.strategy.barrier("magic_pl_writer")
         self.written = self.dirpath
-        rec = record_of(trainer, pl_module)
+        rec = record_of(pl_module)
         if rec is not None:
             rec.outputs["model"] = str(self.dirpath.resolve())
             rec.add_step("write", time.perf_counter() - start)
@@ -628,7 +430,7 @@ class CalibrationReport(Callback):
 
     def write(self, trainer: Trainer, pl_module: LightningModule) -> Optional[Path]:
         """Write the JSON (and PNG) now on rank 0; returns the JSON path there."""
-        rec = record_of(trainer, pl_module) or self.calibration_record
+        rec = record_of(pl_module) or self.calibration_record
         if not trainer.is_global_zero:
             return None
         doc = rec.to_dict(hash_inputs=self.hash_inputs)
@@ -649,7 +451,7 @@ class CalibrationReport(Callback):
         self.write(trainer, pl_module)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rec = record_of(trainer, pl_module) or self.calibration_record
+        rec = record_of(pl_module) or self.calibration_record
         for k, v in trainer.callback_metrics.items():
             if k.startswith("test/"):
                 rec.metrics.setdefault(k, float(v))  # keep the module's float64 values where it recorded them

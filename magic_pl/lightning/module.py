@@ -1,14 +1,15 @@
 """``MagicModule``: a LightningModule that merges experts, calibrates the merged model with MAGIC and evaluates it.
 
-Lifecycle (DESIGN.md section 4):
+Lifecycle:
 
 1. ``setup()`` (any stage, once): load the base and experts (an adapter from :mod:`magic_pl.models`, or a module plus
    checkpoint paths), validate them, merge tensor by tensor (:func:`magic_pl.merging.merge`, streaming lazy task
-   vectors) and, for ``calibration="wsc"``/``"dsc"``, apply weight space calibration. Every process does the same
-   deterministic work, so weights are identical on all ranks.
-2. ``trainer.predict`` with unlabelled, task-tagged batches (``calibration="fsc"``/``"dsc"``): ``predict_step``
-   feeds the FSC calibration core; the statistics are torchmetrics states summed across processes once, at the end
-   of the predict epoch; every rank then computes the same xi and folds it into the weights.
+   vectors) and apply the data-free step of the calibration setting (WSC for ``wsc``/``dsc``). Every process does the
+   same deterministic work, so weights are identical on all ranks.
+2. ``trainer.predict`` with unlabelled, task-tagged batches (settings that use data: FSC, DSC, ``auto``, or a
+   sensitive set to detect): ``predict_step`` feeds the shared :class:`~magic_pl.lightning.pipeline.CalibrationRun`;
+   statistics are torchmetrics states summed across processes once, at the end of the predict epoch; every rank then
+   computes the same xi and folds it into the weights.
 3. ``trainer.test``: per-task accuracy (exact under DDP with :class:`~magic_pl.lightning.data.TaskDataModule`),
    logged as ``test/acc/<task>`` and ``test/acc/avg``.
 """
@@ -19,25 +20,28 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from magic_pl.calibration import FeatureSpaceCalibrator, load_sensitivity, weight_space_calibration
+from magic_pl.calibration import CalibrationSetting, load_sensitivity, resolve_setting
 from magic_pl.lightning.data import INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size, count_predict_samples
 from magic_pl.lightning.metrics import PerTaskAccuracy
-from magic_pl.lightning.report import CalibrationRecord, delta_norms, module_sq_norms, relative_deviation
-from magic_pl.lightning.statistics import FeatureStatisticsCollector, batch_size_of, split_batch
+from magic_pl.lightning.pipeline import CalibrationRun
+from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
+from magic_pl.lightning.statistics import batch_size_of, split_batch, trim_padding
 from magic_pl.merging import merge
 from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
 from magic_pl.models.heads import TaskModel, logits_of
 from magic_pl.statedict import CheckpointError, load_state_dict
 
-__all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder"]
+__all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder", "task_calls"]
 
-Calibration = Literal["none", "wsc", "fsc", "dsc"]
+#: A calibration setting as every front door takes it: a preset name (``"dsc"``, ``"auto"``, ...), a
+#: ``"space:key=value,..."`` string, a dict of :class:`~magic_pl.calibration.CalibrationSetting` fields, or the object.
+Calibration = Union[str, dict[str, Any], CalibrationSetting]
 Source = Union[str, os.PathLike, nn.Module]
 
 
@@ -127,20 +131,16 @@ class MagicModule(LightningModule):
         merge_method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3).
         merge_options: options of the method (e.g. ``{"scale": 0.3}``, ``{"density": 0.2}``) plus ``bn_stats`` and
             ``seed``; default none.
-        calibration: ``"none"``, ``"wsc"`` (data-free), ``"fsc"`` (feature space, needs ``trainer.predict``) or
-            ``"dsc"`` (WSC then FSC, the paper's best); default ``"dsc"``.
-        sensitive: magnitude-sensitive tensors/modules (list) or a ranking JSON path; default ``None`` (WSC ungated,
-            FSC uncapped). See DESIGN.md 2.4.
-        sensitive_alpha: take the top ``alpha`` of a ranking JSON instead of its stored set (default ``None``).
-        wsc_options: options of :func:`magic_pl.calibration.weight_space_calibration` (``include``, ``exclude``,
-            ``eps``, ``variant``); default none.
-        fsc_norm: FSC feature norm p: 1 (paper default), 2 or ``"inf"``.
-        fsc_mode: ``"parallel"`` (paper, default) or ``"sequential"``.
+        calibration: the calibration setting: a preset of :data:`magic_pl.calibration.PRESETS` (``"none"``,
+            ``"wsc"``, ``"fsc"``, ``"dsc"``, the recommended ``"auto"``, ...), a ``"space:key=value,..."`` string
+            (``"fsc:statistic=ratio_of_means,granularity=channel"``) or a dict of
+            :class:`~magic_pl.calibration.CalibrationSetting` fields; default ``"dsc"`` (the paper's best). Settings
+            that use data need ``trainer.predict`` on unlabelled, task-tagged batches.
+        sensitive: a given magnitude-sensitive set (tensor/module names, or a ranking JSON of
+            :func:`magic_pl.calibration.save_sensitivity`); default ``None``. With the setting's ``sensitive``
+            policy ``"none"`` a given set turns on WSC gating and the FSC cap (policy ``"given"``); with ``"detect"``
+            it replaces the probe.
         fsc_modules: explicit module names to calibrate (default: automatic).
-        fsc_statistic, fsc_granularity, fsc_gate: FSC variants beyond the paper (defaults are the paper's:
-            ``"mean_of_ratios"``, ``"module"``, ``"none"``). The recommended ``auto`` setting is ``calibration="fsc"``
-            with ``sensitive`` from the label-free probe (``magic_pl.calibration.AUTO``; the set from
-            ``magic_pl.calibration.settings.detect_label_free``).
         fsc_per_sample: run FSC one sample at a time (default ``True``): statistics independent of batching and of
             the number of processes.
         check_finite: scan experts for NaN/Inf during validation (reads every tensor once more; default ``False``).
@@ -161,14 +161,7 @@ class MagicModule(LightningModule):
         merge_options: Optional[dict[str, Any]] = None,
         calibration: Calibration = "dsc",
         sensitive: Optional[Union[str, Sequence[str]]] = None,
-        sensitive_alpha: Optional[int] = None,
-        wsc_options: Optional[dict[str, Any]] = None,
-        fsc_norm: Union[int, float, str] = 1,
-        fsc_mode: Literal["parallel", "sequential"] = "parallel",
         fsc_modules: Optional[Sequence[str]] = None,
-        fsc_statistic: Literal["mean_of_ratios", "ratio_of_means"] = "mean_of_ratios",
-        fsc_granularity: Literal["module", "channel"] = "module",
-        fsc_gate: Literal["none", "paper"] = "none",
         fsc_per_sample: bool = True,
         check_finite: bool = False,
         trust_pickle: bool = False,
@@ -178,10 +171,8 @@ class MagicModule(LightningModule):
             raise ValueError("give exactly one of `adapter` (a magic_pl.models adapter) or `model` (+ `experts`)")
         if model is not None and not experts:
             raise ValueError("`model` needs `experts`: one fine-tuned checkpoint per task")
-        if calibration not in ("none", "wsc", "fsc", "dsc"):
-            raise ValueError(f"calibration must be one of none, wsc, fsc, dsc; got {calibration!r}")
-        if fsc_mode not in ("parallel", "sequential"):
-            raise ValueError(f"fsc_mode must be 'parallel' or 'sequential', got {fsc_mode!r}")
+        setting = resolve_setting(calibration)  # every option checked before any checkpoint is read
+        self._check_merge_options(merge_method, merge_options)
         self.save_hyperparameters(ignore=["adapter", "model", "experts", "base", "heads"])
         self.adapter = adapter
         self._model_source = model
@@ -193,14 +184,10 @@ class MagicModule(LightningModule):
         self.key_prefix = key_prefix
         self.merge_method = merge_method
         self.merge_options = dict(merge_options or {})
-        self.calibration = calibration
-        self.sensitive = resolve_sensitive(sensitive, sensitive_alpha)
-        self.wsc_options = dict(wsc_options or {})
-        self.fsc_norm = fsc_norm
-        self.fsc_mode = fsc_mode
+        self.calibration: CalibrationSetting = setting
+        self.sensitive = list(sensitive) if isinstance(sensitive, (list, tuple)) else sensitive
         self.fsc_modules = list(fsc_modules) if fsc_modules is not None else None
         self.fsc_per_sample = fsc_per_sample
-        self.fsc_variant = {"statistic": fsc_statistic, "granularity": fsc_granularity, "gate": fsc_gate}
         self.check_finite = check_finite
         self.trust_pickle = trust_pickle
 
@@ -209,18 +196,30 @@ class MagicModule(LightningModule):
         self.heads: Optional[nn.ModuleDict] = None
         self.task_names: list[str] = []
         self.calibration_record = CalibrationRecord()
-        self.fsc_done = False
-        self._collector: Optional[FeatureStatisticsCollector] = None
+        self.run = CalibrationRun(setting, sensitive=self.sensitive, modules=self.fsc_modules,
+                                  per_sample=fsc_per_sample, record=self.calibration_record)
         self._task_models: dict[str, nn.Module] = {}
         self._test_metric: Optional[PerTaskAccuracy] = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Building
     # ----------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_merge_options(method: str, options: Optional[Mapping[str, Any]]) -> None:
+        from magic_pl import merging
+
+        check = getattr(merging, "validate_merge_options", None)
+        if check is not None:
+            check(method, dict(options or {}))
+        elif method not in merging.MERGE_METHODS:
+            raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(merging.MERGE_METHODS)}")
+
     @property
-    def uses_fsc(self) -> bool:
-        """True when feature space calibration (``trainer.predict``) is part of the configured calibration."""
-        return self.calibration in ("fsc", "dsc")
+    def needs_calibration_data(self) -> bool:
+        """True while a calibration step still needs unlabelled data (``trainer.predict``)."""
+        return self.run.needs_data
+
+    uses_fsc = needs_calibration_data
 
     @property
     def is_built(self) -> bool:
@@ -291,17 +290,9 @@ class MagicModule(LightningModule):
         rec.expert_norms = _module_means([t.sq_norms for t in taus])
         rec.deviation_before = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), rec.expert_norms)
 
-        if self.calibration in ("wsc", "dsc"):
-            start = time.perf_counter()
-            tau_m, scales = weight_space_calibration(
-                tau_m, [t.source for t in taus], self.sensitive, return_scales=True, **self.wsc_options
-            )
-            rec.wsc_scales = {k: float(v.mean()) for k, v in scales.items()}
-            rec.add_step("wsc", time.perf_counter() - start, tensors=len(scales), gated=self.sensitive is not None)
-            del scales
-        rec.deviation_after = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), rec.expert_norms)
-
         self.model = setup.merged_model(tau_m)
+        self.run.bind(self.model, setup.base_state(), [t.source for t in taus], self.task_names, merged_tv=tau_m)
+        rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)
         del tau_m
         self.model.requires_grad_(False)
         if setup.heads is not None:
@@ -321,11 +312,10 @@ class MagicModule(LightningModule):
         return {
             "merge_method": self.merge_method,
             "merge_options": self.merge_options,
-            "calibration": self.calibration,
-            "sensitive": self.sensitive,
-            "wsc_options": self.wsc_options,
-            "fsc": {"norm": self.fsc_norm, "mode": self.fsc_mode, "modules": self.fsc_modules,
-                    "per_sample": self.fsc_per_sample},
+            "calibration": self.calibration.to_string(),
+            "sensitive": self.sensitive if not isinstance(self.sensitive, os.PathLike) else str(self.sensitive),
+            "fsc_modules": self.fsc_modules,
+            "fsc_per_sample": self.fsc_per_sample,
             "adapter": type(self.adapter).__name__ if self.adapter is not None else None,
             "task_names": self.task_names,
         }
@@ -336,14 +326,12 @@ class MagicModule(LightningModule):
     def setup(self, stage: str) -> None:
         trainer = self._trainer
         world_size = trainer.world_size if trainer is not None else 1
-        if stage == "predict" and self.uses_fsc and not self.fsc_done:
+        if stage == "predict" and self.run.needs_data:
             count = count_predict_samples(trainer) if trainer is not None else None
             if count is not None:
                 check_calibration_size(count, world_size)  # before any merging work
         self.build()
         self._check_task_names(trainer)
-        if stage == "predict" and self.uses_fsc and not self.fsc_done:
-            self._start_fsc(trainer.strategy.root_device if trainer is not None else self.device)
 
     def _check_task_names(self, trainer: Any) -> None:
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
@@ -354,22 +342,34 @@ class MagicModule(LightningModule):
                 "tagged with the position of their task, which must be the position of its expert"
             )
 
-    def _start_fsc(self, device: torch.device) -> None:
-        assert self.model is not None and self.merge_setup is not None
-        self.model.to(device)
-        self.model.eval()
-        setup = self.merge_setup
-        # default units: the adapter's choice (leaves out tied aliases and modules no task vector covers)
-        modules = self.fsc_modules if self.fsc_modules is not None else setup.fsc_modules(self.model)
-        calibrator = FeatureSpaceCalibrator(
-            setup.base_state(), self.model, setup.task_vectors(), norm=self.fsc_norm, sensitive=self.sensitive,
-            mode=self.fsc_mode, modules=modules, **self.fsc_variant,
-        )
-        self._collector = FeatureStatisticsCollector(calibrator, per_sample=self.fsc_per_sample)
+    def _reduce_sum(self, t: Tensor) -> Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return t
+        return trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+
+    def _probe_calls(self) -> Iterator[tuple[Any, tuple, dict]]:
+        """This process's calibration samples as body calls, one sample each (for the sensitivity probe)."""
+        trainer = self._trainer
+        loaders = trainer.predict_dataloaders if trainer is not None else None
+        for loader in ([loaders] if not isinstance(loaders, (list, tuple)) else loaders) if loaders is not None else []:
+            for batch in loader:
+                batch = trainer.strategy.batch_to_device(batch, self.device)
+                yield from task_calls(*split_inputs(batch)[:3])
 
     def on_predict_start(self) -> None:
-        if self.model is not None:
-            self.model.eval()
+        if self.model is None:
+            return
+        self.model.eval()
+        if self.run.needs_data:
+            setup = self.merge_setup
+            assert setup is not None
+            # default units: the adapter's choice (leaves out tied aliases and modules no task vector covers)
+            self.run.begin(self.device, self._probe_calls, self._reduce_sum, fsc_modules=setup.fsc_modules(self.model))
+
+    def on_predict_end(self) -> None:
+        if self.run.collector is not None:  # predict ended before the epoch end: nothing folded
+            self.run.discard()
 
     def forward(self, *args: Any, task: Union[int, str, None] = None, **kwargs: Any) -> Any:
         """Run the merged model; with ``task`` (index or name) through that task's head, returning logits."""
@@ -381,27 +381,16 @@ class MagicModule(LightningModule):
         return logits_of(self._task_models[name](*args, **kwargs))
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        """During FSC: feed the calibrator (returns ``{}``). Otherwise: class predictions of each sample."""
+        """While calibrating: feed the calibration statistics (returns ``{}``). Otherwise: class predictions."""
         task, args, kwargs, _ = split_inputs(batch)
-        if self._collector is not None:
-            self._collector.update(task, *args, **kwargs)
+        if self.run.collector is not None:
+            self.run.update(task, *args, **kwargs)
             return {}  # nothing to return (an empty dict avoids Lightning's "predict returned None" warning)
         return self._predict(task, args, kwargs)
 
     def on_predict_epoch_end(self) -> None:
-        collector = self._collector
-        if collector is None:
-            return
-        report = collector.finish()  # one sum all-reduce, then the same fold on every rank
-        rec = self.calibration_record
-        rec.set_fold(report)
-        rec.add_step("fsc", collector.seconds, mode=report.mode, norm=report.norm, rounds=report.rounds,
-                     samples_per_task=collector.samples.tolist())
-        setup = self.merge_setup
-        rec.deviation_after = relative_deviation(delta_norms(_float_state(self.model), setup.base_state()),
-                                                 rec.expert_norms)
-        self._collector = None
-        self.fsc_done = True
+        if self.run.collector is not None:
+            self.run.finish()  # one sum all-reduce, then the same fold on every rank
 
     # --- evaluation -------------------------------------------------------------------------------------------------
     def _groups(self, task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, Optional[Tensor], tuple, dict]]:
@@ -527,8 +516,16 @@ def _module_means(per_task_sq: Sequence[Mapping[str, float]]) -> dict[str, float
     return {m: v / n for m, v in totals.items()}
 
 
-def _float_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+def task_calls(task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, tuple, dict]]:
+    """One ``(task, args, kwargs)`` body call per sample of a task-tagged batch (right padding trimmed)."""
+    tasks = _task_tensor(task)
+    size = batch_size_of(args, kwargs)
+    if size is None:
+        yield (int(tasks[0]) if tasks is not None else int(task)), args, kwargs
+        return
+    for i in range(size):
+        a, kw = trim_padding(*split_batch(args, kwargs, torch.tensor([i]), size))
+        yield (int(tasks[i]) if tasks is not None else int(task)), a, kw
 
 
 def _task_tensor(task: Any) -> Optional[Tensor]:

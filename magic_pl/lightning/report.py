@@ -22,7 +22,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.fsc import CalibrationReport
+from magic_pl.calibration._names import module_of as _owner
+from magic_pl.calibration.fsc import CalibrationResult
 from magic_pl.statedict import atomic_path, is_mergeable
 
 __all__ = [
@@ -45,8 +46,9 @@ ROOT = "(root)"
 
 
 def module_of(key: str) -> str:
-    """``"a.b.weight" -> "a.b"`` (:data:`ROOT` for a top-level tensor)."""
-    return key.rpartition(".")[0] or ROOT
+    """The owning module's name as reports show it: ``"a.b.weight" -> "a.b"``, :data:`ROOT` for a top-level tensor
+    (the calibration core's :func:`~magic_pl.calibration._names.module_of`, with the root named)."""
+    return _owner(key) or ROOT
 
 
 def module_sq_norms(items: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
@@ -167,7 +169,7 @@ class CalibrationRecord:
 
     Steps append ``{"step": name, "seconds": s, ...}`` to ``steps``. ``deviation_before`` is the magnitude deviation
     of the model before any calibration (the merged model), ``deviation_after`` that of the final model. ``fsc`` holds
-    the calibration core's :class:`~magic_pl.calibration.CalibrationReport` once FSC has folded (its coefficients and
+    the calibration core's :class:`~magic_pl.calibration.CalibrationResult` once FSC has folded (its coefficients and
     module lists are exposed as read-only attributes); ``wsc_scales`` the mean WSC row scale per tensor.
     """
 
@@ -176,7 +178,7 @@ class CalibrationRecord:
     sources: dict[str, Any] = field(default_factory=dict)  # raw base/experts sources, described when written
     task_names: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
-    fsc: Optional[CalibrationReport] = None
+    fsc: Optional[CalibrationResult] = None
     wsc_scales: dict[str, float] = field(default_factory=dict)
     expert_norms: dict[str, float] = field(default_factory=dict)
     deviation_before: dict[str, float] = field(default_factory=dict)
@@ -187,8 +189,8 @@ class CalibrationRecord:
     def add_step(self, step: str, seconds: float, **details: Any) -> None:
         self.steps.append({"step": step, "seconds": round(float(seconds), 6), **details})
 
-    def set_fold(self, report: CalibrationReport) -> None:
-        """Keep the FSC :class:`~magic_pl.calibration.CalibrationReport` (and its WSC scales, for DSC)."""
+    def set_fold(self, report: CalibrationResult) -> None:
+        """Keep the FSC :class:`~magic_pl.calibration.CalibrationResult` (and its WSC scales, for DSC)."""
         self.fsc = report
         if report.wsc_scales:
             self.wsc_scales = dict(report.wsc_scales)

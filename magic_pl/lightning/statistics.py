@@ -1,7 +1,8 @@
 """FSC statistics under Lightning: feed the calibration core batch by batch, sum across processes once, fold.
 
-:class:`FeatureStatisticsCollector` is the glue shared by :class:`~magic_pl.lightning.module.MagicModule` and the
-:class:`~magic_pl.lightning.callbacks.FeatureSpaceCalibration` callback (DESIGN.md section 4):
+:class:`FeatureStatisticsCollector` is the statistics component of :class:`~magic_pl.lightning.pipeline.CalibrationRun`,
+which :class:`~magic_pl.lightning.module.MagicModule` and the plug-in
+:class:`~magic_pl.lightning.callbacks.MagicCalibration` callback share:
 
 - ``update`` runs the :class:`~magic_pl.calibration.FeatureSpaceCalibrator` on each sample of a task-tagged batch
   (or per task), and moves the calibrator's float32 statistics into a float64, sum-reduced
@@ -24,10 +25,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from magic_pl.calibration import CalibrationReport, FeatureSpaceCalibrator
+from magic_pl.calibration import CalibrationResult, FeatureSpaceCalibrator
 from magic_pl.lightning.metrics import FSCStatistics, accumulation_dtype
 
-__all__ = ["FeatureStatisticsCollector", "split_batch", "batch_size_of"]
+__all__ = ["FeatureStatisticsCollector", "split_batch", "batch_size_of", "trim_padding"]
 
 
 def batch_size_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[int]:
@@ -49,7 +50,7 @@ def split_batch(args: Sequence[Any], kwargs: Mapping[str, Any], index: Tensor, s
     return tuple(_take(a, index, size) for a in args), {k: _take(v, index, size) for k, v in kwargs.items()}
 
 
-def _trim_padding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def trim_padding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """For one right-padded sequence (``attention_mask`` of shape [1, L]), drop the padded positions of every
     tensor with a length-L dim 1, so a sample's statistics do not depend on the batch it was padded in."""
     mask = kwargs.get("attention_mask")
@@ -90,7 +91,7 @@ class FeatureStatisticsCollector:
             self._zeros = torch.zeros_like(calibrator.ratio_sum)
         self.samples = torch.zeros(k, dtype=torch.long)  # this process's samples per task (all, after finish)
         self.seconds = 0.0
-        self.report: Optional[CalibrationReport] = None
+        self.report: Optional[CalibrationResult] = None
 
     @property
     def sequential(self) -> bool:
@@ -118,7 +119,7 @@ class FeatureStatisticsCollector:
             for i in range(size):
                 idx = torch.tensor([i])
                 a, kw = split_batch(args, kwargs, idx, size)
-                a, kw = _trim_padding(a, kw)
+                a, kw = trim_padding(a, kw)
                 self._update_one(int(tasks[i]) if tasks is not None else task_id, a, kw, 1)
         elif tasks is None or bool((tasks == tasks[0]).all()):
             self._update_one(int(tasks[0]) if tasks is not None else task_id, args, kwargs, size)
@@ -139,7 +140,8 @@ class FeatureStatisticsCollector:
             count = torch.zeros(self.num_tasks, dtype=torch.long)
             count[task] = n
             self.metric.update(self.calibrator.ratio_sum, self.calibrator.ratio_count, count)
-            self.calibrator.load_statistics(self._zeros, self._zeros)
+            self.calibrator.ratio_sum.zero_()
+            self.calibrator.ratio_count.zero_()
 
     # ------------------------------------------------------------------------------------------------------------
     def _reduce(self, stacked: Tensor) -> Tensor:
@@ -150,7 +152,7 @@ class FeatureStatisticsCollector:
         self.metric.reset()
         return torch.stack([total_sum, total_count]).to(stacked)
 
-    def finish(self) -> CalibrationReport:
+    def finish(self) -> CalibrationResult:
         """Sum the statistics over all processes (once), compute xi and fold it into the merged module.
 
         Call on every rank at the end of the predict epoch (collective). Safe under ``inference_mode``: the fold
@@ -159,12 +161,18 @@ class FeatureStatisticsCollector:
         start = time.perf_counter()
         if self.sequential:
             self.calibrator.finalize(reduce=self._reduce)
+            self.metric.reset()
+            self.metric.update(self._zeros, self._zeros, self.samples)
+            _, _, samples = self.metric.compute()  # every process's sample counts, for the coverage check
+            self.samples = samples.detach().cpu().clone()
+            self.calibrator.task_samples = self.samples.clone()
+            self.metric.reset()
         else:
             total_sum, total_count, samples = self.metric.compute()  # the one all-reduce (sum)
             with torch.inference_mode(False):
                 total_sum, total_count = total_sum.clone(), total_count.clone()
                 self.samples = samples.detach().cpu().clone()  # now the count over all processes
-            self.calibrator.load_statistics(total_sum, total_count)
+            self.calibrator.load_statistics(total_sum, total_count, self.samples)
             self.calibrator.finalize()
             self.metric.reset()
         self.report = self.calibrator.fold()

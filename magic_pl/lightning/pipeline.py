@@ -1,0 +1,205 @@
+"""The calibration steps of one merged body under Lightning, shared by every Lightning front door.
+
+:class:`CalibrationRun` is the one piece that :class:`~magic_pl.lightning.module.MagicModule` and the plug-in
+:class:`~magic_pl.lightning.callbacks.MagicCalibration` callback (for a foreign LightningModule) both use, so the two
+paths run the same code:
+
+1. :meth:`CalibrationRun.bind` after the merge: the merged body, the base weights and the task vectors; the
+   data-free step (WSC for ``wsc``/``dsc``) runs here unless the setting must first detect its sensitive set.
+2. :meth:`CalibrationRun.begin` at the start of ``trainer.predict``: the label-free probe (``sensitive="detect"``)
+   on the calibration inputs, its per-tensor scores summed over processes; then the deferred WSC; then the FSC
+   statistics component (a :class:`~magic_pl.lightning.statistics.FeatureStatisticsCollector`, torchmetrics states
+   reduced with one ``sum`` at the end).
+3. :meth:`CalibrationRun.update` per batch (called directly by ``MagicModule.predict_step``, or by a forward pre-hook
+   on the foreign module's backbone: :meth:`attach`).
+4. :meth:`CalibrationRun.finish` at the end of the predict epoch: one all-reduce, the same xi on every rank, the fold.
+
+Everything a step does is written into a :class:`~magic_pl.lightning.report.CalibrationRecord`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from magic_pl.calibration import CalibrationResult, CalibrationSetting
+from magic_pl.calibration.sensitivity import ModelInputs
+from magic_pl.calibration.settings import SensitiveSet, detect_label_free
+from magic_pl.lightning.report import CalibrationRecord, delta_norms, relative_deviation
+from magic_pl.lightning.statistics import FeatureStatisticsCollector
+
+__all__ = ["CalibrationRun"]
+
+#: ``reduce(tensor) -> tensor``: the sum over processes (identity on one process).
+Reduce = Callable[[Tensor], Tensor]
+
+
+class CalibrationRun:
+    """Applies one :class:`~magic_pl.calibration.CalibrationSetting` to one merged body through a Trainer.
+
+    Args:
+        setting: how to calibrate (resolved already; see :func:`magic_pl.calibration.resolve_setting`).
+        sensitive: a given sensitive set (names, a ranking JSON, or ``{policy: names}``); default none.
+        modules: explicit FSC module names (default: the caller's automatic choice).
+        per_sample: feed FSC one sample at a time (default ``True``: results independent of batching and of the
+            number of processes).
+        record: where the steps are recorded (default: a new :class:`CalibrationRecord`).
+    """
+
+    def __init__(self, setting: CalibrationSetting, *, sensitive: SensitiveSet = None,
+                 modules: Optional[Sequence[str]] = None, per_sample: bool = True,
+                 record: Optional[CalibrationRecord] = None) -> None:
+        self.setting = setting
+        self.given = sensitive
+        self.modules = list(modules) if modules is not None else None
+        self.per_sample = per_sample
+        self.record = record if record is not None else CalibrationRecord()
+        self.body: Optional[nn.Module] = None
+        self.base_state: Mapping[str, Tensor] = {}
+        self.task_vectors: list[Mapping[str, Tensor]] = []
+        self.task_names: list[str] = []
+        self.sensitive_set: Optional[list[str]] = None
+        self.row_scales: dict[str, Tensor] = {}
+        self.collector: Optional[FeatureStatisticsCollector] = None
+        self.result: Optional[CalibrationResult] = None
+        self._handle: Any = None
+        self._task: Any = None
+        self._busy = False
+
+    # --- what the run still needs ----------------------------------------------------------------------------------
+    @property
+    def must_detect(self) -> bool:
+        """The setting detects its sensitive set and none was given: the probe needs calibration data."""
+        given = self.given.get(self.setting.sensitive) if isinstance(self.given, Mapping) else self.given
+        return self.setting.detects and given is None
+
+    @property
+    def needs_data(self) -> bool:
+        """True while a step that needs unlabelled calibration data (``trainer.predict``) has not run."""
+        return self.result is None and (self.setting.uses_data or (self.must_detect and self.setting.uses_wsc))
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    # --- 1. after the merge ---------------------------------------------------------------------------------------
+    def bind(self, body: nn.Module, base_state: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
+             task_names: Sequence[str], merged_tv: Optional[Mapping[str, Tensor]] = None) -> None:
+        """Attach the merged ``body`` and, unless the sensitive set must be detected first, apply the data-free step."""
+        self.body, self.base_state = body, base_state
+        self.task_vectors, self.task_names = list(task_vectors), list(task_names)
+        self.record.config["calibration"] = self.setting.to_string()
+        self.record.config["calibration_setting"] = self.setting.to_dict()
+        if not self.must_detect:
+            self.sensitive_set = self.setting.resolve_sensitive(self.given)
+            self._weight_space(merged_tv)
+            if not self.setting.uses_data:
+                self.result = self.setting.result(None, self.row_scales)
+
+    def _weight_space(self, merged_tv: Optional[Mapping[str, Tensor]] = None) -> None:
+        if not self.setting.uses_wsc:
+            return
+        assert self.body is not None
+        start = time.perf_counter()
+        self.row_scales = self.setting.weight_space(self.base_state, self.body, self.task_vectors, merged_tv,
+                                                    self.sensitive_set)
+        rec = self.record
+        rec.wsc_scales = {k: float(v.float().mean()) for k, v in self.row_scales.items()}
+        rec.add_step("wsc", time.perf_counter() - start, tensors=len(self.row_scales),
+                     gated=self.sensitive_set is not None)
+        self._update_deviation()
+
+    # --- 2. start of predict -----------------------------------------------------------------------------------------
+    def begin(self, device: torch.device, probe_inputs: Callable[[], Iterable[tuple[Any, tuple, dict]]],
+              reduce: Reduce, fsc_modules: Optional[Sequence[str]] = None) -> None:
+        """Probe (if the set must be detected), apply the deferred WSC, and start the FSC statistics.
+
+        ``probe_inputs()`` yields ``(task, args, kwargs)`` body calls of this process's calibration samples (only
+        called when the probe runs); ``reduce`` sums a tensor over processes.
+        """
+        assert self.body is not None, "bind() first"
+        if self.result is not None:
+            return
+        self.body.to(device).eval()
+        if self.must_detect:
+            start = time.perf_counter()
+            calls = [(args, kwargs) for _, args, kwargs in probe_inputs()]
+            batches = [ModelInputs(tuple(args), dict(kwargs)) for args, kwargs in calls]
+            found = detect_label_free(self.base_state, self.body, self.task_vectors, batches,
+                                      alpha=self.setting.alpha, reduce=reduce)
+            self.sensitive_set = self.setting.resolve_sensitive(None, found)
+            self.record.config["sensitive_detected"] = list(found)
+            self.record.add_step("probe", time.perf_counter() - start, samples=len(calls), alpha=self.setting.alpha)
+            self._weight_space()
+            if not self.setting.uses_data:
+                self.result = self.setting.result(None, self.row_scales)
+                return
+        modules = self.modules if self.modules is not None else fsc_modules
+        calibrator = self.setting.feature_calibrator(self.base_state, self.body, self.task_vectors,
+                                                     self.sensitive_set, modules=modules, task_names=self.task_names)
+        self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample)
+
+    # --- 3. per batch ---------------------------------------------------------------------------------------------
+    def update(self, task: Any, *args: Any, **kwargs: Any) -> None:
+        """Feed one task-tagged call of the body (``task``: an int, or one task index per sample)."""
+        if self.collector is None:
+            raise RuntimeError("calibration statistics are not collecting: begin() runs at the start of predict")
+        self.collector.update(task, *args, **kwargs)
+
+    def attach(self, body: nn.Module) -> None:
+        """Feed the statistics from a forward pre-hook on ``body`` (for a foreign LightningModule's backbone): each
+        call made while :meth:`set_task` holds a task is one update."""
+        self.detach()
+        self._handle = body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def set_task(self, task: Any) -> None:
+        self._task = task
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._busy or self.collector is None or self._task is None:
+            return None
+        self._busy = True  # the calibrator runs the body itself
+        try:
+            self.update(self._task, *args, **kwargs)
+        finally:
+            self._busy = False
+        return None
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    # --- 4. end of predict ------------------------------------------------------------------------------------------
+    def finish(self) -> CalibrationResult:
+        """Sum the statistics over processes (once), fold the same xi on every rank, and record the result."""
+        self.detach()
+        collector = self.collector
+        if collector is None:
+            raise RuntimeError("no calibration statistics were collected (begin() did not run)")
+        fold = collector.finish()
+        self.result = self.setting.result(fold, self.row_scales)
+        rec = self.record
+        rec.set_fold(self.result)
+        rec.add_step("fsc", collector.seconds, mode=fold.mode, norm=fold.norm, rounds=fold.rounds,
+                     samples_per_task=collector.samples.tolist())
+        self._update_deviation()
+        self.collector = None
+        return self.result
+
+    def discard(self) -> None:
+        """Forget a predict run that ended without :meth:`finish`."""
+        self.detach()
+        self.collector = None
+
+    def _update_deviation(self) -> None:
+        rec = self.record
+        if self.body is None or not rec.expert_norms:
+            return
+        current = {k: v for k, v in self.body.state_dict().items()
+                   if k in self.base_state and v.dtype.is_floating_point}
+        rec.deviation_after = relative_deviation(delta_norms(current, self.base_state), rec.expert_norms)
