@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -412,51 +411,45 @@ def apply_task_vector(base: StateDict, tau: StateDict, *, scale: float = 1.0) ->
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Atomic writing
+# Atomic writing (the rules live in magic_pl.output)
 # --------------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
+def atomic_path(
+    path: Union[str, os.PathLike], *, overwrite: bool = False, inputs: Sequence[Union[str, os.PathLike]] = ()
+) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place, on error delete it.
 
-    Works for files and directories (write a directory at the yielded path). An interrupted run never leaves a
-    half-written ``path``; an existing ``path`` is replaced only once the new one is complete.
+    Works for files and directories (write a directory at the yielded path). A directory replaces an existing one
+    only when that is empty, a previous magic-pl output, or ``overwrite``; see :func:`magic_pl.output.atomic_output`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if not target.exists():
-            raise FileNotFoundError(f"nothing was written to the temporary path for {path}")
-        if path.is_dir() and not path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(target, path)
-            _rmtree(old)
-        else:
-            os.replace(target, path)
-    finally:
-        _rmtree(tmp)
+    from magic_pl.output import atomic_output
 
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+    return atomic_output(path, overwrite=overwrite, inputs=inputs)
 
 
 def save_state_dict(
-    state: StateDict, path: Union[str, os.PathLike], *, metadata: Mapping[str, str] | None = None
+    state: StateDict,
+    path: Union[str, os.PathLike],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[Union[str, os.PathLike]] = (),
 ) -> Path:
-    """Write ``state`` atomically: safetensors for ``*.safetensors`` (default), torch for ``.pt``/``.bin``/``.pth``.
+    """Write ``state`` atomically to the file ``path``: safetensors for ``*.safetensors`` (default), torch for
+    ``.pt``/``.bin``/``.pth``.
 
-    Tensors are made contiguous; tensors sharing storage (tied weights) are written once each by safetensors
-    refuses shared storage, so tensors sharing storage with an earlier one (tied weights) are cloned. Returns the written path.
+    An existing file is replaced only when it is empty, a safetensors file magic-pl wrote (its metadata carries the
+    marker this function adds), or with ``overwrite=True``; an existing directory at ``path`` is an error, as is an
+    entry of ``inputs`` at ``path`` (:class:`magic_pl.output.OutputFile`). Tensors are made contiguous; tensors
+    sharing storage with an earlier one (tied weights) are cloned, since safetensors refuses shared storage.
+    Returns the written path.
     """
+    from magic_pl.output import OutputFile, magic_metadata
+
     path = Path(path)
+    out = OutputFile(path, overwrite=overwrite, inputs=inputs).check()
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    with atomic_path(path) as tmp:
+    with out:
+        tmp = out.stage()
         if path.suffix in {".pt", ".pth", ".bin"}:
             torch.save(tensors, tmp)
         else:
@@ -468,5 +461,6 @@ def save_state_dict(
                 if ptr in seen and v.numel() > 0:
                     tensors[k] = v.clone()
                 seen.add(ptr)
-            save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+            save_file(tensors, str(tmp), metadata=magic_metadata(metadata))
+        out.commit()
     return path

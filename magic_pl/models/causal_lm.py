@@ -111,10 +111,11 @@ class CausalLMAdapter(ModelAdapter):
         return body
 
     def save(self, setup: MergeSetup, body: nn.Module, path: PathLike, *, max_shard_size: Optional[str] = None,
-             dtype: Optional[str] = None, **options: Any) -> Path:
+             dtype: Optional[str] = None, overwrite: bool = False, **options: Any) -> Path:
         """``save_pretrained`` (safetensors, sharded above ``max_shard_size``) into ``path`` atomically, with the
         base's tokenizer and other support files copied. ``dtype``: cast before saving (e.g. ``"bfloat16"`` to match
-        a bf16 source); default: as held."""
+        a bf16 source); default: as held. ``path`` is replaced only when empty, a previous magic-pl output, or with
+        ``overwrite``."""
         if options:
             raise TypeError(f"unknown save option(s) for causal LMs: {sorted(options)}")
         tied_before = find_tied_keys(body)
@@ -126,4 +127,5 @@ class CausalLMAdapter(ModelAdapter):
             body = copy.deepcopy(body).to(target)  # a copy: the caller's model keeps its dtype
         support = self.base_path if Path(self.base_path).is_dir() else None
         return save_pretrained_atomic(body, path, support_from=support,
-                                      max_shard_size=max_shard_size or self.max_shard_size)
+                                      max_shard_size=max_shard_size or self.max_shard_size, overwrite=overwrite,
+                                      inputs=[self.base_path, *self.expert_paths])

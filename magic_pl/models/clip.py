@@ -222,9 +222,14 @@ class CLIPAdapter(ModelAdapter):
         from safetensors.torch import save as st_save
         from transformers import CLIPModel
 
+        from magic_pl.output import OutputLocation
+
         max_shard_size = options.pop("max_shard_size", "5GB")
+        overwrite = bool(options.pop("overwrite", False))
         if options:
             raise TypeError(f"unknown save option(s) for CLIP: {sorted(options)}")
+        inputs = [self.base_path, *self.expert_paths]
+        OutputLocation(path, overwrite=overwrite, inputs=inputs).check()  # before the base is loaded again
         heads = {}
         for task in setup.task_names:
             for k, v in setup.heads[task].state_dict().items():
@@ -237,14 +242,14 @@ class CLIPAdapter(ModelAdapter):
         support = self.base_path if Path(self.base_path).is_dir() else None
         if not self._is_full_clip:
             return save_pretrained_atomic(body, path, support_from=support, max_shard_size=max_shard_size,
-                                          extra_files=extra)
+                                          extra_files=extra, overwrite=overwrite, inputs=inputs)
         clip = from_pretrained_checked(CLIPModel, self.base_path, name=f"base {self.base_path}",
                                        **dtype_kwargs(next(body.parameters()).dtype))
         with torch.no_grad():
             clip.vision_model.load_state_dict(body.vision_model.state_dict(), strict=True)
             clip.visual_projection.load_state_dict(body.visual_projection.state_dict(), strict=True)
         return save_pretrained_atomic(clip, path, support_from=support, max_shard_size=max_shard_size,
-                                      extra_files=extra)
+                                      extra_files=extra, overwrite=overwrite, inputs=inputs)
 
 
 def load_zeroshot_heads(path: PathLike, tasks: Optional[list[str]] = None) -> dict[str, ZeroShotHead]:

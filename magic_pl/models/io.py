@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.statedict import CheckpointError, StateDict, atomic_path
+from magic_pl.statedict import CheckpointError, StateDict
 
 __all__ = [
     "parse_size",
@@ -302,7 +302,8 @@ class ShardedSafetensorsWriter:
     header is written first and every tensor is written at its planned offset when :meth:`write` receives it, in any
     order; :meth:`close` checks that all arrived and writes ``model.safetensors.index.json``.
 
-    Writes go directly into ``directory`` (use :func:`~magic_pl.statedict.atomic_path` around it for atomicity).
+    Writes go directly into ``directory`` (:func:`save_sharded_safetensors` stages it in a
+    :class:`magic_pl.output.OutputLocation` for atomicity).
 
     Args:
         directory: output directory (created).
@@ -432,25 +433,31 @@ class ShardedSafetensorsWriter:
 
 def save_sharded_safetensors(state: StateDict, directory: PathLike, *, max_shard_size: Union[int, str] = "5GB",
                              metadata: Optional[Mapping[str, str]] = None, support_from: Optional[PathLike] = None,
-                             prefix: str = "model") -> Path:
+                             prefix: str = "model", overwrite: bool = False,
+                             inputs: Sequence[PathLike] = ()) -> Path:
     """Write ``state`` atomically as ``directory/`` with safetensors shard(s) (+ index when there are several).
 
     Tensors sharing storage (tied weights) are written once each (the format cannot alias). ``support_from``: a model
     directory whose support files (config, tokenizer, ...) are copied alongside (:func:`copy_support_files`).
-    Returns ``directory``.
+    ``directory`` is replaced only when empty, a previous magic-pl output, or with ``overwrite``; ``inputs`` may not
+    lie inside it (:class:`magic_pl.output.OutputLocation`). Returns ``directory``.
     """
-    directory = Path(directory)
+    from magic_pl.output import OutputLocation, magic_metadata
     from magic_pl.models.base import tensor_dtype, tensor_shape
 
+    out = OutputLocation(directory, overwrite=overwrite,
+                         inputs=[*inputs, *([support_from] if support_from is not None else [])]).check()
     plan = [(k, tuple(tensor_shape(state, k)), tensor_dtype(state, k)) for k in state]
-    with atomic_path(directory) as tmp:
-        with ShardedSafetensorsWriter(tmp, plan, max_shard_size=max_shard_size, metadata=metadata,
+    with out:
+        tmp = out.stage()
+        with ShardedSafetensorsWriter(tmp, plan, max_shard_size=max_shard_size, metadata=magic_metadata(metadata),
                                       prefix=prefix) as writer:
             for key in state:
                 writer.write(key, state[key])
         if support_from is not None:
             copy_support_files(support_from, tmp)
-    return directory
+        out.commit({"content": "safetensors checkpoint", "shards": [p.name for p in writer.shard_files]})
+    return out.path
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -477,23 +484,30 @@ def copy_support_files(source: PathLike, target: PathLike, *, overwrite: bool = 
 
 def save_pretrained_atomic(model: nn.Module, path: PathLike, *, support_from: Optional[PathLike] = None,
                            tokenizer: Any = None, max_shard_size: Union[int, str] = "5GB",
-                           extra_files: Optional[Mapping[str, Union[str, bytes]]] = None) -> Path:
+                           extra_files: Optional[Mapping[str, Union[str, bytes]]] = None, overwrite: bool = False,
+                           inputs: Sequence[PathLike] = ()) -> Path:
     """``model.save_pretrained`` into a temporary directory renamed to ``path`` on success.
 
     Args:
         model: a ``transformers.PreTrainedModel``.
-        path: output directory (replaced atomically if it exists).
+        path: output directory, replaced atomically when it is empty, a previous magic-pl output, or with
+            ``overwrite`` (default ``False``).
         support_from: source model directory whose tokenizer / processor / other non-weight files are copied in
             (files ``save_pretrained`` wrote itself, e.g. ``config.json``, are kept).
         tokenizer: optionally an object with ``save_pretrained`` (tokenizer or processor) to save as well.
         max_shard_size: largest shard (default ``"5GB"``, ``transformers``' default); larger models get
             ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
         extra_files: name -> text/bytes written into the directory too (e.g. a calibration report).
+        inputs: files and directories the run read, which may not lie inside ``path``.
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; use save_sharded_safetensors")
-    path = Path(path)
-    with atomic_path(path) as tmp:
+    from magic_pl.output import OutputLocation
+
+    out = OutputLocation(path, overwrite=overwrite,
+                         inputs=[*inputs, *([support_from] if support_from is not None else [])]).check()
+    with out:
+        tmp = out.stage()
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -503,7 +517,8 @@ def save_pretrained_atomic(model: nn.Module, path: PathLike, *, support_from: Op
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-    return path
+        out.commit({"content": f"{type(model).__name__}.save_pretrained"})
+    return out.path
 
 
 def iter_weight_files(directory: PathLike) -> Iterable[Path]:

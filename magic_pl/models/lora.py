@@ -50,7 +50,8 @@ from magic_pl.models.base import (
     tensor_dtype,
 )
 from magic_pl.models.io import copy_support_files, save_pretrained_atomic
-from magic_pl.statedict import CheckpointError, StateDict, atomic_path, is_mergeable, load_state_dict
+from magic_pl.output import OutputLocation
+from magic_pl.statedict import CheckpointError, StateDict, is_mergeable, load_state_dict
 
 __all__ = [
     "LoRAModule",
@@ -373,10 +374,12 @@ class LoRAAdapter(ModelAdapter):
         """The merged, calibrated **dense** model via ``save_pretrained`` (atomic, base support files copied). For a
         LoRA output use :func:`merge_lora_lowrank` and :func:`save_lora_adapter`."""
         max_shard_size = options.pop("max_shard_size", "5GB")
+        overwrite = bool(options.pop("overwrite", False))
         if options:
             raise TypeError(f"unknown save option(s) for LoRA: {sorted(options)}")
         support = self.base_path if Path(self.base_path).is_dir() else None
-        return save_pretrained_atomic(body, path, support_from=support, max_shard_size=max_shard_size)
+        return save_pretrained_atomic(body, path, support_from=support, max_shard_size=max_shard_size,
+                                      overwrite=overwrite, inputs=[self.base_path, *self.adapter_paths])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -479,17 +482,21 @@ def merge_lora_lowrank(
 
 
 def save_lora_adapter(delta: LowRankDelta, path: PathLike, *, template: Optional[PathLike] = None,
-                      base_model_name_or_path: Optional[str] = None) -> Path:
+                      base_model_name_or_path: Optional[str] = None, overwrite: bool = False,
+                      inputs: Sequence[PathLike] = ()) -> Path:
     """Write ``delta`` as a PEFT LoRA adapter directory (atomic): ``adapter_config.json`` +
     ``adapter_model.safetensors``.
 
     Ranks may differ per module (``rank_pattern``); every module's ``lora_alpha`` equals its rank (``alpha_pattern``),
     so PEFT's scale is 1 and the stored ``B`` carries all coefficients. ``template``: an input adapter directory whose
-    config fields (``task_type``, ``target_modules``, ...) are kept, and whose README is copied.
+    config fields (``task_type``, ``target_modules``, ...) are kept, and whose README is copied. ``path`` is replaced
+    only when empty, a previous magic-pl output, or with ``overwrite``; ``inputs`` (and ``template``) may not lie
+    inside it.
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
+    out = OutputLocation(path, overwrite=overwrite,
+                         inputs=[*inputs, *([template] if template is not None else [])]).check()
     cfg: dict[str, Any] = {}
     if template is not None:
         cfg = json.loads((Path(template) / "adapter_config.json").read_text())
@@ -532,10 +539,11 @@ def save_lora_adapter(delta: LowRankDelta, path: PathLike, *, template: Optional
     })
     if base_model_name_or_path is not None:
         cfg["base_model_name_or_path"] = base_model_name_or_path
-    with atomic_path(path) as tmp:
-        tmp.mkdir(parents=True)
+    with out:
+        tmp = out.stage()
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if template is not None:
             copy_support_files(template, tmp)
-    return path
+        out.commit({"content": "PEFT LoRA adapter"})
+    return out.path

@@ -34,7 +34,8 @@ from magic_pl.models._hf import (
 )
 from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys, tensor_shape
 from magic_pl.models.io import copy_support_files
-from magic_pl.statedict import CheckpointError, atomic_path, load_state_dict
+from magic_pl.output import OutputLocation
+from magic_pl.statedict import CheckpointError, load_state_dict
 
 __all__ = ["HFClassifierAdapter", "SequenceClassificationAdapter", "ImageClassificationAdapter"]
 
@@ -162,20 +163,23 @@ class HFClassifierAdapter(ModelAdapter):
         """One ``save_pretrained`` directory per task under ``path`` (atomic as a whole); support files (tokenizer,
         processor) copied from each expert directory, else from the base."""
         max_shard_size = options.pop("max_shard_size", "5GB")
+        overwrite = bool(options.pop("overwrite", False))
         if options:
             raise TypeError(f"unknown save option(s) for HF classifiers: {sorted(options)}")
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            tmp.mkdir(parents=True)
+        out = OutputLocation(path, overwrite=overwrite, inputs=[self.base_path, *self.expert_paths]).check()
+        with out:
+            tmp = out.stage()
             for task, expert in zip(setup.task_names, self.expert_paths):
                 model = self.task_model(setup, body, task)
-                out = tmp / task
+                task_dir = tmp / task
                 with quiet_transformers():
-                    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+                    model.save_pretrained(task_dir, max_shard_size=max_shard_size, safe_serialization=True)
                 for source in (expert, self.base_path):
                     if Path(source).is_dir():
-                        copy_support_files(source, out)
-        return path
+                        copy_support_files(source, task_dir)
+            out_dir = out.commit({"content": "HF classifiers, one save_pretrained directory per task",
+                                  "tasks": list(setup.task_names)})
+        return out_dir
 
 
 class SequenceClassificationAdapter(HFClassifierAdapter):

@@ -38,7 +38,6 @@ from magic_pl.models.io import (
 from magic_pl.statedict import (
     CheckpointError,
     StateDict,
-    atomic_path,
     is_mergeable,
     key_mismatch_error,
     load_state_dict,
@@ -200,6 +199,7 @@ def stream_merge(
     check_config: bool = True,
     reader: str = "pread",
     progress: bool = False,
+    overwrite: bool = False,
 ) -> StreamReport:
     """Merge K experts of one base and apply WSC, streaming tensor by tensor, into a sharded safetensors directory.
 
@@ -207,7 +207,8 @@ def stream_merge(
         base: the base checkpoint (directory with ``model.safetensors[.index.json]``, an index file, or a
             ``.safetensors`` file).
         experts: the K expert checkpoints, same layout and keys as the base.
-        output: the output directory (written to a temporary directory and renamed into place).
+        output: the output directory (written to a temporary directory and renamed into place). It is replaced only
+            when empty, a previous magic-pl output, or with ``overwrite``; it may not hold the base or an expert.
         method: a merge method of :data:`magic_pl.merging.MERGE_METHODS` (default ``"task_arithmetic"``).
         method_options: the method's options (e.g. ``{"scale": 0.3}``); ``global_topk`` (needs every tensor before
             the first) is not available here.
@@ -226,6 +227,7 @@ def stream_merge(
         reader: ``"pread"`` (default, no memory map: resident memory stays at the tensors in use) or ``"mmap"``
             (``safe_open`` via :func:`~magic_pl.statedict.load_state_dict`; for comparison, see :func:`open_checkpoint`).
         progress: print one line per 10% of tensors (default ``False``).
+        overwrite: replace an existing ``output`` that magic-pl did not write (default ``False``).
 
     Returns:
         A :class:`StreamReport`.
@@ -243,6 +245,9 @@ def stream_merge(
     wopts = dict(wsc_options or {})
     if not experts:
         raise CheckpointError("need at least one expert, got none")
+    from magic_pl.output import OutputLocation
+
+    out_loc = OutputLocation(output, overwrite=overwrite, inputs=[base, *experts]).check()
     dev = resolve_device(device)
     names = [f"expert {i} ({p})" for i, p in enumerate(experts)]
     if check_config:
@@ -263,9 +268,9 @@ def stream_merge(
                           device=str(dev))
     keys = list(base_sd.keys())
     plan = [(k, tuple(tensor_shape(base_sd, k)), tensor_dtype(base_sd, k)) for k in keys]
-    output = Path(output)
     row_separable = method in ROW_SEPARABLE_METHODS
-    with atomic_path(output) as tmp:
+    with out_loc:
+        tmp = out_loc.stage()
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_size=max_shard_size)
         try:
             for i, (key, shape, dtype) in enumerate(plan):
@@ -328,6 +333,8 @@ def stream_merge(
         if copy_support:
             src = Path(base) if Path(base).is_dir() else Path(base).parent
             copy_support_files(src, tmp)
+        out_loc.commit({"content": "stream_merge", "method": method, "method_options": opts, "wsc": wsc,
+                        "base": str(base), "experts": [str(e) for e in experts]})
     for sd in (base_sd, *expert_sds):
         if isinstance(sd, SafetensorsReader):
             sd.close()

@@ -35,7 +35,8 @@ from magic_pl.models.base import (
     tensor_shape,
 )
 from magic_pl.models.heads import TaskModel
-from magic_pl.statedict import CheckpointError, StateDict, atomic_path, load_state_dict, save_state_dict
+from magic_pl.output import OutputLocation
+from magic_pl.statedict import CheckpointError, StateDict, load_state_dict, save_state_dict
 
 __all__ = ["TimmAdapter", "DistilledHead", "classifier_names", "load_timm_saved"]
 
@@ -219,12 +220,14 @@ class TimmAdapter(ModelAdapter):
         return {f"{classifiers[0]}.{k}": v for k, v in head.state_dict().items()}
 
     def save(self, setup: MergeSetup, body: nn.Module, path: PathLike, *, full_checkpoints: bool = True,
-             **options: Any) -> Path:
+             overwrite: bool = False, **options: Any) -> Path:
         """Write the calibrated body, the heads and (``full_checkpoints``, default ``True``) one ordinary timm
-        checkpoint per task; see the module docstring for the layout. Returns ``path``."""
+        checkpoint per task; see the module docstring for the layout. ``path`` is replaced only when empty, a
+        previous magic-pl output, or with ``overwrite``. Returns ``path``."""
         if options:
             raise TypeError(f"unknown save option(s) for timm: {sorted(options)}")
-        path = Path(path)
+        inputs = [*self.expert_paths, *([self.base_path] if self.base_path else [])]
+        out = OutputLocation(path, overwrite=overwrite, inputs=inputs).check()
         body_sd = {k: v.detach().cpu() for k, v in body.state_dict().items()}
         torch_format = all(Path(p).suffix in {".pth", ".pt", ".bin", ".ckpt"} for p in self.expert_paths)
         ext = ".pth" if torch_format else ".safetensors"
@@ -235,8 +238,8 @@ class TimmAdapter(ModelAdapter):
             "tasks": {},
             "format": "magic-pl timm: model.safetensors (body, num_classes=0) + heads/<task>.safetensors",
         }
-        with atomic_path(path) as tmp:
-            tmp.mkdir(parents=True)
+        with out:
+            tmp = out.stage()
             save_state_dict(body_sd, tmp / "model.safetensors")
             (tmp / "heads").mkdir()
             for task in setup.task_names:
@@ -250,7 +253,8 @@ class TimmAdapter(ModelAdapter):
                     save_state_dict({**body_sd, **head_sd}, tmp / f"{task}{ext}")
                     config["tasks"][task]["checkpoint"] = f"{task}{ext}"
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return path
+            out.commit({"content": "timm body, heads and per-task checkpoints", "tasks": list(setup.task_names)})
+        return out.path
 
 
 def load_timm_saved(path: PathLike, task: Optional[str] = None) -> nn.Module:

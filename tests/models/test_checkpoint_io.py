@@ -16,6 +16,7 @@ from magic_pl.models.io import (
     save_pretrained_atomic,
     save_sharded_safetensors,
 )
+from magic_pl.output import MANIFEST, OutputError
 from magic_pl.statedict import CheckpointError, LazyStateDict, load_state_dict
 
 
@@ -65,7 +66,7 @@ def test_sharded_writer_plans_shards_and_index(tmp_path):
     assert torch.equal(SafetensorsReader.from_path(out)["emb.weight"], state["emb.weight"])
     # a single shard is model.safetensors without an index, like transformers
     single = save_sharded_safetensors(state, tmp_path / "one", max_shard_size="1GB")
-    assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in single.iterdir()) == [MANIFEST, "model.safetensors"]
 
 
 def test_writer_any_order_row_blocks_and_missing(tmp_path):
@@ -92,7 +93,7 @@ def test_parse_size():
         parse_size("lots")
 
 
-def test_save_pretrained_atomic_replaces_and_copies(tmp_path):
+def test_save_pretrained_atomic_replaces_its_own_output_and_copies(tmp_path):
     from transformers import BertConfig, BertModel
 
     src = tmp_path / "src"
@@ -105,9 +106,15 @@ def test_save_pretrained_atomic_replaces_and_copies(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    with pytest.raises(OutputError, match="not written by magic-pl"):  # a user's directory is never replaced
+        save_pretrained_atomic(model, out, support_from=src)
+    assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
+    (out / "stale.txt").unlink()
+    save_pretrained_atomic(model, out, extra_files={"stale.txt": "from an earlier run"})
     save_pretrained_atomic(model, out, support_from=src, extra_files={"report.json": "{}"})
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "model.safetensors", "report.json", "special_tokens_map.json", "tokenizer.json"]
+    assert names == [MANIFEST, "config.json", "model.safetensors", "report.json", "special_tokens_map.json",
+                     "tokenizer.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     reloaded = BertModel.from_pretrained(out)
     assert torch.equal(reloaded.pooler.dense.weight, model.pooler.dense.weight)
