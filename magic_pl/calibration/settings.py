@@ -169,10 +169,13 @@ class CalibrationSetting:
         if isinstance(given, (str, os.PathLike)):
             from magic_pl.calibration.sensitivity import load_sensitivity
 
-            given = load_sensitivity(given, alpha=self.alpha)
-        if policy == "none":
-            return None
+            given = load_sensitivity(given)  # the set stored with the ranking
+        if policy == "none":  # a given set turns the paper's gating and cap on
+            return [str(s) for s in given] if given is not None else None
         if policy == "empty":
+            if given is not None:
+                raise ValueError(f"calibration {self.to_string()!r} has an empty sensitive set (sensitive='empty'); "
+                                 "a given set contradicts it")
             return []
         if given is not None:
             return [str(s) for s in given]

@@ -1,13 +1,11 @@
-"""Lightning layer of magic-pl (DESIGN.md section 4): ``MagicModule``, callbacks, task data, ``MagicTrainer`` with
-``calibrate``, and the ``magic-pl`` CLI."""
+"""Lightning layer of magic-pl: ``MagicModule``, the shared ``CalibrationRun``, callbacks, task data, ``MagicTrainer``
+with ``calibrate``, and the ``magic-pl`` CLI."""
 
 from magic_pl.lightning.callbacks import (
     CalibratedModelWriter,
     CalibrationReport,
-    FeatureSpaceCalibration,
-    MergeExperts,
+    MagicCalibration,
     WeightSources,
-    WeightSpaceCalibration,
 )
 from magic_pl.lightning.data import (
     HFDataset,
@@ -20,6 +18,7 @@ from magic_pl.lightning.data import (
 )
 from magic_pl.lightning.metrics import FSCStatistics, PerTaskAccuracy
 from magic_pl.lightning.module import MagicModule
+from magic_pl.lightning.pipeline import CalibrationRun
 from magic_pl.lightning.report import CalibrationRecord
 from magic_pl.lightning.statistics import FeatureStatisticsCollector
 from magic_pl.lightning.trainer import MagicTrainer
@@ -27,9 +26,8 @@ from magic_pl.lightning.trainer import MagicTrainer
 __all__ = [
     "MagicModule",
     "MagicTrainer",
-    "MergeExperts",
-    "WeightSpaceCalibration",
-    "FeatureSpaceCalibration",
+    "MagicCalibration",
+    "CalibrationRun",
     "CalibratedModelWriter",
     "CalibrationReport",
     "CalibrationRecord",

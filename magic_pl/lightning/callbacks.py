@@ -272,49 +272,17 @@ class MagicCalibration(Callback):
             return batch[self.task_key]
         return dataloader_idx
 
-    def _probe_calls(self, trainer: Trainer, pl_module: LightningModule):
-        """This process's calibration samples as backbone calls: each batch through the module's own
-        ``predict_step`` with a pre-hook recording the backbone's inputs, one call per sample."""
-        from magic_pl.lightning.module import task_calls
-
-        body = get_backbone(pl_module, self.backbone)
-        seen: list[tuple[Any, tuple, dict]] = []
-        current: dict[str, Any] = {}
-
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen.extend(task_calls(current["task"], args, kwargs))
-
-        handle = body.register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            loaders = trainer.predict_dataloaders
-            for idx, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
-                for b, batch in enumerate(loader):
-                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    current["task"] = self._batch_task(batch, idx)
-                    with torch.no_grad():
-                        pl_module.predict_step(batch, b, idx) if len(loaders) > 1 else pl_module.predict_step(batch, b)
-        finally:
-            handle.remove()
-        return seen
-
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.run.needs_data:
             return
         assert self.sources is not None
         body = get_backbone(pl_module, self.backbone)
-        device = trainer.strategy.root_device
-
-        def reduce(t: Tensor) -> Tensor:
-            return t if trainer.world_size == 1 else trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
-
-        self.run.begin(device, lambda: self._probe_calls(trainer, pl_module), reduce,
-                       fsc_modules=_fsc_units(body, self.sources))
-        if self.run.collector is not None:
-            self.run.attach(body)
+        self.run.begin(trainer.strategy.root_device, fsc_modules=_fsc_units(body, self.sources))
+        self.run.attach(body)
 
     def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                                dataloader_idx: int = 0) -> None:
-        if self.run.collector is not None:
+        if self.run.collecting:
             self.run.set_task(self._batch_task(batch, dataloader_idx))
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -322,13 +290,18 @@ class MagicCalibration(Callback):
         self.run.set_task(None)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.run.collector is None:
+        if not self.run.collecting:
             return
-        result = self.run.finish()  # one sum all-reduce; every rank folds the same xi
+        device = trainer.strategy.root_device
+
+        def reduce(t: Tensor) -> Tensor:
+            return t if trainer.world_size == 1 else trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
+
+        result = self.run.finish(reduce)  # one sum all-reduce; every rank folds the same xi
         rank_zero_info(f"MAGIC {result.setting}: folded {len(result.folded)} module(s), wrapped {len(result.wrapped)}")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict" and self.run.collector is not None:  # predict ended without finishing: discard
+        if stage == "predict" and self.run.collecting:  # predict ended without finishing: discard
             self.run.discard()
 
 
@@ -357,25 +330,37 @@ class CalibratedModelWriter(Callback):
     it is a Hugging Face model, else as ``<dirpath>/model.safetensors``.
 
     Args:
-        dirpath: output directory (replaced atomically if it exists).
+        dirpath: output directory. It is checked in ``setup``, before any weight is read: an existing directory is
+            replaced only when it is empty or a previous magic-pl output (unless ``overwrite``), and only once the
+            new one is complete (:class:`magic_pl.output.OutputLocation`).
         backbone: attribute path of the body to save for non-MagicModule modules (default ``"backbone"``).
         on_test_start: also write at the start of test if nothing was written yet (default ``True``).
+        overwrite: replace ``dirpath`` even if magic-pl did not write it (default ``False``).
     """
 
-    def __init__(self, dirpath: Union[str, os.PathLike], backbone: str = "backbone", on_test_start: bool = True) -> None:
+    def __init__(self, dirpath: Union[str, os.PathLike], backbone: str = "backbone", on_test_start: bool = True,
+                 overwrite: bool = False) -> None:
         self.dirpath = Path(dirpath)
         self.backbone = backbone
         self.write_on_test_start = on_test_start
+        self.overwrite = overwrite
         self.written: Optional[Path] = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            from magic_pl.lightning.trainer import input_paths
+            from magic_pl.output import OutputLocation
+
+            OutputLocation(self.dirpath, overwrite=self.overwrite, inputs=input_paths(pl_module)).check()
 
     def write(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         """Write now (rank 0), then wait for all ranks."""
         start = time.perf_counter()
         if trainer.is_global_zero:
             if callable(getattr(pl_module, "save_calibrated", None)):
-                pl_module.save_calibrated(self.dirpath)
+                pl_module.save_calibrated(self.dirpath, overwrite=self.overwrite)
             else:
-                save_module(get_backbone(pl_module, self.backbone), self.dirpath)
+                save_module(get_backbone(pl_module, self.backbone), self.dirpath, overwrite=self.overwrite)
         trainer.strategy.barrier("magic_pl_writer")
         self.written = self.dirpath
         rec = record_of(pl_module)

@@ -31,7 +31,7 @@ from magic_pl.lightning.data import INPUTS_KEY, LABELS_KEY, TASK_KEY, check_cali
 from magic_pl.lightning.metrics import PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
-from magic_pl.lightning.statistics import batch_size_of, split_batch, trim_padding
+from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
 from magic_pl.merging import merge
 from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
 from magic_pl.models.heads import TaskModel, logits_of
@@ -185,7 +185,7 @@ class MagicModule(LightningModule):
         self.merge_method = merge_method
         self.merge_options = dict(merge_options or {})
         self.calibration: CalibrationSetting = setting
-        self.sensitive = list(sensitive) if isinstance(sensitive, (list, tuple)) else sensitive
+        self.sensitive = resolve_sensitive(sensitive)
         self.fsc_modules = list(fsc_modules) if fsc_modules is not None else None
         self.fsc_per_sample = fsc_per_sample
         self.check_finite = check_finite
@@ -313,7 +313,7 @@ class MagicModule(LightningModule):
             "merge_method": self.merge_method,
             "merge_options": self.merge_options,
             "calibration": self.calibration.to_string(),
-            "sensitive": self.sensitive if not isinstance(self.sensitive, os.PathLike) else str(self.sensitive),
+            "sensitive": self.sensitive,
             "fsc_modules": self.fsc_modules,
             "fsc_per_sample": self.fsc_per_sample,
             "adapter": type(self.adapter).__name__ if self.adapter is not None else None,
@@ -348,15 +348,6 @@ class MagicModule(LightningModule):
             return t
         return trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
 
-    def _probe_calls(self) -> Iterator[tuple[Any, tuple, dict]]:
-        """This process's calibration samples as body calls, one sample each (for the sensitivity probe)."""
-        trainer = self._trainer
-        loaders = trainer.predict_dataloaders if trainer is not None else None
-        for loader in ([loaders] if not isinstance(loaders, (list, tuple)) else loaders) if loaders is not None else []:
-            for batch in loader:
-                batch = trainer.strategy.batch_to_device(batch, self.device)
-                yield from task_calls(*split_inputs(batch)[:3])
-
     def on_predict_start(self) -> None:
         if self.model is None:
             return
@@ -365,10 +356,10 @@ class MagicModule(LightningModule):
             setup = self.merge_setup
             assert setup is not None
             # default units: the adapter's choice (leaves out tied aliases and modules no task vector covers)
-            self.run.begin(self.device, self._probe_calls, self._reduce_sum, fsc_modules=setup.fsc_modules(self.model))
+            self.run.begin(self.device, fsc_modules=setup.fsc_modules(self.model))
 
     def on_predict_end(self) -> None:
-        if self.run.collector is not None:  # predict ended before the epoch end: nothing folded
+        if self.run.collecting:  # predict ended before the epoch end: nothing folded
             self.run.discard()
 
     def forward(self, *args: Any, task: Union[int, str, None] = None, **kwargs: Any) -> Any:
@@ -383,19 +374,19 @@ class MagicModule(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         """While calibrating: feed the calibration statistics (returns ``{}``). Otherwise: class predictions."""
         task, args, kwargs, _ = split_inputs(batch)
-        if self.run.collector is not None:
+        if self.run.collecting:
             self.run.update(task, *args, **kwargs)
             return {}  # nothing to return (an empty dict avoids Lightning's "predict returned None" warning)
         return self._predict(task, args, kwargs)
 
     def on_predict_epoch_end(self) -> None:
-        if self.run.collector is not None:
-            self.run.finish()  # one sum all-reduce, then the same fold on every rank
+        if self.run.collecting:
+            self.run.finish(self._reduce_sum)  # one sum all-reduce, then the same fold on every rank
 
     # --- evaluation -------------------------------------------------------------------------------------------------
     def _groups(self, task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, Optional[Tensor], tuple, dict]]:
         """``(task, rows, args, kwargs)`` per task present in the batch (``rows`` None: the whole batch)."""
-        tasks = _task_tensor(task)
+        tasks = task_tensor(task)
         if tasks is None or bool((tasks == tasks[0]).all()):
             yield (int(tasks[0]) if tasks is not None else int(task)), None, args, kwargs
             return
@@ -475,17 +466,19 @@ class MagicModule(LightningModule):
         self._end_eval("val")
 
     # --- saving -----------------------------------------------------------------------------------------------------
-    def save_calibrated(self, path: Union[str, os.PathLike]) -> Path:
+    def save_calibrated(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
         """Write the calibrated model atomically: the adapter's format (``save_pretrained`` for Hugging Face models,
-        timm layout, ...); without an adapter, ``save_pretrained`` if the body has it, else one safetensors file
-        (``path`` ending in ``.safetensors``, or ``path/model.safetensors``) plus the heads."""
+        timm layout, ...); without an adapter, ``save_pretrained`` if the body has it, else
+        ``path/model.safetensors`` plus the heads. ``path`` is replaced only when it is empty, a previous magic-pl
+        output, or with ``overwrite``."""
         from magic_pl.lightning.writer import save_module
 
         if self.model is None or self.merge_setup is None:
             raise RuntimeError("nothing to save: the module is not built")
         if self.merge_setup.adapter is not None:
-            return Path(self.merge_setup.save(self.model, path))
-        return save_module(self.model, path, heads=dict(self.heads.items()) if self.heads is not None else None)
+            return Path(self.merge_setup.save(self.model, path, **({"overwrite": True} if overwrite else {})))
+        return save_module(self.model, path, heads=dict(self.heads.items()) if self.heads is not None else None,
+                           overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -514,21 +507,3 @@ def _module_means(per_task_sq: Sequence[Mapping[str, float]]) -> dict[str, float
             totals[m] = totals.get(m, 0.0) + v ** 0.5
     n = max(len(per_task_sq), 1)
     return {m: v / n for m, v in totals.items()}
-
-
-def task_calls(task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, tuple, dict]]:
-    """One ``(task, args, kwargs)`` body call per sample of a task-tagged batch (right padding trimmed)."""
-    tasks = _task_tensor(task)
-    size = batch_size_of(args, kwargs)
-    if size is None:
-        yield (int(tasks[0]) if tasks is not None else int(task)), args, kwargs
-        return
-    for i in range(size):
-        a, kw = trim_padding(*split_batch(args, kwargs, torch.tensor([i]), size))
-        yield (int(tasks[i]) if tasks is not None else int(task)), a, kw
-
-
-def _task_tensor(task: Any) -> Optional[Tensor]:
-    if isinstance(task, Tensor) and task.dim() > 0:
-        return task.reshape(-1)
-    return None

@@ -6,13 +6,15 @@ paths run the same code:
 
 1. :meth:`CalibrationRun.bind` after the merge: the merged body, the base weights and the task vectors; the
    data-free step (WSC for ``wsc``/``dsc``) runs here unless the setting must first detect its sensitive set.
-2. :meth:`CalibrationRun.begin` at the start of ``trainer.predict``: the label-free probe (``sensitive="detect"``)
-   on the calibration inputs, its per-tensor scores summed over processes; then the deferred WSC; then the FSC
-   statistics component (a :class:`~magic_pl.lightning.statistics.FeatureStatisticsCollector`, torchmetrics states
-   reduced with one ``sum`` at the end).
+2. :meth:`CalibrationRun.begin` at the start of ``trainer.predict``: the FSC statistics component (a
+   :class:`~magic_pl.lightning.statistics.FeatureStatisticsCollector`, torchmetrics states reduced with one ``sum``
+   at the end); when the sensitive set must be detected first (``sensitive="detect"``), the calibration samples
+   are kept instead.
 3. :meth:`CalibrationRun.update` per batch (called directly by ``MagicModule.predict_step``, or by a forward pre-hook
    on the foreign module's backbone: :meth:`attach`).
-4. :meth:`CalibrationRun.finish` at the end of the predict epoch: one all-reduce, the same xi on every rank, the fold.
+4. :meth:`CalibrationRun.finish` at the end of the predict epoch: the label-free probe on the kept samples (its
+   per-tensor scores summed over processes), the deferred WSC, and the FSC statistics measured on the kept samples;
+   then one all-reduce, the same xi on every rank, the fold.
 
 Everything a step does is written into a :class:`~magic_pl.lightning.report.CalibrationRecord`.
 """
@@ -30,7 +32,7 @@ from magic_pl.calibration import CalibrationResult, CalibrationSetting
 from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.calibration.settings import SensitiveSet, detect_label_free
 from magic_pl.lightning.report import CalibrationRecord, delta_norms, relative_deviation
-from magic_pl.lightning.statistics import FeatureStatisticsCollector
+from magic_pl.lightning.statistics import FeatureStatisticsCollector, task_calls
 
 __all__ = ["CalibrationRun"]
 
@@ -67,6 +69,8 @@ class CalibrationRun:
         self.collector: Optional[FeatureStatisticsCollector] = None
         self.result: Optional[CalibrationResult] = None
         self._handle: Any = None
+        self._pending: Optional[list[tuple[int, tuple, dict]]] = None
+        self._fsc_modules: Optional[Sequence[str]] = None
         self._task: Any = None
         self._busy = False
 
@@ -114,41 +118,39 @@ class CalibrationRun:
         self._update_deviation()
 
     # --- 2. start of predict -----------------------------------------------------------------------------------------
-    def begin(self, device: torch.device, probe_inputs: Callable[[], Iterable[tuple[Any, tuple, dict]]],
-              reduce: Reduce, fsc_modules: Optional[Sequence[str]] = None) -> None:
-        """Probe (if the set must be detected), apply the deferred WSC, and start the FSC statistics.
+    @property
+    def collecting(self) -> bool:
+        """True between :meth:`begin` and :meth:`finish`."""
+        return self.collector is not None or self._pending is not None
 
-        ``probe_inputs()`` yields ``(task, args, kwargs)`` body calls of this process's calibration samples (only
-        called when the probe runs); ``reduce`` sums a tensor over processes.
-        """
+    def begin(self, device: torch.device, fsc_modules: Optional[Sequence[str]] = None) -> None:
+        """Start collecting: the FSC statistics, or (when the sensitive set must be detected first) this process's
+        calibration samples, kept for the probe and measured at :meth:`finish`."""
         assert self.body is not None, "bind() first"
         if self.result is not None:
             return
         self.body.to(device).eval()
+        self._fsc_modules = self.modules if self.modules is not None else fsc_modules
         if self.must_detect:
-            start = time.perf_counter()
-            calls = [(args, kwargs) for _, args, kwargs in probe_inputs()]
-            batches = [ModelInputs(tuple(args), dict(kwargs)) for args, kwargs in calls]
-            found = detect_label_free(self.base_state, self.body, self.task_vectors, batches,
-                                      alpha=self.setting.alpha, reduce=reduce)
-            self.sensitive_set = self.setting.resolve_sensitive(None, found)
-            self.record.config["sensitive_detected"] = list(found)
-            self.record.add_step("probe", time.perf_counter() - start, samples=len(calls), alpha=self.setting.alpha)
-            self._weight_space()
-            if not self.setting.uses_data:
-                self.result = self.setting.result(None, self.row_scales)
-                return
-        modules = self.modules if self.modules is not None else fsc_modules
+            self._pending = []
+        else:
+            self._start_statistics()
+
+    def _start_statistics(self) -> None:
         calibrator = self.setting.feature_calibrator(self.base_state, self.body, self.task_vectors,
-                                                     self.sensitive_set, modules=modules, task_names=self.task_names)
+                                                     self.sensitive_set, modules=self._fsc_modules,
+                                                     task_names=self.task_names)
         self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample)
 
     # --- 3. per batch ---------------------------------------------------------------------------------------------
     def update(self, task: Any, *args: Any, **kwargs: Any) -> None:
         """Feed one task-tagged call of the body (``task``: an int, or one task index per sample)."""
-        if self.collector is None:
+        if self._pending is not None:
+            self._pending.extend(task_calls(task, args, kwargs))
+        elif self.collector is not None:
+            self.collector.update(task, *args, **kwargs)
+        else:
             raise RuntimeError("calibration statistics are not collecting: begin() runs at the start of predict")
-        self.collector.update(task, *args, **kwargs)
 
     def attach(self, body: nn.Module) -> None:
         """Feed the statistics from a forward pre-hook on ``body`` (for a foreign LightningModule's backbone): each
@@ -160,7 +162,7 @@ class CalibrationRun:
         self._task = task
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._busy or self.collector is None or self._task is None:
+        if self._busy or not self.collecting or self._task is None:
             return None
         self._busy = True  # the calibrator runs the body itself
         try:
@@ -175,9 +177,26 @@ class CalibrationRun:
             self._handle = None
 
     # --- 4. end of predict ------------------------------------------------------------------------------------------
-    def finish(self) -> CalibrationResult:
-        """Sum the statistics over processes (once), fold the same xi on every rank, and record the result."""
+    def finish(self, reduce: Reduce) -> CalibrationResult:
+        """Detect the sensitive set if needed (probe scores summed over processes with ``reduce``), apply the deferred
+        WSC, sum the FSC statistics over processes (once), fold the same xi on every rank, and record the result."""
         self.detach()
+        if self._pending is not None:
+            calls, self._pending = self._pending, None
+            start = time.perf_counter()
+            found = detect_label_free(self.base_state, self.body, self.task_vectors,
+                                      [ModelInputs(a, kw) for _, a, kw in calls], alpha=self.setting.alpha,
+                                      reduce=reduce)
+            self.sensitive_set = self.setting.resolve_sensitive(None, found)
+            self.record.config["sensitive_detected"] = list(found)
+            self.record.add_step("probe", time.perf_counter() - start, samples=len(calls), alpha=self.setting.alpha)
+            self._weight_space()
+            if not self.setting.uses_data:
+                self.result = self.setting.result(None, self.row_scales)
+                return self.result
+            self._start_statistics()  # measured on the (WSC-calibrated) model, on the same samples
+            for task, args, kwargs in calls:
+                self.collector.update(task, *args, **kwargs)
         collector = self.collector
         if collector is None:
             raise RuntimeError("no calibration statistics were collected (begin() did not run)")
@@ -195,6 +214,7 @@ class CalibrationRun:
         """Forget a predict run that ended without :meth:`finish`."""
         self.detach()
         self.collector = None
+        self._pending = None
 
     def _update_deviation(self) -> None:
         rec = self.record

@@ -28,7 +28,7 @@ from torch import Tensor
 from magic_pl.calibration import CalibrationResult, FeatureSpaceCalibrator
 from magic_pl.lightning.metrics import FSCStatistics, accumulation_dtype
 
-__all__ = ["FeatureStatisticsCollector", "split_batch", "batch_size_of", "trim_padding"]
+__all__ = ["FeatureStatisticsCollector", "split_batch", "batch_size_of", "trim_padding", "task_calls", "task_tensor"]
 
 
 def batch_size_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[int]:
@@ -67,6 +67,25 @@ def trim_padding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return v
 
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def task_tensor(task: Any) -> Optional[Tensor]:
+    """Per-sample task indices of a batch as a flat tensor (``None`` when one task is given for the whole batch)."""
+    if isinstance(task, Tensor) and task.dim() > 0:
+        return task.reshape(-1)
+    return None
+
+
+def task_calls(task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, tuple, dict]]:
+    """One ``(task, args, kwargs)`` body call per sample of a task-tagged batch (right padding trimmed)."""
+    tasks = task_tensor(task)
+    size = batch_size_of(args, kwargs)
+    if size is None:
+        yield (int(tasks[0]) if tasks is not None else int(task)), args, kwargs
+        return
+    for i in range(size):
+        a, kw = trim_padding(*split_batch(args, kwargs, torch.tensor([i]), size))
+        yield (int(tasks[i]) if tasks is not None else int(task)), a, kw
 
 
 class FeatureStatisticsCollector:

@@ -3,11 +3,17 @@
 ``calibrate`` is also the ``magic-pl calibrate`` subcommand. With ``strategy="ddp"`` every process runs the whole
 pipeline (weights stay identical on all ranks; rank 0 writes files). ``ddp_spawn`` is refused: spawned workers do not
 hand the calibrated weights back between ``predict`` and ``test``.
+
+The output directory is written as one unit (:class:`magic_pl.output.OutputLocation`): it is checked before any
+tensor is read (a directory magic-pl did not write is never replaced without ``overwrite``; inputs inside it are
+refused), everything goes to a hidden staging directory beside it, and the staging directory replaces the old output
+only after the whole run, evaluation included, succeeded.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -15,16 +21,18 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from magic_pl.lightning.callbacks import (
-    CalibratedModelWriter,
-    CalibrationReport,
-    FeatureSpaceCalibration,
-    MergeExperts,
-    WeightSpaceCalibration,
-)
-from magic_pl.lightning.module import MagicModule
+__all__ = ["MagicTrainer", "input_paths"]
 
-__all__ = ["MagicTrainer"]
+
+def input_paths(model: LightningModule) -> list[str]:
+    """The checkpoint files a ``MagicModule`` reads (its adapter's base and experts, or its own sources)."""
+    adapter = getattr(model, "adapter", None)
+    found: list[Any] = []
+    if adapter is not None:
+        found += [getattr(adapter, "base_path", None), getattr(adapter, "path", None),
+                  *(getattr(adapter, "expert_paths", None) or [])]
+    found += [getattr(model, "_base_source", None), *(getattr(model, "_expert_sources", None) or [])]
+    return [str(p) for p in found if isinstance(p, (str, os.PathLike))]
 
 
 class MagicTrainer(Trainer):
@@ -39,80 +47,117 @@ class MagicTrainer(Trainer):
         report: bool = True,
         evaluate: bool = True,
         hash_inputs: bool = True,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
-        """Merge, calibrate (WSC / FSC via ``predict``), save and evaluate (``test``) in one call.
-
-        Works with a :class:`~magic_pl.lightning.module.MagicModule` or with any LightningModule whose Trainer has
-        the magic-pl callbacks (:class:`~magic_pl.lightning.callbacks.MergeExperts`, ...).
+        """Merge, calibrate (WSC / FSC via ``predict``), save and evaluate (``test``) a ``MagicModule`` in one call.
 
         Args:
-            model: the module to calibrate.
+            model: a :class:`~magic_pl.lightning.module.MagicModule` (anything with its ``calibration_record``,
+                ``needs_calibration_data`` and ``save_calibrated``).
             datamodule: calibration (``predict_dataloader``) and evaluation (``test_dataloader``) data.
-            output_dir: where the calibrated model (``<output_dir>/model``) and the report go; default ``None``: the
-                report goes to the log directory and the model is not saved (unless a writer callback is set).
+            output_dir: where the calibrated model (``<output_dir>/model``) and the report
+                (``<output_dir>/calibration_report.json`` / ``.png``) go; default ``None``: nothing is written.
             save_model: save the calibrated model under ``output_dir`` (default ``True``).
-            report: write ``calibration_report.json`` / ``.png`` (default ``True``).
+            report: write the calibration report under ``output_dir`` (default ``True``).
             evaluate: run ``trainer.test`` after calibration when there is test data (default ``True``).
             hash_inputs: store sha256 hashes of the input checkpoints in the report (default ``True``).
+            overwrite: replace ``output_dir`` even if magic-pl did not write it (default ``False``).
 
         Returns:
-            ``{"metrics": {...}, "model": path or None, "report": path or None}`` (paths on rank 0).
+            ``{"metrics", "model", "report", "result"}``: test metrics, the model and report paths (``None`` when not
+            written) and the :class:`~magic_pl.calibration.CalibrationResult` (``None`` if no calibration ran).
         """
+        from magic_pl.lightning.callbacks import get_backbone  # noqa: F401  (imports the Lightning glue once)
+        from magic_pl.lightning.report import plot_record, write_json
+        from magic_pl.output import OutputLocation
+
         launcher = getattr(self.strategy, "launcher", None)
         if launcher is not None and type(launcher).__name__ == "_MultiProcessingLauncher" and self.world_size > 1:
             raise ValueError(
                 "calibrate cannot use a spawn-based strategy (ddp_spawn / ddp_notebook): the calibrated weights of the "
                 "workers would be lost between predict and test. Use strategy='ddp'."
             )
-        writer = next((cb for cb in self.callbacks if isinstance(cb, CalibratedModelWriter)), None)
-        if writer is None and output_dir is not None and save_model:
-            writer = CalibratedModelWriter(Path(output_dir) / "model", backbone=_backbone_of(self))
-            self.callbacks.append(writer)
-        reporter = next((cb for cb in self.callbacks if isinstance(cb, CalibrationReport)), None)
-        if reporter is None and report:
-            reporter = CalibrationReport(dirpath=output_dir, hash_inputs=hash_inputs)
-            self.callbacks.append(reporter)
-
-        needs_predict = (isinstance(model, MagicModule) and model.uses_fsc) or any(
-            isinstance(cb, FeatureSpaceCalibration) for cb in self.callbacks
-        )
-        if needs_predict:
-            self.predict(model, datamodule=datamodule, return_predictions=False)
-        metrics: dict[str, float] = {}
-        can_test = _has_test_data(model, datamodule)
-        if evaluate and can_test:
-            results = self.test(model, datamodule=datamodule)
-            for d in results:
-                metrics.update({k: float(v) for k, v in d.items()})
-        else:
-            if evaluate:
+        for attr in ("calibration_record", "needs_calibration_data"):
+            if not hasattr(model, attr):
+                raise TypeError(f"calibrate needs a MagicModule (or a module with {attr!r}), got "
+                                f"{type(model).__name__}; add magic_pl.lightning.MagicCalibration to your Trainer "
+                                "and call predict/test yourself")
+        writes = output_dir is not None and (save_model or report)
+        out = (OutputLocation(output_dir, overwrite=overwrite, inputs=input_paths(model)).check()
+               if writes and self.is_global_zero else None)  # before any tensor is read
+        staged: Optional[Path] = None
+        with _Maybe(out):
+            if out is not None:
+                staged = out.stage()
+            if model.needs_calibration_data:
+                self.predict(model, datamodule=datamodule, return_predictions=False)
+            else:
+                model.build()
+            rec = model.calibration_record
+            metrics: dict[str, float] = {}
+            if evaluate and _has_test_data(model, datamodule):
+                for d in self.test(model, datamodule=datamodule):
+                    metrics.update({k: float(v) for k, v in d.items()})
+            elif evaluate:
                 rank_zero_info("calibrate: no test data, skipping evaluation")
-            if not needs_predict:
-                # nothing ran through the Trainer: build in this process and write here (single process)
-                if isinstance(model, MagicModule):
-                    model.build()
-                else:
-                    for cb in self.callbacks:
-                        if isinstance(cb, MergeExperts):
-                            cb.merge_now(self, model)
-                        if isinstance(cb, WeightSpaceCalibration):
-                            cb.apply_now(self, model)
-                if writer is not None:
-                    writer.write(self, model)
-                if reporter is not None:
-                    reporter.write(self, model)
+            final = Path(output_dir) if output_dir is not None else None
+            if staged is not None and save_model:
+                model.save_calibrated(staged / "model")
+                rec.outputs["model"] = str((final / "model").resolve())
+            if staged is not None and report:
+                doc = rec.to_dict(hash_inputs=hash_inputs)
+                doc["config"]["trainer"] = {"world_size": self.world_size, "num_nodes": self.num_nodes,
+                                            "strategy": type(self.strategy).__name__,
+                                            "accelerator": type(self.accelerator).__name__,
+                                            "precision": str(self.precision)}
+                write_json(doc, staged / "calibration_report.json")
+                plot_record(rec, staged / "calibration_report.png")
+            if out is not None:
+                _move_logs_into(self, Path(output_dir), staged)
+                out.commit({"command": "calibrate", "calibration": rec.config.get("calibration")})
+            self.strategy.barrier("magic_pl_calibrate")
+        result = getattr(getattr(model, "run", None), "result", None)
         return {
             "metrics": metrics,
-            "model": str(writer.written) if writer is not None and writer.written is not None else None,
-            "report": str(reporter.path) if reporter is not None and reporter.path is not None else None,
+            "model": str(final / "model") if final is not None and save_model else None,
+            "report": str(final / "calibration_report.json") if final is not None and report else None,
+            "result": result,
         }
 
 
-def _backbone_of(trainer: Trainer) -> str:
-    for cb in trainer.callbacks:
-        if isinstance(cb, (MergeExperts, WeightSpaceCalibration, FeatureSpaceCalibration)):
-            return cb.backbone
-    return "backbone"
+class _Maybe:
+    """``with`` an optional context manager."""
+
+    def __init__(self, cm: Any) -> None:
+        self.cm = cm
+
+    def __enter__(self) -> Any:
+        return self.cm.__enter__() if self.cm is not None else None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cm is not None:
+            self.cm.__exit__(*exc)
+
+
+def _move_logs_into(trainer: Trainer, output_dir: Path, staged: Optional[Path]) -> None:
+    """Logs that loggers wrote inside the output directory during the run move into the staged output, at the same
+    relative path, so they survive the swap (and the directory is otherwise untouched until then)."""
+    if staged is None:
+        return
+    root = output_dir.resolve()
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if not save_dir or not os.path.isdir(save_dir) or os.path.islink(save_dir):
+            continue
+        src = Path(save_dir).resolve()
+        if src == root or root not in src.parents:
+            continue
+        dest = staged / src.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dest))
+    for sub in sorted((p for p in output_dir.rglob("*") if p.is_dir()), reverse=True):  # dirs the move emptied
+        if not any(sub.iterdir()) and not (output_dir / ".magic-pl.json").exists():
+            sub.rmdir()
 
 
 def _has_test_data(model: LightningModule, datamodule: Optional[LightningDataModule]) -> bool:

@@ -31,15 +31,17 @@ def save_module(
     heads: Optional[Mapping[str, nn.Module]] = None,
     filename: str = "model.safetensors",
     metadata: Optional[Mapping[str, str]] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``module`` (and optional per-task ``heads``) into the directory ``path``, atomically.
 
     Hugging Face models go through ``save_pretrained`` (safetensors, ``config.json``, loadable with
     ``from_pretrained``); other modules become ``path/<filename>`` (safetensors of ``state_dict()``), heads
-    ``path/heads/<task>.safetensors``. An existing ``path`` is replaced only once the new one is complete.
+    ``path/heads/<task>.safetensors``. An existing ``path`` is replaced only when it is empty, a previous magic-pl
+    output or ``overwrite``, and only once the new one is complete.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         if is_hf_model(module):
             module.save_pretrained(tmp, safe_serialization=True)

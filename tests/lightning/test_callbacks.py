@@ -60,12 +60,26 @@ def test_crash_during_calibration_writes_nothing(tiny_timm, tmp_path, monkeypatc
     assert _leftovers(tmp_path) == []
 
 
+def test_writer_refuses_a_directory_magic_pl_did_not_write_before_any_work(tiny_timm, tmp_path):
+    from magic_pl.output import OutputError
+
+    user = tmp_path / "model"
+    user.mkdir()
+    (user / "NOTES.txt").write_text("the user's own notes")
+    mod = _module(tiny_timm, calibration="dsc")
+    with pytest.raises(OutputError, match="model"):
+        _trainer(CalibratedModelWriter(user)).predict(mod, datamodule=_data(), return_predictions=False)
+    assert mod.model is None  # refused in setup, before any checkpoint was read
+    assert sorted(p.name for p in user.iterdir()) == ["NOTES.txt"] and _leftovers(tmp_path) == []
+
+
 def test_crash_while_saving_leaves_no_partial_model_and_keeps_the_old_one(tiny_timm, tmp_path, monkeypatch):
     import magic_pl.models.timm as timm_adapter
 
     old = tmp_path / "model"
-    old.mkdir()
-    (old / "previous.txt").write_text("an earlier complete result")
+    _trainer(CalibratedModelWriter(old)).predict(_module(tiny_timm, calibration="dsc"), datamodule=_data(),
+                                                 return_predictions=False)  # an earlier complete result
+    before = {p.name: p.read_bytes() for p in old.rglob("*") if p.is_file()}
     real_save = timm_adapter.save_state_dict
     calls = {"n": 0}
 
@@ -76,11 +90,11 @@ def test_crash_while_saving_leaves_no_partial_model_and_keeps_the_old_one(tiny_t
             raise Boom("disk full")  # ...then the process dies mid-write
 
     monkeypatch.setattr(timm_adapter, "save_state_dict", save_then_die)
-    mod = _module(tiny_timm, calibration="dsc")
+    mod = _module(tiny_timm, calibration="fsc")
     with pytest.raises(Boom):
         _trainer(CalibratedModelWriter(old)).predict(mod, datamodule=_data(), return_predictions=False)
     assert calls["n"] == 2
-    assert sorted(p.name for p in old.iterdir()) == ["previous.txt"]  # untouched, no partial model
+    assert {p.name: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # untouched, no partial model
     assert _leftovers(tmp_path) == []
 
 
@@ -97,7 +111,7 @@ def test_save_module_plain_and_hf(tmp_path):
 
     body = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
     save_module(body, tmp_path / "plain", heads={"t": nn.Linear(4, 2)})
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["heads", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [".magic-pl.json", "heads", "model.safetensors"]
     hf = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                               intermediate_size=32))
     save_module(hf, tmp_path / "hf")
@@ -106,10 +120,10 @@ def test_save_module_plain_and_hf(tmp_path):
 
 
 def test_report_plot_and_hash(tmp_path):
-    from magic_pl.calibration import CalibrationReport
+    from magic_pl.calibration import CalibrationResult
 
     rec = CalibrationRecord(deviation_before={"a": 0.4, "b": 0.5}, deviation_after={"a": 1.0, "b": 1.1})
-    rec.set_fold(CalibrationReport(coefficients={"a": 1.2, "b": 0.9}, wrapped=["b"], statistic="ratio_of_means"))
+    rec.set_fold(CalibrationResult(coefficients={"a": 1.2, "b": 0.9}, wrapped=["b"], statistic="ratio_of_means"))
     assert rec.wrapped == ["b"] and rec.coefficients["a"] == 1.2
     png = plot_record(rec, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -81,7 +81,7 @@ def test_dsc_predict_equals_core_and_test_accuracy_is_exact(setup3):
     mod = _module(base, experts, heads, calibration="dsc")
     trainer = _trainer()
     out = trainer.predict(mod, datamodule=dm, return_predictions=False)
-    assert out is None and mod.fsc_done
+    assert out is None and mod.run.done
 
     # the same pipeline by hand with the calibration core
     taus = [task_vector(e, base) for e in experts]
@@ -121,7 +121,7 @@ def test_sequential_mode_runs_and_sensitive_json_caps_xi(setup3, tmp_path):
     base, experts, heads, data = setup3
     path = save_sensitivity(tmp_path / "sens.json", ["fc2.weight"])
     dm = TaskDataModule(list("xyz"), test=data, samples_per_task=1)
-    mod = _module(base, experts, heads, calibration="fsc", fsc_mode="sequential", sensitive=str(path),
+    mod = _module(base, experts, heads, calibration="fsc:mode=sequential", sensitive=str(path),
                   merge_method="weight_average")
     _trainer().predict(mod, datamodule=dm, return_predictions=False)
     xi = mod.calibration_record.coefficients
@@ -151,8 +151,10 @@ def test_task_order_mismatch_is_rejected(setup3):
 def test_constructor_errors():
     with pytest.raises(ValueError, match="exactly one of `adapter`"):
         MagicModule()
-    with pytest.raises(ValueError, match="calibration must be one of"):
+    with pytest.raises(ValueError, match="unknown calibration 'fcs': not a preset"):
         MagicModule(model=Body(), experts=[Body()], calibration="fcs")
+    with pytest.raises(ValueError, match="eps"):
+        MagicModule(model=Body(), experts=[Body()], calibration={"space": "wsc", "eps": float("nan")})
 
 
 def test_validate_logs_per_task_accuracy_on_validation_sets(setup3):
@@ -165,7 +167,10 @@ def test_validate_logs_per_task_accuracy_on_validation_sets(setup3):
 
 
 def test_auto_setting_predict_equals_core(setup3):
-    """The recommended setting through Lightning (FSC capped on a label-free detected set) equals the core's."""
+    """The recommended setting through Lightning (FSC capped on a set the label-free probe detects inside the predict
+    loop) equals the core driver's, set and weights."""
+    from dataclasses import replace
+
     from magic_pl.calibration import AUTO
     from magic_pl.calibration.settings import detect_label_free
 
@@ -177,10 +182,12 @@ def test_auto_setting_predict_equals_core(setup3):
     ref = copy.deepcopy(base).eval()
     ref.load_state_dict(apply_task_vector(base.state_dict(), merge("ties", taus, density=0.5)))
     found = detect_label_free(base.state_dict(), ref, taus, [b for _, b in batches], alpha=2)
-    mod = _module(base, experts, heads, calibration=AUTO.space, sensitive=found, merge_method="ties",
-                  merge_options={"density": 0.5})
+    mod = _module(base, experts, heads, calibration={"space": "fsc", "sensitive": "detect", "alpha": 2},
+                  merge_method="ties", merge_options={"density": 0.5})
     _trainer().predict(mod, datamodule=dm, return_predictions=False)
-    report = AUTO.calibrate(base.state_dict(), ref, taus, batches=batches, alpha=2)
+    assert mod.calibration_record.config["sensitive_detected"] == found
+    report = replace(AUTO, alpha=2).calibrate(base.state_dict(), ref, taus, batches=batches)
     assert report.sensitive and all(report.coefficients[n] <= 1.0 for n in report.sensitive)
+    assert mod.run.result.sensitive == report.sensitive and mod.run.result.setting == "fsc:sensitive=detect,alpha=2"
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(mod.model.state_dict()[key], value, rtol=1e-6, atol=1e-6)

@@ -1,15 +1,13 @@
-"""Plug-in example: an existing LightningModule with a timm backbone and its own DataModule gains merging + DSC by
+"""Plug-in example: an existing LightningModule with a timm backbone and its own DataModule gains merging + MAGIC by
 adding magic-pl callbacks to its Trainer, without changing its code.
 
 This is the README snippet::
 
-    from magic_pl.lightning import (MergeExperts, WeightSpaceCalibration, FeatureSpaceCalibration,
-                                    CalibratedModelWriter, CalibrationReport)
+    from magic_pl.lightning import MagicCalibration, CalibratedModelWriter, CalibrationReport
 
     trainer = Trainer(callbacks=[
-        MergeExperts(experts=["a.safetensors", "b.safetensors"], base="base.safetensors", backbone="backbone"),
-        WeightSpaceCalibration(backbone="backbone"),      # base / experts come from MergeExperts
-        FeatureSpaceCalibration(backbone="backbone"),     # task = predict dataloader index (or batch["task"])
+        MagicCalibration(experts=["a.safetensors", "b.safetensors"], base="base.safetensors", backbone="backbone",
+                         calibration="auto"),          # task = predict dataloader index (or batch["task"])
         CalibratedModelWriter("out/model", backbone="backbone"),
         CalibrationReport("out"),
     ])
@@ -29,15 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_helpers import TIMM_KWARGS, TIMM_NAME
-from magic_pl.lightning import (
-    CalibratedModelWriter,
-    CalibrationReport,
-    FeatureSpaceCalibration,
-    MagicModule,
-    MergeExperts,
-    TaskDataModule,
-    WeightSpaceCalibration,
-)
+from magic_pl.lightning import CalibratedModelWriter, CalibrationReport, MagicCalibration, MagicModule, TaskDataModule
 from magic_pl.models import TimmAdapter
 
 
@@ -82,32 +72,32 @@ def _datasets(seed: int, n: int, classes=(3, 4)) -> list[TensorDataset]:
 
 
 # ---- the test --------------------------------------------------------------------------------------------------
-def test_callbacks_add_merging_and_dsc_to_an_existing_module(tiny_timm, tmp_path):
+@pytest.mark.parametrize("calibration", ["dsc", {"space": "fsc", "sensitive": "detect", "alpha": 3}])
+def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, calibration):
+    """The plug-in path and the MagicModule path run the same CalibrationRun: same xi, same weights."""
     torch.manual_seed(0)
     model, calib, test = LitMultiTask(), _datasets(1, 3), _datasets(2, 9)
     data = LitData(calib, test)
     experts = [str(tiny_timm["a"]), str(tiny_timm["b"])]
     trainer = Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[
-            # listed out of order on purpose: FSC runs the merge and WSC it depends on first
-            FeatureSpaceCalibration(backbone="backbone"),
+        callbacks=[  # listed out of order on purpose: each callback is self-contained
             CalibratedModelWriter(tmp_path / "model", backbone="backbone"),
             CalibrationReport(tmp_path),
-            WeightSpaceCalibration(backbone="backbone"),
-            MergeExperts(experts=experts, base=str(tiny_timm["base"]), backbone="backbone",
-                         method="task_arithmetic", options={"scale": 0.3}, task_names=["a", "b"]),
+            MagicCalibration(experts=experts, base=str(tiny_timm["base"]), backbone="backbone",
+                             method="task_arithmetic", options={"scale": 0.3}, calibration=calibration,
+                             task_names=["a", "b"]),
         ],
     )
     trainer.predict(model, datamodule=data, return_predictions=False)
     results = {k: v for d in trainer.test(model, datamodule=data, verbose=False) for k, v in d.items()}
     assert set(results) == {"acc_0", "acc_1"}
 
-    # the same merge + DSC through MagicModule / the timm adapter on the same calibration samples
+    # the same merge + calibration through MagicModule / the timm adapter on the same calibration samples
     ref = MagicModule(
         adapter=TimmAdapter(TIMM_NAME, experts=experts, base=str(tiny_timm["base"]), task_names=["a", "b"],
                             model_kwargs=TIMM_KWARGS),
-        merge_method="task_arithmetic", merge_options={"scale": 0.3}, calibration="dsc",
+        merge_method="task_arithmetic", merge_options={"scale": 0.3}, calibration=calibration,
     )
     dm = TaskDataModule(["a", "b"], calibration={t: ds for t, ds in zip("ab", calib)}, samples_per_task=3)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -116,28 +106,29 @@ def test_callbacks_add_merging_and_dsc_to_an_existing_module(tiny_timm, tmp_path
     report = json.loads((tmp_path / "calibration_report.json").read_text())
     xi, want = report["coefficients"], ref.calibration_record.coefficients
     assert xi.keys() == want.keys() and max(abs(xi[k] - want[k]) for k in xi) <= 1e-6
+    assert report["config"].get("sensitive_detected") == ref.calibration_record.config.get("sensitive_detected")
     for key, value in ref.model.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[key], value, rtol=0, atol=1e-6)
 
     # written atomically by the writer, loadable into the project's backbone
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.backbone.state_dict().items())
-    assert [s["step"] for s in report["steps"]] == ["merge", "wsc", "fsc", "write"]
+    steps = [s["step"] for s in report["steps"]]
+    assert steps == (["merge", "wsc", "fsc", "write"] if calibration == "dsc" else ["merge", "probe", "fsc", "write"])
     assert report["magnitude_deviation"]["before"] and report["magnitude_deviation"]["after"]
     assert report["inputs"]["base"]["path"].endswith("base.safetensors")
     assert (tmp_path / "calibration_report.png").is_file()
 
 
-def test_fsc_callback_without_sources_says_what_is_missing(tiny_timm):
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      callbacks=[FeatureSpaceCalibration(backbone="backbone")])
-    data = LitData(_datasets(1, 2), _datasets(2, 2))
-    with pytest.raises(ValueError, match="give experts= .* or add a MergeExperts callback for backbone 'backbone'"):
-        trainer.predict(LitMultiTask(), datamodule=data, return_predictions=False)
+def test_plugin_options_are_checked_before_any_work(tiny_timm):
+    with pytest.raises(ValueError, match="unknown calibration 'dcs'"):
+        MagicCalibration(experts=[str(tiny_timm["a"])], calibration="dcs")
+    with pytest.raises(ValueError, match="merge method"):
+        MagicCalibration(experts=[str(tiny_timm["a"])], method="tie")
 
 
 def test_wrong_backbone_path_lists_children(tiny_timm):
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      callbacks=[MergeExperts(experts=[str(tiny_timm["a"])], backbone="encoder")])
+                      callbacks=[MagicCalibration(experts=[str(tiny_timm["a"])], backbone="encoder")])
     with pytest.raises(AttributeError, match=r"no submodule 'encoder' \(its children: \['backbone', 'heads'\]\)"):
         trainer.predict(LitMultiTask(), datamodule=LitData(_datasets(1, 2), []), return_predictions=False)
