@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -102,8 +103,10 @@ class MagicTrainer(Trainer):
                 rank_zero_info("calibrate: no test data, skipping evaluation")
             final = Path(output_dir) if output_dir is not None else None
             if staged is not None and save_model:
+                start = time.perf_counter()
                 model.save_calibrated(staged / "model")
                 rec.outputs["model"] = str((final / "model").resolve())
+                rec.add_step("write", time.perf_counter() - start)
             if staged is not None and report:
                 doc = rec.to_dict(hash_inputs=hash_inputs)
                 doc["config"]["trainer"] = {"world_size": self.world_size, "num_nodes": self.num_nodes,
