@@ -246,11 +246,7 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
          rebuild, bootstrap, progress, write) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from magic_pl.calibration import (
-        detect_sensitive_layers,
-        resolve_setting,
-        weight_space_calibration,
-    )
+    from magic_pl.calibration import detect_sensitive_layers, resolve_setting
     from magic_pl.calibration.settings import detect_label_free
     from magic_pl.merging import MERGE_METHODS, merge
 
@@ -410,8 +406,9 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
                                           "score": how}
     fsc_paper = resolve_setting("fsc", norm=fsc_norm, mode=fsc_mode, sensitive=sensitive)  # the bn+fsc rows
 
-    def run_setting(setting, model: nn.Module, tau_m: Mapping[str, Tensor], draw: int) -> Any:
-        return setting.calibrate(base_state, model, taus, tau_m, calib_batches(draw), detected)
+    def run_setting(setting, model: nn.Module, tau_m: Optional[Mapping[str, Tensor]], draw: int) -> Any:
+        batches = calib_batches(draw) if setting.uses_data else None
+        return setting.calibrate(base_state, model, taus, tau_m, batches, detected, task_names=names)
 
     # ---- merges x calibrations ---------------------------------------------------------------------------------------
     for method in methods:
@@ -423,16 +420,13 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
             row = _Row(method, calib, merge_seconds=merge_s, setting=setting.to_string())
             if setting.space == "none":
                 evaluate(row, merged_model(tau_m), 0.0)
-            elif setting.space == "wsc":
+            elif not setting.uses_data:  # data-free (WSC): one row
                 t = time.perf_counter()
-                tau_w, scales = weight_space_calibration(tau_m, taus, setting.sensitive_set(detected),
-                                                         variant=setting.wsc_variant, return_scales=True)
-                model = merged_model(tau_w)
+                model = merged_model(tau_m)
+                rep = run_setting(setting, model, tau_m, 0)
                 cs = time.perf_counter() - t
-                lam = {k: float(v.mean()) for k, v in scales.items()}
-                row.xi.append(lam)
-                reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": lam}
-                del tau_w
+                row.xi.append(rep.wsc_scales)
+                reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": rep.wsc_scales}
                 evaluate(row, model, cs)
             else:  # fsc / dsc, over draws
                 for d in range(draws):

@@ -62,7 +62,7 @@ def test_tiny_results_structure(tiny):
         assert lo <= r["avg"] <= hi
         assert r["draws"] == (3 if c in ("fsc", "dsc", "bn+fsc") else 1)
         if r["draws"] > 1:
-            assert len(r["draw_avgs"]) == 3 and r["avg_std"] >= 0
+            assert len(r["draw_avgs"]) == 3 and r["avg_std"] == pytest.approx(np.std(r["draw_avgs"], ddof=1))
     assert result["batchnorm"] is True
     for task in result["tasks"]:
         s = task["splits"]
@@ -171,8 +171,8 @@ def test_sensitive_sets(tiny, sensitive):
 
 def test_named_settings_columns_equal_their_explicit_strings(tiny):
     """A preset and the explicit string of the same setting are two paths to the same numbers; both probes run."""
-    cals = ["none", "fsc_rom_gated", "fsc:statistic=ratio_of_means,gate=paper", "auto", "fsc:sensitive=detect",
-            "fsc_channel", "wsc_gated_detect_labelled"]
+    cals = ["none", "fsc_rom_gated", "fsc:statistic=ratio_of_means,gate=paper", "auto", "fsc_channel",
+            "wsc_gated_detect_labelled"]
     result = run_benchmark("tiny", cache_dir=str(tiny["cache"]), progress=False, methods=["weight_average", "ties"],
                            calibrations=cals, draws=2, tune_ta=True, ta_grid=[0.3, 0.6], bn_reestimate=False,
                            bootstrap=100, write=False, sensitive_alpha=3)
@@ -181,7 +181,6 @@ def test_named_settings_columns_equal_their_explicit_strings(tiny):
         a, b = rows[(m, "fsc_rom_gated")], rows[(m, "fsc:statistic=ratio_of_means,gate=paper")]
         assert a["draw_avgs"] == b["draw_avgs"]
         assert a["setting"] == "fsc:statistic=ratio_of_means,gate=paper"
-        assert rows[(m, "auto")]["draw_avgs"] == rows[(m, "fsc:sensitive=detect")]["draw_avgs"]
         # the paper gate never shrinks: every module's xi >= 1
         assert a["scales"]["min"] >= 1.0
     sets = result["sensitive_sets"]
