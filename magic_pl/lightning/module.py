@@ -172,6 +172,8 @@ class MagicModule(LightningModule):
         if model is not None and not experts:
             raise ValueError("`model` needs `experts`: one fine-tuned checkpoint per task")
         setting = resolve_setting(calibration)  # every option checked before any checkpoint is read
+        if model is not None and task_names is not None and len(task_names) != len(experts):
+            raise ValueError(f"{len(task_names)} task names for {len(experts)} experts")
         self._check_merge_options(merge_method, merge_options)
         self.save_hyperparameters(ignore=["adapter", "model", "experts", "base", "heads"])
         self.adapter = adapter

@@ -32,15 +32,22 @@ def _run(workdir: Path, out: str, *extra: str, devices: int = 2, timeout: int = 
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_process_ddp_equals_one_process(tiny_workdir):
-    proc = _run(tiny_workdir, "ddp2")
+@pytest.mark.parametrize("calibration", ["dsc", "auto"])
+def test_two_process_ddp_equals_one_process(tiny_workdir, calibration):
+    """DSC, and the recommended setting whose label-free probe scores are summed over processes too."""
+    extra = ("--model.init_args.calibration", calibration)
+    proc = _run(tiny_workdir, "ddp2", *extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = _run(tiny_workdir, "one", devices=1)
+    proc = _run(tiny_workdir, "one", *extra, devices=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     one = json.loads((tiny_workdir / "one" / "calibration_report.json").read_text())
     two = json.loads((tiny_workdir / "ddp2" / "calibration_report.json").read_text())
     assert two["config"]["trainer"]["world_size"] == 2 and one["config"]["trainer"]["world_size"] == 1
+    assert one["config"]["calibration"] == two["config"]["calibration"] == (
+        "fsc:sensitive=detect" if calibration == "auto" else "dsc")
+    assert one["config"].get("sensitive_detected") == two["config"].get("sensitive_detected")
+    assert (calibration == "auto") == bool(two["config"].get("sensitive_detected"))
     xi1, xi2 = one["coefficients"], two["coefficients"]
     assert xi1.keys() == xi2.keys() and len(xi1) > 0
     assert max(abs(xi1[k] - xi2[k]) for k in xi1) <= 1e-6
