@@ -146,8 +146,11 @@ class MagicArgumentParser(LightningArgumentParser):
     def dump(self, namespace: Namespace, *args: Any, **kwargs: Any) -> str:
         if "skip_none" in kwargs:  # Lightning still passes the pre-4.49 name; forward it under the current one
             kwargs["skip_unset"] = kwargs.pop("skip_none")
-        if self.has_shortcuts and any(namespace.get(k) is not None for k in _SHORTCUTS):
+        if self.has_shortcuts:
             namespace = apply_shortcuts(namespace.clone())
+            for key in _SHORTCUTS:  # folded above: a printed config names each value once, where it applies
+                if key in namespace:
+                    del namespace[key]
         return super().dump(namespace, *args, **kwargs)
 
 
