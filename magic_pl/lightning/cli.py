@@ -409,6 +409,10 @@ def short_parse_error(message: str) -> str:
     return f"--{option}: {text}" if option and not option.startswith("-") else (f"{option}: {text}" if option else text)
 
 
+#: modules whose frames wrap the construction of the config's classes (their exceptions wrap the real one)
+_WRAPPER_MODULES = ("jsonargparse", "lightning.pytorch.cli", "magic_pl.lightning.cli")
+
+
 def _root_cause(err: BaseException) -> BaseException:
     """The exception a class raised, under the wrappers jsonargparse / Lightning's CLI chain around it."""
     chain = [err]
@@ -418,21 +422,25 @@ def _root_cause(err: BaseException) -> BaseException:
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        origin = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-        if not origin.startswith(("jsonargparse", "lightning.pytorch.cli")):
+        if tb is None or not _is_wrapper_frame(tb.tb_frame):
             return exc
     return chain[-1]
 
 
 def _constructed_class(err: BaseException) -> Optional[type]:
-    """The class whose ``__init__`` raised ``err`` (the outermost ``__init__`` frame of its traceback)."""
+    """The class being built when ``err`` was raised: ``self`` of the first frame below jsonargparse's instantiation
+    (the class's ``__init__``, or what decorates it)."""
     tb = err.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+        if not _is_wrapper_frame(frame) and "self" in frame.f_locals:
             return type(frame.f_locals["self"])
         tb = tb.tb_next
     return None
+
+
+def _is_wrapper_frame(frame: Any) -> bool:
+    return frame.f_globals.get("__name__", "").startswith(_WRAPPER_MODULES)
 
 
 def _config_key_of(cls: type, cfg: Any, prefix: str = "") -> Optional[str]:
