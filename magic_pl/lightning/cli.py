@@ -4,16 +4,22 @@ Subcommands:
 
 - ``fit`` / ``validate`` / ``test`` / ``predict``: the standard Lightning ones, for any LightningModule.
 - ``calibrate``: merge, WSC, FSC (``trainer.predict``), save, evaluate (``trainer.test``) in one command
-  (:meth:`magic_pl.lightning.trainer.MagicTrainer.calibrate`).
+  (:meth:`magic_pl.lightning.trainer.MagicTrainer.calibrate`); ends by printing where the model and the report went
+  and a summary of xi.
 - ``benchmark``: the offline real-data benchmark, forwarded to ``magic_pl.zoo.run_benchmark``.
 
-With no config the subcommands run a tiny synthetic demo (:mod:`magic_pl.lightning.demo`).
+With no config the subcommands run a tiny synthetic demo (:mod:`magic_pl.lightning.demo`). ``--base``,
+``--experts``, ``--task_names``, ``--merge_method``, ``--merge_options`` and ``--calibration`` are shortcuts for the
+model's init args (the adapter's for the checkpoints when it takes them); they win over the config file.
+
+Errors are printed in one line (``magic-pl: error: ...``; exit code 2 for a bad command line or config, 1 for a
+failed run, 130 for Ctrl-C); ``--debug`` or ``MAGIC_PL_DEBUG=1`` shows the full traceback instead.
 
 Examples::
 
     magic-pl calibrate                                   # the synthetic demo, seconds on a CPU
-    magic-pl calibrate -c configs/clip_vit_b32_8tasks.yaml
-    magic-pl calibrate -c configs/tiny.yaml --model.init_args.calibration wsc --output_dir out/
+    magic-pl calibrate -c configs/tiny.yaml --output_dir out
+    magic-pl calibrate -c configs/tiny.yaml --merge_method ties --calibration wsc --output_dir out
     magic-pl calibrate -c configs/tiny.yaml --print_config > my.yaml && magic-pl calibrate -c my.yaml
     magic-pl test -c configs/tiny.yaml
     magic-pl benchmark --suite text
@@ -21,27 +27,194 @@ Examples::
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 import os
 import sys
+import textwrap
+import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
+from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from magic_pl.lightning.cli_errors import (
+    CLIError,
+    describe_construction_error,
+    import_class,
+    one_line,
+    short_parse_error,
+)
 from magic_pl.lightning.trainer import MagicTrainer
 
-__all__ = ["MagicCLI", "main", "benchmark_main"]
+__all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "calibrate_summary",
+           "xi_summary", "apply_shortcuts", "with_demo_config"]
+
+PROG = "magic-pl"
+DEBUG_ENV = "MAGIC_PL_DEBUG"
+#: The default CSV logger's ``save_dir``; replaced by ``<output_dir>/logs`` when an output directory is given.
+DEFAULT_LOG_DIR = "magic_pl_logs"
 
 _DESCRIPTION = (
     "magic-pl: training-free model merging with MAGIC magnitude calibration (arXiv 2512.19320). "
-    "Subcommands: fit, validate, test, predict, calibrate (merge + WSC + FSC + save + evaluate), "
-    "and benchmark (the offline real-data benchmark: magic-pl benchmark --help)."
+    "Errors print in one line; --debug (or MAGIC_PL_DEBUG=1) shows the traceback."
+)
+_BENCHMARK_HELP = "Run the offline real-data benchmark (magic_pl.zoo.run_benchmark; magic-pl benchmark --help)."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shortcut flags: short names for the model's (or its adapter's) init args
+# --------------------------------------------------------------------------------------------------------------------
+#: flag -> (type, metavar, help). The checkpoint flags go to the adapter when it takes them, else to the model.
+_SHORTCUTS: dict[str, tuple[Any, str, str]] = {
+    "base": (Optional[str], "PATH", "the pretrained checkpoint the experts were fine-tuned from"),
+    "experts": (Optional[list[str]], "[PATH,...]", "one fine-tuned checkpoint per task"),
+    "task_names": (Optional[list[str]], "[NAME,...]", "one task name per expert"),
+    "merge_method": (Optional[str], "NAME", "the merge method"),
+    "merge_options": (Optional[dict[str, Any]], "DICT", "options of the merge method (replace the config's)"),
+    "calibration": (Optional[Union[dict[str, Any], str]], "SETTING", "the MAGIC calibration setting"),
+}
+_CHECKPOINT_SHORTCUTS = ("base", "experts", "task_names")
+
+
+def _accepts(class_path: str, arg: str) -> bool:
+    try:
+        return arg in inspect.signature(import_class(class_path).__init__).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False
+
+
+def _is_class_config(value: Any) -> bool:
+    return isinstance(value, Namespace) and isinstance(value.get("class_path"), str)
+
+
+def apply_shortcuts(cfg: Namespace) -> Namespace:
+    """Move the shortcut flags' values (``--base``, ``--merge_method``, ...) into the model's init args, in place.
+
+    ``base`` / ``experts`` / ``task_names`` go to the model's ``adapter`` when it takes them, else to the model; the
+    others to the model. Given shortcuts are then reset to ``None``, so applying twice changes nothing. Raises
+    :class:`CLIError` naming the flag when no class takes it.
+    """
+    given = {k: cfg.get(k) for k in _SHORTCUTS if cfg.get(k) is not None}
+    if not given:
+        return cfg
+    model = cfg.get("model")
+    if not _is_class_config(model):
+        raise CLIError(f"--{next(iter(given))} sets an init arg of the model, but no model is configured: "
+                       "give a config with -c (e.g. configs/tiny.yaml)")
+    if model.get("init_args") is None:
+        model["init_args"] = Namespace()
+    adapter = model.init_args.get("adapter")
+    for name, value in given.items():
+        if name in _CHECKPOINT_SHORTCUTS and _is_class_config(adapter):
+            if not _accepts(adapter.class_path, name):
+                raise CLIError(f"--{name}: the adapter {adapter.class_path} takes no {name!r}; set its init args "
+                               "(--model.init_args.adapter.init_args.*) or use an adapter that reads checkpoints")
+            if adapter.get("init_args") is None:
+                adapter["init_args"] = Namespace()
+            adapter.init_args[name] = value
+        elif _accepts(model.class_path, name):
+            model.init_args[name] = value
+        else:
+            raise CLIError(f"--{name}: the model {model.class_path} takes no {name!r} (the shortcut is for "
+                           "magic_pl.lightning.MagicModule)")
+        cfg[name] = None
+    return cfg
+
+
+class MagicArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose dumps (``--print_config``, the saved ``config.yaml``) have the shortcut flags
+    folded into the model's init args, so a printed config reads as it runs."""
+
+    #: set on the subcommand parsers that have the shortcut flags (the parsers jsonargparse builds for nested
+    #: classes, e.g. MagicModule's init args, share this class but hold the real init args under the same names)
+    has_shortcuts = False
+
+    def dump(self, namespace: Namespace, *args: Any, **kwargs: Any) -> str:
+        if "skip_none" in kwargs:  # Lightning still passes the pre-4.49 name; forward it under the current one
+            kwargs["skip_unset"] = kwargs.pop("skip_none")
+        if self.has_shortcuts:
+            namespace = apply_shortcuts(namespace.clone())
+            for key in _SHORTCUTS:  # folded above: a printed config names each value once, where it applies
+                if key in namespace:
+                    del namespace[key]
+        return super().dump(namespace, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# calibrate --help: the options that matter first, then the full list
+# --------------------------------------------------------------------------------------------------------------------
+class _SummaryFirstFormatter(DefaultHelpFormatter):
+    """Keeps the curated summary's layout (argparse would re-wrap it)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+_HELP_WIDTH = 100
+_CALIBRATE_USAGE = (
+    "magic-pl calibrate [-c CONFIG] [--base PATH] [--experts [PATH,...]] [--merge_method NAME]\n"
+    "                          [--merge_options DICT] [--calibration SETTING] [--output_dir DIR] [options]"
 )
 
 
+def _calibrate_summary_help() -> str:
+    from magic_pl.calibration import PRESETS
+    from magic_pl.merging import MERGE_METHODS
+
+    methods = ", ".join(MERGE_METHODS)
+    presets = ", ".join(PRESETS)
+    rows = [
+        ("-c, --config FILE", "a YAML config naming the model, its adapter and the data (e.g. configs/tiny.yaml);"
+                              " none: a synthetic demo"),
+        ("--base PATH", "the pretrained checkpoint the experts were fine-tuned from"),
+        ("--experts [P,...]", "one fine-tuned checkpoint per task, e.g. --experts [a.safetensors,b.safetensors]"),
+        ("--task_names [N,...]", "one name per expert (default: the config's, or the expert file names)"),
+        ("--merge_method NAME", f"one of: {methods}"),
+        ("--merge_options DICT", "the method's options, e.g. '{scale: 0.3}' or '{density: 0.2, seed: 0}'"),
+        ("--calibration SETTING", f"a preset ({presets}), 'space:key=value,...' (e.g. 'fsc:norm=2') or a dict"),
+        ("--output_dir DIR", "the calibrated model (DIR/model), calibration_report.json/.png and the logs "
+                             "(DIR/logs); none: no model is written"),
+        ("--evaluate false", "skip the test run (--save_model / --report false skip those outputs)"),
+        ("--print_config", "print the resolved config (runnable with -c) and exit"),
+        ("--debug", "show the full traceback on errors (or MAGIC_PL_DEBUG=1)"),
+    ]
+    width = max(len(k) for k, _ in rows) + 2
+    lines = [
+        "Merge the experts into the base, calibrate the merged model with MAGIC (WSC, then FSC statistics from",
+        "trainer.predict), save it and evaluate it (trainer.test), in one command. It ends by printing the model",
+        "path, the report path and a summary of xi.",
+        "",
+        "Main options (the shortcuts set the model's init args and win over the config; full list below):",
+    ]
+    for key, text in rows:
+        wrapped = textwrap.wrap(text, _HELP_WIDTH - width - 2) or [""]
+        lines.append(f"  {key:<{width}}{wrapped[0]}")
+        lines += [" " * (width + 2) + more for more in wrapped[1:]]
+    lines += [
+        "",
+        "Examples:",
+        "  magic-pl calibrate -c configs/tiny.yaml --output_dir out",
+        "  magic-pl calibrate -c configs/tiny.yaml --merge_method ties --merge_options '{density: 0.2}' \\",
+        "      --calibration wsc --output_dir out",
+        "  magic-pl calibrate -c configs/tiny.yaml --print_config > my.yaml && magic-pl calibrate -c my.yaml",
+        "",
+        "All options:",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------------------------------------------------
 class MagicCLI(LightningCLI):
-    """LightningCLI with a ``calibrate`` subcommand, a CSV logger by default and overwritable saved configs."""
+    """LightningCLI with a ``calibrate`` subcommand, shortcut flags for the model's merge and calibration options, a
+    CSV logger by default (under ``<output_dir>/logs`` when an output directory is given), seed 0 by default, and
+    errors raised as :class:`CLIError` (parse and construction: exit code 2) or as they are (the run)."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -52,28 +225,147 @@ class MagicCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", MagicTrainer)
+        kwargs.setdefault("parser_class", MagicArgumentParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        # an explicit seed: `True` (Lightning's default) warns "No seed found" on every run
+        kwargs.setdefault("seed_everything_default", 0)
         defaults = dict(kwargs.pop("trainer_defaults", None) or {})
         defaults.setdefault("logger", {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                       "init_args": {"save_dir": "magic_pl_logs"}})
+                                       "init_args": {"save_dir": DEFAULT_LOG_DIR}})
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("description", _DESCRIPTION)
+        parser_kwargs.setdefault("prog", PROG)
+        parser_kwargs.setdefault("calibrate", {})
+        parser_kwargs["calibrate"].setdefault("usage", _CALIBRATE_USAGE)
+        parser_kwargs["calibrate"].setdefault("description", _calibrate_summary_help())
         super().__init__(args=args, run=run, trainer_defaults=defaults, parser_kwargs=parser_kwargs, **kwargs)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("exit_on_error", False)  # errors are raised and printed in one line by `main`
+        return super().init_parser(**kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # add_subcommand gives every subcommand the main parser's formatter; calibrate's summary keeps its layout
+        self._subcommand_parsers["calibrate"].formatter_class = _SummaryFirstFormatter
+        # listed with the others; `main` runs it (it has its own options, from run_benchmark's signature)
+        placeholder = self.init_parser(description=_BENCHMARK_HELP)
+        parser._subcommands_action.add_subcommand("benchmark", placeholder, help=_BENCHMARK_HELP)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        if isinstance(parser, MagicArgumentParser):
+            parser.has_shortcuts = True
+        group = parser.add_argument_group("Shortcuts (set the model's init args; they win over the config)")
+        for name, (typ, metavar, text) in _SHORTCUTS.items():
+            group.add_argument(f"--{name}", type=typ, default=None, metavar=metavar, help=text)
         parser.add_argument("--log_level", type=Optional[str], default=None,
                             help="Python logging level for lightning / magic_pl (e.g. WARNING); default unchanged")
 
-    def before_instantiate_classes(self) -> None:
-        level = self._get(self.config, "log_level")
-        if level:
-            import logging
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise CLIError(short_parse_error(str(err)), hint=_usage_hint(args)) from err
+        if self.config.get("subcommand") == "benchmark":
+            raise CLIError("benchmark takes its own options: run it as `magic-pl benchmark [options]` (first "
+                           "argument; see magic-pl benchmark --help)")
 
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(str(self.subcommand), self.config)
+        level = cfg.get("log_level")
+        if level:
             for name in ("lightning.pytorch", "lightning.fabric", "magic_pl"):
                 logging.getLogger(name).setLevel(level.upper())
+        given = [k for k in _SHORTCUTS if cfg.get(k) is not None]
+        apply_shortcuts(cfg)
+        if given:  # the shortcuts' values were not checked against their targets' types while parsing
+            try:
+                self._parser(self.subcommand).validate(cfg)
+            except (ArgumentError, TypeError, ValueError) as err:
+                flags = ", ".join(f"--{k}" for k in given)
+                raise CLIError(f"{short_parse_error(str(err))} (set by {flags})",
+                               hint=_usage_hint(None, self.subcommand)) from err
+        output_dir = cfg.get("output_dir")
+        if output_dir:
+            _logs_under(cfg.get("trainer"), Path(output_dir) / "logs")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cfg = self.config.get(str(self.subcommand), self.config)
+            raise CLIError(describe_construction_error(err, cfg), hint=_usage_hint(None, self.subcommand)) from err
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:
+            # Lightning turns Ctrl-C inside its loops into sys.exit(1) after a graceful shutdown
+            if getattr(getattr(self, "trainer", None), "interrupted", False):
+                raise KeyboardInterrupt from None
+            raise
+
+    def calibrate(self, **kwargs: Any) -> dict[str, Any]:
+        """Run :meth:`MagicTrainer.calibrate` and print where its outputs went (rank 0)."""
+        result = self.trainer.calibrate(**kwargs)
+        if self.trainer.is_global_zero:
+            print("\n".join(calibrate_summary(result, kwargs.get("output_dir"), kwargs.get("save_model", True))),
+                  flush=True)
+        return result
 
 
+def _logs_under(trainer_cfg: Optional[Namespace], save_dir: Path) -> None:
+    """Point the default logger (``save_dir`` == :data:`DEFAULT_LOG_DIR`) at ``save_dir``; a chosen one is kept."""
+    logger = trainer_cfg.get("logger") if trainer_cfg is not None else None
+    for lg in logger if isinstance(logger, list) else [logger]:
+        if _is_class_config(lg) and lg.get("init_args") is not None and lg.init_args.get("save_dir") == DEFAULT_LOG_DIR:
+            lg.init_args.save_dir = str(save_dir)
+
+
+def calibrate_summary(result: dict[str, Any], output_dir: Any = None, save_model: bool = True) -> list[str]:
+    """The lines ``calibrate`` ends with: the model path (or why none was written), the report path and a one-line
+    xi summary read from the report JSON."""
+    lines = []
+    if result.get("model"):
+        lines.append(f"model:  {result['model']}")
+    elif output_dir is None:
+        lines.append("no model written: pass --output_dir DIR")
+    else:
+        lines.append("no model written: --save_model is false" if not save_model else "no model written")
+    report = result.get("report")
+    if not report:
+        lines.append("no report written (--report false)")
+        return lines
+    lines.append(f"report: {report}")
+    lines.append(xi_summary(json.loads(Path(report).read_text())))
+    return lines
+
+
+def xi_summary(doc: dict[str, Any]) -> str:
+    """``"xi: 24 modules, mean 1.31, min 0.92, max 1.84"`` from a calibration report's coefficients (or what was done
+    instead when there are none)."""
+    xi = [float(v) for v in (doc.get("coefficients") or {}).values()]
+    if xi:
+        return (f"xi: {len(xi)} modules, mean {sum(xi) / len(xi):.3g}, min {min(xi):.3g}, max {max(xi):.3g}")
+    scales = doc.get("wsc_scales") or {}
+    if scales:
+        vals = [float(v) for v in scales.values()]
+        return (f"xi: none (no feature space calibration); WSC rescaled {len(vals)} tensors, mean row scale "
+                f"{sum(vals) / len(vals):.3g}")
+    return "xi: none (no calibration applied)"
+
+
+def _usage_hint(args: Any, subcommand: Optional[str] = None) -> str:
+    if subcommand is None and isinstance(args, (list, tuple)):
+        subcommand = next((a for a in args if a in MagicCLI.subcommands()), None)
+    help_cmd = f"{PROG} {subcommand} --help" if subcommand else f"{PROG} --help"
+    return f"{help_cmd} lists the options; --debug shows the traceback"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# benchmark, demo, entry point
+# --------------------------------------------------------------------------------------------------------------------
 def benchmark_main(args: Sequence[str]) -> Any:
     """``magic-pl benchmark [options]``: parse ``magic_pl.zoo.run_benchmark``'s signature and call it."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -81,17 +373,19 @@ def benchmark_main(args: Sequence[str]) -> Any:
     try:
         from magic_pl.zoo import run_benchmark
     except ImportError as err:
-        raise SystemExit(
+        raise CLIError(
             f"magic-pl benchmark needs magic_pl.zoo.run_benchmark, which cannot be imported here: {err}. "
-            "Install the benchmark extras: pip install 'magic-pl[zoo]'"
+            "Install the benchmark extras: pip install 'magic-pl[zoo]'", exit_code=1,
         ) from err
-    parser = ArgumentParser(prog="magic-pl benchmark",
+    parser = ArgumentParser(prog=f"{PROG} benchmark", exit_on_error=False,
                             description=(run_benchmark.__doc__ or "Run the offline benchmark").strip().splitlines()[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config of the benchmark options")
     parser.add_function_arguments(run_benchmark, as_group=False)
-    cfg = parser.parse_args(list(args))
+    try:
+        cfg = parser.parse_args(list(args))
+    except ArgumentError as err:
+        raise CLIError(short_parse_error(str(err)), hint=f"{PROG} benchmark --help lists the options") from err
     kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
-    kwargs.pop("config", None)
     result = run_benchmark(**kwargs)
     from magic_pl.zoo.__main__ import print_result
 
@@ -117,21 +411,64 @@ def with_demo_config(argv: list[str]) -> list[str]:
     return [argv[0], "--config", yaml.safe_dump(demo_defaults(), sort_keys=False), *argv[1:]]
 
 
-def main(args: Optional[Sequence[str]] = None) -> None:
-    """Entry point of the ``magic-pl`` console script."""
-    argv = list(sys.argv[1:] if args is None else args)
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """(debug?, argv without ``--debug``): ``--debug`` anywhere or ``MAGIC_PL_DEBUG`` set to a true value."""
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    rest = [a for a in argv if a != "--debug"]
+    return env or len(rest) != len(argv), rest
+
+
+class _NoProductTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines (two per run, about products
+    magic-pl does not use); every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_product_tips() -> None:
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoProductTips) for f in log.filters):
+        log.addFilter(_NoProductTips())
+
+
+def _run(argv: list[str]) -> None:
     if argv and argv[0] == "benchmark":
         benchmark_main(argv[1:])
         return
-    demo = with_demo_config(argv)
-    if demo is not argv:
-        import warnings
+    _quiet_product_tips()
+    with warnings.catch_warnings():  # args are given explicitly on purpose (demo config, --debug removed)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        MagicCLI(args=with_demo_config(argv))
 
-        with warnings.catch_warnings():  # args deliberately extend the command line here
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            MagicCLI(args=demo)
-        return
-    MagicCLI(args=None if args is None else argv)
+
+def _fail(message: str, code: int, hint: Optional[str] = None) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"{PROG}: {hint}", file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def main(args: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``magic-pl`` console script (``args``: the command line without the program name; default
+    ``sys.argv[1:]``). Exits 2 on a bad command line or config, 1 on a failed run, 130 on Ctrl-C."""
+    debug, argv = _debug_requested(list(sys.argv[1:] if args is None else args))
+    try:
+        _run(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except CLIError as err:
+        if debug:
+            raise
+        _fail(str(err), err.exit_code, err.hint)
+    except Exception as err:  # the run failed: one line, the traceback on request
+        if debug:
+            raise
+        _fail(one_line(err), 1, f"--debug (or {DEBUG_ENV}=1) shows the traceback")
 
 
 if __name__ == "__main__":

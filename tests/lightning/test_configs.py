@@ -25,8 +25,9 @@ from magic_pl.lightning.cli import main
 
 
 @pytest.fixture(autouse=True)
-def _argv(monkeypatch):
+def _argv(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["magic-pl"])
+    monkeypatch.chdir(tmp_path)  # a stray log directory would land here (_report checks there is none)
 
 
 def _override(config: str, tmp: Path, models: dict[str, Any], data_file: Callable[[str, str], Path],
@@ -34,7 +35,6 @@ def _override(config: str, tmp: Path, models: dict[str, Any], data_file: Callabl
     """Load ``configs/<config>``, point model and data paths at ``tmp`` and run on one CPU; returns the new file."""
     cfg = yaml.safe_load((CONFIGS / config).read_text())
     cfg["trainer"].update(accelerator="cpu", devices=1, enable_progress_bar=False)
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp / "logs")
     cfg["model"]["init_args"]["adapter"]["init_args"].update(models)
     init = cfg["data"]["init_args"]
     init["num_workers"] = 0
@@ -53,6 +53,8 @@ def _override(config: str, tmp: Path, models: dict[str, Any], data_file: Callabl
 
 
 def _report(tmp: Path) -> dict:
+    # the config's default logger writes under the output directory, nowhere else
+    assert len(list((tmp / "out" / "logs").rglob("metrics.csv"))) == 1 and not (tmp / "magic_pl_logs").exists()
     return json.loads((tmp / "out" / "calibration_report.json").read_text())
 
 
