@@ -334,11 +334,15 @@ def calibrate_summary(result: dict[str, Any], output_dir: Any = None, save_model
     else:
         lines.append("no model written: --save_model is false" if not save_model else "no model written")
     report = result.get("report")
-    if not report:
-        lines.append("no report written (--report false)")
+    if report:
+        lines.append(f"report: {report}")
+        lines.append(xi_summary(json.loads(Path(report).read_text())))
         return lines
-    lines.append(f"report: {report}")
-    lines.append(xi_summary(json.loads(Path(report).read_text())))
+    lines.append("no report written: pass --output_dir DIR" if output_dir is None else
+                 "no report written (--report false)")
+    calibrated = result.get("result")
+    if calibrated is not None:
+        lines.append(xi_summary({"coefficients": calibrated.coefficients, "wsc_scales": calibrated.wsc_scales}))
     return lines
 
 

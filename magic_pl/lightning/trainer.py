@@ -43,7 +43,7 @@ class MagicTrainer(Trainer):
         self,
         model: LightningModule,
         datamodule: Optional[LightningDataModule] = None,
-        output_dir: Optional[Union[str, os.PathLike]] = None,
+        output_dir: Optional[str] = None,
         save_model: bool = True,
         report: bool = True,
         evaluate: bool = True,

@@ -26,6 +26,7 @@ def _run(workdir: Path, out: str, *extra: str, devices: int = 2, timeout: int = 
     # Lightning gives each of N local processes cores/N intra-op threads; a different thread count changes the float
     # summation order inside matmuls (1 ulp). One thread everywhere makes the comparison exact.
     env["OMP_NUM_THREADS"] = "1"
+    env["MAGIC_PL_CACHE"] = str(workdir / "cache")  # the tiny config's inputs, built once per test
     strategy = ["--trainer.strategy", "ddp"] if devices > 1 else []
     cmd = [sys.executable, "-m", "magic_pl.lightning.cli", "calibrate", "-c", str(CONFIGS / "tiny.yaml"),
            "--trainer.devices", str(devices), *strategy, "--output_dir", out, *extra]
