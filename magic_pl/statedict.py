@@ -42,6 +42,7 @@ __all__ = [
     "tensor_file",
     "is_mergeable",
     "is_batchnorm_stat",
+    "all_finite",
     "ensure_finite",
     "validate_state_dict",
     "validate_experts",
@@ -543,6 +544,22 @@ def is_batchnorm_stat(key: str) -> bool:
     return key.endswith(BATCHNORM_STAT_SUFFIXES)
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """True when every value of ``tensor`` is finite (integer tensors always are).
+
+    Fast path: one reduction (a sum over finite values is finite; NaN and Inf propagate into it), with no temporary
+    of the tensor's size; only a non-finite sum (NaN/Inf present, or the sum itself overflowing) pays for the exact
+    elementwise check.
+    """
+    if not tensor.dtype.is_floating_point:
+        return True
+    # float16 sums overflow early (max 65504): accumulate those in float32; other dtypes sum in their own
+    acc = torch.float32 if tensor.dtype == torch.float16 else None
+    if bool(torch.isfinite(tensor.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def _nonfinite_error(tensor: Tensor, key: str, where: str) -> CheckpointError:
     n_nan = int(torch.isnan(tensor).sum())
     n_inf = int(torch.isinf(tensor).sum())
@@ -552,7 +569,7 @@ def _nonfinite_error(tensor: Tensor, key: str, where: str) -> CheckpointError:
 def ensure_finite(tensor: Tensor, key: str, where: str) -> None:
     """Raise :class:`CheckpointError` ("<where>: tensor <key> has n NaN and m Inf values") unless every value of a
     float ``tensor`` is finite."""
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise _nonfinite_error(tensor, key, where)
 
 
@@ -664,9 +681,9 @@ def tensor_task_vector(
     if device is not None:
         expert = expert.to(device)
     tau = expert.to(torch.float32) - base.to(device=expert.device, dtype=torch.float32)
-    if check_finite and not bool(torch.isfinite(tau).all()):
+    if check_finite and not all_finite(tau):
         for side, where in ((base, base_name), (expert, name)):
-            if not bool(torch.isfinite(side).all()):
+            if not all_finite(side):
                 raise _nonfinite_error(side, key, where)
         raise CheckpointError(f"{name}: the task vector of {key!r} overflows float32 (|expert - base| > 3.4e38)")
     return tau
@@ -784,20 +801,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def apply_delta(base: Tensor, tau: Tensor, scale: float = 1.0, *, key: str = "tensor", name: str = "merged model",
-                check_finite: bool = True) -> Tensor:
-    """``base + scale * tau`` computed in :func:`compute_dtype` of the base and cast back to the base's dtype, on the
-    base's device: the one ``theta0 + tau`` of the package.
+                check_finite: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``base + scale * tau`` computed in :func:`compute_dtype` of the output dtype and cast to it, on the base's
+    device: the one ``theta0 + tau`` of the package.
 
-    Raises :class:`CheckpointError` for a shape mismatch and (``check_finite``, default ``True``) for a non-finite
-    result (naming ``name`` and ``key``; the result is checked after the cast, so a float16 overflow is caught).
+    ``out_dtype`` (default: the base's dtype) lets a caller pass a base already converted to the compute dtype
+    (streaming converts each block once). Raises :class:`CheckpointError` for a shape mismatch and
+    (``check_finite``, default ``True``) for a non-finite result (naming ``name`` and ``key``; checked after the
+    cast, so a float16 overflow is caught).
     """
     if tuple(tau.shape) != tuple(base.shape):
         raise CheckpointError(f"task vector shape {tuple(tau.shape)} does not match base {tuple(base.shape)} for "
                               f"{key!r}")
-    cd = compute_dtype(base.dtype)
-    out = (base.to(cd) + scale * tau.to(device=base.device, dtype=cd)).to(base.dtype)
-    if check_finite and not bool(torch.isfinite(out).all()):
-        if not bool(torch.isfinite(base).all()):
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    cd = compute_dtype(out_dtype)
+    # one fused op (no temporary for scale * tau)
+    out = torch.add(base.to(cd), tau.to(device=base.device, dtype=cd), alpha=scale).to(out_dtype)
+    if check_finite and not all_finite(out):
+        if not all_finite(base):
             raise _nonfinite_error(base, key, "base")
         raise _nonfinite_error(out, key, f"{name} (base + {scale:g} * task vector, in {base.dtype})")
     return out

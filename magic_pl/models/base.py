@@ -259,8 +259,8 @@ class MergeSetup:
     # -- models -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merged_model(self, merged_tv: Mapping[str, Tensor], *, scale: float = 1.0) -> nn.Module:
-        """A copy of the base body with ``theta0 + scale * tau`` loaded (:func:`~magic_pl.statedict.apply_delta`: float64
-        tensors computed in float64, others in float32, each cast back to its dtype; NaN/Inf results refused).
+        """A copy of the base body with ``theta0 + scale * tau`` loaded (:func:`~magic_pl.statedict.apply_delta`:
+        float64 tensors computed in float64, others in float32, each cast back to its dtype; NaN/Inf refused).
 
         Keys absent from ``merged_tv`` (integer buffers, untouched tensors) keep the base values; tied aliases stay
         tied (they share the canonical parameter). Raises :class:`CheckpointError` for unknown keys or shapes.

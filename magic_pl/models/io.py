@@ -2,8 +2,9 @@
 Hugging Face ``save_pretrained`` directories (config and tokenizer files copied), all written atomically.
 
 Also the ``pread`` flavour of the one safetensors reader (:class:`SafetensorsReader`, a
-:class:`~magic_pl.statedict.LazyStateDict` reading with plain positional reads instead of a memory map): a memory-mapped file keeps every page it touched resident in the process (counted in
-its RSS) until the map is closed, so streaming K experts through ``safe_open`` grows to K models of resident pages.
+:class:`~magic_pl.statedict.LazyStateDict` reading with plain positional reads instead of a memory map): a
+memory-mapped file keeps every page it touched resident in the process (counted in its RSS) until the map is closed,
+so streaming K experts through ``safe_open`` grows to K models of resident pages.
 Reading with ``pread`` into a fresh tensor keeps the resident set at the tensors actually held. The writer
 (:class:`ShardedSafetensorsWriter`) plans every shard's header up front and writes each tensor at its offset as it
 arrives, so neither side ever holds a whole model.
@@ -26,7 +27,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.statedict import SAFETENSORS_DTYPES, CheckpointError, LazyStateDict, StateDict, tensor_dtype, tensor_shape
+from magic_pl.statedict import (
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    LazyStateDict,
+    StateDict,
+    tensor_dtype,
+    tensor_shape,
+)
 
 __all__ = [
     "parse_size",

@@ -53,6 +53,7 @@ from magic_pl.output import OutputLocation
 from magic_pl.statedict import (
     CheckpointError,
     StateDict,
+    all_finite,
     apply_delta,
     ensure_finite,
     is_mergeable,
@@ -239,7 +240,7 @@ class LoRACheckpoint:
         where = f"adapter {self.weights_file}"
         if key in self.modules:
             out = lora_delta(self.modules[key])
-            if check_finite and not bool(torch.isfinite(out).all()):
+            if check_finite and not all_finite(out):
                 m = self.modules[key]
                 ensure_finite(m.A, f"{m.module} lora_A", where)
                 ensure_finite(m.B, f"{m.module} lora_B", where)

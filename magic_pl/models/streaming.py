@@ -41,6 +41,7 @@ from magic_pl.statedict import (
     LazyTaskVector,
     StateDict,
     apply_delta,
+    compute_dtype,
     is_mergeable,
     key_mismatch_error,
     load_state_dict,
@@ -312,8 +313,10 @@ def stream_merge(
                 expert_rds = [_KeyReader(e, key) for e in expert_sds]
                 for start, stop in blocks:
                     b = base_rd.rows(start, stop).to(dev)
+                    bc = b.to(compute_dtype(dtype))  # converted once: for the K differences and base + tau
                     # one read per block: the difference is checked for NaN/Inf as it is computed
-                    taus = [tensor_task_vector(rd.rows(start, stop).to(dev), b, key, name=f"expert {j} ({_file(e, key)})",
+                    taus = [tensor_task_vector(rd.rows(start, stop).to(dev), bc, key,
+                                               name=f"expert {j} ({_file(e, key)})",
                                                base_name=f"base ({_file(base_sd, key)})")
                             for j, (rd, e) in enumerate(zip(expert_rds, expert_sds))]
                     merged = merge(method, [{key: t} for t in taus], bn_stats=bn_stats, seed=seed, **opts)[key]
@@ -332,9 +335,9 @@ def stream_merge(
                                 changed = changed or bool((lam != 1).any())
                                 merged[sl] = cal[key]
                     del taus
-                    out = apply_delta(b, merged, key=key, name=f"merged model {output}").to(dtype).cpu()
+                    out = apply_delta(bc, merged, key=key, name=f"merged model {output}", out_dtype=dtype).cpu()
                     writer.write(key, out, row_offset=start or 0)
-                    del b, merged, out
+                    del b, bc, merged, out
                 del base_rd, expert_rds
                 if wsc and scale_sum:
                     report.wsc_mean_scale[key] = scale_sum / rows

@@ -292,7 +292,8 @@ ROWS = {
     "missing HF expert directory": Row(missing_hf_expert, r"gone/expert not found", r"Repo id"),
     "missing LoRA adapter": Row(missing_lora_adapter, r"adapter not found"),
     "index names a key its shard lacks": Row(index_shard_lacks_key, r"shard .*model-1\.safetensors lacks key 'b'"),
-    "bin index names a key its shard lacks": Row(bin_index_shard_lacks_key, r"shard .*pytorch_model-1\.bin lacks key 'b'"),
+    "bin index names a key its shard lacks": Row(bin_index_shard_lacks_key,
+                                                 r"shard .*pytorch_model-1\.bin lacks key 'b'"),
     "index names a missing shard": Row(index_missing_shard, r"model-7\.safetensors .*not found"),
     "directory without weights": Row(empty_dir, r"ckpt holds no model weights"),
     "unknown format": Row(unknown_format, r"cannot tell the format of .*weights\.npz"),
@@ -311,14 +312,16 @@ ROWS = {
                                             r"expert 'a' \(.*expert\.safetensors\): tensor 'b' has 1 NaN"),
     "NaN in a streamed expert (iter_task_vectors)": Row(nan_in_streamed_experts,
                                                         r"expert 1 \(.*e1\.safetensors\): tensor 'w' has 1 NaN"),
-    "-Inf in an expert (stream_merge)": Row(nan_in_stream_merge, r"e0/model\.safetensors\): tensor 'w' has 0 NaN and 1 Inf"),
+    "-Inf in an expert (stream_merge)": Row(nan_in_stream_merge,
+                                            r"e0/model\.safetensors\): tensor 'w' has 0 NaN and 1 Inf"),
     "NaN in an adapter's expert (MergeSetup)": Row(nan_in_merge_setup,
                                                    r"expert 'a' \(.*expert\.safetensors\): tensor 'bias' has 1 NaN"),
     "NaN in a LoRA factor": Row(nan_in_lora_adapter, r"adapter_model\.safetensors: tensor 'fc lora_B' has 1 NaN"),
     "HF expert pickle carrying code": Row(hf_expert_pickle_with_code,
                                           r"pytorch_model\.bin holds Python objects beyond tensors"),
     "save_state_dict onto a directory": Row(save_into_user_dir, r"some_dir is an existing directory"),
-    "sharded save over a user directory": Row(sharded_save_over_user_dir, r"out exists and was not written by magic-pl"),
+    "sharded save over a user directory": Row(sharded_save_over_user_dir,
+                                              r"out exists and was not written by magic-pl"),
 }
 
 
