@@ -5,7 +5,7 @@ temporary directory as sharded bf16 safetensors with a Llama ``config.json``, ge
 K + 1 checkpoints at once (the writer never holds a model). Then, for each K in ``--k``, runs
 :func:`magic_pl.models.stream_merge` (task arithmetic + WSC by default) in a fresh child process and reports its wall
 time and peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in the child) as JSON. Target
-(issue 5): peak RSS under 1.5x one model's size in memory, independent of K.
+(the memory goal): peak RSS under 1.5x one model's size in memory, independent of K.
 
 Usage::
 

@@ -1,12 +1,16 @@
 """Checkpoint core: loading, lazy access, validation, task vectors and atomic saving.
 
-Everything here is pure PyTorch + safetensors. A *state dict* is any ``Mapping[str, Tensor]``; files in the
-safetensors format are opened lazily (:class:`LazyStateDict`), so reading one tensor reads only that tensor and
-merging K experts holds about one model in memory (DESIGN.md sections 2 and 5).
+Everything here is pure PyTorch + safetensors. A *state dict* is any ``Mapping[str, Tensor]``; a *tensor source*
+(:class:`TensorSource`) is one that also answers ``shape(key)`` and ``dtype(key)`` without reading the tensor, and
+:func:`tensor_shape` / :func:`tensor_dtype` ask any mapping that way (reading the tensor only when it cannot answer).
+Files in the safetensors format are opened lazily (:class:`LazyStateDict`), so reading one tensor reads only that
+tensor and merging K experts holds about one model in memory (see docs/method.md).
 
-Task vectors follow DESIGN.md section 2: ``tau = finetuned - base`` over floating-point entries only. Integer and bool
-buffers (``position_ids``, ``num_batches_tracked``) never enter a task vector; :func:`apply_task_vector` copies them
-from the base.
+Task vectors: ``tau = finetuned - base`` over floating-point entries only, in float32. Integer and bool buffers
+(``position_ids``, ``num_batches_tracked``) never enter a task vector; :func:`apply_task_vector` copies them from the
+base. Every task-vector entry is computed by :func:`tensor_task_vector`, which refuses NaN/Inf (naming the file and
+the key) on the tensor it just computed, so checking costs no extra pass; :func:`apply_delta` is the one
+``theta0 + scale * tau`` (float64 bases stay float64).
 """
 
 from __future__ import annotations
@@ -14,25 +18,42 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
+import struct
+import zipfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "StateDict",
+    "TensorSource",
     "CheckpointError",
     "LazyStateDict",
+    "SAFETENSORS_DTYPES",
+    "read_safetensors_header",
     "load_state_dict",
+    "tensor_shape",
+    "tensor_dtype",
+    "tensor_file",
     "is_mergeable",
     "is_batchnorm_stat",
+    "all_finite",
+    "ensure_finite",
     "validate_state_dict",
     "validate_experts",
     "key_mismatch_error",
+    "shape_error",
+    "tensor_task_vector",
+    "LazyTaskVector",
     "task_vector",
     "iter_task_vectors",
+    "compute_dtype",
+    "apply_delta",
     "apply_task_vector",
     "atomic_path",
     "save_state_dict",
@@ -41,7 +62,7 @@ __all__ = [
 StateDict = Mapping[str, Tensor]
 Source = Union[str, os.PathLike, Mapping[str, Tensor], nn.Module]
 
-#: Suffixes of BatchNorm running statistics: float buffers that are not weights (DESIGN.md section 2).
+#: Suffixes of BatchNorm running statistics: float buffers that are not weights.
 BATCHNORM_STAT_SUFFIXES = ("running_mean", "running_var")
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -53,94 +74,62 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Lazy safetensors access
+# The tensor-source protocol
 # --------------------------------------------------------------------------------------------------------------------
-class LazyStateDict(Mapping[str, Tensor]):
-    """Read-only mapping over one or more safetensors files; ``sd[key]`` reads just that tensor from disk.
+@runtime_checkable
+class TensorSource(Protocol):
+    """A mapping key -> tensor that tells a tensor's shape and dtype without reading it (lazy checkpoints and the
+    views over them). ``file_of(key)`` (optional) names the file a tensor comes from, for error messages."""
 
-    Args:
-        files: key -> file path, for sharded checkpoints (``model.safetensors.index.json``'s ``weight_map``) or a
-            single file (every key maps to it).
-    """
+    def __getitem__(self, key: str) -> Tensor: ...
 
-    def __init__(self, weight_map: Mapping[str, Union[str, Path]]):
-        from safetensors import safe_open
+    def __iter__(self) -> Iterator[str]: ...
 
-        self._weight_map = {k: Path(v) for k, v in weight_map.items()}
-        self._handles: dict[Path, Any] = {}
-        self._safe_open = safe_open
-        self._meta: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    def __len__(self) -> int: ...
 
-    @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "LazyStateDict":
-        """Open a single ``.safetensors`` file."""
-        from safetensors import safe_open
+    def shape(self, key: str) -> torch.Size: ...
 
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
-        return cls({k: path for k in keys})
-
-    @classmethod
-    def from_index(cls, index_path: Union[str, Path]) -> "LazyStateDict":
-        """Open a sharded checkpoint from its ``*.safetensors.index.json``."""
-        index_path = Path(index_path)
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"cannot read sharded-checkpoint index {index_path}: {err}") from err
-        files = {k: index_path.parent / v for k, v in weight_map.items()}
-        for f in set(files.values()):
-            if not f.is_file():
-                raise CheckpointError(f"shard {f} listed in {index_path} does not exist")
-        return cls(files)
-
-    def _handle(self, path: Path):
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._safe_open(str(path), framework="pt")
-            self._handles[path] = handle
-        return handle
-
-    def __getitem__(self, key: str) -> Tensor:
-        try:
-            path = self._weight_map[key]
-        except KeyError:
-            raise KeyError(key) from None
-        return self._handle(path).get_tensor(key)
-
-    def _slice_meta(self, key: str) -> tuple[torch.Size, torch.dtype]:
-        if key not in self._meta:
-            sl = self._handle(self._weight_map[key]).get_slice(key)
-            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-            if dtype is None:
-                dtype = self[key].dtype
-            self._meta[key] = (torch.Size(sl.get_shape()), dtype)
-        return self._meta[key]
-
-    def shape(self, key: str) -> torch.Size:
-        """Shape of ``key`` without reading its data."""
-        return self._slice_meta(key)[0]
-
-    def dtype(self, key: str) -> torch.dtype:
-        """Dtype of ``key`` without reading its data."""
-        return self._slice_meta(key)[1]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._weight_map)
-
-    def __len__(self) -> int:
-        return len(self._weight_map)
-
-    def __repr__(self) -> str:
-        files = sorted({str(p) for p in self._weight_map.values()})
-        return f"LazyStateDict({len(self)} tensors in {files})"
+    def dtype(self, key: str) -> torch.dtype: ...
 
 
-_SAFETENSORS_DTYPES = {
+def tensor_shape(sd: StateDict, key: str) -> torch.Size:
+    """Shape of ``sd[key]``, without reading the data when ``sd`` is a :class:`TensorSource`."""
+    shape = getattr(sd, "shape", None)
+    if callable(shape):
+        return torch.Size(shape(key))
+    return sd[key].shape
+
+
+def tensor_dtype(sd: StateDict, key: str) -> torch.dtype:
+    """Dtype of ``sd[key]``, without reading the data when ``sd`` is a :class:`TensorSource`."""
+    dtype = getattr(sd, "dtype", None)
+    if callable(dtype):
+        return dtype(key)
+    return sd[key].dtype
+
+
+def tensor_file(sd: StateDict, key: str) -> Optional[Path]:
+    """The file ``sd[key]`` is read from, when ``sd`` knows it (``file_of(key)``); else ``None``."""
+    file_of = getattr(sd, "file_of", None)
+    if not callable(file_of):
+        return None
+    try:
+        return file_of(key)
+    except KeyError:
+        return None
+
+
+def _label(sd: StateDict, key: str, name: str) -> str:
+    """``name`` plus the file ``key`` lives in, when known and not already in the name."""
+    file = tensor_file(sd, key)
+    return f"{name} ({file})" if file is not None and str(file) not in name else name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The safetensors reader
+# --------------------------------------------------------------------------------------------------------------------
+#: safetensors dtype names -> torch dtypes (the one table; the writer uses its inverse).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -152,14 +141,271 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+for _torch_name, _st_name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                              ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _torch_name):
+        SAFETENSORS_DTYPES[_st_name] = getattr(torch, _torch_name)
+
+_MAX_HEADER = 100 * 2**20
 
 
-def _shape(sd: StateDict, key: str) -> torch.Size:
-    return sd.shape(key) if isinstance(sd, LazyStateDict) else sd[key].shape
+def read_safetensors_header(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header: returns (header without ``__metadata__`` entries kept under that key,
+    byte offset of the data section). Raises :class:`CheckpointError` "... is not a safetensors file" for anything
+    that is not one (wrong length field, non-JSON header, entries outside the file)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"{path} is not a safetensors file (its header length field says {n} bytes, the file has {size})"
+                )
+            header = json.loads(f.read(n))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    except (ValueError, UnicodeDecodeError) as err:  # json errors
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON: {err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    data_size = size - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            entry["dtype"], list(entry["shape"])
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path} is not a safetensors file (entry {key!r} is malformed)") from None
+        if not 0 <= begin <= end <= data_size:
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor {key!r} lies outside the file")
+    return header, 8 + n
 
 
-def _dtype(sd: StateDict, key: str) -> torch.dtype:
-    return sd.dtype(key) if isinstance(sd, LazyStateDict) else sd[key].dtype
+class LazyStateDict(Mapping[str, Tensor]):
+    """Read-only mapping over one or more safetensors files; ``sd[key]`` reads just that tensor from disk.
+
+    Shapes, dtypes and files come from the headers (read once, when opened). Two ways to read the data:
+
+    - ``backend="mmap"`` (default): ``safetensors.safe_open`` (memory-mapped; pages touched stay resident in the
+      process while the file is open);
+    - ``backend="pread"``: plain positional reads into a fresh tensor (no memory map), so the resident set is the
+      tensors actually held; what :func:`magic_pl.models.streaming.stream_merge` uses for models larger than memory.
+
+    Args:
+        weight_map: key -> file path (a sharded checkpoint's ``weight_map``, or every key of one file).
+        backend: ``"mmap"`` or ``"pread"`` (see above).
+        drop_page_cache: ``pread`` only: after each read, advise the kernel to drop those pages from the page cache
+            (``POSIX_FADV_DONTNEED``); default ``False``.
+        index: the index file the map came from (for error messages).
+    """
+
+    def __init__(self, weight_map: Mapping[str, Union[str, os.PathLike]], *, backend: str = "mmap",
+                 drop_page_cache: bool = False, index: Optional[Union[str, os.PathLike]] = None):
+        if backend not in ("mmap", "pread"):
+            raise ValueError(f"backend must be 'mmap' or 'pread', got {backend!r}")
+        self.backend = backend
+        self.drop_page_cache = drop_page_cache
+        self.metadata: dict[str, str] = {}
+        self._files: dict[Path, tuple[dict[str, Any], int]] = {}
+        self._map: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
+        for key, file in weight_map.items():
+            file = Path(file)
+            if file not in self._files:
+                if not file.is_file():
+                    where = f" (listed in {index})" if index is not None else ""
+                    raise CheckpointError(f"safetensors file {file}{where} not found")
+                header, start = read_safetensors_header(file)
+                self.metadata = self.metadata or dict(header.get("__metadata__") or {})
+                self._files[file] = (header, start)
+            if key not in self._files[file][0] or key == "__metadata__":
+                where = f" listed in {index}" if index is not None else ""
+                raise CheckpointError(f"shard {file} lacks key {key!r}{where}")
+            self._map[key] = file
+
+    # -- opening ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike], **kw: Any) -> "LazyStateDict":
+        """Open a single ``.safetensors`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} not found")
+        header, _ = read_safetensors_header(path)
+        return cls({k: path for k in header if k != "__metadata__"}, **kw)
+
+    @classmethod
+    def from_index(cls, index_path: Union[str, os.PathLike], **kw: Any) -> "LazyStateDict":
+        """Open a sharded checkpoint from its ``*.safetensors.index.json``."""
+        index_path = Path(index_path)
+        weight_map = _read_index(index_path)
+        return cls({k: index_path.parent / v for k, v in weight_map.items()}, index=index_path, **kw)
+
+    @classmethod
+    def from_path(cls, path: Union[str, os.PathLike], **kw: Any) -> "LazyStateDict":
+        """Open a ``.safetensors`` file, a ``*.safetensors.index.json``, or a directory holding either
+        (``model.safetensors.index.json`` preferred, then ``model.safetensors``, then a single index or file)."""
+        path = Path(path)
+        if path.is_dir():
+            candidates = [path / _SAFETENSORS_INDEX, path / "model.safetensors"]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                indexes = sorted(path.glob("*.safetensors.index.json"))
+                files = sorted(path.glob("*.safetensors"))
+                if len(indexes) == 1:
+                    found = indexes[0]
+                elif len(files) == 1:
+                    found = files[0]
+                else:
+                    raise CheckpointError(
+                        f"directory {path} holds no safetensors checkpoint (found {len(files)} .safetensors files and "
+                        f"{len(indexes)} index files)"
+                    )
+            path = found
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} not found")
+        if path.name.endswith(".index.json"):
+            return cls.from_index(path, **kw)
+        if path.name.endswith(".safetensors"):
+            return cls.from_file(path, **kw)
+        raise CheckpointError(f"{path} is not a safetensors checkpoint (.safetensors, *.index.json or a directory)")
+
+    # -- metadata ---------------------------------------------------------------------------------------------------
+    def _entry(self, key: str) -> tuple[Path, dict[str, Any], int]:
+        try:
+            file = self._map[key]
+        except KeyError:
+            raise KeyError(key) from None
+        header, start = self._files[file]
+        return file, header[key], start
+
+    def shape(self, key: str) -> torch.Size:
+        """Shape of ``key`` (from the header; no data read)."""
+        return torch.Size(self._entry(key)[1]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype of ``key`` (from the header; no data read)."""
+        file, entry, _ = self._entry(key)
+        try:
+            return SAFETENSORS_DTYPES[entry["dtype"]]
+        except KeyError:
+            raise CheckpointError(f"{file}: tensor {key!r} has safetensors dtype {entry['dtype']}, which this "
+                                  "reader does not support") from None
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of ``key``'s data (from the header)."""
+        begin, end = self._entry(key)[1]["data_offsets"]
+        return int(end) - int(begin)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def file_of(self, key: str) -> Path:
+        """The file holding ``key``."""
+        return self._entry(key)[0]
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    def _handle(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = safe_open(str(path), framework="pt")
+            self._handles[path] = handle
+        return handle
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[file] = fd
+        return fd
+
+    def _pread_into(self, file: Path, offset: int, out: Tensor) -> None:
+        fd = self._fd(file)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        total, n = 0, len(view)
+        while total < n:
+            got = os.preadv(fd, [view[total:]], offset + total)
+            if got <= 0:
+                raise CheckpointError(f"{file}: unexpected end of file at byte {offset + total}")
+            total += got
+        if self.drop_page_cache and n and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+
+    def _check_size(self, file: Path, key: str, entry: dict[str, Any], shape: torch.Size, dtype: torch.dtype) -> None:
+        begin, end = entry["data_offsets"]
+        if shape.numel() * _element_size(dtype) != end - begin:
+            raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {tuple(shape)} {dtype}")
+
+    def __getitem__(self, key: str) -> Tensor:
+        file, entry, start = self._entry(key)
+        if self.backend == "mmap":
+            return self._handle(file).get_tensor(key)
+        dtype, shape = self.dtype(key), torch.Size(entry["shape"])
+        self._check_size(file, key, entry, shape, dtype)
+        out = torch.empty(shape, dtype=dtype)
+        self._pread_into(file, start + int(entry["data_offsets"][0]), out)
+        return out
+
+    def read_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``key``'s first dimension (a contiguous byte range), read alone."""
+        file, entry, data_start = self._entry(key)
+        dtype, shape = self.dtype(key), torch.Size(entry["shape"])
+        if len(shape) == 0:
+            raise ValueError(f"{key!r} is a scalar; it has no rows")
+        start, stop = max(0, start), min(int(shape[0]), stop)
+        if self.backend == "mmap":
+            return self._handle(file).get_slice(key)[start:stop]
+        row_bytes = shape[1:].numel() * _element_size(dtype)
+        out = torch.empty((max(0, stop - start), *shape[1:]), dtype=dtype)
+        self._pread_into(file, data_start + int(entry["data_offsets"][0]) + start * row_bytes, out)
+        return out
+
+    def close(self) -> None:
+        """Close the open files (reading again reopens them)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._handles.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} tensors in {sorted(str(p) for p in self._files)})"
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise CheckpointError(f"sharded-checkpoint index {path} not found")
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot read sharded-checkpoint index {path}: {err!r}") from err
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"cannot read sharded-checkpoint index {path}: weight_map is not an object")
+    return weight_map
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -170,8 +416,9 @@ def load_state_dict(source: Source, *, trust_pickle: bool = False) -> StateDict:
 
     Args:
         source: a ``.safetensors`` file; a sharded checkpoint's ``*.index.json``; a ``.pt``/``.bin``/``.pth``/``.ckpt``
-            torch file; a directory holding one of those (Hugging Face layout: ``model.safetensors``,
-            ``model.safetensors.index.json``, ``pytorch_model.bin``); a mapping of tensors; or an ``nn.Module``.
+            torch file (zip or legacy format); a directory holding one of those (Hugging Face layout:
+            ``model.safetensors``, ``model.safetensors.index.json``, ``pytorch_model.bin``); a mapping of tensors;
+            or an ``nn.Module``.
         trust_pickle: torch files are read with ``weights_only=True`` so a checkpoint can never run code. Set this to
             ``True`` only for pickles you trust that hold more than tensors.
 
@@ -188,7 +435,7 @@ def load_state_dict(source: Source, *, trust_pickle: bool = False) -> StateDict:
         return source
     path = Path(source)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} not found")
     if path.is_dir():
         return _load_directory(path, trust_pickle=trust_pickle)
     name = path.name
@@ -219,12 +466,40 @@ def _load_directory(path: Path, *, trust_pickle: bool) -> StateDict:
     )
 
 
+def _torch_format(path: Path) -> Optional[str]:
+    """``"zip"`` (torch.save's default), ``"legacy"`` (a pickle stream, torch < 1.6 or
+    ``_use_new_zipfile_serialization=False``), or ``None``: not a torch checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK":
+        return "zip" if zipfile.is_zipfile(path) else None
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        return "legacy"
+    return None
+
+
 def _load_torch_file(path: Path, *, trust_pickle: bool) -> dict[str, Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-    except Exception as err:
-        hint = "" if trust_pickle else " (it is read with weights_only=True; pass trust_pickle=True for trusted files)"
-        raise CheckpointError(f"cannot load torch checkpoint {path}: {err}{hint}") from err
+        kind = _torch_format(path)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    if kind is None:
+        what = "an empty file" if path.stat().st_size == 0 else "neither a zip archive nor a pickle"
+        raise CheckpointError(f"{path} is not a torch checkpoint ({what})")
+    try:
+        # mmap needs the zip layout; legacy files are read whole (still with the safe unpickler)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=kind == "zip")
+    except pickle.UnpicklingError as err:
+        if not trust_pickle and "weights_only" in str(err).lower().replace(" ", "_"):
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            raise CheckpointError(
+                f"{path} holds Python objects beyond tensors, which could run code when loaded"
+                + (f" (it needs {found.group(1)})" if found else "")
+                + ": it is read with weights_only=True; pass trust_pickle=True only for files you trust"
+            ) from err
+        raise CheckpointError(f"{path} is not a torch checkpoint (or it is corrupt): {err}") from err
+    except Exception as err:  # torch raises RuntimeError / EOFError / zip errors for corrupt files
+        raise CheckpointError(f"{path} is not a torch checkpoint (or it is corrupt): {err}") from err
     # Lightning / common training checkpoints nest the weights.
     for nested in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and nested in obj and isinstance(obj[nested], Mapping):
@@ -241,13 +516,17 @@ def _load_torch_file(path: Path, *, trust_pickle: bool) -> dict[str, Tensor]:
 
 
 def _load_torch_index(path: Path, *, trust_pickle: bool) -> dict[str, Tensor]:
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot read sharded-checkpoint index {path}: {err}") from err
+    weight_map = _read_index(path)
     out: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        out.update(_load_torch_file(path.parent / shard, trust_pickle=trust_pickle))
+        file = path.parent / shard
+        if not file.is_file():
+            raise CheckpointError(f"shard {file} listed in {path} not found")
+        loaded = _load_torch_file(file, trust_pickle=trust_pickle)
+        for key in (k for k, v in weight_map.items() if v == shard):
+            if key not in loaded:
+                raise CheckpointError(f"shard {file} lacks key {key!r} listed in {path}")
+        out.update(loaded)
     return out
 
 
@@ -265,20 +544,44 @@ def is_batchnorm_stat(key: str) -> bool:
     return key.endswith(BATCHNORM_STAT_SUFFIXES)
 
 
-def _check_finite(tensor: Tensor, key: str, where: str) -> None:
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-        n_nan = int(torch.isnan(tensor).sum())
-        n_inf = int(torch.isinf(tensor).sum())
-        raise CheckpointError(f"{where}: tensor {key!r} has {n_nan} NaN and {n_inf} Inf values")
+def all_finite(tensor: Tensor) -> bool:
+    """True when every value of ``tensor`` is finite (integer tensors always are).
+
+    Fast path: one reduction (a sum over finite values is finite; NaN and Inf propagate into it), with no temporary
+    of the tensor's size; only a non-finite sum (NaN/Inf present, or the sum itself overflowing) pays for the exact
+    elementwise check.
+    """
+    if not tensor.dtype.is_floating_point:
+        return True
+    # float16 sums overflow early (max 65504): accumulate those in float32; other dtypes sum in their own
+    acc = torch.float32 if tensor.dtype == torch.float16 else None
+    if bool(torch.isfinite(tensor.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _nonfinite_error(tensor: Tensor, key: str, where: str) -> CheckpointError:
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int(torch.isinf(tensor).sum())
+    return CheckpointError(f"{where}: tensor {key!r} has {n_nan} NaN and {n_inf} Inf values")
+
+
+def ensure_finite(tensor: Tensor, key: str, where: str) -> None:
+    """Raise :class:`CheckpointError` ("<where>: tensor <key> has n NaN and m Inf values") unless every value of a
+    float ``tensor`` is finite."""
+    if not all_finite(tensor):
+        raise _nonfinite_error(tensor, key, where)
 
 
 def validate_state_dict(state: StateDict, *, name: str = "checkpoint", check_finite: bool = True) -> None:
-    """Raise :class:`CheckpointError` if ``state`` is empty or holds NaN/Inf in a float tensor."""
+    """Raise :class:`CheckpointError` if ``state`` is empty or holds NaN/Inf in a float tensor (one read per
+    tensor)."""
     if len(state) == 0:
         raise CheckpointError(f"{name} is empty")
     if check_finite:
         for key in state:
-            _check_finite(state[key], key, name)
+            if is_mergeable(tensor_dtype(state, key)):  # integer buffers cannot hold NaN: not read
+                ensure_finite(state[key], key, _label(state, key, name))
 
 
 def key_mismatch_error(
@@ -297,6 +600,18 @@ def key_mismatch_error(
     return CheckpointError(f"{name} does not match the base architecture: " + "; ".join(parts) + hint)
 
 
+_VOCAB_HINT_WORDS = ("embed", "wte", "word_embeddings", "token_embedding", "lm_head", "shared")
+
+
+def shape_error(name: str, key: str, base_shape: Sequence[int], expert_shape: Sequence[int], *,
+                other: str = "expert") -> CheckpointError:
+    """The error for a shape mismatch (names both shapes), with a vocabulary hint for embedding tables."""
+    msg = f"{name}: shape mismatch for {key!r}: base {tuple(base_shape)} vs {other} {tuple(expert_shape)}"
+    if any(w in key for w in _VOCAB_HINT_WORDS):
+        msg += " (the vocabularies differ: experts must share the base's tokenizer and vocabulary size)"
+    return CheckpointError(msg)
+
+
 def validate_experts(
     base: StateDict,
     experts: Sequence[StateDict],
@@ -306,9 +621,10 @@ def validate_experts(
 ) -> None:
     """Check that every expert matches the base key for key.
 
-    Raises :class:`CheckpointError` naming the expert and key for: missing or extra keys, a shape mismatch (both
-    shapes), a float tensor where the base has a non-float one (or the reverse), NaN/Inf values (``check_finite``).
-    Mixed float dtypes (bf16 experts, fp32 base) are allowed. Reads one tensor at a time.
+    Raises :class:`CheckpointError` naming the expert (and its file) and key for: missing or extra keys, a shape
+    mismatch (both shapes), a float tensor where the base has a non-float one (or the reverse), NaN/Inf values
+    (``check_finite``, default ``True``: reads every tensor once; without it only shapes and dtypes are compared,
+    from the headers of lazy sources). Mixed float dtypes (bf16 experts, fp32 base) are allowed.
     """
     if len(experts) == 0:
         raise CheckpointError("need at least one expert, got none")
@@ -318,24 +634,22 @@ def validate_experts(
     base_keys = set(base.keys())
     if not base_keys:
         raise CheckpointError("the base checkpoint is empty")
+    base_meta = {k: (tensor_shape(base, k), tensor_dtype(base, k)) for k in base}
     for name, expert in zip(names, experts):
         mismatch = key_mismatch_error(name, base_keys, expert.keys())
         if mismatch is not None:
             raise mismatch
-        for key in base:
-            bshape, eshape = _shape(base, key), _shape(expert, key)
+        for key, (bshape, bdtype) in base_meta.items():
+            eshape, edtype = tensor_shape(expert, key), tensor_dtype(expert, key)
             if bshape != eshape:
+                raise shape_error(_label(expert, key, name), key, bshape, eshape)
+            if is_mergeable(bdtype) != is_mergeable(edtype):
                 raise CheckpointError(
-                    f"{name}: shape mismatch for {key!r}: base {tuple(bshape)} vs expert {tuple(eshape)}"
-                )
-            bfloat, efloat = is_mergeable(_dtype(base, key)), is_mergeable(_dtype(expert, key))
-            if bfloat != efloat:
-                raise CheckpointError(
-                    f"{name}: dtype mismatch for {key!r}: base {_dtype(base, key)} vs expert {_dtype(expert, key)} "
+                    f"{_label(expert, key, name)}: dtype mismatch for {key!r}: base {bdtype} vs expert {edtype} "
                     "(a float tensor is needed on both sides to form a task vector)"
                 )
-            if check_finite and efloat:
-                _check_finite(expert[key], key, name)
+            if check_finite and is_mergeable(edtype):
+                ensure_finite(expert[key], key, _label(expert, key, name))
     if check_finite:
         validate_state_dict(base, name="base")
 
@@ -343,57 +657,183 @@ def validate_experts(
 # --------------------------------------------------------------------------------------------------------------------
 # Task vectors
 # --------------------------------------------------------------------------------------------------------------------
-def _mergeable_keys(base: StateDict) -> list[str]:
-    return [k for k in base if is_mergeable(_dtype(base, k))]
+def tensor_task_vector(
+    expert: Tensor,
+    base: Tensor,
+    key: str,
+    *,
+    name: str = "fine-tuned checkpoint",
+    base_name: str = "base",
+    check_finite: bool = True,
+    device: Optional[Union[str, torch.device]] = None,
+) -> Tensor:
+    """One task-vector entry: ``expert - base`` in float32 (on ``device``, default where ``expert`` lives).
+
+    Raises :class:`CheckpointError` naming ``name`` / ``base_name`` (include the file) and ``key`` for a shape
+    mismatch, a non-float expert tensor, and (``check_finite``, default ``True``) NaN/Inf in either side. The finite
+    check runs on the difference just computed (finite minus finite is finite), so it costs no extra read; only on
+    failure are the two sides inspected to say which one is at fault.
+    """
+    if expert.shape != base.shape:
+        raise shape_error(name, key, base.shape, expert.shape)
+    if not is_mergeable(expert):
+        raise CheckpointError(f"{name}: tensor {key!r} has dtype {expert.dtype}; a float tensor is needed")
+    if device is not None:
+        expert = expert.to(device)
+    tau = expert.to(torch.float32) - base.to(device=expert.device, dtype=torch.float32)
+    if check_finite and not all_finite(tau):
+        for side, where in ((base, base_name), (expert, name)):
+            if not all_finite(side):
+                raise _nonfinite_error(side, key, where)
+        raise CheckpointError(f"{name}: the task vector of {key!r} overflows float32 (|expert - base| > 3.4e38)")
+    return tau
 
 
-def task_vector(finetuned: Source, base: Source) -> dict[str, Tensor]:
+class LazyTaskVector(Mapping[str, Tensor]):
+    """Read-only mapping ``key -> finetuned[key] - base[key]`` (float32), computed when a key is read.
+
+    Keys: the base's floating-point keys (integer/bool buffers never enter a task vector). Reading a key reads one
+    base and one expert tensor (:func:`tensor_task_vector`: errors name the expert, its file and the key; NaN/Inf is
+    refused unless ``check_finite=False``), so K lazy task vectors over lazily loaded checkpoints stream key by key.
+    ``shape``/``dtype`` read no data.
+
+    Args:
+        finetuned: the expert's state dict (any mapping; a :class:`LazyStateDict` stays lazy).
+        base: the base state dict.
+        device: where the difference is computed and returned (default: where the expert tensor lives).
+        name: how error messages call the expert (default ``"fine-tuned checkpoint"``); the file is added when known.
+        base_name: how error messages call the base (default ``"base"``).
+        check_finite: refuse NaN/Inf (default ``True``).
+    """
+
+    def __init__(self, finetuned: StateDict, base: StateDict, *, device: Optional[Union[str, torch.device]] = None,
+                 name: str = "fine-tuned checkpoint", base_name: str = "base", check_finite: bool = True):
+        self.finetuned = finetuned
+        self.base = base
+        self.name, self.base_name = name, base_name
+        self.device = torch.device(device) if device is not None else None
+        self.check_finite = check_finite
+        self._keys = [k for k in base if is_mergeable(tensor_dtype(base, k))]
+        self._key_set = set(self._keys)
+
+    @property
+    def expert(self) -> StateDict:
+        """The fine-tuned state dict (alias of ``finetuned``)."""
+        return self.finetuned
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        try:
+            e = self.finetuned[key]
+        except KeyError:
+            raise CheckpointError(f"{self.name} lacks key {key!r} of the base") from None
+        return tensor_task_vector(e, self.base[key], key, name=_label(self.finetuned, key, self.name),
+                                  base_name=_label(self.base, key, self.base_name), check_finite=self.check_finite,
+                                  device=self.device)
+
+    def shape(self, key: str) -> torch.Size:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return tensor_shape(self.base, key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return torch.float32
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"LazyTaskVector({self.name}, {len(self)} tensors)"
+
+
+def _source_name(source: Source, default: str) -> str:
+    return f"{default} {source}" if isinstance(source, (str, os.PathLike)) else default
+
+
+def task_vector(finetuned: Source, base: Source, *, check_finite: bool = True) -> dict[str, Tensor]:
     """``tau = finetuned - base`` in float32, over the base's floating-point entries only.
 
     Integer/bool buffers are left out; :func:`apply_task_vector` carries them from the base. Raises
-    :class:`CheckpointError` on a missing key or a shape mismatch (naming both).
+    :class:`CheckpointError` naming the file and key when the key sets differ (missing or extra keys, as
+    :func:`validate_experts`), on a shape mismatch (both shapes), and on NaN/Inf in either checkpoint
+    (``check_finite``, default ``True``, checked on each difference as it is computed).
     """
     base_sd, ft_sd = load_state_dict(base), load_state_dict(finetuned)
-    out: dict[str, Tensor] = {}
-    for key in _mergeable_keys(base_sd):
-        if key not in ft_sd:
-            raise CheckpointError(f"the fine-tuned checkpoint lacks key {key!r} of the base")
-        b, f = base_sd[key], ft_sd[key]
-        if b.shape != f.shape:
-            raise CheckpointError(f"shape mismatch for {key!r}: base {tuple(b.shape)} vs fine-tuned {tuple(f.shape)}")
-        if not is_mergeable(f):
-            raise CheckpointError(f"fine-tuned tensor {key!r} has dtype {f.dtype}; a float tensor is needed")
-        out[key] = f.float() - b.float()
+    name = _source_name(finetuned, "the fine-tuned checkpoint")
+    mismatch = key_mismatch_error(name, base_sd.keys(), ft_sd.keys())
+    if mismatch is not None:
+        raise mismatch
+    tv = LazyTaskVector(ft_sd, base_sd, name=name, base_name=_source_name(base, "base"), check_finite=check_finite)
+    return {key: tv[key] for key in tv}
+
+
+def iter_task_vectors(base: StateDict, experts: Sequence[StateDict], *, names: Sequence[str] | None = None,
+                      check_finite: bool = True) -> Iterator[tuple[str, list[Tensor]]]:
+    """Yield ``(key, [tau_1, ..., tau_K])`` one float key at a time, in float32.
+
+    Streams: only one key's K slices are resident at a time, so lazily loaded experts are never held whole. Key sets
+    are compared first (missing or extra keys raise :class:`CheckpointError` naming them); each entry is checked
+    as :func:`tensor_task_vector` does (shape, float-ness, NaN/Inf unless ``check_finite=False``).
+    """
+    names = list(names) if names is not None else [f"expert {i}" for i in range(len(experts))]
+    for name, expert in zip(names, experts):
+        mismatch = key_mismatch_error(name, base.keys(), expert.keys())
+        if mismatch is not None:
+            raise mismatch
+    tvs = [LazyTaskVector(e, base, name=n, check_finite=check_finite) for e, n in zip(experts, names)]
+    for key in [k for k in base if is_mergeable(tensor_dtype(base, k))]:
+        yield key, [tv[key] for tv in tvs]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``theta0 + tau`` is computed in for a base tensor of ``dtype``: float64 stays float64, everything
+    else goes through float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_delta(base: Tensor, tau: Tensor, scale: float = 1.0, *, key: str = "tensor", name: str = "merged model",
+                check_finite: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``base + scale * tau`` computed in :func:`compute_dtype` of the output dtype and cast to it, on the base's
+    device: the one ``theta0 + tau`` of the package.
+
+    ``out_dtype`` (default: the base's dtype) lets a caller pass a base already converted to the compute dtype
+    (streaming converts each block once). Raises :class:`CheckpointError` for a shape mismatch and
+    (``check_finite``, default ``True``) for a non-finite result (naming ``name`` and ``key``; checked after the
+    cast, so a float16 overflow is caught).
+    """
+    if tuple(tau.shape) != tuple(base.shape):
+        raise CheckpointError(f"task vector shape {tuple(tau.shape)} does not match base {tuple(base.shape)} for "
+                              f"{key!r}")
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    cd = compute_dtype(out_dtype)
+    # one fused op (no temporary for scale * tau)
+    out = torch.add(base.to(cd), tau.to(device=base.device, dtype=cd), alpha=scale).to(out_dtype)
+    if check_finite and not all_finite(out):
+        if not all_finite(base):
+            raise _nonfinite_error(base, key, "base")
+        raise _nonfinite_error(out, key, f"{name} (base + {scale:g} * task vector, in {base.dtype})")
     return out
 
 
-def iter_task_vectors(base: StateDict, experts: Sequence[StateDict]) -> Iterator[tuple[str, list[Tensor]]]:
-    """Yield ``(key, [tau_1, ..., tau_K])`` one float key at a time, in float32.
-
-    Streams: only one key's K slices are resident at a time, so lazily loaded experts are never held whole.
-    Call :func:`validate_experts` first for friendly errors on mismatched checkpoints.
-    """
-    for key in _mergeable_keys(base):
-        b = base[key].float()
-        taus = []
-        for i, expert in enumerate(experts):
-            try:
-                e = expert[key]
-            except KeyError:
-                raise CheckpointError(f"expert {i} lacks key {key!r} of the base") from None
-            if e.shape != b.shape:
-                raise CheckpointError(
-                    f"expert {i}: shape mismatch for {key!r}: base {tuple(b.shape)} vs expert {tuple(e.shape)}"
-                )
-            taus.append(e.float() - b)
-        yield key, taus
-
-
-def apply_task_vector(base: StateDict, tau: StateDict, *, scale: float = 1.0) -> dict[str, Tensor]:
-    """``base + scale * tau`` computed in float32 and cast back to each base tensor's dtype.
+def apply_task_vector(base: StateDict, tau: StateDict, *, scale: float = 1.0,
+                      check_finite: bool = True) -> dict[str, Tensor]:
+    """``base + scale * tau`` per key (:func:`apply_delta`: float64 base tensors stay float64, others go through
+    float32), cast back to each base tensor's dtype.
 
     Keys absent from ``tau`` (integer buffers, or float keys a method left alone) are copied from the base.
     """
+    extra = set(tau.keys()) - set(base.keys())
+    if extra:
+        raise CheckpointError(f"task vector has keys the base lacks, e.g. {sorted(extra)[:5]}")
     out: dict[str, Tensor] = {}
     for key in base:
         b = base[key]
@@ -401,12 +841,7 @@ def apply_task_vector(base: StateDict, tau: StateDict, *, scale: float = 1.0) ->
         if t is None or not is_mergeable(b):
             out[key] = b.clone()
             continue
-        if t.shape != b.shape:
-            raise CheckpointError(f"task vector shape {tuple(t.shape)} does not match base {tuple(b.shape)} for {key!r}")
-        out[key] = (b.float() + scale * t.float()).to(b.dtype)
-    extra = set(tau.keys()) - set(base.keys())
-    if extra:
-        raise CheckpointError(f"task vector has keys the base lacks, e.g. {sorted(extra)[:5]}")
+        out[key] = apply_delta(b, t, scale, key=key, check_finite=check_finite)
     return out
 
 

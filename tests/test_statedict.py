@@ -98,7 +98,7 @@ class _Opaque:
 
 
 def test_missing_file_and_unknown_format(tmp_path: Path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="nope.safetensors not found"):
         load_state_dict(tmp_path / "nope.safetensors")
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="x.txt"):
@@ -187,3 +187,85 @@ def test_tied_weights_are_saved(tmp_path: Path):
     save_state_dict({"emb.weight": w, "head.weight": w}, tmp_path / "tied.safetensors")
     loaded = load_state_dict(tmp_path / "tied.safetensors")
     assert torch.equal(loaded["emb.weight"], w) and torch.equal(loaded["head.weight"], w)
+
+
+class _CountingSource(dict):
+    """A tensor source that counts reads of each key (shape/dtype answered without a read)."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self.reads: dict[str, int] = {}
+
+    def __getitem__(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return dict.__getitem__(self, key)
+
+    def shape(self, key):
+        return dict.__getitem__(self, key).shape
+
+    def dtype(self, key):
+        return dict.__getitem__(self, key).dtype
+
+
+def test_validate_experts_reads_each_tensor_once_through_views():
+    from magic_pl.models.base import KeyView
+
+    base, expert = _CountingSource(_sd(0)), _CountingSource(_sd(1))
+    validate_experts(KeyView(base, list(base)), [KeyView(expert, list(expert))], check_finite=True)
+    assert base.reads == {"w": 1, "b": 1, "bn.running_var": 1}  # the integer buffer is never read
+    assert expert.reads == {"w": 1, "b": 1, "bn.running_var": 1}
+    base.reads.clear(), expert.reads.clear()
+    validate_experts(KeyView(base, list(base)), [KeyView(expert, list(expert))], check_finite=False)
+    assert base.reads == {} and expert.reads == {}  # shapes and dtypes only
+
+
+def test_one_implementation_behind_the_public_names(tmp_path: Path):
+    import magic_pl.calibration.taskvectors as cal_tv
+    import magic_pl.models.base as mb
+    from magic_pl.models.io import SafetensorsReader
+    from magic_pl.statedict import LazyTaskVector, tensor_dtype, tensor_shape
+
+    assert cal_tv.LazyTaskVector is LazyTaskVector is mb.LazyTaskVector
+    assert mb.tensor_shape is tensor_shape and mb.tensor_dtype is tensor_dtype
+    save_state_dict(_sd(), tmp_path / "m.safetensors")
+    mmap, pread = LazyStateDict.from_file(tmp_path / "m.safetensors"), SafetensorsReader.from_path(tmp_path)
+    assert isinstance(pread, LazyStateDict) and pread.backend == "pread" and mmap.backend == "mmap"
+    for k in _sd():
+        assert torch.equal(mmap[k], pread[k]) and mmap.dtype(k) == pread.dtype(k) == _sd()[k].dtype
+    assert torch.equal(mmap.read_rows("w", 1, 3), pread.read_rows("w", 1, 3))
+    assert torch.equal(pread.read_rows("w", 1, 3), _sd()["w"][1:3])
+
+
+def test_apply_delta_keeps_float64_and_goes_through_float32_otherwise():
+    from magic_pl.statedict import apply_delta
+
+    base64 = torch.ones(3, dtype=torch.float64)
+    tau = torch.full((3,), 1e-12, dtype=torch.float64)
+    out = apply_delta(base64, tau)
+    assert out.dtype == torch.float64 and torch.equal(out, base64 + tau) and bool((out > 1).all())
+    assert torch.equal(apply_delta(base64.float(), tau), torch.ones(3))  # float32 base: the tiny step is lost
+    bf = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    got = apply_delta(bf, torch.tensor([0.5, -0.25]), scale=2.0)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.tensor([2.0, 1.5], dtype=torch.bfloat16))
+    merged = apply_task_vector({"w": base64, "n": torch.tensor(2)}, {"w": tau}, scale=2.0)
+    assert merged["w"].dtype == torch.float64 and torch.equal(merged["w"], 1.0 + 2 * tau)
+    with pytest.raises(CheckpointError, match=r"tensor 'w' has 0 NaN and 1 Inf"):
+        apply_delta(torch.ones(2, dtype=torch.float16), torch.tensor([1e6, 0.0]), key="w")  # float16 overflow
+
+
+def test_task_vector_key_sets_and_finite_checks():
+    base, ft = _sd(0), _sd(1)
+    with pytest.raises(CheckpointError, match=r"has 1 key\(s\) the base lacks, e.g. \['extra'\]"):
+        task_vector(dict(ft, extra=torch.ones(1)), base)
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\) of the base, e.g. \['b'\]"):
+        task_vector({k: v for k, v in ft.items() if k != "b"}, base)
+    with pytest.raises(CheckpointError, match=r"has 1 key\(s\) the base lacks"):
+        list(iter_task_vectors(base, [ft, dict(ft, extra=torch.ones(1))]))
+    bad = dict(ft, w=ft["w"].clone())
+    bad["w"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"fine-tuned checkpoint: tensor 'w' has 1 NaN"):
+        task_vector(bad, base)
+    tau = task_vector(bad, base, check_finite=False)  # the explicit opt-out
+    assert torch.isnan(tau["w"][0, 0]) and torch.equal(tau["b"], ft["b"] - base["b"])
+    with pytest.raises(CheckpointError, match=r"expert 0: tensor 'w' has 1 NaN"):
+        list(iter_task_vectors(base, [bad]))

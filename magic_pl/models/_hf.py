@@ -13,8 +13,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from magic_pl.models.base import KeyView, PrefixView, shape_error, tensor_shape
-from magic_pl.statedict import CheckpointError, StateDict, load_state_dict
+from magic_pl.models.base import KeyView, PrefixView
+from magic_pl.statedict import CheckpointError, StateDict, load_state_dict, shape_error, tensor_shape
 
 PathLike = Union[str, os.PathLike]
 
@@ -82,15 +82,35 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _looks_like_hub_id(path: PathLike) -> bool:
+    """``name`` or ``org/name`` (what the hub accepts), not a filesystem path."""
+    text = str(path)
+    return (not os.path.isabs(text) and not text.startswith((".", "~")) and text.count("/") <= 1
+            and bool(text) and all(c.isalnum() or c in "-_./" for c in text) and ".." not in text)
+
+
+def load_error(path: PathLike, label: str, err: Exception) -> CheckpointError:
+    """The :class:`CheckpointError` for ``transformers`` failing to load ``label`` from ``path``: "... not found"
+    when ``path`` is neither a local directory nor (reachable) on the hub, never the hub's repo-id syntax message."""
+    if not Path(path).exists():
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return CheckpointError(f"{label}: {path} not found: no such local directory, and the Hugging Face hub "
+                               f"lookup failed ({reason[:200]})")
+    return CheckpointError(f"cannot load {label} from {path}: {err}")
+
+
 def load_config(path: PathLike, **overrides: Any):
-    """``AutoConfig.from_pretrained(path, **overrides)`` with a :class:`CheckpointError` naming the path on failure."""
+    """``AutoConfig.from_pretrained(path, **overrides)`` with a :class:`CheckpointError` naming the path on failure
+    (``... not found`` for a missing directory)."""
     from transformers import AutoConfig
 
+    if not Path(path).exists() and not _looks_like_hub_id(path):
+        raise CheckpointError(f"Hugging Face model directory {path} not found")
     try:
         with quiet_transformers():
             return AutoConfig.from_pretrained(str(path), **overrides)
     except Exception as err:
-        raise CheckpointError(f"cannot read a Hugging Face config from {path}: {err}") from err
+        raise load_error(path, "Hugging Face config", err) from err
 
 
 def _config_value(config: Any, field: str) -> Any:
@@ -125,6 +145,7 @@ def expert_body_state(
     name: str,
     materialize: Optional[Callable[[], Mapping[str, torch.Tensor]]] = None,
     optional: Sequence[str] = (),
+    trust_pickle: bool = False,
 ) -> StateDict:
     """The expert's body tensors keyed like the in-memory body (``expected``: key -> shape).
 
@@ -133,8 +154,9 @@ def expert_body_state(
     view (shapes checked; a mismatch raises :class:`CheckpointError` naming key and shapes). When keys are missing
     (``transformers`` renamed them on load, or an old format), ``materialize()`` loads the expert through
     ``from_pretrained`` and its state dict is used. Keys in ``optional`` may be absent (the caller fills them).
+    ``trust_pickle``: read torch weight files with full pickle (see :func:`~magic_pl.statedict.load_state_dict`).
     """
-    sd = load_state_dict(path)
+    sd = load_state_dict(path, trust_pickle=trust_pickle)
     want = [k for k in expected if k not in optional]
     best: Optional[StateDict] = None
     for prefix in prefixes:
@@ -167,11 +189,13 @@ def from_pretrained_checked(cls: Any, path: PathLike, *, name: str, allow_missin
     """``cls.from_pretrained(path, **kwargs)`` that fails (naming the keys) when weights were missing or mismatched,
     instead of silently initialising them at random. Missing keys starting with an entry of ``allow_missing`` are
     accepted (e.g. a fresh classifier head on a base encoder)."""
+    if not Path(path).exists() and not _looks_like_hub_id(path):
+        raise CheckpointError(f"{name}: Hugging Face model directory {path} not found")
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except Exception as err:
-        raise CheckpointError(f"cannot load {name} from {path} as {getattr(cls, '__name__', cls)}: {err}") from err
+        raise load_error(path, f"{name} as {getattr(cls, '__name__', cls)}", err) from err
     missing = sorted(k for k in info.get("missing_keys", ()) if not any(k.startswith(a) for a in allow_missing))
     mismatched = sorted(info.get("mismatched_keys", ()), key=str)
     if missing or mismatched:

@@ -10,8 +10,9 @@ Every model family (timm, Hugging Face CLIP / classifiers / causal LMs, LoRA) ha
 - ``tied``: alias key -> canonical key for parameters shared inside the body (tied input/output embeddings). Aliases
   are left out of the experts and task vectors; the merged model keeps them tied.
 
-Task vectors follow DESIGN.md section 2: ``tau_k = theta_k - theta0`` over floating-point entries only, computed on
-access by :class:`LazyTaskVector`, so merging K experts holds about one model in memory.
+Task vectors: ``tau_k = theta_k - theta0`` over floating-point entries only, computed on access by
+:class:`~magic_pl.statedict.LazyTaskVector` (re-exported here), so merging K experts holds about one model in memory;
+NaN/Inf in the base or an expert is refused as each key is computed, naming the file and key.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.taskvectors import LazyTaskVector as _CalibrationLazyTaskVector
 from magic_pl.statedict import (
     CheckpointError,
+    LazyTaskVector,
     StateDict,
+    apply_delta,
     is_mergeable,
+    shape_error,
+    tensor_dtype,
+    tensor_file,
+    tensor_shape,
     validate_experts,
 )
 
@@ -52,24 +58,8 @@ PathLike = Union[str, os.PathLike]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Lazy mapping views
+# Lazy mapping views (shape/dtype/file forwarded through the tensor-source protocol of magic_pl.statedict)
 # --------------------------------------------------------------------------------------------------------------------
-def tensor_shape(sd: StateDict, key: str) -> torch.Size:
-    """Shape of ``sd[key]`` without reading the data when ``sd`` knows it (``.shape(key)``)."""
-    shape = getattr(sd, "shape", None)
-    if callable(shape):
-        return torch.Size(shape(key))
-    return sd[key].shape
-
-
-def tensor_dtype(sd: StateDict, key: str) -> torch.dtype:
-    """Dtype of ``sd[key]`` without reading the data when ``sd`` knows it (``.dtype(key)``)."""
-    dtype = getattr(sd, "dtype", None)
-    if callable(dtype):
-        return dtype(key)
-    return sd[key].dtype
-
-
 class KeyedMapping(Mapping[str, Tensor]):
     """A lazy mapping over a fixed, ordered key list (``self._keys``, with ``self._set`` for membership): subclasses
     set them through :meth:`_set_keys` and implement ``__getitem__``."""
@@ -118,6 +108,9 @@ class PrefixView(KeyedMapping):
     def dtype(self, key: str) -> torch.dtype:
         return tensor_dtype(self.source, self._src(key))
 
+    def file_of(self, key: str) -> Optional[Path]:
+        return tensor_file(self.source, self._src(key))
+
     def __repr__(self) -> str:
         return f"PrefixView({self.prefix!r} of {self.source!r})"
 
@@ -140,55 +133,10 @@ class KeyView(KeyedMapping):
     def dtype(self, key: str) -> torch.dtype:
         return tensor_dtype(self.source, key)
 
-
-class LazyTaskVector(_CalibrationLazyTaskVector):
-    """``tau = expert - base`` in float32, computed when a key is read (DESIGN.md section 2).
-
-    The calibration core's :class:`magic_pl.calibration.LazyTaskVector` (keys: the base's floating-point keys;
-    integer/bool buffers never enter a task vector) with errors naming the expert, ``shape``/``dtype`` lookups that
-    read no data, and an optional compute ``device``. Reading a key reads one base and one expert tensor, so K lazy
-    task vectors over lazily loaded checkpoints stream key by key, and ``FeatureSpaceCalibrator`` (which takes task
-    vectors as mappings) reads one module's slices at a time.
-
-    Args:
-        expert: the fine-tuned state dict (any mapping; :class:`~magic_pl.statedict.LazyStateDict` stays lazy).
-        base: the base state dict, keyed like ``expert``.
-        device: where the difference is computed and returned (default: where the tensors live, usually CPU).
-        name: how error messages call this expert.
-    """
-
-    def __init__(self, expert: StateDict, base: StateDict, *, device: Optional[Union[str, torch.device]] = None,
-                 name: str = "expert"):
-        super().__init__(expert, base)
-        self.expert, self.name = expert, name
-        self.device = torch.device(device) if device is not None else None
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key not in self:
+    def file_of(self, key: str) -> Optional[Path]:
+        if key not in self._set:
             raise KeyError(key)
-        try:
-            e = self.expert[key]
-        except KeyError:
-            raise CheckpointError(f"{self.name} lacks key {key!r} of the base") from None
-        b = self.base[key]
-        if e.shape != b.shape:
-            raise shape_error(self.name, key, b.shape, e.shape)
-        if self.device is not None:
-            e, b = e.to(self.device), b.to(self.device)
-        return e.float() - b.to(device=e.device).float()
-
-    def shape(self, key: str) -> torch.Size:
-        if key not in self:
-            raise KeyError(key)
-        return tensor_shape(self.base, key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        if key not in self:
-            raise KeyError(key)
-        return torch.float32
-
-    def __repr__(self) -> str:
-        return f"LazyTaskVector({self.name}, {len(self)} tensors)"
+        return tensor_file(self.source, key)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,31 +158,14 @@ def find_tied_keys(module: nn.Module) -> dict[str, str]:
     return tied
 
 
-_VOCAB_HINT_WORDS = ("embed", "wte", "word_embeddings", "token_embedding", "lm_head", "shared")
-
-
-def shape_error(name: str, key: str, base_shape: Sequence[int], expert_shape: Sequence[int]) -> CheckpointError:
-    """A :class:`CheckpointError` for a shape mismatch, with a vocabulary hint for embedding tables."""
-    msg = f"{name}: shape mismatch for {key!r}: base {tuple(base_shape)} vs expert {tuple(expert_shape)}"
-    if any(w in key for w in _VOCAB_HINT_WORDS):
-        msg += " (the vocabularies differ: experts must share the base's tokenizer and vocabulary size)"
-    return CheckpointError(msg)
-
-
 def check_experts(base: StateDict, experts: Sequence[StateDict], names: Sequence[str], *,
                   check_finite: bool = False) -> None:
-    """:func:`~magic_pl.statedict.validate_experts` plus a vocabulary hint for embedding shape mismatches.
+    """:func:`~magic_pl.statedict.validate_experts` with header-only checks by default.
 
-    ``check_finite`` (default ``False`` here: it reads every expert tensor once more) scans for NaN/Inf.
+    ``check_finite`` defaults to ``False`` here: it would read every expert tensor once more, and the task vectors
+    built from these experts refuse NaN/Inf as each key is computed.
     """
-    try:
-        validate_experts(base, experts, names=names, check_finite=check_finite)
-    except CheckpointError as err:
-        msg = str(err)
-        if "shape mismatch" in msg and any(w in msg for w in _VOCAB_HINT_WORDS):
-            msg += " (the vocabularies differ: experts must share the base's tokenizer and vocabulary size)"
-            raise CheckpointError(msg) from err
-        raise
+    validate_experts(base, experts, names=names, check_finite=check_finite)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -285,7 +216,22 @@ class MergeSetup:
         if self.exact_task_vectors is not None:
             return list(self.exact_task_vectors)
         base = self.base_state()
-        return [LazyTaskVector(e, base, device=device, name=f"expert {n!r}") for e, n in zip(self.experts, self.task_names)]
+        return [LazyTaskVector(e, base, device=device, name=self._expert_label(i), base_name=self._base_label())
+                for i, e in enumerate(self.experts)]
+
+    def _expert_label(self, i: int) -> str:
+        """``expert '<task>'``, plus the expert's path from the metadata when its tensors do not name their file."""
+        label = f"expert {self.task_names[i]!r}"
+        paths = self.metadata.get("experts") or []
+        expert = self.experts[i]
+        first = next(iter(expert), None)
+        if i < len(paths) and paths[i] and (first is None or tensor_file(expert, first) is None):
+            label += f" ({paths[i]})"
+        return label
+
+    def _base_label(self) -> str:
+        base = self.metadata.get("base")
+        return f"base ({base})" if base else "base"
 
     def fsc_modules(self, model: Optional[nn.Module] = None) -> Optional[list[str]]:
         """Module names to give ``FeatureSpaceCalibrator(modules=...)``, or ``None`` for its automatic choice.
@@ -305,14 +251,16 @@ class MergeSetup:
 
     def validate(self, *, check_finite: bool = False) -> None:
         """Raise :class:`~magic_pl.statedict.CheckpointError` naming the expert and key on any key/shape/dtype
-        mismatch between the experts and the base body (and NaN/Inf when ``check_finite``)."""
-        check_experts(self.base_state(), self.experts, [f"expert {n!r}" for n in self.task_names],
+        mismatch between the experts and the base body (and NaN/Inf when ``check_finite``: one more read of every
+        tensor; by default the task vectors refuse NaN/Inf as they are computed)."""
+        check_experts(self.base_state(), self.experts, [self._expert_label(i) for i in range(len(self.experts))],
                       check_finite=check_finite)
 
     # -- models -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merged_model(self, merged_tv: Mapping[str, Tensor], *, scale: float = 1.0) -> nn.Module:
-        """A copy of the base body with ``theta0 + scale * tau`` loaded (in each tensor's dtype).
+        """A copy of the base body with ``theta0 + scale * tau`` loaded (:func:`~magic_pl.statedict.apply_delta`:
+        float64 tensors computed in float64, others in float32, each cast back to its dtype; NaN/Inf refused).
 
         Keys absent from ``merged_tv`` (integer buffers, untouched tensors) keep the base values; tied aliases stay
         tied (they share the canonical parameter). Raises :class:`CheckpointError` for unknown keys or shapes.
@@ -330,8 +278,7 @@ class MergeSetup:
                 raise CheckpointError(
                     f"merged task vector shape {tuple(tau.shape)} does not match base {tuple(target.shape)} for {key!r}"
                 )
-            new = target.detach().float() + scale * tau.to(device=target.device, dtype=torch.float32)
-            target.data.copy_(new.to(target.dtype))
+            target.data.copy_(apply_delta(target.detach(), tau, scale, key=key))
         model.eval()
         return model
 

@@ -47,10 +47,13 @@ class CausalLMAdapter(ModelAdapter):
         dtype: the dtype the base is loaded in: ``"float32"`` (default, exact arithmetic for calibration),
             ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's).
         max_shard_size: largest safetensors shard when saving (default ``"5GB"``, as ``transformers``).
+        trust_pickle: read the experts' torch weight files (``pytorch_model.bin``) with full pickle, only for files
+            you trust (default ``False``: ``weights_only=True``). ``from_pretrained`` (the base, and experts whose
+            keys need ``transformers``' conversions) applies ``transformers``' own loading rules.
     """
 
     def __init__(self, base: str, experts: list[str], task_names: Optional[list[str]] = None,
-                 dtype: Optional[str] = "float32", max_shard_size: str = "5GB"):
+                 dtype: Optional[str] = "float32", max_shard_size: str = "5GB", trust_pickle: bool = False):
         if not experts:
             raise ValueError("need at least one expert model")
         self.base_path = str(base)
@@ -58,6 +61,7 @@ class CausalLMAdapter(ModelAdapter):
         self.task_names = default_task_names(self.expert_paths, task_names)
         self.dtype = dtype
         self.max_shard_size = max_shard_size
+        self.trust_pickle = trust_pickle
 
     def load_base(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -81,8 +85,9 @@ class CausalLMAdapter(ModelAdapter):
                 m = from_pretrained_checked(AutoModelForCausalLM, path, name=name)
                 return {k: v for k, v in m.state_dict().items()}
 
-            view = expert_body_state(path, expected, prefixes=("",), name=name, materialize=materialize)
-            self._check_tied_on_disk(path, tied, name)
+            view = expert_body_state(path, expected, prefixes=("",), name=name, materialize=materialize,
+                                     trust_pickle=self.trust_pickle)
+            self._check_tied_on_disk(path, tied, name, trust_pickle=self.trust_pickle)
             experts.append(view)
         setup = MergeSetup(
             base=model, experts=experts, task_names=list(self.task_names), heads=None, tied=tied, adapter=self,
@@ -93,11 +98,11 @@ class CausalLMAdapter(ModelAdapter):
         return setup
 
     @staticmethod
-    def _check_tied_on_disk(path: str, tied: dict[str, str], name: str) -> None:
+    def _check_tied_on_disk(path: str, tied: dict[str, str], name: str, *, trust_pickle: bool = False) -> None:
         """An expert that stores a tied alias must store the same tensor under both names."""
         if not tied:
             return
-        sd = load_state_dict(path)
+        sd = load_state_dict(path, trust_pickle=trust_pickle)
         for alias, canonical in tied.items():
             if alias in sd and canonical in sd:
                 a, c = sd[alias], sd[canonical]

@@ -34,11 +34,11 @@ from magic_pl.models._hf import (
     quiet_transformers,
     dtype_kwargs,
 )
-from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys, tensor_shape, tensor_dtype
+from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys
 from magic_pl.models.clip_tasks import load_classnames, task_prompts
 from magic_pl.models.heads import TaskModel, ZeroShotHead, zeroshot_weights
 from magic_pl.models.io import save_pretrained_atomic
-from magic_pl.statedict import CheckpointError, StateDict, load_state_dict
+from magic_pl.statedict import CheckpointError, StateDict, load_state_dict, tensor_dtype, tensor_shape
 
 __all__ = ["CLIPAdapter", "load_zeroshot_heads"]
 
@@ -97,6 +97,9 @@ class CLIPAdapter(ModelAdapter):
             the text tower.
         dtype: dtype of the vision body (default ``"float32"``).
         text_batch_size: prompts per text-tower batch when building heads (default 256).
+        trust_pickle: read the experts' torch weight files (``pytorch_model.bin``) with full pickle, only for files
+            you trust (default ``False``: ``weights_only=True``). ``from_pretrained`` (the base, and experts whose
+            keys need ``transformers``' conversions) applies ``transformers``' own loading rules.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class CLIPAdapter(ModelAdapter):
         heads_file: Optional[str] = None,
         dtype: Optional[str] = "float32",
         text_batch_size: int = 256,
+        trust_pickle: bool = False,
     ):
         if not experts:
             raise ValueError("need at least one expert model")
@@ -125,6 +129,7 @@ class CLIPAdapter(ModelAdapter):
         self.heads_file = heads_file
         self.dtype = dtype
         self.text_batch_size = text_batch_size
+        self.trust_pickle = trust_pickle
         self._is_full_clip = True
         self.prompts: dict[str, dict[str, list[str]]] = {}
 
@@ -200,7 +205,7 @@ class CLIPAdapter(ModelAdapter):
             # "vision_model." level.
             view = expert_body_state(path, expected, prefixes=("", ("", "vision_model.")), name=name,
                                      materialize=materialize,
-                                     optional=("visual_projection.weight",))
+                                     optional=("visual_projection.weight",), trust_pickle=self.trust_pickle)
             if "visual_projection.weight" not in view:
                 view = _WithFallback(view, base_state, list(expected))
             experts.append(view)

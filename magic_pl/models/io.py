@@ -1,9 +1,10 @@
 """Checkpoint I/O in the formats checkpoints come in: sharded safetensors (+ ``model.safetensors.index.json``),
 Hugging Face ``save_pretrained`` directories (config and tokenizer files copied), all written atomically.
 
-Also a safetensors reader that uses plain positional reads instead of a memory map
-(:class:`SafetensorsReader`): a memory-mapped file keeps every page it touched resident in the process (counted in
-its RSS) until the map is closed, so streaming K experts through ``safe_open`` grows to K models of resident pages.
+Also the ``pread`` flavour of the one safetensors reader (:class:`SafetensorsReader`, a
+:class:`~magic_pl.statedict.LazyStateDict` reading with plain positional reads instead of a memory map): a
+memory-mapped file keeps every page it touched resident in the process (counted in its RSS) until the map is closed,
+so streaming K experts through ``safe_open`` grows to K models of resident pages.
 Reading with ``pread`` into a fresh tensor keeps the resident set at the tensors actually held. The writer
 (:class:`ShardedSafetensorsWriter`) plans every shard's header up front and writes each tensor at its offset as it
 arrives, so neither side ever holds a whole model.
@@ -26,7 +27,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.statedict import CheckpointError, StateDict
+from magic_pl.statedict import (
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    LazyStateDict,
+    StateDict,
+    tensor_dtype,
+    tensor_shape,
+)
 
 __all__ = [
     "parse_size",
@@ -57,23 +65,8 @@ WEIGHT_FILE_PATTERNS = (
     r".*\.msgpack$",
 )
 
-_DTYPE_TO_ST = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"),
-                   ("uint64", "U64")):
-    if hasattr(torch, _name):
-        _DTYPE_TO_ST[getattr(torch, _name)] = _st
-_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+#: torch dtype -> safetensors dtype name (the inverse of :data:`magic_pl.statedict.SAFETENSORS_DTYPES`).
+_DTYPE_TO_ST = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def parse_size(size: Union[int, str]) -> int:
@@ -105,28 +98,10 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Reading without a memory map
 # --------------------------------------------------------------------------------------------------------------------
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header: returns (header dict, byte offset of the data section)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 * 2**20:
-                raise CheckpointError(f"{path}: safetensors header of {n} bytes is implausible (corrupt file?)")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read safetensors header of {path}: {err}") from err
-    return header, 8 + n
-
-
-class SafetensorsReader(Mapping[str, Tensor]):
-    """Read-only mapping over safetensors file(s) that reads each tensor with ``pread`` (no memory map).
-
-    ``reader[key]`` returns a new CPU tensor (one read, one copy); ``reader.read_rows(key, start, stop)`` reads a
-    contiguous slice of the first dimension. Nothing stays resident between calls, so the process's resident set is
-    the tensors it holds (see the module docstring).
+class SafetensorsReader(LazyStateDict):
+    """:class:`~magic_pl.statedict.LazyStateDict` with the ``pread`` backend: each tensor is read with positional
+    reads into a fresh CPU tensor (no memory map), so nothing stays resident between calls (see the module
+    docstring). ``read_rows(key, start, stop)`` reads a contiguous slice of the first dimension.
 
     Args:
         weight_map: key -> file path (use :meth:`from_path` for files, directories and ``*.index.json``).
@@ -134,155 +109,11 @@ class SafetensorsReader(Mapping[str, Tensor]):
             (``POSIX_FADV_DONTNEED``); default ``False``. Useful on shared machines streaming very large models.
     """
 
-    def __init__(self, weight_map: Mapping[str, PathLike], *, drop_page_cache: bool = False):
-        self._files: dict[Path, tuple[dict[str, Any], int]] = {}
-        self._map: dict[str, Path] = {}
-        self._fds: dict[Path, int] = {}
-        self.drop_page_cache = drop_page_cache
-        self.metadata: dict[str, str] = {}
-        for key, file in weight_map.items():
-            file = Path(file)
-            if file not in self._files:
-                if not file.is_file():
-                    raise CheckpointError(f"safetensors file {file} does not exist")
-                header, start = _read_header(file)
-                self.metadata = self.metadata or dict(header.get("__metadata__") or {})
-                self._files[file] = (header, start)
-            if key not in self._files[file][0]:
-                raise CheckpointError(f"key {key!r} is listed for {file} but the file does not hold it")
-            self._map[key] = file
-
-    @classmethod
-    def from_path(cls, path: PathLike, *, drop_page_cache: bool = False) -> "SafetensorsReader":
-        """Open a ``.safetensors`` file, a ``*.safetensors.index.json``, or a directory holding either
-        (``model.safetensors.index.json`` preferred, then ``model.safetensors``, then a single ``*.safetensors``)."""
-        path = Path(path)
-        if path.is_dir():
-            if (path / SAFETENSORS_INDEX).is_file():
-                path = path / SAFETENSORS_INDEX
-            elif (path / "model.safetensors").is_file():
-                path = path / "model.safetensors"
-            else:
-                indexes = sorted(path.glob("*.safetensors.index.json"))
-                files = sorted(path.glob("*.safetensors"))
-                if len(indexes) == 1:
-                    path = indexes[0]
-                elif len(files) == 1:
-                    path = files[0]
-                else:
-                    raise CheckpointError(
-                        f"directory {path} holds no safetensors checkpoint (found {len(files)} .safetensors files and "
-                        f"{len(indexes)} index files)"
-                    )
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        if path.name.endswith(".index.json"):
-            try:
-                weight_map = json.loads(path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as err:
-                raise CheckpointError(f"cannot read sharded-checkpoint index {path}: {err}") from err
-            return cls({k: path.parent / v for k, v in weight_map.items()}, drop_page_cache=drop_page_cache)
-        if path.name.endswith(".safetensors"):
-            header, _ = _read_header(path)
-            return cls({k: path for k in header if k != "__metadata__"}, drop_page_cache=drop_page_cache)
-        raise CheckpointError(f"{path} is not a safetensors checkpoint (.safetensors, *.index.json or a directory)")
-
-    # -- metadata ---------------------------------------------------------------------------------------------------
-    def _entry(self, key: str) -> tuple[Path, dict[str, Any], int]:
-        try:
-            file = self._map[key]
-        except KeyError:
-            raise KeyError(key) from None
-        header, start = self._files[file]
-        return file, header[key], start
-
-    def shape(self, key: str) -> torch.Size:
-        """Shape of ``key`` (from the header; no data read)."""
-        return torch.Size(self._entry(key)[1]["shape"])
-
-    def dtype(self, key: str) -> torch.dtype:
-        """Dtype of ``key`` (from the header; no data read)."""
-        st = self._entry(key)[1]["dtype"]
-        try:
-            return _ST_TO_DTYPE[st]
-        except KeyError:
-            raise CheckpointError(f"tensor {key!r} has safetensors dtype {st}, which this reader does not support") from None
-
-    def nbytes(self, key: str) -> int:
-        begin, end = self._entry(key)[1]["data_offsets"]
-        return int(end) - int(begin)
-
-    @property
-    def files(self) -> list[Path]:
-        return list(self._files)
-
-    def file_of(self, key: str) -> Path:
-        return self._entry(key)[0]
-
-    # -- data -------------------------------------------------------------------------------------------------------
-    def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = os.open(file, os.O_RDONLY)
-            self._fds[file] = fd
-        return fd
-
-    def _pread_into(self, file: Path, offset: int, out: Tensor) -> None:
-        fd = self._fd(file)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        total, n = 0, len(view)
-        while total < n:
-            got = os.preadv(fd, [view[total:]], offset + total)
-            if got <= 0:
-                raise CheckpointError(f"{file}: unexpected end of file at byte {offset + total}")
-            total += got
-        if self.drop_page_cache and n and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
-
-    def __getitem__(self, key: str) -> Tensor:
-        file, entry, start = self._entry(key)
-        dtype, shape = self.dtype(key), torch.Size(entry["shape"])
-        begin, end = entry["data_offsets"]
-        out = torch.empty(shape, dtype=dtype)
-        if _nbytes(shape, dtype) != end - begin:
-            raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {tuple(shape)} {dtype}")
-        self._pread_into(file, start + int(begin), out)
-        return out
-
-    def read_rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of ``key``'s first dimension (a contiguous byte range), read alone."""
-        file, entry, data_start = self._entry(key)
-        dtype, shape = self.dtype(key), torch.Size(entry["shape"])
-        if len(shape) == 0:
-            raise ValueError(f"{key!r} is a scalar; it has no rows")
-        start, stop = max(0, start), min(int(shape[0]), stop)
-        row_bytes = _nbytes(shape[1:], dtype)
-        out = torch.empty((max(0, stop - start), *shape[1:]), dtype=dtype)
-        self._pread_into(file, data_start + int(entry["data_offsets"][0]) + start * row_bytes, out)
-        return out
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._map)
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._map
-
-    def __repr__(self) -> str:
-        return f"SafetensorsReader({len(self)} tensors in {len(self._files)} file(s))"
+    def __init__(self, weight_map: Mapping[str, PathLike], *, drop_page_cache: bool = False,
+                 index: Optional[PathLike] = None, backend: str = "pread"):
+        if backend != "pread":
+            raise ValueError("SafetensorsReader reads with pread; use LazyStateDict for the mmap backend")
+        super().__init__(weight_map, backend="pread", drop_page_cache=drop_page_cache, index=index)
 
 
 def open_safetensors(path: PathLike, *, drop_page_cache: bool = False) -> SafetensorsReader:
@@ -443,7 +274,6 @@ def save_sharded_safetensors(state: StateDict, directory: PathLike, *, max_shard
     lie inside it (:class:`magic_pl.output.OutputLocation`). Returns ``directory``.
     """
     from magic_pl.output import OutputLocation, magic_metadata
-    from magic_pl.models.base import tensor_dtype, tensor_shape
 
     out = OutputLocation(directory, overwrite=overwrite,
                          inputs=[*inputs, *([support_from] if support_from is not None else [])]).check()

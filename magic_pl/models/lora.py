@@ -47,11 +47,21 @@ from magic_pl.models.base import (
     ModelAdapter,
     default_task_names,
     find_tied_keys,
-    tensor_dtype,
 )
 from magic_pl.models.io import copy_support_files, save_pretrained_atomic
 from magic_pl.output import OutputLocation
-from magic_pl.statedict import CheckpointError, StateDict, is_mergeable, load_state_dict
+from magic_pl.statedict import (
+    CheckpointError,
+    StateDict,
+    all_finite,
+    apply_delta,
+    ensure_finite,
+    is_mergeable,
+    load_state_dict,
+    tensor_dtype,
+    tensor_shape,
+    tensor_task_vector,
+)
 
 __all__ = [
     "LoRAModule",
@@ -143,6 +153,7 @@ class LoRACheckpoint:
 
     Args:
         path: the adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` / ``.bin``).
+        trust_pickle: read an ``adapter_model.bin`` with full pickle (only for files you trust); default ``False``.
 
     Attributes:
         config: the parsed ``adapter_config.json``.
@@ -150,8 +161,10 @@ class LoRACheckpoint:
         full: base key -> full replacement tensor (``modules_to_save``, trained biases).
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, *, trust_pickle: bool = False):
         self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"LoRA adapter {self.path} not found")
         cfg_file = self.path / "adapter_config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{self.path} is not a PEFT adapter directory (no adapter_config.json)")
@@ -169,7 +182,8 @@ class LoRACheckpoint:
                         if (self.path / n).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{self.path} holds no adapter_model.safetensors or adapter_model.bin")
-        sd = load_state_dict(weights)
+        sd = load_state_dict(weights, trust_pickle=trust_pickle)
+        self.weights_file = weights
         self.modules: dict[str, LoRAModule] = {}
         self.full: dict[str, Tensor] = {}
         parts: dict[str, dict[str, Tensor]] = {}
@@ -219,15 +233,23 @@ class LoRACheckpoint:
         """Base keys this adapter changes (LoRA weights and full replacements)."""
         return list(self.modules) + [k for k in self.full if k not in self.modules]
 
-    def delta(self, key: str, base: Optional[Tensor] = None) -> Tensor:
+    def delta(self, key: str, base: Optional[Tensor] = None, *, check_finite: bool = True) -> Tensor:
         """Dense float32 delta for ``key``: the LoRA delta, ``full - base`` for replaced tensors (``base`` needed),
-        or zeros (``base`` needed for the shape)."""
+        or zeros (``base`` needed for the shape). NaN/Inf is refused (naming the adapter file and key) unless
+        ``check_finite=False``."""
+        where = f"adapter {self.weights_file}"
         if key in self.modules:
-            return lora_delta(self.modules[key])
+            out = lora_delta(self.modules[key])
+            if check_finite and not all_finite(out):
+                m = self.modules[key]
+                ensure_finite(m.A, f"{m.module} lora_A", where)
+                ensure_finite(m.B, f"{m.module} lora_B", where)
+                ensure_finite(out, key, f"{where} (B @ A * {m.scale:g} overflows)")
+            return out
         if key in self.full:
             if base is None:
                 raise ValueError(f"the base tensor is needed for the replaced tensor {key!r}")
-            return self.full[key].float() - base.float()
+            return tensor_task_vector(self.full[key], base, key, name=where, check_finite=check_finite)
         if base is None:
             raise KeyError(key)
         return torch.zeros(base.shape, dtype=torch.float32)
@@ -265,7 +287,7 @@ class _ExpertView(Mapping[str, Tensor]):
     def __getitem__(self, key: str) -> Tensor:
         b = self.base[key]
         if key in self.tau and is_mergeable(b):
-            return (b.float() + self.tau[key]).to(b.dtype)
+            return apply_delta(b, self.tau[key], key=key, name="expert")
         return b
 
     def __iter__(self) -> Iterator[str]:
@@ -275,7 +297,7 @@ class _ExpertView(Mapping[str, Tensor]):
         return len(self.base)
 
     def shape(self, key: str) -> torch.Size:
-        return self.base[key].shape
+        return tensor_shape(self.base, key)
 
     def dtype(self, key: str) -> torch.dtype:
         return tensor_dtype(self.base, key)
@@ -292,10 +314,12 @@ class LoRAAdapter(ModelAdapter):
         auto_class: ``transformers`` auto class of the base (default: from the adapters' ``task_type``,
             ``CAUSAL_LM`` -> ``AutoModelForCausalLM``; ``AutoModel`` when unset).
         dtype: dtype of the base (default ``"float32"``).
+        trust_pickle: read ``adapter_model.bin`` files with full pickle (only for files you trust); default
+            ``False``. The base is loaded by ``transformers``' ``from_pretrained``, which applies its own rules.
     """
 
     def __init__(self, base: str, adapters: list[str], task_names: Optional[list[str]] = None,
-                 auto_class: Optional[str] = None, dtype: Optional[str] = "float32"):
+                 auto_class: Optional[str] = None, dtype: Optional[str] = "float32", trust_pickle: bool = False):
         if not adapters:
             raise ValueError("need at least one LoRA adapter")
         self.base_path = str(base)
@@ -303,6 +327,7 @@ class LoRAAdapter(ModelAdapter):
         self.task_names = default_task_names(self.adapter_paths, task_names)
         self.auto_class = auto_class
         self.dtype = dtype
+        self.trust_pickle = trust_pickle
         self.checkpoints: list[LoRACheckpoint] = []
 
     def _auto(self) -> Any:
@@ -322,12 +347,15 @@ class LoRAAdapter(ModelAdapter):
         return cls
 
     def setup(self) -> MergeSetup:
-        self.checkpoints = [LoRACheckpoint(p) for p in self.adapter_paths]
+        self.checkpoints = [LoRACheckpoint(p, trust_pickle=self.trust_pickle) for p in self.adapter_paths]
         auto = self._auto()
         kwargs = dtype_kwargs(self.dtype)
         model = from_pretrained_checked(auto, self.base_path, name=f"base {self.base_path}", **kwargs)
         tied = find_tied_keys(model)
         base_state = {k: v.detach() for k, v in model.state_dict().items() if k not in tied}
+        # LoRA task vectors do not read the base (B @ A alone), so the base, already in memory, is checked here
+        for key, value in base_state.items():
+            ensure_finite(value, key, f"base {self.base_path}")
         touched_modules: list[str] = []
         for ckpt, task in zip(self.checkpoints, self.task_names):
             for key in ckpt.touched_keys():
@@ -477,7 +505,7 @@ def merge_lora_lowrank(
         d = sum(taus) * coeff if method == "task_arithmetic" else sum(taus) / K
         if wsc:
             d = weight_space_calibration({key: d}, [{key: t} for t in taus], sensitive, **wsc_options)[key]
-        out.full[key] = (base[key].float() + d).to(base[key].dtype)
+        out.full[key] = apply_delta(base[key], d, key=key)
     return out
 
 

@@ -32,10 +32,10 @@ from magic_pl.models._hf import (
     quiet_transformers,
     dtype_kwargs,
 )
-from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys, tensor_shape
+from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys
 from magic_pl.models.io import copy_support_files
 from magic_pl.output import OutputLocation
-from magic_pl.statedict import CheckpointError, load_state_dict
+from magic_pl.statedict import CheckpointError, load_state_dict, tensor_shape
 
 __all__ = ["HFClassifierAdapter", "SequenceClassificationAdapter", "ImageClassificationAdapter"]
 
@@ -62,10 +62,14 @@ class HFClassifierAdapter(ModelAdapter):
             ``"AutoModelForSequenceClassification"``; ``"AutoModelForImageClassification"`` for ViT,
             ``"AutoModelForTokenClassification"``, ...).
         dtype: dtype of the base body (default ``"float32"``; ``"auto"`` keeps the checkpoint's).
+        trust_pickle: read the experts' torch weight files (``pytorch_model.bin``) with full pickle, only for files
+            you trust (default ``False``: ``weights_only=True``). ``from_pretrained`` (the base, and experts whose
+            keys need ``transformers``' conversions) applies ``transformers``' own loading rules.
     """
 
     def __init__(self, base: str, experts: list[str], task_names: Optional[list[str]] = None,
-                 auto_class: str = "AutoModelForSequenceClassification", dtype: Optional[str] = "float32"):
+                 auto_class: str = "AutoModelForSequenceClassification", dtype: Optional[str] = "float32",
+                 trust_pickle: bool = False):
         if not experts:
             raise ValueError("need at least one expert model")
         self.base_path = str(base)
@@ -73,6 +77,7 @@ class HFClassifierAdapter(ModelAdapter):
         self.task_names = default_task_names(self.expert_paths, task_names)
         self.auto_class = auto_class
         self.dtype = dtype
+        self.trust_pickle = trust_pickle
         self._configs: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -104,7 +109,7 @@ class HFClassifierAdapter(ModelAdapter):
                 return {k: v for k, v in getattr(m, prefix).state_dict().items()}
 
             experts.append(expert_body_state(path, expected, prefixes=(f"{prefix}.", ""), name=name,
-                                             materialize=materialize))
+                                             materialize=materialize, trust_pickle=self.trust_pickle))
             heads[task] = self._load_head(auto, path, cfg, prefix, name)
         setup = MergeSetup(
             base=body, experts=experts, task_names=list(self.task_names), heads=heads, tied=tied, adapter=self,
@@ -121,7 +126,7 @@ class HFClassifierAdapter(ModelAdapter):
         children = {n: m for n, m in skeleton.named_children() if n != prefix}
         head = nn.ModuleDict(children)
         expected = {k: v.shape for k, v in head.state_dict().items()}
-        sd = load_state_dict(path)
+        sd = load_state_dict(path, trust_pickle=self.trust_pickle)
         on_disk = {k: k for k in sd if not k.startswith(prefix + ".")}
         if set(expected) <= set(on_disk):
             for k in expected:
@@ -186,13 +191,15 @@ class SequenceClassificationAdapter(HFClassifierAdapter):
     """:class:`HFClassifierAdapter` for ``AutoModelForSequenceClassification`` experts (BERT, RoBERTa, ...)."""
 
     def __init__(self, base: str, experts: list[str], task_names: Optional[list[str]] = None,
-                 dtype: Optional[str] = "float32"):
-        super().__init__(base, experts, task_names, auto_class="AutoModelForSequenceClassification", dtype=dtype)
+                 dtype: Optional[str] = "float32", trust_pickle: bool = False):
+        super().__init__(base, experts, task_names, auto_class="AutoModelForSequenceClassification", dtype=dtype,
+                         trust_pickle=trust_pickle)
 
 
 class ImageClassificationAdapter(HFClassifierAdapter):
     """:class:`HFClassifierAdapter` for ``AutoModelForImageClassification`` experts (ViT, ...)."""
 
     def __init__(self, base: str, experts: list[str], task_names: Optional[list[str]] = None,
-                 dtype: Optional[str] = "float32"):
-        super().__init__(base, experts, task_names, auto_class="AutoModelForImageClassification", dtype=dtype)
+                 dtype: Optional[str] = "float32", trust_pickle: bool = False):
+        super().__init__(base, experts, task_names, auto_class="AutoModelForImageClassification", dtype=dtype,
+                         trust_pickle=trust_pickle)

@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.models.base import LazyTaskVector, find_tied_keys, shape_error, tensor_dtype, tensor_shape
+from magic_pl.models.base import find_tied_keys
 from magic_pl.models.io import (
     SafetensorsReader,
     ShardedSafetensorsWriter,
@@ -37,10 +37,19 @@ from magic_pl.models.io import (
 )
 from magic_pl.statedict import (
     CheckpointError,
+    LazyStateDict,
+    LazyTaskVector,
     StateDict,
+    apply_delta,
+    compute_dtype,
     is_mergeable,
     key_mismatch_error,
     load_state_dict,
+    shape_error,
+    tensor_dtype,
+    tensor_file,
+    tensor_shape,
+    tensor_task_vector,
 )
 
 __all__ = [
@@ -78,12 +87,19 @@ def open_checkpoint(path: PathLike, *, drop_page_cache: bool = False, reader: st
     """
     if reader not in ("pread", "mmap"):
         raise ValueError(f"reader must be 'pread' or 'mmap', got {reader!r}")
-    if reader == "pread":
-        try:
-            return SafetensorsReader.from_path(path, drop_page_cache=drop_page_cache)
-        except CheckpointError:
-            pass
+    if reader == "pread" and _is_safetensors_source(Path(path)):
+        return SafetensorsReader.from_path(path, drop_page_cache=drop_page_cache)
     return load_state_dict(path)
+
+
+def _is_safetensors_source(path: Path) -> bool:
+    if path.is_dir():
+        return any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    return path.name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def _file(sd: StateDict, key: str) -> str:
+    return str(tensor_file(sd, key) or "in memory")
 
 
 def _config_dict(path: PathLike) -> Optional[dict[str, Any]]:
@@ -172,7 +188,7 @@ class _KeyReader:
     def rows(self, start: Optional[int], stop: Optional[int]) -> Tensor:
         if start is None:
             return self.sd[self.key]
-        if isinstance(self.sd, SafetensorsReader):
+        if isinstance(self.sd, LazyStateDict):
             return self.sd.read_rows(self.key, start, stop)
         if self.full is None:
             self.full = self.sd[self.key]
@@ -297,8 +313,12 @@ def stream_merge(
                 expert_rds = [_KeyReader(e, key) for e in expert_sds]
                 for start, stop in blocks:
                     b = base_rd.rows(start, stop).to(dev)
-                    b32 = b.float()
-                    taus = [rd.rows(start, stop).to(dev).float() - b32 for rd in expert_rds]
+                    bc = b.to(compute_dtype(dtype))  # converted once: for the K differences and base + tau
+                    # one read per block: the difference is checked for NaN/Inf as it is computed
+                    taus = [tensor_task_vector(rd.rows(start, stop).to(dev), bc, key,
+                                               name=f"expert {j} ({_file(e, key)})",
+                                               base_name=f"base ({_file(base_sd, key)})")
+                            for j, (rd, e) in enumerate(zip(expert_rds, expert_sds))]
                     merged = merge(method, [{key: t} for t in taus], bn_stats=bn_stats, seed=seed, **opts)[key]
                     if wsc:
                         # WSC is row-wise: run it on row sub-blocks of the held slices (views, no copies), so its
@@ -315,9 +335,9 @@ def stream_merge(
                                 changed = changed or bool((lam != 1).any())
                                 merged[sl] = cal[key]
                     del taus
-                    out = (b32 + merged).to(dtype).cpu()
+                    out = apply_delta(bc, merged, key=key, name=f"merged model {output}", out_dtype=dtype).cpu()
                     writer.write(key, out, row_offset=start or 0)
-                    del b, b32, merged, out
+                    del b, bc, merged, out
                 del base_rd, expert_rds
                 if wsc and scale_sum:
                     report.wsc_mean_scale[key] = scale_sum / rows
@@ -363,6 +383,9 @@ class AliasView(Mapping[str, Tensor]):
     def dtype(self, key: str) -> torch.dtype:
         return tensor_dtype(self.source, self.aliases.get(key, key))
 
+    def file_of(self, key: str) -> Optional[Path]:
+        return tensor_file(self.source, self.aliases.get(key, key))
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -392,7 +415,7 @@ def lazy_calibration_sources(
     base_sd = AliasView(open_checkpoint(base), tied or {})
     expert_sds = [AliasView(open_checkpoint(e), tied or {}) for e in experts]
     check_headers(base_sd, expert_sds, [f"expert {i} ({p})" for i, p in enumerate(experts)])
-    return base_sd, [LazyTaskVector(e, base_sd, device=device, name=f"expert {i} ({p})")
+    return base_sd, [LazyTaskVector(e, base_sd, device=device, name=f"expert {i} ({p})", base_name=f"base ({base})")
                      for i, (e, p) in enumerate(zip(expert_sds, experts))]
 
 

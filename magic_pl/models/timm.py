@@ -164,10 +164,21 @@ class TimmAdapter(ModelAdapter):
             raise CheckpointError(f"{name}: classifier head does not fit {self.model_name!r}: {err}") from err
         return head.eval()
 
+    def _check_shapes(self, sd: StateDict, body_shapes: dict[str, tuple[int, ...]], name: str) -> None:
+        """Raise naming the first body key whose shape differs (both shapes), from headers where ``sd`` is lazy."""
+        for k in sd:
+            want, got = body_shapes[k], tuple(tensor_shape(sd, k))
+            if want != got:
+                raise CheckpointError(
+                    f"{name}: shape mismatch for {k!r}: checkpoint {got} vs timm {self.model_name!r} {want} "
+                    f"(model_kwargs={self.model_kwargs}): a different architecture or width?"
+                )
+
     def setup(self) -> MergeSetup:
         body = self.create_body(pretrained=self.pretrained and self.base_path is None)
         classifiers = classifier_names(body)
-        body_keys = set(body.state_dict().keys())
+        body_shapes = {k: tuple(v.shape) for k, v in body.state_dict().items()}
+        body_keys = set(body_shapes)
         if self.base_path is not None:
             base_sd = load_state_dict(self.base_path, trust_pickle=self.trust_pickle)
             base_body, _ = self._split(base_sd, body_keys, classifiers, f"base {self.base_path}")
@@ -176,13 +187,7 @@ class TimmAdapter(ModelAdapter):
                 raise CheckpointError(
                     f"base {self.base_path} lacks {len(missing)} key(s) of timm {self.model_name!r}, e.g. {missing[:5]}"
                 )
-            for k in base_body:
-                want, got = tuple(body.state_dict()[k].shape), tuple(tensor_shape(base_body, k))
-                if want != got:
-                    raise CheckpointError(
-                        f"base {self.base_path}: shape mismatch for {k!r}: checkpoint {got} vs timm "
-                        f"{self.model_name!r} {want} (model_kwargs={self.model_kwargs})"
-                    )
+            self._check_shapes(base_body, body_shapes, f"base {self.base_path}")
             body.load_state_dict({k: base_body[k] for k in base_body}, strict=True)
         body.eval()
         experts: list[StateDict] = []
@@ -192,6 +197,8 @@ class TimmAdapter(ModelAdapter):
             name = f"expert {task!r} ({path})"
             sd = load_state_dict(path, trust_pickle=self.trust_pickle)
             body_view, head_sd = self._split(sd, body_keys, classifiers, name)
+            # the body first: an expert of another width would otherwise be blamed on its classifier head
+            self._check_shapes(body_view, body_shapes, name)
             experts.append(KeyView(body_view, [k for k in body_view if k not in tied]))
             heads[task] = self._build_head(head_sd, classifiers, name)
         setup = MergeSetup(
