@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator, StateSource, _state_of
 from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import weight_space_calibration
+from magic_pl.statedict import apply_delta
 
 __all__ = ["Batches", "apply_weight_space_calibration", "dual_space_calibration", "feed"]
 
@@ -61,8 +62,8 @@ def apply_weight_space_calibration(
         if key not in merged_state:
             raise KeyError(f"WSC calibrated {key!r}, which the merged model does not have")
         target = merged_state[key]
-        acc = torch.promote_types(target.dtype, torch.float32)
-        target.copy_((base_state[key].to(target.device, acc) + calibrated[key].to(target.device, acc)).to(target.dtype))
+        target.copy_(apply_delta(base_state[key].to(target.device), calibrated[key], key=key,
+                                 name="WSC-calibrated model", out_dtype=target.dtype))
     return scales
 
 

@@ -40,6 +40,7 @@ from torch.func import functional_call
 from magic_pl.calibration._names import module_is_sensitive
 from magic_pl.calibration.folding import fold_unit
 from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, fold_kind, primary_tensor
+from magic_pl.statedict import apply_delta
 
 __all__ = ["FSC_MODES", "CalibrationResult", "FeatureSpaceCalibrator", "StateSource"]
 
@@ -387,8 +388,8 @@ class FeatureSpaceCalibrator:
                     raise ValueError(
                         f"task vector {k}: shape {tuple(tau.shape)} of {key!r} does not match the model's {tuple(like.shape)}"
                     )
-                t32 = theta0.to(device=like.device, dtype=torch.float32) + tau.to(device=like.device, dtype=torch.float32)
-                out[local] = t32.to(like.dtype)
+                # task vectors are checked finite where they are read
+                out[local] = apply_delta(theta0.to(like.device), tau, key=key, check_finite=False, out_dtype=like.dtype)
         return out
 
     def _deltas(self, unit: CalibrationUnit, k: Optional[int]) -> dict[str, Tensor]:

@@ -50,6 +50,7 @@ from magic_pl.calibration.fsc import (
     _state_of,
 )
 from magic_pl.calibration.wsc import WSC_VARIANTS
+from magic_pl.statedict import apply_delta
 
 __all__ = ["SPACES", "SENSITIVE_POLICIES", "CalibrationSetting", "PRESETS", "AUTO", "resolve_setting",
            "detect_label_free", "SensitiveSet"]
@@ -322,7 +323,8 @@ def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequen
     with torch.no_grad():
         state = probe.state_dict()
         for k in keys:
-            state[k].copy_((base_state[k].to(state[k].device, torch.float32) + wa[k].to(state[k].device)).to(state[k].dtype))
+            state[k].copy_(apply_delta(base_state[k].to(state[k].device), wa[k], key=k, name="weight average",
+                                       out_dtype=state[k].dtype))
     params = [k for k, p in probe.named_parameters() if p.dtype.is_floating_point and k in wa]
     if probe_batches:
         drops = sensitivity_scores(probe, wa, _SummedL2(probe_batches), keys=params)

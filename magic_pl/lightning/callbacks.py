@@ -46,7 +46,7 @@ from magic_pl.lightning.report import (
 from magic_pl.lightning.writer import save_module
 from magic_pl.merging import merge
 from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, find_tied_keys
-from magic_pl.statedict import CheckpointError, load_state_dict
+from magic_pl.statedict import CheckpointError, apply_delta, load_state_dict
 
 __all__ = [
     "MagicCalibration",
@@ -164,8 +164,8 @@ class WeightSources:
         with torch.inference_mode(False):
             for key in (keys if keys is not None else list(tau.keys())):
                 target = state[key]
-                new = self.base_state[key].to(target.device, torch.float32) + tau[key].to(target.device, torch.float32)
-                target.copy_(new.to(target.dtype))
+                target.copy_(apply_delta(self.base_state[key].to(target.device), tau[key], key=key,
+                                         out_dtype=target.dtype))
 
 
 def _name(source: Any) -> str:

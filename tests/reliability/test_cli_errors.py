@@ -64,7 +64,7 @@ CASES = [
      r"unknown merge method 'nosuch'"),
     ("missing expert file", ["calibrate", "-c", TINY, "--base", "BASE", "--experts", "[nosuch.safetensors, B]"],
      {1, 2},  # the same: the adapter reads (and checks) its files when the run starts
-     r"nosuch\.safetensors does not exist"),
+     r"nosuch\.safetensors not found"),
     ("task names count mismatch", ["calibrate", "-c", TINY, "--base", "BASE", "--experts", "INPUTS",
                                    "--task_names", "[a, b, c]"],
      {2}, r"^--model\.init_args\.adapter \(.*TinyTimmAdapter\): 3 task names given for 2 experts"),
