@@ -60,7 +60,7 @@ def _experts(inputs: dict[str, Path]) -> str:
 # (id, argv (INPUTS -> the tiny experts), allowed exit codes, regex for the first line)
 CASES = [
     ("unknown merge method", ["calibrate", "-c", TINY, "--merge_method", "nosuch"],
-     {1, 2},  # 1 while MagicModule checks the method in setup, 2 once its __init__ does
+     {2},  # checked in MagicModule.__init__, before the Trainer starts or any checkpoint is read
      r"unknown merge method 'nosuch'"),
     ("missing expert file", ["calibrate", "-c", TINY, "--base", "BASE", "--experts", "[nosuch.safetensors, B]"],
      {1, 2},  # the same: the adapter reads (and checks) its files when the run starts
