@@ -146,7 +146,7 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     report = stream_merge(
         args.base, args.experts, args.out, method=args.method, method_options=json.loads(args.method_options),
-        wsc=not args.no_wsc, device=args.device, max_shard_size=args.max_shard_size, chunk_bytes=args.chunk_bytes,
+        calibration="none" if args.no_wsc else "wsc", device=args.device, max_shard_size=args.max_shard_size, chunk_bytes=args.chunk_bytes,
         drop_page_cache=args.drop_page_cache, reader=args.reader,
     )
     wall = time.perf_counter() - t0

@@ -202,9 +202,8 @@ def stream_merge(
     *,
     method: str = "task_arithmetic",
     method_options: Optional[Mapping[str, Any]] = None,
-    wsc: bool = True,
-    sensitive: Optional[Collection[str]] = None,
-    wsc_options: Optional[Mapping[str, Any]] = None,
+    calibration: Any = "wsc",
+    sensitive: Optional[Union[str, PathLike, Collection[str]]] = None,
     bn_stats: str = "average",
     seed: int = 0,
     device: Optional[Union[str, torch.device]] = "auto",
@@ -228,9 +227,12 @@ def stream_merge(
         method: a merge method of :data:`magic_pl.merging.MERGE_METHODS` (default ``"task_arithmetic"``).
         method_options: the method's options (e.g. ``{"scale": 0.3}``); ``global_topk`` (needs every tensor before
             the first) is not available here.
-        wsc: apply weight space calibration per tensor (default ``True``).
-        sensitive: WSC's magnitude-sensitive set (``None``: no gating).
-        wsc_options: ``include``, ``exclude``, ``eps``, ``variant`` for WSC.
+        calibration: a calibration setting (a preset, a ``"space:key=value"`` string, a dict or a
+            :class:`~magic_pl.calibration.CalibrationSetting`; default ``"wsc"``): its data-free step (WSC, for
+            ``wsc``/``dsc``) is applied per tensor here; the feature step of ``fsc``/``dsc`` is
+            :func:`streaming_fsc`'s, on the written model. A setting that detects its sensitive set needs it given
+            (``sensitive``): the probe runs on data.
+        sensitive: a given magnitude-sensitive set (names or a ranking JSON); default none.
         bn_stats: BatchNorm statistics policy of :func:`magic_pl.merging.merge` (default ``"average"``).
         seed: seed for randomised methods (DARE), per key as in :func:`magic_pl.merging.merge`.
         device: where the arithmetic runs: ``"auto"`` (default: CUDA when available), ``"cpu"``, ``"cuda"``, ...
@@ -248,17 +250,24 @@ def stream_merge(
     Returns:
         A :class:`StreamReport`.
     """
-    from magic_pl.calibration import weight_space_calibration
+    from magic_pl.calibration import resolve_setting, weight_space_calibration
     from magic_pl.merging import MERGE_METHODS, merge
 
     t0 = time.perf_counter()
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}")
+    setting = resolve_setting(calibration)
+    wsc = setting.uses_wsc
+    if wsc and setting.detects and sensitive is None:
+        raise ValueError(f"stream_merge: calibration {setting.to_string()!r} detects its sensitive set on data, which "
+                         "a streamed merge does not see; give sensitive= (names or a ranking JSON of "
+                         "magic_pl.calibration.save_sensitivity)")
+    sens = setting.resolve_sensitive(sensitive) if wsc else None
+    wopts = setting.wsc_options()
     opts = dict(method_options or {})
     if opts.get("global_topk"):
         raise ValueError("global_topk needs every tensor before the first is merged; stream_merge merges per tensor "
                          "(use magic_pl.merging.merge_models for global thresholds)")
-    wopts = dict(wsc_options or {})
     if not experts:
         raise CheckpointError("need at least one expert, got none")
     from magic_pl.output import OutputLocation
@@ -328,7 +337,7 @@ def stream_merge(
                         for r0 in range(0, n, wsc_step):
                             sl = slice(r0, min(n, r0 + wsc_step)) if merged.dim() >= 2 else slice(None)
                             cal, scales = weight_space_calibration({key: merged[sl]}, [{key: t[sl]} for t in taus],
-                                                                   sensitive, return_scales=True, **wopts)
+                                                                   sens, return_scales=True, **wopts)
                             if key in scales:
                                 lam = scales[key]
                                 scale_sum += float(lam.sum())
@@ -425,12 +434,13 @@ def streaming_fsc(
     experts: Sequence[PathLike],
     batches: Any,
     *,
-    sensitive: Optional[Collection[str]] = None,
-    norm: Union[int, float, str] = 1,
-    mode: str = "parallel",
+    calibration: Any = "fsc",
+    sensitive: Optional[Union[str, PathLike, Collection[str]]] = None,
     modules: Optional[Sequence[str]] = None,
+    task_names: Optional[Sequence[str]] = None,
 ) -> Any:
-    """FSC on a merged model held in memory, reading base and expert tensors from disk one module at a time.
+    """The feature step of a calibration setting on a merged model held in memory, reading base and expert tensors
+    from disk one module at a time.
 
     Tied aliases (``lm_head`` under ``tie_word_embeddings``) are left out of the calibrated modules, so the shared
     weight is calibrated once by its canonical owner and the model stays an ordinary, foldable checkpoint.
@@ -439,22 +449,31 @@ def streaming_fsc(
         merged: the merged (e.g. WSC-calibrated, from :func:`stream_merge`) model, calibrated in place.
         base, experts: the checkpoints it was merged from.
         batches: ``{task_index: iterable of batches}`` or ``(task_index, batch)`` pairs (see
-            :func:`magic_pl.calibration.dsc.feed`).
-        sensitive, norm, mode: as :class:`magic_pl.calibration.FeatureSpaceCalibrator`.
+            :func:`magic_pl.calibration.dsc.feed`); every task needs at least one.
+        calibration: a setting with a feature step (``"fsc"`` default, ``"dsc"``: its WSC part is
+            :func:`stream_merge`'s, ``"auto"`` with a given ``sensitive`` set, ...).
+        sensitive: a given magnitude-sensitive set (names or a ranking JSON); default none.
         modules: explicit modules (default: the automatic units minus tied aliases).
+        task_names: names of the tasks, for errors.
 
     Returns:
-        The :class:`~magic_pl.calibration.CalibrationReport`.
+        The :class:`~magic_pl.calibration.CalibrationResult`.
     """
-    from magic_pl.calibration import FeatureSpaceCalibrator
+    from magic_pl.calibration import resolve_setting
     from magic_pl.calibration.dsc import feed
     from magic_pl.calibration.modules import find_units
 
+    setting = resolve_setting(calibration)
+    if not setting.uses_data:
+        raise ValueError(f"streaming_fsc: calibration {setting.to_string()!r} has no feature step (use stream_merge)")
+    if setting.detects and sensitive is None:
+        raise ValueError(f"streaming_fsc: calibration {setting.to_string()!r} would probe a second copy of the model; "
+                         "give sensitive= (names or a ranking JSON of magic_pl.calibration.save_sensitivity)")
     tied = find_tied_keys(merged)
     base_sd, tvs = lazy_calibration_sources(base, experts, tied=tied)
     if modules is None and tied:
         modules = [u.name for u in find_units(merged) if not any(k in tied for k in u.keys)]
-    calibrator = FeatureSpaceCalibrator(base_sd, merged, tvs, norm=norm, sensitive=sensitive, mode=mode,
-                                        modules=modules)
+    calibrator = setting.feature_calibrator(base_sd, merged, tvs, setting.resolve_sensitive(sensitive),
+                                            modules=modules, task_names=task_names)
     feed(calibrator, batches)
-    return calibrator.fold()
+    return setting.result(calibrator.fold())

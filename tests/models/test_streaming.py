@@ -15,12 +15,12 @@ from magic_pl.statedict import CheckpointError, load_state_dict
 from model_fixtures import llama_config, perturb, save_tiny_tokenizer
 
 
-def _write_family(tmp_path, k=3, **config):
-    """Base + k experts as sharded bf16 safetensors with config.json (and a tokenizer in the base)."""
+def _write_family(tmp_path, k=3, dtype=torch.bfloat16, **config):
+    """Base + k experts as sharded (bf16) safetensors with config.json (and a tokenizer in the base)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(**config)).to(torch.bfloat16)
+    model = LlamaForCausalLM(llama_config(**config)).to(dtype)
     model.config.save_pretrained(tmp_path / "cfg")
     paths = []
     for i in range(k + 1):
@@ -125,4 +125,43 @@ def test_stream_merge_errors(tmp_path):
     _, untied = _write_family(tmp_path / "untied", k=1, tie_word_embeddings=False)
     with pytest.raises(CheckpointError, match="lm_head"):
         stream_merge(base, untied, tmp_path / "o", check_config=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_streamed_dsc_equals_the_python_driver(tmp_path):
+    """stream_merge (WSC step) + streaming_fsc (feature step) of one setting equal CalibrationSetting.calibrate on the
+    same in-memory model and task vectors."""
+    from transformers import AutoModelForCausalLM
+
+    from magic_pl.calibration import resolve_setting
+
+    base, experts = _write_family(tmp_path, k=2, dtype=torch.float32)
+    setting = "dsc:gate=paper"
+    stream_merge(base, experts, tmp_path / "m", method="task_arithmetic", calibration=setting, device="cpu")
+    stream_merge(base, experts, tmp_path / "ta", method="task_arithmetic", calibration="none", device="cpu")
+    ids = {k: torch.randint(6, 40, (1, 5), generator=torch.Generator().manual_seed(k)) for k in range(2)}
+    batches = {k: [(ids[k],)] for k in range(2)}
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    result = streaming_fsc(streamed, base, experts, batches, calibration=setting)
+    assert result.setting == "dsc:gate=paper" and result.coefficients
+
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ta", dtype=torch.float32).eval()  # theta0 + tau_m
+    base_sd = {k: v.float() for k, v in load_state_dict(base).items() if v.dtype.is_floating_point}
+    tvs = [{k: v.float() - base_sd[k] for k, v in load_state_dict(e).items() if k in base_sd} for e in experts]
+    tau_m = {k: v.float() - base_sd[k] for k, v in ref.state_dict().items() if k in base_sd}
+    want = resolve_setting(setting).calibrate(base_sd, ref, tvs, tau_m, batches, modules=list(result.coefficients))
+    assert max(abs(result.coefficients[n] - x) for n, x in want.coefficients.items()) <= 1e-6
+    got = streamed.state_dict()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+
+
+def test_streaming_settings_that_need_a_probe_say_so(tmp_path):
+    base, experts = _write_family(tmp_path, k=1)
+    with pytest.raises(ValueError, match="detects its sensitive set on data"):
+        stream_merge(base, experts, tmp_path / "o", calibration="wsc_gated_detect", device="cpu")
+    with pytest.raises(ValueError, match="has no feature step"):
+        streaming_fsc(torch.nn.Linear(2, 2), base, experts, {}, calibration="wsc")
+    with pytest.raises(ValueError, match="give sensitive="):
+        streaming_fsc(torch.nn.Linear(2, 2), base, experts, {}, calibration="auto")
     assert not (tmp_path / "o").exists()
