@@ -1,4 +1,4 @@
-"""Benchmark: FSC estimation cost and calibrated-inference cost (issue 3; DESIGN.md 2.1).
+"""Benchmark: FSC estimation cost and calibrated-inference cost (docs/method.md, FSC).
 
 For a ViT-B-sized timm model (random init, ``pretrained=False``) and K experts:
 

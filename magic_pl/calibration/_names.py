@@ -1,6 +1,6 @@
 """Name helpers shared by WSC and FSC: regex key filters and the sensitive-set membership rule.
 
-A *sensitive set* (DESIGN.md 2.4) may name parameter tensors (``blocks.0.attn.qkv.weight``, what
+A *sensitive set* (docs/method.md) may name parameter tensors (``blocks.0.attn.qkv.weight``, what
 :func:`~magic_pl.calibration.sensitivity.detect_sensitive_layers` returns) or modules (``blocks.0.attn.qkv``); both
 spellings work for WSC (per tensor) and FSC (per module).
 """

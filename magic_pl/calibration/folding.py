@@ -1,4 +1,4 @@
-"""Folding FSC coefficients into weights: ``f0 + xi * (fm - f0)`` as one ordinary module (DESIGN.md 2.1).
+"""Folding FSC coefficients into weights: ``f0 + xi * (fm - f0)`` as one ordinary module (docs/method.md, FSC).
 
 - Affine modules (Linear, Conv, Embedding, LayerNorm/RMSNorm/GroupNorm affine parts, ...): parameters become
   ``theta0 + xi * (theta_m - theta0)``.
@@ -8,7 +8,7 @@
   parameters the statistics carry it instead (``var = 1 / a_c^2 - eps``, ``mean = -b_c / a_c``) when ``a_c > 0``.
 - Everything else is wrapped in :class:`~magic_pl.calibration.modules.CalibratedModule`.
 
-A per-channel ``xi`` (a ``[C]`` tensor, issue 7) folds the same way row by row: it broadcasts along each tensor's output
+A per-channel ``xi`` (a ``[C]`` tensor) folds the same way row by row: it broadcasts along each tensor's output
 channel axis (dim 0; the last dim for ``nn.Embedding``, whose output channels are its columns) and elementwise through
 the BatchNorm rewrite. All folding arithmetic runs in float64 and is cast back to each tensor's dtype.
 """

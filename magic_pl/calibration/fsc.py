@@ -1,6 +1,6 @@
 """Feature space calibration (FSC): MAGIC's per-module magnitude coefficients from a few unlabelled samples per task.
 
-DESIGN.md 2.1 (Li et al., MAGIC, arXiv 2512.19320): run ``n`` unlabelled samples of task ``k`` (paper default
+docs/method.md, FSC (Li et al., MAGIC, arXiv 2512.19320): run ``n`` unlabelled samples of task ``k`` (paper default
 ``n = 1``) through the **merged** model. At every calibrated module ``l``, with ``z`` the input ``l`` receives there,
 ``dh(z; tau) = f_l(z; theta0 + tau) - f_l(z; theta0)`` and::
 
@@ -10,13 +10,13 @@ DESIGN.md 2.1 (Li et al., MAGIC, arXiv 2512.19320): run ``n`` unlabelled samples
 A non-finite ratio counts as 1; the norm is over the feature dimension (last dim, or dim 1 for Conv/BatchNorm/
 GroupNorm outputs). The calibrated module computes ``f_l(z; theta0) + xi_l (f_l(z; theta_m) - f_l(z; theta0))``.
 
-Beyond the paper (issue 7; the paper's behaviour is the default of every option):
+Beyond the paper (the paper's behaviour is the default of every option):
 
 - ``statistic="ratio_of_means"``: ``r_{k,l} = sum ||dh(z; tau_k)|| / sum ||dh(z; tau_m)||`` over samples and positions
   instead of the mean of per-position ratios, which positions where the merged change is tiny can dominate.
 - ``granularity="channel"``: one xi per output channel (the norm over the feature dimension becomes the absolute value
   of each channel, so ``norm`` does not matter); foldable modules take it per row, runtime-wrapped ones keep one xi.
-- ``gate="paper"``: WSC's gating rule (DESIGN.md 2.2) applied to xi: non-sensitive modules only scale up
+- ``gate="paper"``: WSC's gating rule (docs/method.md, WSC) applied to xi: non-sensitive modules only scale up
   (``xi = max(xi, 1)``), sensitive ones only down (``min(xi, 1)``, the paper's FSC cap).
 
 Implementation: forward hooks on the merged model's units capture ``z`` and ``f_l(z; theta_m)``; the base and expert
@@ -152,7 +152,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 class FeatureSpaceCalibrator:
-    """Accumulate MAGIC FSC statistics on the merged model and fold the coefficients into it (DESIGN.md 2.1).
+    """Accumulate MAGIC FSC statistics on the merged model and fold the coefficients into it (docs/method.md, FSC).
 
     Args:
         base: the base model theta0, or its state dict (any mapping; lazily loaded is fine). Its tensors are moved
@@ -162,7 +162,7 @@ class FeatureSpaceCalibrator:
         task_vectors: the K task vectors tau_k (mappings key -> tensor, read one key at a time). They must hold every
             floating tensor of the calibrated modules, BatchNorm running statistics included.
         norm: p of the feature norm: 1 (paper default), 2 or ``inf``.
-        sensitive: magnitude-sensitive modules (module names or parameter keys; DESIGN.md 2.4): xi capped at 1.
+        sensitive: magnitude-sensitive modules (module names or parameter keys; docs/method.md): xi capped at 1.
             ``None`` (default) or empty: no cap.
         mode: ``"parallel"`` (paper, default) or ``"sequential"``. Sequential: ``xi_l`` is measured on inputs produced
             by the merged model in which every module executed before ``l`` (in forward order) is already calibrated
@@ -414,7 +414,7 @@ class FeatureSpaceCalibrator:
         xi = self._apply[idx] if self._apply is not None else 1.0
         if unit.linear:
             # f is linear in its parameters: dh(z; tau) = f(z; tau) exactly, without subtracting two nearly equal
-            # outputs (DESIGN.md 2.1). For tau_m that needs theta_m - theta0 per call; in float32/float64 the
+            # outputs (docs/method.md, FSC). For tau_m that needs theta_m - theta0 per call; in float32/float64 the
             # cancellation of fm - f0 is negligible and f0 needs no parameter arithmetic, so that path is used there.
             dk = primary_tensor(functional_call(module, self._deltas(unit, k), args, kwargs)).float()
             if fm.dtype in (torch.float32, torch.float64):
@@ -598,8 +598,8 @@ class FeatureSpaceCalibrator:
     def fold(self) -> CalibrationResult:
         """Write the calibration into ``merged`` and return the report.
 
-        Affine modules get ``theta0 + xi * tau_m``; BatchNorm (eval, running statistics) the rewrite of DESIGN.md
-        2.1; other modules (e.g. ``nn.MultiheadAttention``) and modules sharing a tensor with another unit are wrapped
+        Affine modules get ``theta0 + xi * tau_m``; BatchNorm (eval, running statistics) the rewrite in
+        docs/method.md (FSC, folding); other modules (e.g. ``nn.MultiheadAttention``) and modules sharing a tensor with another unit are wrapped
         in a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`. The calibrator is closed afterwards.
         """
         self._check_open()

@@ -1,6 +1,6 @@
 """Which modules FSC calibrates, how their outputs are read, and the runtime wrapper for non-foldable modules.
 
-DESIGN.md 2.1: the calibrated modules are every leaf module that owns parameters (Linear, Conv, norms, Embedding,
+docs/method.md, FSC: the calibrated modules are every leaf module that owns parameters (Linear, Conv, norms, Embedding,
 BatchNorm, ...) and composite modules whose parameters cannot be separated (``nn.MultiheadAttention``) as one unit;
 the children of such a unit are not calibrated separately. A non-leaf module that owns parameters directly next to
 parameterised children (timm's ``VisionTransformer`` root owning ``cls_token``/``pos_embed``, HF CLIP's embeddings
@@ -34,11 +34,11 @@ __all__ = [
     "replace_submodule",
 ]
 
-#: Composite modules calibrated as one unit (their parameters cannot be separated; DESIGN.md 2.1). Extend to add more.
+#: Composite modules calibrated as one unit (their parameters cannot be separated; docs/method.md, FSC). Extend to add more.
 INSEPARABLE_MODULE_TYPES: list[type] = [nn.MultiheadAttention]
 
 #: Module types whose output is affine in their own parameters, so ``f(theta0 + xi * tau)`` equals
-#: ``f0 + xi * (fm - f0)`` and the calibration folds into the weights (DESIGN.md 2.1). Extend to add more.
+#: ``f0 + xi * (fm - f0)`` and the calibration folds into the weights (docs/method.md, FSC). Extend to add more.
 AFFINE_MODULE_TYPES: list[type] = [
     nn.Linear,
     nn.Bilinear,
@@ -130,7 +130,7 @@ def _unit_tensors(name: str, module: nn.Module, state_keys: Optional[set[str]]) 
 def find_units(
     model: nn.Module, modules: Optional[Sequence[str]] = None, *, state_keys: Optional[set[str]] = None
 ) -> list[CalibrationUnit]:
-    """The calibrated modules of ``model`` in registration order (DESIGN.md 2.1).
+    """The calibrated modules of ``model`` in registration order (docs/method.md, FSC).
 
     Args:
         model: the (merged) model.
@@ -175,7 +175,7 @@ def find_units(
 
 def fold_kind(module: nn.Module) -> str:
     """How a calibrated module folds: ``"affine"`` (parameters theta0 + xi * tau_m), ``"batchnorm"`` (the eval-mode
-    rewrite of DESIGN.md 2.1) or ``"runtime"`` (wrapped in :class:`CalibratedModule`)."""
+    rewrite of docs/method.md, FSC) or ``"runtime"`` (wrapped in :class:`CalibratedModule`)."""
     if isinstance(module, nn.modules.batchnorm._NormBase):
         if _has_running_stats(module) and module.track_running_stats:
             return "batchnorm"
@@ -229,7 +229,7 @@ def _buffer_name(local: str) -> str:
 
 
 class CalibratedModule(nn.Module):
-    """Runtime calibration of a module whose output is not affine in its parameters (DESIGN.md 2.1).
+    """Runtime calibration of a module whose output is not affine in its parameters (docs/method.md, FSC).
 
     Computes ``f(z; theta0) + xi * (f(z; theta_m) - f(z; theta0))``: the wrapped module runs twice per call, once with
     its merged parameters and once with the base parameters of this module only (held here as buffers, so ``.to()``

@@ -126,7 +126,7 @@ class _OutputDivergence:
 
 
 def output_divergence_score(batches: Iterable[Any], metric: str = "kl") -> ScoreFn:
-    """Label-free score (DESIGN.md 2.4): minus the divergence of the model's outputs on unlabelled ``batches`` from
+    """Label-free score (docs/method.md): minus the divergence of the model's outputs on unlabelled ``batches`` from
     the outputs recorded on the first call (the unperturbed model). ``metric``: ``"kl"`` (default; KL of the reference
     softmax to the perturbed one, per position) or ``"l2"`` (mean squared difference). Call ``.reset()`` on the
     returned object to reuse it for another model."""

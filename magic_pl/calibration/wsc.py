@@ -1,4 +1,4 @@
-"""Weight space calibration (WSC): MAGIC's data-free, per-row magnitude correction (DESIGN.md 2.2).
+"""Weight space calibration (WSC): MAGIC's data-free, per-row magnitude correction (docs/method.md, WSC).
 
 For every 2-D weight (Linear weights; conv weights viewed as ``[out, -1]``) and every output row ``i``, with task rows
 ``a_k = tau_k[i, :]`` and merged row ``d = tau_m[i, :]`` (Li et al., MAGIC, arXiv 2512.19320, section on WSC)::
@@ -25,7 +25,7 @@ from magic_pl.calibration._names import Patterns, compile_patterns, matches_any,
 
 __all__ = ["DEFAULT_WSC_EXCLUDE", "WSC_VARIANTS", "row_scales", "weight_space_calibration", "wsc_keys"]
 
-#: Keys WSC leaves alone by default (regexes, ``re.search``): norms, biases, embeddings (DESIGN.md 2.2; the paper
+#: Keys WSC leaves alone by default (regexes, ``re.search``): norms, biases, embeddings (docs/method.md, WSC; the paper
 #: calibrates the 2-D weights of linear/conv layers). 1-D tensors are never calibrated whatever the patterns say.
 DEFAULT_WSC_EXCLUDE: tuple[str, ...] = (
     r"(?i)norm",  # LayerNorm / BatchNorm / RMSNorm / GroupNorm by name (their 1-D tensors are skipped anyway)
@@ -37,7 +37,7 @@ DEFAULT_WSC_EXCLUDE: tuple[str, ...] = (
 
 #: ``"paper"``: the formula above (default, MAGIC paper). ``"norm_match"``: ``lambda_i = mean_k ||a_k|| / ||d||`` (the
 #: merged row's norm matched to the mean task-row norm; equals "paper" for orthogonal equal-norm task rows and gives 1
-#: for K identical task rows where "paper" gives ``1/sqrt(K + (K-1)^2)``; DESIGN.md section 7). ``"joint"``: the
+#: for K identical task rows where "paper" gives ``1/sqrt(K + (K-1)^2)``; docs/benchmark.md). ``"joint"``: the
 #: paper's formula with the ``alpha_k`` solved jointly, ``alpha = argmin ||d - sum_k alpha_k a_k||`` (minimum-norm
 #: least squares, ``pinv`` of the K x K Gram matrix per row), so correlated task rows are not counted twice; equals
 #: "paper" for orthogonal task rows; K identical rows and ``d = a`` give ``alpha_k = 1/K`` and ``lambda = sqrt(K)``.
@@ -110,7 +110,7 @@ def weight_space_calibration(
     variant: str = "paper",
     return_scales: bool = False,
 ) -> Union[dict[str, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]:
-    """Calibrate the merged task vector ``tau_m`` row by row from the task vectors alone (MAGIC WSC, DESIGN.md 2.2).
+    """Calibrate the merged task vector ``tau_m`` row by row from the task vectors alone (MAGIC WSC, docs/method.md, WSC).
 
     Args:
         merged_tv: the merged task vector ``tau_m`` (key -> tensor; lazily loaded mappings are fine).

@@ -3,7 +3,7 @@
 Batches are dicts ``{"task": LongTensor[B], <inputs>..., "labels": ...}``. Inputs are either one tensor under
 ``"inputs"`` (passed positionally to the model) or named tensors (``pixel_values``, ``input_ids``,
 ``attention_mask``, ...; passed as keyword arguments). The task index is the position of the task in
-:attr:`TaskDataModule.task_names`, which must follow the order of the experts (DESIGN.md section 4).
+:attr:`TaskDataModule.task_names`, which must follow the order of the experts (docs/method.md).
 
 - Calibration (``predict``): ``samples_per_task`` unlabelled samples per task (default 1, the paper's setting), drawn
   with a seeded generator, labels dropped. Fewer samples than processes is an error raised in ``setup``, before

@@ -1,7 +1,7 @@
 """torchmetrics states for calibration statistics and per-task accuracy, summed across processes.
 
 Both metrics hold plain sums (``dist_reduce_fx="sum"``) and are synchronised once, at the end of an epoch, when
-``compute()`` is called on every rank (DESIGN.md section 4): ranks may run different numbers of batches, so nothing
+``compute()`` is called on every rank (docs/method.md): ranks may run different numbers of batches, so nothing
 is reduced per batch.
 """
 

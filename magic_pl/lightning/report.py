@@ -1,5 +1,5 @@
 """The calibration record and its files: JSON (xi, magnitude deviation, modules, inputs with hashes, config, timings)
-and a PNG plot (DESIGN.md section 4).
+and a PNG plot (docs/method.md).
 
 *Magnitude deviation* of module ``l`` is ``||theta_l - theta0_l|| / mean_k ||tau_k,l||`` (Frobenius norm over the
 module's floating tensors): 1 means the merged update is as large as an average expert's. Averaging shrinks it

@@ -5,7 +5,7 @@
 (:func:`magic_pl.merging.merge` on that one key), applies WSC to that key
 (:func:`magic_pl.calibration.weight_space_calibration`), writes ``base + tau`` into its planned place in an output
 shard (:class:`~magic_pl.models.io.ShardedSafetensorsWriter`) and frees everything. For the row-separable methods
-(weight average, task arithmetic; WSC is row-wise by definition, DESIGN.md 2.2) large tensors are processed in
+(weight average, task arithmetic; WSC is row-wise by definition, docs/method.md, WSC) large tensors are processed in
 blocks of rows bounded by ``chunk_bytes``, so the peak working set does not grow with K or with the largest tensor.
 Other methods (TIES, DARE, TSV-M, ...) need whole tensors: the peak is then the K float32 task-vector slices of the
 largest tensor plus the method's own temporaries (WSC still runs in row blocks).

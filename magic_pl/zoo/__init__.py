@@ -1,4 +1,4 @@
-"""The built-in offline benchmark on real weights and real data (DESIGN.md sections 6-7, issue 6).
+"""The built-in offline benchmark on real weights and real data (docs/benchmark.md).
 
 ``run_benchmark("text")`` fine-tunes (once, cached) MiniLM-L6 experts on five real text tasks, merges them with every
 method, calibrates with MAGIC's WSC / FSC / DSC and writes per-task tables, CSV, JSON, a chart and the calibration

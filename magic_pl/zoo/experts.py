@@ -7,12 +7,12 @@ Protocol (the paper's, adapted to backbones without CLIP text heads):
 2. The expert fine-tunes the whole encoder with that head frozen (``head="probe_frozen"``; ``"probe_tuned"`` trains the
    head too, LP-FT style), AdamW with linear warm-up and decay, gradient clipping, seeded batches. With
    ``head="scratch"`` (step 1 skipped) the head starts from a seeded random initialisation and trains with the encoder:
-   standard full fine-tuning, the protocol of DESIGN.md section 7 and of NLP merging papers; "base + heads" then
+   standard full fine-tuning, the protocol of docs/benchmark.md and of NLP merging papers; "base + heads" then
    pairs the base encoder with heads it was never trained with, so it is a floor rather than a zero-shot point.
 3. BatchNorm (``batchnorm="frozen"``, default): running statistics stay the base's during fine-tuning (eval-mode
    BatchNorm; weight and bias still train), so the frozen head sees consistent features from the first step. With
    ``batchnorm="train"`` the statistics come from the batches and are re-estimated on the training images after
-   fine-tuning (DESIGN.md section 7: the training-time exponential averages lag behind the final weights).
+   fine-tuning (docs/benchmark.md: the training-time exponential averages lag behind the final weights).
 
 Cache layout (``<cache_dir>/<suite>/<fingerprint>/``)::
 

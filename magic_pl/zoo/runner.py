@@ -1,6 +1,6 @@
 """The benchmark run: build or load the experts, merge, calibrate, evaluate, report.
 
-Rows of the result (all evaluated on every task's test split, each task through its own head; DESIGN.md 7):
+Rows of the result (all evaluated on every task's test split, each task through its own head; docs/benchmark.md):
 
 - ``base``: the pretrained encoder with the task heads (the zero point).
 - ``expert``: expert k on task k (the ceiling; normalised accuracies divide by it).
@@ -11,12 +11,12 @@ Rows of the result (all evaluated on every task's test split, each task through 
 - BatchNorm suites add ``bn`` (re-estimate the merged model's BatchNorm statistics on ``bn_samples`` unlabelled images
   per task: a data-based calibration of its own) and ``bn+fsc`` (then FSC).
 - ``task_arithmetic_tuned``: Task Arithmetic with its coefficient chosen on the labelled validation split (the
-  baseline DESIGN.md 7 asks MAGIC to beat; its gain is reported separately). BatchNorm suites also tune it with BN
+  baseline MAGIC must beat, docs/benchmark.md; its gain is reported separately). BatchNorm suites also tune it with BN
   re-estimation.
 
 BatchNorm policy: experts fine-tune with frozen running statistics (``train_batchnorm="frozen"``: the frozen probe
 heads keep seeing the features they were fitted on), so their statistics equal the base's and every merge keeps them.
-With ``train_batchnorm="train"`` (batch statistics, the DESIGN.md 7 prototype's protocol) each expert's statistics are
+With ``train_batchnorm="train"`` (batch statistics, the first prototype's protocol) each expert's statistics are
 re-estimated after fine-tuning and merges average them (``bn_stats="average"``; never extrapolated by a merge
 coefficient; ``"base"`` keeps the base's). The ``bn`` rows re-estimate the merged model's statistics on unlabelled
 images of all tasks whatever the protocol.
@@ -47,14 +47,14 @@ __all__ = ["DEFAULT_METHODS", "CALIBRATIONS", "BN_CALIBRATIONS", "SENSITIVE_CHOI
 
 log = logging.getLogger(__name__)
 
-#: Merge methods run by default (issue 6: at least these six).
+#: Merge methods run by default.
 DEFAULT_METHODS = ["weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts"]
 #: Calibrations: none, MAGIC's weight space (data-free), feature space and dual space calibration.
 CALIBRATIONS = ("none", "wsc", "fsc", "dsc")
 #: Extra rows of BatchNorm suites.
 BN_CALIBRATIONS = ("bn", "bn+fsc")
 #: ``sensitive`` choices: ``none`` (no sensitive set: WSC ungated, FSC uncapped), ``empty`` (the paper's WSC gating
-#: with an empty sensitive set: rows only grow), ``detect`` (the probe of DESIGN.md 2.4 on the weight average).
+#: with an empty sensitive set: rows only grow), ``detect`` (the probe of docs/method.md on the weight average).
 SENSITIVE_CHOICES = ("none", "empty", "detect")
 #: How ``detect`` scores a perturbed model: ``label_free`` (L2 change of the encoder features on 8 unlabelled
 #: calibration samples per task) or ``labelled`` (mean log-likelihood of the true labels on 64 validation examples
@@ -190,7 +190,7 @@ def run_benchmark(
             from a disjoint unlabelled split).
         fsc_norm: p of FSC's feature norm (1, 2 or inf; paper 1).
         fsc_mode: ``"parallel"`` (paper) or ``"sequential"``.
-        wsc_variant: ``"paper"`` or ``"norm_match"`` (DESIGN.md 7).
+        wsc_variant: ``"paper"`` or ``"norm_match"`` (docs/benchmark.md).
         sensitive: one of :data:`SENSITIVE_CHOICES` (default ``"none"``).
         sensitive_alpha: tensors in a detected sensitive set (paper 10).
         sensitive_probe: :data:`SENSITIVE_PROBES` (default ``"label_free"``).

@@ -1,4 +1,4 @@
-"""Beyond the paper (issue 7): every calibration variant on every suite and number of tasks K, against the
+"""Beyond the paper: every calibration variant on every suite and number of tasks K, against the
 uncalibrated merges and against Task Arithmetic with its coefficient tuned on labelled validation data.
 
 ``python -m magic_pl.zoo.study`` runs :func:`run_study` (options = its keywords) and writes, under ``results_dir``:

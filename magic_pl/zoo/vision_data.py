@@ -1,4 +1,4 @@
-"""Real image classification tasks available offline (DESIGN.md section 6).
+"""Real image classification tasks available offline (docs/benchmark.md).
 
 Images are kept as ``uint8`` tensors ``[N, 1, H, W]`` (grey, native resolution); the backbone's preprocessing resizes
 and normalises them per batch, so 70,000 Fashion-MNIST images take 55 MB instead of 860 MB as float RGB.

@@ -1,4 +1,4 @@
-"""DSC (DESIGN.md 2.3) and the magnitude-sensitive-layer probe with its JSON ranking (DESIGN.md 2.4)."""
+"""DSC and the magnitude-sensitive-layer probe with its JSON ranking (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FSC (DESIGN.md 2.1): known answers, an independent computation, statistics, modes and edge cases."""
+"""FSC (docs/method.md, FSC): known answers, an independent computation, statistics, modes and edge cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FSC beyond the paper (issue 7): ratio of means, per-channel coefficients and WSC-style gating.
+"""FSC beyond the paper: ratio of means, per-channel coefficients and WSC-style gating.
 
 Each variant is checked against an independent computation of its formula and, for per-channel coefficients, the
 folded model against the calibrated output ``f0 + xi_c (fm - f0)`` computed by hand.

@@ -1,4 +1,4 @@
-"""WSC (DESIGN.md 2.2): known answers, scale invariance, gating, an independent row loop, key selection, edge cases."""
+"""WSC (docs/method.md, WSC): known answers, scale invariance, gating, an independent row loop, key selection, edge cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The calibration-variant study (issue 7) on the tiny suite: summary numbers recomputed from the case results."""
+"""The calibration-variant study on the tiny suite: summary numbers recomputed from the case results."""
 
 from __future__ import annotations
 
