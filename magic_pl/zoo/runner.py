@@ -53,9 +53,9 @@ DEFAULT_METHODS = ["weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c"
 CALIBRATIONS = ("none", "wsc", "fsc", "dsc")
 #: Extra rows of BatchNorm suites.
 BN_CALIBRATIONS = ("bn", "bn+fsc")
-#: ``sensitive`` choices: ``none`` (no sensitive set: WSC ungated, FSC uncapped), ``empty`` (the paper's WSC gating
-#: with an empty sensitive set: rows only grow), ``detect`` (the probe of docs/method.md on the weight average).
-SENSITIVE_CHOICES = ("none", "empty", "detect")
+#: The run-wide sensitive-set policy given to the paper's plain settings: the calibration settings' own policies
+#: (:data:`magic_pl.calibration.SENSITIVE_POLICIES`) that the benchmark can supply a set for (it runs both probes).
+SENSITIVE_CHOICES = ("none", "empty", "detect", "detect_labelled")
 #: How ``detect`` scores a perturbed model: ``label_free`` (L2 change of the encoder features on 8 unlabelled
 #: calibration samples per task) or ``labelled`` (mean log-likelihood of the true labels on 64 validation examples
 #: per task through the task heads: the paper's labelled probe, made smooth).
