@@ -99,7 +99,7 @@ def _check_options(method: str, options: Mapping[str, Any], *, driver: bool) -> 
     if method == "dare":
         then = options.get("then", _own_options(fn)["then"])
         if then not in DARE_THEN:
-            raise ValueError(f"dare: unknown then={then!r}; valid: {', '.join(sorted(DARE_THEN))}")
+            check_option(method, "then", then)  # raises, naming the valid choices
         valid |= set(_own_options(DARE_THEN[then])) - {"thresholds"}
     if driver:
         valid |= set(_DRIVER_OPTIONS.get(method, ()))
