@@ -40,6 +40,9 @@ RUNS: dict[str, tuple[str, dict]] = {
     "tsv_m": ("tsv_m", {}),
     "iso_c": ("iso_c", {}),
     "iso_cts": ("iso_cts", {}),
+    "model_stock": ("model_stock", {}),
+    "della": ("della", {}),
+    "wudi": ("wudi", {}),
 }
 
 

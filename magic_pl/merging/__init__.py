@@ -1,4 +1,4 @@
-"""Training-free merge methods in task-vector space, computed tensor by tensor (DESIGN.md section 3).
+"""Training-free merge methods in task-vector space, computed tensor by tensor (see docs/method.md).
 
 Per-tensor functions ``fn(taus, *, name="", **options) -> Tensor`` take the K task-vector slices of one parameter and
 return the merged slice in float32, scaling coefficient included. :func:`merge` applies one to whole task vectors key
@@ -11,14 +11,27 @@ Example::
     state = merge_models("base.safetensors", ["a.safetensors", "b.safetensors"], "task_arithmetic", scale=0.3)
 """
 
-from ._common import DEFAULT_MATRIX_EXCLUDE
+from ._common import DEFAULT_MATRIX_EXCLUDE, MergeError
 from .basic import task_arithmetic, weight_average
 from .breadcrumbs import breadcrumbs, breadcrumbs_mask
 from .consensus import consensus, tall_masks
 from .dare import dare, dare_drop
-from .registry import BN_STATS_POLICIES, MERGE_METHODS, MergeFn, merge, merge_models, merge_tensor, method_options
+from .della import della, magprune, magprune_keep_probabilities
+from .model_stock import mean_pairwise_cosine, model_stock
+from .registry import (
+    BN_STATS_POLICIES,
+    MERGE_METHODS,
+    MergeFn,
+    merge,
+    merge_models,
+    merge_tensor,
+    method_options,
+    validate_merge_options,
+)
+from .slerp import slerp, slerp_rows
 from .svd import iso_c, iso_cts, tsv_factors, tsv_m
 from .ties import global_magnitude_thresholds, ties
+from .wudi import wudi, wudi_matrix
 
 __all__ = [
     "MergeFn",
@@ -29,6 +42,8 @@ __all__ = [
     "merge_models",
     "merge_tensor",
     "method_options",
+    "validate_merge_options",
+    "MergeError",
     "weight_average",
     "task_arithmetic",
     "ties",
@@ -43,4 +58,13 @@ __all__ = [
     "tsv_factors",
     "iso_c",
     "iso_cts",
+    "slerp",
+    "slerp_rows",
+    "model_stock",
+    "mean_pairwise_cosine",
+    "della",
+    "magprune",
+    "magprune_keep_probabilities",
+    "wudi",
+    "wudi_matrix",
 ]

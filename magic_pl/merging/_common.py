@@ -16,6 +16,10 @@ from magic_pl.statedict import CheckpointError
 DEFAULT_MATRIX_EXCLUDE = r"embed|text_projection|(^|\.)wte\.|(^|\.)wpe\."
 
 
+class MergeError(ValueError):
+    """A merge method could not produce a usable tensor for a key (non-finite result, failed linear algebra)."""
+
+
 def prepare(taus: Sequence[Tensor], name: str = "") -> list[Tensor]:
     """Check the K slices of one parameter and return them as float32 (no copy when already float32).
 
@@ -69,20 +73,31 @@ def count_of(fraction: float, n: int) -> int:
     return min(n, max(0, int(round(fraction * n))))
 
 
+def ties_keep_count(density: float, n: int) -> int:
+    """Entries TIES keeps out of ``n``: ``int(density * n) + 1``, at most ``n`` (all of them for density 1).
+
+    This is the TIES authors' reference rule (``k = int(d * density)``, then ``abs >= kthvalue(d - k)``, which keeps
+    ``k + 1`` distinct magnitudes), also FusionBench 0.2.33's. MergeKit 0.1.5 keeps ``max(1, int(density * n))``.
+    """
+    if n == 0:
+        return 0
+    if density >= 1.0:
+        return n
+    return min(n, int(density * n) + 1)
+
+
 def kth_smallest(values: Tensor, k: int) -> Tensor:
     """The k-th smallest (1-based) entry of a flat tensor, as a 0-d tensor (``torch.kthvalue``; no size limit)."""
     return torch.kthvalue(values, k).values
 
 
 def top_magnitude_mask(tau: Tensor, density: float) -> Tensor:
-    """Boolean mask of the ``round(density * numel)`` largest-magnitude entries (at least one when density > 0).
+    """Boolean mask of the :func:`ties_keep_count` (``int(density * numel) + 1``) largest-magnitude entries.
 
     Entries tied with the threshold are kept too, as in the TIES reference code (``abs >= kth value``).
     """
     n = tau.numel()
-    keep = count_of(density, n)
-    if density > 0:
-        keep = max(keep, 1)
+    keep = ties_keep_count(density, n) if density > 0 else 0
     if keep == 0 or n == 0:
         return torch.zeros_like(tau, dtype=torch.bool)
     if keep >= n:

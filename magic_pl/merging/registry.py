@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,16 +20,25 @@ from magic_pl.statedict import (
     validate_experts,
 )
 
-from ._common import prepare, tmean
+from ._common import MergeError, prepare, tmean
 from .basic import task_arithmetic, weight_average
 from .breadcrumbs import breadcrumbs
 from .consensus import consensus
 from .dare import DARE_THEN, dare
+from .della import della
+from .model_stock import model_stock
+from .options import check_combination, check_option
+from .slerp import slerp
 from .svd import iso_c, iso_cts, tsv_m
 from .ties import global_magnitude_thresholds, ties
+from .wudi import wudi
 
-#: ``fn(taus: Sequence[Tensor], *, name: str = "", **options) -> Tensor`` (float32, same shape as each tau).
+#: ``fn(taus: Sequence[Tensor], *, name: str = "", **options) -> Tensor`` (float32, same shape as each tau). A
+#: method that needs the base model's tensor (SLERP between full weights) also takes ``base: Tensor | None``; the
+#: drivers pass it. ``name`` and ``base`` are context, not options.
 MergeFn = Callable[..., Tensor]
+
+_CONTEXT_ARGS = ("name", "base")
 
 MERGE_METHODS: dict[str, MergeFn] = {
     "weight_average": weight_average,
@@ -40,6 +50,10 @@ MERGE_METHODS: dict[str, MergeFn] = {
     "tsv_m": tsv_m,
     "iso_c": iso_c,
     "iso_cts": iso_cts,
+    "slerp": slerp,
+    "model_stock": model_stock,
+    "della": della,
+    "wudi": wudi,
 }
 
 BN_STATS_POLICIES = ("average", "base")
@@ -62,7 +76,7 @@ def _own_options(fn: MergeFn) -> dict[str, Any]:
     return {
         n: p.default
         for n, p in params.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "name"
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _CONTEXT_ARGS
     }
 
 
@@ -85,7 +99,7 @@ def _check_options(method: str, options: Mapping[str, Any], *, driver: bool) -> 
     if method == "dare":
         then = options.get("then", _own_options(fn)["then"])
         if then not in DARE_THEN:
-            raise ValueError(f"dare: unknown then={then!r}; valid: {', '.join(sorted(DARE_THEN))}")
+            check_option(method, "then", then)  # raises, naming the valid choices
         valid |= set(_own_options(DARE_THEN[then])) - {"thresholds"}
     if driver:
         valid |= set(_DRIVER_OPTIONS.get(method, ()))
@@ -100,18 +114,97 @@ def _check_options(method: str, options: Mapping[str, Any], *, driver: bool) -> 
         )
 
 
-def merge_tensor(method: str, taus: Sequence[Tensor], *, name: str = "", **options: Any) -> Tensor:
+def validate_merge_options(method: str, options: Mapping[str, Any], *, driver: bool = True) -> dict[str, Any]:
+    """Check ``method``'s options before any tensor is read; return them normalised (numbers as float/int).
+
+    Refuses, with a message naming the method and the option: unknown option names (listing the valid ones),
+    non-numbers and non-finite numbers, and values outside the option's range (e.g. ``|scale| > 1e3``, ``density``
+    outside (0, 1], ``p`` outside [0, 1), ``t`` outside [0, 1], an invalid ``matrix_exclude`` regex), plus the
+    combinations a method forbids (breadcrumbs' ``gamma < beta``; DELLA's ``density +/- epsilon`` outside (0, 1)).
+    Cheap (no tensor, no file): front doors call it as early as they can.
+
+    Args:
+        method: a key of :data:`MERGE_METHODS`.
+        options: the caller's options (without ``bn_stats``/``seed`` of the drivers, which check those).
+        driver: accept the options only :func:`merge`/:func:`merge_models` handle (``global_topk`` for ``ties``);
+            ``False`` for :func:`merge_tensor`.
+    """
+    _check_options(method, options, driver=driver)
+    out = {k: check_option(method, k, v) for k, v in options.items()}
+    check_combination(method, {**method_options(method), **out})
+    return out
+
+
+def _task_count_error(method: str, k: int, options: Mapping[str, Any]) -> str | None:
+    """Why ``method`` cannot merge ``k`` task vectors, or ``None``."""
+    if method == "slerp":
+        space = options.get("space", "task")
+        if space == "task" and k != 2:
+            return f"slerp interpolates two task vectors (space='task'), got K = {k}"
+        if space == "weights" and k not in (1, 2):
+            return f"slerp interpolates two models (space='weights': base and one expert, or two experts), got K = {k}"
+    if method == "model_stock" and k < 2:
+        return f"model_stock needs at least two task vectors (their angle sets the ratio), got K = {k}"
+    return None
+
+
+def _check_task_count(method: str, k: int, options: Mapping[str, Any]) -> None:
+    msg = _task_count_error(method, k, options)
+    if msg:
+        raise ValueError(msg)
+
+
+def _run_method(method: str, fn: MergeFn, taus: Sequence[Tensor], key: str, options: Mapping[str, Any],
+                base: Tensor | None) -> Tensor:
+    """One method call with the key in every failure: LAPACK errors are re-raised naming the key, and a non-finite
+    result raises :class:`MergeError` (NaN/Inf never passes silently)."""
+    kwargs = dict(options)
+    if base is not None:
+        kwargs["base"] = base
+    try:
+        out = fn(taus, name=key, **kwargs)
+    except torch.linalg.LinAlgError as err:
+        raise MergeError(f"merge method {method!r} failed on {key!r}: {err}") from err
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise MergeError(
+            f"merge method {method!r} produced {bad} non-finite value(s) for {key!r} (shape {tuple(out.shape)}); "
+            "check that key's task vectors for NaN/Inf"
+        )
+    return out
+
+
+def _wants_base(method: str, options: Mapping[str, Any]) -> bool:
+    return method == "slerp" and options.get("space", "task") == "weights"
+
+
+def merge_tensor(
+    method: str, taus: Sequence[Tensor], *, name: str = "", base: Tensor | None = None, **options: Any
+) -> Tensor:
     """Merge the K task-vector slices of one parameter with ``method`` (a key of :data:`MERGE_METHODS`).
 
-    ``name`` is the parameter's key: it appears in error messages, seeds DARE's masks and selects which 2-D tensors
-    the SVD methods treat as matrices. Returns a new float32 tensor.
+    ``name`` is the parameter's key: it appears in error messages, seeds DARE's and DELLA's masks and selects which
+    2-D tensors the SVD methods treat as matrices. ``base`` is the base model's tensor, needed only by
+    ``slerp(space="weights")``. Returns a new float32 tensor; raises :class:`MergeError` naming the key when the
+    result is not finite.
     """
-    _check_options(method, options, driver=False)
-    return MERGE_METHODS[method](taus, name=name, **options)
+    options = validate_merge_options(method, options, driver=False)
+    if not isinstance(taus, Tensor) and isinstance(taus, Sequence):
+        _check_task_count(method, len(taus), options)
+    return _run_method(method, MERGE_METHODS[method], taus, name, options, base)
 
 
 def _accepts_seed(method: str) -> bool:
     return "seed" in _own_options(_method(method))
+
+
+def _base_tensor(base: Mapping[str, Tensor] | None, key: str, method: str) -> Tensor:
+    if base is None:
+        raise ValueError(f"merge method {method!r} with space='weights' needs the base model: pass base=")
+    try:
+        return base[key].to(torch.float32)
+    except KeyError:
+        raise CheckpointError(f"the base model lacks key {key!r} of the task vectors") from None
 
 
 def _iter_merged(
@@ -121,25 +214,26 @@ def _iter_merged(
     bn_stats: str,
     seed: int,
     options: dict[str, Any],
+    base: Mapping[str, Tensor] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(key, tau_m)`` for each ``(key, [tau_1..tau_K])``; BatchNorm statistics bypass the method."""
     fn = MERGE_METHODS[method]
     if _accepts_seed(method) and "seed" not in options:
         options = {**options, "seed": seed}
+    wants_base = _wants_base(method, options)
     for key, taus in items:
         if is_batchnorm_stat(key):
             ts = prepare(taus, key)
             yield key, (tmean(ts) if bn_stats == "average" else torch.zeros_like(ts[0]))
         else:
-            out = fn(taus, name=key, **options)
-            yield key, out
+            b = _base_tensor(base, key, method) if wants_base else None
+            yield key, _run_method(method, fn, taus, key, options, b)
 
 
 def _prepare_driver(method: str, bn_stats: str, options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    _check_options(method, options, driver=True)
     if bn_stats not in BN_STATS_POLICIES:
         raise ValueError(f"unknown bn_stats={bn_stats!r}; valid: {', '.join(BN_STATS_POLICIES)}")
-    options = dict(options)
+    options = validate_merge_options(method, options, driver=True)
     global_topk = bool(options.pop("global_topk", False))
     if global_topk and options.get("thresholds") is not None:
         raise ValueError("ties: pass either global_topk=True or thresholds, not both")
@@ -152,6 +246,7 @@ def merge(
     *,
     bn_stats: str = "average",
     seed: int = 0,
+    base: Mapping[str, Tensor] | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """Merge K task vectors into ``tau_m`` (scaling coefficient included), one parameter at a time.
@@ -164,17 +259,25 @@ def merge(
         method: a key of :data:`MERGE_METHODS`.
         task_vectors: K mappings with the same keys and shapes (float tensors).
         bn_stats: ``"average"`` (default) or ``"base"``.
-        seed: seed for randomised methods (DARE); ignored by the others.
-        **options: the method's options (see :func:`method_options`). ``ties`` also takes ``global_topk=True``: one
-            magnitude threshold per task over all non-BatchNorm tensors, computed in a first pass.
+        seed: seed for randomised methods (DARE, DELLA); ignored by the others.
+        base: the base model's tensors (key -> tensor), read one key at a time; needed only by methods that work on
+            full weights (``slerp`` with ``space="weights"``).
+        **options: the method's options (see :func:`method_options`), validated by :func:`validate_merge_options`
+            before any tensor is read. ``ties`` also takes ``global_topk=True``: one magnitude threshold per task over
+            all non-BatchNorm tensors, computed in a first pass.
 
     Returns:
         key -> float32 tensor, in the key order of ``task_vectors[0]``.
+
+    Raises:
+        MergeError: a merged tensor is not finite, or the method's linear algebra failed (the message names the key).
     """
     options, global_topk = _prepare_driver(method, bn_stats, options)
+    _seed_ok(seed)
     task_vectors = list(task_vectors)
     if len(task_vectors) == 0:
         raise CheckpointError("need at least one task vector (K >= 1), got none")
+    _check_task_count(method, len(task_vectors), options)
     keys = list(task_vectors[0].keys())
     key_set = set(keys)
     for i, tv in enumerate(task_vectors[1:], start=1):
@@ -188,7 +291,12 @@ def merge(
         method_keys = [k for k in keys if not is_batchnorm_stat(k)]
         options["thresholds"] = global_magnitude_thresholds(task_vectors, method_keys, options.get("density", 0.2))
     items = ((key, [tv[key] for tv in task_vectors]) for key in keys)
-    return dict(_iter_merged(method, items, bn_stats=bn_stats, seed=seed, options=options))
+    return dict(_iter_merged(method, items, bn_stats=bn_stats, seed=seed, options=options, base=base))
+
+
+def _seed_ok(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed={seed!r} must be an integer")
 
 
 def _dtype_of(sd: Mapping[str, Tensor], key: str) -> torch.dtype:
@@ -227,7 +335,7 @@ def merge_models(
     Args:
         base, experts: anything :func:`~magic_pl.statedict.load_state_dict` accepts (paths, mappings, modules);
             safetensors files are read lazily, one tensor at a time.
-        method, bn_stats, seed, **options: as in :func:`merge`.
+        method, bn_stats, seed, **options: as in :func:`merge` (the base is passed to methods that need it).
         check_finite: validate that no expert tensor holds NaN/Inf (reads every tensor once more).
 
     Returns:
@@ -235,6 +343,8 @@ def merge_models(
         buffers copied from the base.
     """
     options, global_topk = _prepare_driver(method, bn_stats, options)
+    _seed_ok(seed)
+    _check_task_count(method, len(experts), options)
     base_sd = load_state_dict(base)
     expert_sds = [load_state_dict(e) for e in experts]
     validate_experts(base_sd, expert_sds, check_finite=check_finite)
@@ -243,7 +353,9 @@ def merge_models(
         views = [_TaskVectorView(base_sd, e, float_keys) for e in expert_sds]
         options["thresholds"] = global_magnitude_thresholds(views, float_keys, options.get("density", 0.2))
     out: dict[str, Tensor] = {}
-    merged = _iter_merged(method, iter_task_vectors(base_sd, expert_sds), bn_stats=bn_stats, seed=seed, options=options)
+    merged = _iter_merged(
+        method, iter_task_vectors(base_sd, expert_sds), bn_stats=bn_stats, seed=seed, options=options, base=base_sd
+    )
     pending = next(merged, None)
     for key in base_sd:
         b = base_sd[key]

@@ -15,12 +15,14 @@ from torch import Tensor
 from ._common import DEFAULT_MATRIX_EXCLUDE, as_matrix, check_fraction, polar, prepare, svd, tmean, tsum
 
 
-def _numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
-    """Number of singular values above ``max(shape) * eps * s_max`` (numpy/torch ``matrix_rank`` tolerance)."""
-    if s.numel() == 0:
-        return 0
-    tol = float(s.max()) * max(shape) * torch.finfo(s.dtype).eps
-    return int((s > tol).sum())
+def _support(mat: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the rows and columns of ``mat`` that hold a nonzero entry.
+
+    All-zero rows and columns are the one *exact* rank deficiency the SVD methods detect: the matrix's rank is at most
+    ``min(#nonzero rows, #nonzero columns)``, without any floating-point tolerance.
+    """
+    nz = mat != 0
+    return nz.any(dim=1).nonzero().squeeze(1), nz.any(dim=0).nonzero().squeeze(1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,20 +93,31 @@ def iso_c(
     ICML 2025): SVD of ``sum_k tau_k = U diag(S) V^T``, every singular value replaced by their mean:
     ``scale * mean(S) * U V^T``. Other tensors: the mean.
 
-    Only the numerically nonzero singular values count (a rank-deficient sum keeps its rank; for full-rank task
-    matrices this is exactly the paper's rule). ``scale`` is alpha = 1.0 (FusionBench's default; the paper tunes
-    alpha on validation data).
+    All ``min(m, n)`` singular values are flattened, as in the reference (FusionBench 0.2.33's ``iso_c``): there is no
+    numerical-rank cut-off, because a float32 sum of fine-tuning deltas has a long spectral tail that any tolerance
+    (e.g. numpy's ``max(m, n) * eps * s_max``) would wrongly drop. The one exception is *exact* rank deficiency from
+    all-zero rows or columns of the sum (e.g. a block no task changed): the SVD is taken of the nonzero rows and
+    columns only, whose ``min(rows, cols)`` singular values are flattened, and the zero rows and columns stay zero
+    (the reference would spread the mean over directions the sum does not have). ``scale`` is alpha = 1.0
+    (FusionBench's default; the paper tunes alpha on validation data).
     """
     ts = prepare(taus, name)
     total = tsum(ts)
     mat = as_matrix(total, name, matrix_exclude)
     if mat is None:
         return total.div_(len(ts)).mul_(float(scale))
-    u, s, vh = svd(mat)
-    rank = _numerical_rank(s, tuple(mat.shape))
-    if rank == 0:
+    rows, cols = _support(mat)
+    if rows.numel() == 0:
         return torch.zeros_like(total)
-    out = (u[:, :rank] * s[:rank].mean()) @ vh[:rank]
+    full = rows.numel() == mat.shape[0] and cols.numel() == mat.shape[1]
+    sub = mat if full else mat[rows][:, cols]
+    u, s, vh = svd(sub)
+    flat = (u * s.mean()) @ vh
+    if full:
+        out = flat
+    else:
+        out = torch.zeros_like(mat)
+        out[rows.unsqueeze(1), cols.unsqueeze(0)] = flat
     return out.reshape(total.shape).mul_(float(scale))
 
 

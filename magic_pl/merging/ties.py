@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import check_fraction, count_of, prepare, top_magnitude_mask
+from ._common import check_fraction, prepare, ties_keep_count, top_magnitude_mask
 
 
 def ties(
@@ -22,7 +22,9 @@ def ties(
     """TIES-Merging of one tensor (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", 2023).
 
     1. Trim: keep each tau_k's ``density`` fraction of largest-magnitude entries (paper: top-k with k = 20%), the rest
-       set to 0. Per tensor by default; ``merge(..., global_topk=True)`` computes one threshold per task over all
+       set to 0. The count is the TIES authors' reference rule, ``int(density * n) + 1`` out of ``n`` entries (their
+       ``kthvalue`` threshold with ``>=``; FusionBench 0.2.33 keeps the same; MergeKit 0.1.5 keeps ``int(density * n)``),
+       plus any entry tied with the threshold. Per tensor by default; ``merge(..., global_topk=True)`` computes one threshold per task over all
        tensors, as the paper's code does, and passes it here as ``thresholds``.
     2. Elect: the sign of ``sum_k trimmed_k`` per entry; an entry whose sum is exactly 0 takes the majority sign of the
        tensor's elected signs (the reference code's rule; there over the whole model).
@@ -68,7 +70,8 @@ def global_magnitude_thresholds(
 ) -> list[float]:
     """Per-task magnitude threshold keeping the ``density`` fraction of largest entries over all ``keys`` together.
 
-    The global variant of TIES's trim step (the paper's code flattens the whole model). Holds one task's magnitudes
+    The global variant of TIES's trim step (the paper's code flattens the whole model); the count kept is
+    :func:`~magic_pl.merging._common.ties_keep_count` of the total size. Holds one task's magnitudes
     at a time (one float32 model; numpy's in-place partition, no index tensor).
     """
     density = check_fraction(density, "density", low_open=True)
@@ -85,7 +88,7 @@ def global_magnitude_thresholds(
         for key, size in zip(keys, sizes):
             buf[pos : pos + size] = tv[key].detach().to(torch.float32).abs().reshape(-1).cpu().numpy()
             pos += size
-        keep = max(1, count_of(density, total))
+        keep = ties_keep_count(density, total)
         kth = total - keep  # 0-based index of the smallest kept magnitude
         buf.partition(kth)
         thresholds.append(float(buf[kth]))

@@ -1,0 +1,175 @@
+"""LiNeS: layer-increasing network scaling of a merged task vector (Wang et al., "LiNeS: Post-training Layer Scaling
+Prevents Forgetting and Enhances Model Merging", ICLR 2025).
+
+The task vector of block ``l`` (1-based, of ``L``) is scaled by ``alpha + beta (l - 1) / (L - 1)``: shallow blocks,
+which hold general features, keep little of the merge; deep blocks keep more. Parameters outside the blocks
+(embeddings, stem, final norm, head) take ``alpha``, the shallowest factor, as in the authors' code.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from magic_pl.statedict import is_batchnorm_stat
+
+__all__ = ["LAYER_PATTERNS", "layer_index", "lines_alpha", "lines_scaling", "lines_factors"]
+
+#: One depth rule per model family: a regex whose first group is the 0-based block index (``re.search``).
+LAYER_PATTERNS: dict[str, str] = {
+    "timm": r"(?:^|\.)blocks\.(\d+)\.",  # timm ViT / DeiT / ConvNeXt stages' blocks
+    "open_clip": r"(?:^|\.)resblocks\.(\d+)\.",  # open_clip / OpenAI CLIP transformers
+    "hf_encoder": r"(?:^|\.)encoder\.layer\.(\d+)\.",  # HF BERT, RoBERTa, ViT
+    "clip": r"(?:^|\.)encoder\.layers\.(\d+)\.",  # HF CLIP vision / text towers
+    "llama": r"(?:^|\.)model\.layers\.(\d+)\.",  # HF Llama, Mistral, Qwen2, Gemma
+    "gpt2": r"(?:^|\.)h\.(\d+)\.",  # HF GPT-2
+    "layers": r"(?:^|\.)layers\.(\d+)\.",  # any other ``layers.N.`` stack
+}
+
+Depth = Union[None, str, Callable[[str], Optional[int]]]
+
+
+def _depth_fn(depth: Depth) -> Callable[[str], Optional[int]]:
+    if callable(depth):
+        return depth
+    if depth is None:
+        patterns = [re.compile(p) for p in LAYER_PATTERNS.values()]
+    elif isinstance(depth, str):
+        try:
+            patterns = [re.compile(LAYER_PATTERNS.get(depth, depth))]
+        except re.error as err:
+            raise ValueError(f"lines_scaling: depth={depth!r} is neither a family ({', '.join(LAYER_PATTERNS)}) "
+                             f"nor a valid regex: {err}") from None
+        if patterns[0].groups < 1:
+            raise ValueError(f"lines_scaling: depth regex {depth!r} needs a group capturing the block index")
+    else:
+        raise TypeError(f"lines_scaling: depth must be None, a family name, a regex or a callable, not {type(depth).__name__}")
+
+    def fn(key: str) -> Optional[int]:
+        for p in patterns:
+            m = p.search(key)
+            if m:
+                return int(m.group(1))
+        return None
+
+    return fn
+
+
+def layer_index(key: str, depth: Depth = None) -> Optional[int]:
+    """0-based block index of parameter ``key``, or ``None`` outside the blocks.
+
+    ``depth``: ``None`` tries every :data:`LAYER_PATTERNS` rule (first match wins), a family name of
+    :data:`LAYER_PATTERNS` or a regex (first group = index) uses that rule, a callable is used as is.
+    """
+    return _depth_fn(depth)(key)
+
+
+def _scalable(sd: Mapping[str, Tensor], key: str) -> bool:
+    dtype = getattr(sd, "dtype", None)  # lazy mappings report dtypes without reading the tensor
+    dt = dtype(key) if callable(dtype) else sd[key].dtype
+    return dt.is_floating_point and not is_batchnorm_stat(key)
+
+
+def lines_alpha(merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]], *,
+                norm: str = "l1") -> float:
+    """The paper's ``alpha`` for multi-task merging: ``||sum_k tau_k|| / (K ||tau_m||)`` over all scaled keys.
+
+    For Task Arithmetic (``tau_m = lambda sum_k tau_k``) it is ``1 / (lambda K)``, so the shallowest block gets the
+    plain average of the task vectors whatever lambda was. ``norm``: ``"l1"`` (default) or ``"l2"``; for a TA merge
+    both give the same value.
+    """
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"lines_alpha: norm={norm!r} must be 'l1' or 'l2'")
+    if len(task_vectors) == 0:
+        raise ValueError("lines_alpha needs the task vectors (K >= 1), got none")
+    p = 1 if norm == "l1" else 2
+    summed, merged = 0.0, 0.0
+    for key in merged_tv:
+        if not _scalable(merged_tv, key):
+            continue
+        d = merged_tv[key]
+        acc = torch.zeros(d.shape, dtype=torch.float64, device=d.device)
+        for tv in task_vectors:
+            acc += tv[key].to(device=d.device, dtype=torch.float64)
+        summed += float(torch.linalg.vector_norm(acc, ord=p)) ** p
+        merged += float(torch.linalg.vector_norm(d.to(torch.float64), ord=p)) ** p
+    if merged == 0.0:
+        raise ValueError("lines_alpha: the merged task vector is zero; alpha = ||sum tau|| / (K ||tau_m||) is undefined")
+    return (summed / merged) ** (1.0 / p) / len(task_vectors)
+
+
+def lines_factors(
+    keys: Sequence[str], *, alpha: float, beta: float, depth: Depth = None, num_layers: Optional[int] = None
+) -> dict[str, float]:
+    """The LiNeS factor of each key: ``alpha + beta * i / (L - 1)`` for block index ``i`` (0-based), ``alpha``
+    outside the blocks. ``L`` is ``num_layers`` or, by default, the largest index found plus one (L = 1 gives
+    ``alpha`` everywhere)."""
+    fn = _depth_fn(depth)
+    idx = {k: fn(k) for k in keys}
+    found = [i for i in idx.values() if i is not None]
+    if num_layers is None:
+        num_layers = max(found) + 1 if found else 1
+    elif isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"lines_scaling: num_layers={num_layers!r} must be an integer >= 1")
+    out = {}
+    for k, i in idx.items():
+        if i is None:
+            out[k] = alpha
+            continue
+        if i >= num_layers:
+            raise ValueError(f"lines_scaling: {k!r} is in block {i} but num_layers={num_layers}")
+        out[k] = alpha + (beta * i / (num_layers - 1) if num_layers > 1 else 0.0)
+    return out
+
+
+def lines_scaling(
+    merged_tv: Mapping[str, Tensor],
+    *,
+    beta: float,
+    alpha: Optional[float] = None,
+    task_vectors: Optional[Sequence[Mapping[str, Tensor]]] = None,
+    depth: Depth = None,
+    num_layers: Optional[int] = None,
+    norm: str = "l1",
+) -> dict[str, Tensor]:
+    """LiNeS of a merged task vector: block ``l`` (1-based, of ``L``) scaled by ``alpha + beta (l - 1) / (L - 1)``,
+    parameters outside the blocks by ``alpha``.
+
+    Args:
+        beta: the increase from the first to the last block. The paper tunes it on validation data for merging
+            (the authors' grid is [0, 1]); no default.
+        alpha: the first block's factor. ``None`` (default): the paper's multi-task merging rule
+            ``||sum_k tau_k|| / (K ||tau_m||)`` (:func:`lines_alpha`; needs ``task_vectors``), which is ``1/(lambda K)``
+            for Task Arithmetic with coefficient lambda. Pass a number to set it (the paper's single-task setting uses
+            ``alpha = lambda``, ``beta = 1 - lambda``).
+        task_vectors: the K task vectors, needed when ``alpha`` is ``None``.
+        depth: how a key maps to its block (see :func:`layer_index`; default: every known family's rule).
+        num_layers: ``L``; default: the largest block index found plus one.
+        norm: the norm of the ``alpha`` rule, ``"l1"`` (default) or ``"l2"``.
+
+    Returns:
+        A new mapping with every key: floating tensors scaled (float32 arithmetic, the input dtype), BatchNorm
+        running statistics and integer buffers unchanged (the merge already averages the statistics; scaling them
+        is no rescaling of a layer's weights). Unlike WSC/SVC, 1-D tensors are scaled too: the paper scales the whole
+        task vector of a block.
+    """
+    for name, v in (("beta", beta), ("alpha", alpha)):
+        if v is not None and (isinstance(v, bool) or not math.isfinite(float(v))):
+            raise ValueError(f"lines_scaling: {name}={v!r} must be a finite number")
+    if alpha is None:
+        if task_vectors is None:
+            raise ValueError("lines_scaling: alpha=None (the paper's merging rule) needs task_vectors=")
+        alpha = lines_alpha(merged_tv, task_vectors, norm=norm)
+    keys = [k for k in merged_tv if _scalable(merged_tv, k)]
+    factors = lines_factors(keys, alpha=float(alpha), beta=float(beta), depth=depth, num_layers=num_layers)
+    out: dict[str, Tensor] = {}
+    for key in merged_tv:
+        d = merged_tv[key]
+        f = factors.get(key)
+        out[key] = d if f is None else (d.to(torch.float32) * f).to(d.dtype)
+    return out
