@@ -1,5 +1,6 @@
-"""MAGIC magnitude calibration (docs/method.md), pure PyTorch: WSC, FSC with weight folding, DSC and the
-magnitude-sensitive-layer probe. Usable without Lightning."""
+"""MAGIC magnitude calibration (docs/method.md), pure PyTorch: the calibration settings and their driver, WSC, FSC with
+weight folding, DSC, the magnitude-sensitive-layer probe, and the data-free rescalers SVC and LiNeS. Usable without
+Lightning."""
 
 from magic_pl.calibration.dsc import dual_space_calibration
 from magic_pl.calibration.fsc import (
@@ -19,7 +20,9 @@ from magic_pl.calibration.sensitivity import (
     save_sensitivity,
     sensitivity_scores,
 )
+from magic_pl.calibration.lines import layer_index, lines_alpha, lines_scaling
 from magic_pl.calibration.settings import AUTO, PRESETS, SENSITIVE_POLICIES, CalibrationSetting, resolve_setting
+from magic_pl.calibration.svc import singular_value_calibration
 from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, WSC_VARIANTS, row_scales, weight_space_calibration, wsc_keys
 
@@ -43,12 +46,16 @@ __all__ = [
     "dual_space_calibration",
     "find_units",
     "fold_kind",
+    "layer_index",
+    "lines_alpha",
+    "lines_scaling",
     "load_sensitivity",
     "output_divergence_score",
     "resolve_setting",
     "row_scales",
     "save_sensitivity",
     "sensitivity_scores",
+    "singular_value_calibration",
     "weight_space_calibration",
     "wsc_keys",
 ]

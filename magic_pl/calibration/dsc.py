@@ -14,7 +14,8 @@ from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import weight_space_calibration
 from magic_pl.statedict import apply_delta
 
-__all__ = ["Batches", "apply_weight_space_calibration", "dual_space_calibration", "feed"]
+__all__ = ["Batches", "apply_weight_space_calibration", "dual_space_calibration", "feed", "merged_task_vector",
+           "write_task_vector"]
 
 #: Calibration data: ``{task_index: iterable of batches}`` or an iterable of ``(task_index, batch)`` pairs. A batch
 #: that is a tensor is passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``.
@@ -41,6 +42,25 @@ def feed(calibrator: FeatureSpaceCalibrator, batches: Batches) -> int:
 
 
 @torch.no_grad()
+def write_task_vector(base: StateSource, merged: nn.Module, tau: Mapping[str, Tensor], keys: Iterable[str],
+                      what: str = "calibrated model") -> None:
+    """Set ``keys`` of ``merged`` (in place) to ``theta0 + tau`` in each tensor's dtype (float64 stays float64)."""
+    base_state = _state_of(base)
+    merged_state = merged.state_dict()
+    for key in keys:
+        if key not in merged_state:
+            raise KeyError(f"calibrated {key!r}, which the merged model does not have")
+        target = merged_state[key]
+        target.copy_(apply_delta(base_state[key].to(target.device), tau[key], key=key, name=what,
+                                 out_dtype=target.dtype))
+
+
+def merged_task_vector(base: StateSource, merged: nn.Module) -> Mapping[str, Tensor]:
+    """``tau_m = merged - base``, computed per key on access."""
+    return LazyTaskVector({k: v.detach() for k, v in merged.state_dict().items()}, _state_of(base))
+
+
+@torch.no_grad()
 def apply_weight_space_calibration(
     base: StateSource,
     merged: nn.Module,
@@ -52,18 +72,11 @@ def apply_weight_space_calibration(
     """WSC written into ``merged`` in place: every calibrated tensor becomes ``theta0 + calibrated tau_m`` (summed in
     float32, or float64 for float64 models). ``merged_tv`` ``None`` computes ``merged - base`` on access;
     ``wsc_options`` go to :func:`weight_space_calibration`. Returns the per-row scales applied, per tensor."""
-    base_state = _state_of(base)
-    merged_state = merged.state_dict()
     if merged_tv is None:
-        merged_tv = LazyTaskVector({k: v.detach() for k, v in merged_state.items()}, base_state)
+        merged_tv = merged_task_vector(base, merged)
     calibrated, scales = weight_space_calibration(merged_tv, task_vectors, sensitive, return_scales=True,
                                                   **wsc_options)
-    for key in scales:
-        if key not in merged_state:
-            raise KeyError(f"WSC calibrated {key!r}, which the merged model does not have")
-        target = merged_state[key]
-        target.copy_(apply_delta(base_state[key].to(target.device), calibrated[key], key=key,
-                                 name="WSC-calibrated model", out_dtype=target.dtype))
+    write_task_vector(base, merged, calibrated, list(scales), "WSC-calibrated model")
     return scales
 
 

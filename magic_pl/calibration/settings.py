@@ -23,6 +23,8 @@ Presets (the paper's behaviour is ``"wsc"``/``"fsc"``/``"dsc"``, exactly as in M
 - ``fsc_sequential``, ``fsc_channel`` (one xi per output channel), ``fsc_rom`` (ratio of means), ``fsc_p2``
   (p = 2), ``fsc_cap_detect`` (the paper's sensitive cap with a detected set), ``fsc_gated`` (WSC's rule on xi),
   ``fsc_rom_gated`` (ratio of means and WSC's rule);
+- ``svc`` / ``svc_fsc``: singular value calibration (arXiv 2602.05536) as the data-free weight step, alone or
+  followed by FSC;
 - ``auto``: the recommended setting; see :data:`AUTO` for what it is and the measurement behind it.
 """
 
@@ -37,7 +39,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.dsc import Batches, apply_weight_space_calibration, feed
+from magic_pl.calibration.dsc import (
+    Batches,
+    apply_weight_space_calibration,
+    feed,
+    merged_task_vector,
+    write_task_vector,
+)
 from magic_pl.calibration.fsc import (
     FSC_GATES,
     FSC_GRANULARITIES,
@@ -49,14 +57,16 @@ from magic_pl.calibration.fsc import (
     _parse_norm,
     _state_of,
 )
-from magic_pl.calibration.wsc import WSC_VARIANTS
+from magic_pl.calibration.wsc import WSC_VARIANTS, wsc_keys
 from magic_pl.statedict import apply_delta
 
 __all__ = ["SPACES", "SENSITIVE_POLICIES", "CalibrationSetting", "PRESETS", "AUTO", "resolve_setting",
            "detect_label_free", "SensitiveSet"]
 
-#: Calibration spaces: nothing, weight space (data-free), feature space, both (WSC then FSC).
+#: Calibration spaces: nothing, weight space (data-free), feature space, both (the weight step then FSC).
 SPACES: tuple[str, ...] = ("none", "wsc", "fsc", "dsc")
+#: Data-free weight steps: MAGIC's WSC, or SVC (singular value calibration).
+WEIGHT_METHODS: tuple[str, ...] = ("wsc", "svc")
 #: Sensitive-set policies, the one meaning of "sensitive": ``none`` (WSC ungated, FSC uncapped; the default),
 #: ``empty`` (the paper's gating with no sensitive tensor: WSC rows only grow), ``given`` (a set the caller passes: a
 #: list of tensor/module names or a ranking JSON of :func:`~magic_pl.calibration.sensitivity.save_sensitivity`),
@@ -74,7 +84,11 @@ class CalibrationSetting:
     """One calibration recipe. Defaults are the paper's (MAGIC, arXiv 2512.19320).
 
     Attributes:
-        space: ``"none"``, ``"wsc"``, ``"fsc"`` or ``"dsc"``.
+        space: ``"none"``, ``"wsc"``, ``"fsc"`` or ``"dsc"`` (``wsc``/``dsc``: the data-free weight step, then for
+            ``dsc`` FSC on its result).
+        weight_method: the data-free weight step: ``"wsc"`` (MAGIC's, default) or ``"svc"`` (singular value
+            calibration, arXiv 2602.05536 by MAGIC's authors; :func:`~magic_pl.calibration.svc.singular_value_calibration`).
+        svc_alpha: SVC's floor of each task's coefficient (0.1, FusionBench's setting for TA/TIES/averages).
         wsc_variant: :data:`~magic_pl.calibration.wsc.WSC_VARIANTS` (``"paper"``).
         sensitive: :data:`SENSITIVE_POLICIES` (``"none"``).
         alpha: size of a detected sensitive set (paper: 10).
@@ -87,6 +101,8 @@ class CalibrationSetting:
     """
 
     space: str = "fsc"
+    weight_method: str = "wsc"
+    svc_alpha: float = 0.1
     wsc_variant: str = "paper"
     sensitive: str = "none"
     alpha: int = 10
@@ -98,7 +114,8 @@ class CalibrationSetting:
     gate: str = "none"
 
     def __post_init__(self) -> None:
-        for name, value, choices in (("space", self.space, SPACES), ("wsc_variant", self.wsc_variant, WSC_VARIANTS),
+        for name, value, choices in (("space", self.space, SPACES), ("weight_method", self.weight_method, WEIGHT_METHODS),
+                                     ("wsc_variant", self.wsc_variant, WSC_VARIANTS),
                                      ("sensitive", self.sensitive, SENSITIVE_POLICIES), ("mode", self.mode, FSC_MODES),
                                      ("statistic", self.statistic, FSC_STATISTICS),
                                      ("granularity", self.granularity, FSC_GRANULARITIES),
@@ -120,6 +137,13 @@ class CalibrationSetting:
         if not (math.isfinite(eps) and 0 < eps <= 1.0):
             raise ValueError(f"calibration setting: eps={self.eps!r} must be a finite number in (0, 1]")
         object.__setattr__(self, "eps", eps)
+        try:
+            svc_alpha = float(self.svc_alpha)
+        except (TypeError, ValueError):
+            svc_alpha = float("nan")
+        if not (math.isfinite(svc_alpha) and 0 < svc_alpha <= 1e3):
+            raise ValueError(f"calibration setting: svc_alpha={self.svc_alpha!r} must be a finite number in (0, 1000]")
+        object.__setattr__(self, "svc_alpha", svc_alpha)
 
     @property
     def uses_data(self) -> bool:
@@ -189,8 +213,16 @@ class CalibrationSetting:
     def weight_space(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                      merged_tv: Optional[Mapping[str, Tensor]], sensitive: Optional[Collection[str]]
                      ) -> dict[str, Tensor]:
-        """WSC written into ``merged`` (for ``wsc``/``dsc``; nothing otherwise). Returns the row scales per tensor."""
+        """The data-free weight step written into ``merged`` (for ``wsc``/``dsc``; nothing otherwise): WSC (returns its
+        row scales per tensor) or SVC (returns ``{}``: it rescales singular values, not rows)."""
         if not self.uses_wsc:
+            return {}
+        if self.weight_method == "svc":
+            from magic_pl.calibration.svc import singular_value_calibration
+
+            tau = merged_tv if merged_tv is not None else merged_task_vector(base, merged)
+            calibrated = singular_value_calibration(tau, task_vectors, alpha=self.svc_alpha)
+            write_task_vector(base, merged, calibrated, wsc_keys(tau), "SVC-calibrated model")
             return {}
         return apply_weight_space_calibration(base, merged, task_vectors, merged_tv, sensitive, **self.wsc_options())
 
@@ -371,6 +403,8 @@ PRESETS: dict[str, CalibrationSetting] = {
     "fsc_cap_detect": CalibrationSetting(space="fsc", sensitive="detect"),
     "fsc_gated": CalibrationSetting(space="fsc", gate="paper"),
     "fsc_rom_gated": CalibrationSetting(space="fsc", statistic="ratio_of_means", gate="paper"),
+    "svc": CalibrationSetting(space="wsc", weight_method="svc"),
+    "svc_fsc": CalibrationSetting(space="dsc", weight_method="svc"),
     "auto": AUTO,
 }
 

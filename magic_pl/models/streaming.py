@@ -258,6 +258,9 @@ def stream_merge(
         raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}")
     setting = resolve_setting(calibration)
     wsc = setting.uses_wsc
+    if wsc and setting.weight_method != "wsc":
+        raise ValueError(f"stream_merge: calibration {setting.to_string()!r}: only WSC's row-wise weight step streams "
+                         "block by block; merge with calibration='none' and calibrate the loaded model instead")
     if wsc and setting.detects and sensitive is None:
         raise ValueError(f"stream_merge: calibration {setting.to_string()!r} detects its sensitive set on data, which "
                          "a streamed merge does not see; give sensitive= (names or a ranking JSON of "

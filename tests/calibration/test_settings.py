@@ -132,3 +132,27 @@ def test_auto_runs_the_label_free_probe_and_caps_its_set():
     assert rep.coefficients == want.coefficients and rep.sensitive == want.sensitive
     assert set(rep.sensitive) == {k.rpartition(".")[0] for k in found}
     assert all(rep.coefficients[name] <= 1.0 for name in rep.sensitive)
+
+
+def test_svc_setting_equals_the_direct_call_and_composes_with_fsc():
+    from magic_pl.calibration.svc import singular_value_calibration
+
+    base, tvs, tau_m, batches = _setup()
+    tau_ta = {k: 3.0 * v for k, v in tau_m.items()}  # TA-like: over-counted shared directions
+    m = merged_model(base, tau_ta)
+    rep = resolve_setting("wsc:weight_method=svc,svc_alpha=0.2").calibrate(base, m, tvs, tau_ta)
+    want = merged_model(base, singular_value_calibration(tau_ta, tvs, alpha=0.2))
+    for key, v in want.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[key], v, rtol=0, atol=1e-12)
+    assert rep.space == "wsc" and rep.row_scales == {}
+    assert not torch.equal(m.state_dict()["0.weight"], merged_model(base, tau_ta).state_dict()["0.weight"])
+    # svc_fsc: SVC, then FSC measured on the SVC-calibrated model
+    m = merged_model(base, tau_ta)
+    rep = PRESETS["svc_fsc"].calibrate(base, m, tvs, tau_ta, batches)
+    ref = merged_model(base, singular_value_calibration(tau_ta, tvs))
+    cal = FeatureSpaceCalibrator(base, ref, tvs)
+    for k, bs in batches.items():
+        cal.update(k, bs[0])
+    assert cal.fold().coefficients == rep.coefficients
+    with pytest.raises(ValueError, match="svc_alpha"):
+        resolve_setting("wsc:weight_method=svc,svc_alpha=0")
