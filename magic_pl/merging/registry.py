@@ -13,6 +13,8 @@ from torch import Tensor
 
 from magic_pl.statedict import (
     CheckpointError,
+    LazyTaskVector,
+    apply_delta,
     is_batchnorm_stat,
     is_mergeable,
     iter_task_vectors,
@@ -304,22 +306,6 @@ def _dtype_of(sd: Mapping[str, Tensor], key: str) -> torch.dtype:
     return dtype(key) if callable(dtype) else sd[key].dtype
 
 
-class _TaskVectorView(Mapping[str, Tensor]):
-    """Lazy ``expert - base`` over the base's float keys (used by the global TIES pre-pass of ``merge_models``)."""
-
-    def __init__(self, base: Mapping[str, Tensor], expert: Mapping[str, Tensor], keys: Sequence[str]):
-        self._base, self._expert, self._keys = base, expert, list(keys)
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._expert[key].to(torch.float32) - self._base[key].to(torch.float32)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def merge_models(
     base: Any,
     experts: Sequence[Any],
@@ -336,10 +322,11 @@ def merge_models(
         base, experts: anything :func:`~magic_pl.statedict.load_state_dict` accepts (paths, mappings, modules);
             safetensors files are read lazily, one tensor at a time.
         method, bn_stats, seed, **options: as in :func:`merge` (the base is passed to methods that need it).
-        check_finite: validate that no expert tensor holds NaN/Inf (reads every tensor once more).
+        check_finite: refuse NaN/Inf in the base and experts (checked in the read that builds each task vector, no
+            extra pass) and in the merged model (default ``True``).
 
     Returns:
-        A full state dict: float keys ``base + tau_m`` (float32 arithmetic, cast to the base dtype), integer/bool
+        A full state dict: float keys ``base + tau_m`` (float32 arithmetic, float64 for float64 bases), integer/bool
         buffers copied from the base.
     """
     options, global_topk = _prepare_driver(method, bn_stats, options)
@@ -347,20 +334,21 @@ def merge_models(
     _check_task_count(method, len(experts), options)
     base_sd = load_state_dict(base)
     expert_sds = [load_state_dict(e) for e in experts]
-    validate_experts(base_sd, expert_sds, check_finite=check_finite)
+    validate_experts(base_sd, expert_sds, check_finite=False)  # structure; values are checked as they are read
     if global_topk:
         float_keys = [k for k in base_sd if is_mergeable(_dtype_of(base_sd, k)) and not is_batchnorm_stat(k)]
-        views = [_TaskVectorView(base_sd, e, float_keys) for e in expert_sds]
+        views = [LazyTaskVector(e, base_sd, check_finite=check_finite) for e in expert_sds]
         options["thresholds"] = global_magnitude_thresholds(views, float_keys, options.get("density", 0.2))
     out: dict[str, Tensor] = {}
     merged = _iter_merged(
-        method, iter_task_vectors(base_sd, expert_sds), bn_stats=bn_stats, seed=seed, options=options, base=base_sd
+        method, iter_task_vectors(base_sd, expert_sds, check_finite=check_finite), bn_stats=bn_stats, seed=seed,
+        options=options, base=base_sd
     )
     pending = next(merged, None)
     for key in base_sd:
         b = base_sd[key]
         if pending is not None and pending[0] == key:
-            out[key] = (b.to(torch.float32) + pending[1]).to(b.dtype)
+            out[key] = apply_delta(b, pending[1], key=key, name=f"{method} merge")
             pending = next(merged, None)
         else:
             out[key] = b.clone()
