@@ -97,13 +97,14 @@ class TaskTaggedDataset(Dataset):
         return sample
 
 
-def draw_indices(size: int, n: int, *, seed: int = 0, task: int = 0) -> list[int]:
+def draw_indices(size: int, n: int, *, seed: int = 0, task: int = 0, name: Optional[str] = None) -> list[int]:
     """``n`` distinct indices out of ``range(size)``, drawn with a generator seeded by ``(seed, task)``.
 
     The same ``(seed, task)`` always gives the same draw, on every process. Raises ``ValueError`` if ``n > size``.
     """
     if n > size:
-        raise ValueError(f"cannot draw {n} calibration samples from task {task}: its dataset has {size}")
+        what = f"task {name!r}" if name is not None else f"task {task}"
+        raise ValueError(f"cannot draw {n} calibration samples (samples_per_task) from {what}: its dataset has {size}")
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(task))
     return torch.randperm(size, generator=gen)[:n].tolist()
 
@@ -463,7 +464,8 @@ class TaskDataModule(LightningDataModule):
                 source = self.calibration_sources.get(name)
                 if source is None:
                     continue
-                idx = draw_indices(len(source), self.samples_per_task, seed=self.seed, task=k)  # type: ignore[arg-type]
+                idx = draw_indices(len(source), self.samples_per_task, seed=self.seed, task=k,  # type: ignore[arg-type]
+                                   name=name)
                 parts.append(TaskTaggedDataset(source, k, idx, drop_labels=True))
             self._calibration = torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
         return self._calibration

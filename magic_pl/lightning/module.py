@@ -35,7 +35,7 @@ from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls
 from magic_pl.merging import merge
 from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
 from magic_pl.models.heads import TaskModel, logits_of
-from magic_pl.statedict import CheckpointError, load_state_dict
+from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
 __all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder", "task_calls"]
 
@@ -478,6 +478,7 @@ class MagicModule(LightningModule):
         if self.model is None or self.merge_setup is None:
             raise RuntimeError("nothing to save: the module is not built")
         if self.merge_setup.adapter is not None:
+            validate_state_dict(self.model.state_dict(), name="the calibrated model")  # no NaN/Inf is ever written
             return Path(self.merge_setup.save(self.model, path, **({"overwrite": True} if overwrite else {})))
         return save_module(self.model, path, heads=dict(self.heads.items()) if self.heads is not None else None,
                            overwrite=overwrite)

@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from magic_pl.statedict import atomic_path, save_state_dict
+from magic_pl.statedict import atomic_path, save_state_dict, validate_state_dict
 
 __all__ = ["save_module", "is_hf_model"]
 
@@ -41,6 +41,7 @@ def save_module(
     output or ``overwrite``, and only once the new one is complete.
     """
     path = Path(path)
+    validate_state_dict(module.state_dict(), name=f"the model to write to {path}")  # no NaN/Inf is ever written
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         if is_hf_model(module):

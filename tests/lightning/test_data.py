@@ -46,7 +46,7 @@ def test_draw_indices_seeded_distinct_and_bounded():
     assert a == draw_indices(50, 5, seed=3, task=1)
     assert a != draw_indices(50, 5, seed=3, task=2)
     assert len(set(a)) == 5 and all(0 <= i < 50 for i in a)
-    with pytest.raises(ValueError, match="cannot draw 6 calibration samples from task 0: its dataset has 5"):
+    with pytest.raises(ValueError, match="cannot draw 6 calibration samples \(samples_per_task\) from task 0: its dataset has 5"):
         draw_indices(5, 6)
 
 
