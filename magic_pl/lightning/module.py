@@ -169,6 +169,9 @@ class MagicModule(LightningModule):
         super().__init__()
         if (adapter is None) == (model is None):
             raise ValueError("give exactly one of `adapter` (a magic_pl.models adapter) or `model` (+ `experts`)")
+        if adapter is not None and trust_pickle:
+            raise ValueError("trust_pickle applies to `model`/`experts` paths; with an adapter, set the adapter's own "
+                             "trust_pickle (e.g. --model.init_args.adapter.init_args.trust_pickle true)")
         if model is not None and not experts:
             raise ValueError("`model` needs `experts`: one fine-tuned checkpoint per task")
         setting = resolve_setting(calibration)  # every option checked before any checkpoint is read

@@ -153,6 +153,8 @@ def test_constructor_errors():
         MagicModule()
     with pytest.raises(ValueError, match="unknown calibration 'fcs': not a preset"):
         MagicModule(model=Body(), experts=[Body()], calibration="fcs")
+    with pytest.raises(ValueError, match="adapter's own trust_pickle"):
+        MagicModule(adapter=object(), trust_pickle=True)
     with pytest.raises(ValueError, match="eps"):
         MagicModule(model=Body(), experts=[Body()], calibration={"space": "wsc", "eps": float("nan")})
 
