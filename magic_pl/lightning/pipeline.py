@@ -22,7 +22,7 @@ Everything a step does is written into a :class:`~magic_pl.lightning.report.Cali
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
@@ -68,7 +68,6 @@ class MagicTrainer(Trainer):
             ``{"metrics", "model", "report", "result"}``: test metrics, the model and report paths (``None`` when not
             written) and the :class:`~magic_pl.calibration.CalibrationResult` (``None`` if no calibration ran).
         """
-        from magic_pl.lightning.callbacks import get_backbone  # noqa: F401  (imports the Lightning glue once)
         from magic_pl.lightning.report import plot_record, write_json
         from magic_pl.output import OutputLocation
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path

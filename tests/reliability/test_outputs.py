@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from magic_pl.lightning import MagicModule, MagicTrainer, RandomTaskDataset, TaskDataModule
 from magic_pl.lightning.tiny_inputs import TinyTimmAdapter, build_tiny_timm
