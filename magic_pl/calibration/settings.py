@@ -123,27 +123,12 @@ class CalibrationSetting:
             if value not in choices:
                 raise ValueError(f"calibration setting: {name}={value!r} is not one of {choices}")
         object.__setattr__(self, "norm", _parse_norm(self.norm))
-        try:
-            alpha = float(self.alpha)
-        except (TypeError, ValueError):
-            alpha = float("nan")
-        if not (alpha.is_integer() and 0 <= alpha <= 10_000):
-            raise ValueError(f"calibration setting: alpha={self.alpha!r} must be a whole number of tensors in [0, 10000]")
+        alpha = _number("alpha", self.alpha, lambda v: v.is_integer() and 0 <= v <= 10_000,
+                        "a whole number of tensors in [0, 10000]")
         object.__setattr__(self, "alpha", int(alpha))
-        try:
-            eps = float(self.eps)
-        except (TypeError, ValueError):
-            eps = float("nan")
-        if not (math.isfinite(eps) and 0 < eps <= 1.0):
-            raise ValueError(f"calibration setting: eps={self.eps!r} must be a finite number in (0, 1]")
-        object.__setattr__(self, "eps", eps)
-        try:
-            svc_alpha = float(self.svc_alpha)
-        except (TypeError, ValueError):
-            svc_alpha = float("nan")
-        if not (math.isfinite(svc_alpha) and 0 < svc_alpha <= 1e3):
-            raise ValueError(f"calibration setting: svc_alpha={self.svc_alpha!r} must be a finite number in (0, 1000]")
-        object.__setattr__(self, "svc_alpha", svc_alpha)
+        object.__setattr__(self, "eps", _number("eps", self.eps, lambda v: 0 < v <= 1.0, "a finite number in (0, 1]"))
+        object.__setattr__(self, "svc_alpha", _number("svc_alpha", self.svc_alpha, lambda v: 0 < v <= 1e3,
+                                                      "a finite number in (0, 1000]"))
 
     @property
     def uses_data(self) -> bool:
@@ -295,6 +280,17 @@ class CalibrationSetting:
             feed(calibrator, batches)
             fold = calibrator.fold()
         return self.result(fold, scales)
+
+
+def _number(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> float:
+    """``value`` as a finite float satisfying ``ok``, else a ValueError naming the field and the rule."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"calibration setting: {name}={value!r} must be {rule}")
+    return v
 
 
 def _pick(given: SensitiveSet, policy: str) -> Any:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from magic_pl.calibration._names import Patterns
-from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, wsc_keys
+from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, task_slices, wsc_keys
 
 __all__ = ["DEFAULT_SVC_ALPHA", "singular_value_calibration", "svc_matrix"]
 
@@ -96,14 +96,7 @@ def singular_value_calibration(
         dev = torch.device(device) if device is not None else d.device
         rows = d.shape[0]
         mats = []
-        for k, tv in enumerate(task_vectors):
-            if key not in tv:
-                raise KeyError(f"task vector {k} lacks key {key!r} of the merged task vector")
-            t = tv[key]
-            if t.shape != d.shape:
-                raise ValueError(
-                    f"shape mismatch for {key!r}: merged task vector {tuple(d.shape)} vs task vector {k} {tuple(t.shape)}"
-                )
+        for k, t in enumerate(task_slices(key, d, task_vectors)):
             t = t.to(dev).reshape(rows, -1)
             if not bool(torch.isfinite(t).all()):  # its ratios would silently become alpha
                 raise ValueError(f"singular_value_calibration: task vector {k} holds NaN/Inf in {key!r}")

@@ -99,6 +99,22 @@ def wsc_keys(
     return out
 
 
+def task_slices(key: str, merged: Tensor, task_vectors: Sequence[Mapping[str, Tensor]]) -> list[Tensor]:
+    """The K task vectors' tensors of ``key``, each checked present and shaped like the merged one."""
+    out = []
+    for k, tv in enumerate(task_vectors):
+        if key not in tv:
+            raise KeyError(f"task vector {k} lacks key {key!r} of the merged task vector")
+        t = tv[key]
+        if t.shape != merged.shape:
+            raise ValueError(
+                f"shape mismatch for {key!r}: merged task vector {tuple(merged.shape)} vs task vector {k} "
+                f"{tuple(t.shape)}"
+            )
+        out.append(t)
+    return out
+
+
 def weight_space_calibration(
     merged_tv: Mapping[str, Tensor],
     task_vectors: Sequence[Mapping[str, Tensor]],
@@ -142,16 +158,8 @@ def weight_space_calibration(
         if key not in keys:
             out[key] = d
             continue
-        rows = []
-        for k, tv in enumerate(task_vectors):
-            if key not in tv:
-                raise KeyError(f"task vector {k} lacks key {key!r} of the merged task vector")
-            t = tv[key]
-            if t.shape != d.shape:
-                raise ValueError(
-                    f"shape mismatch for {key!r}: merged task vector {tuple(d.shape)} vs task vector {k} {tuple(t.shape)}"
-                )
-            rows.append(t.to(device=d.device, dtype=torch.float32).reshape(d.shape[0], -1))
+        rows = [t.to(device=d.device, dtype=torch.float32).reshape(d.shape[0], -1)
+                for t in task_slices(key, d, task_vectors)]
         tasks = torch.stack(rows)
         del rows
         d32 = d.to(torch.float32).reshape(d.shape[0], -1)
