@@ -44,7 +44,7 @@ from magic_pl.lightning.report import (
     write_json,
 )
 from magic_pl.lightning.writer import save_module
-from magic_pl.merging import merge
+from magic_pl.merging import merge, validate_merge_options
 from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, find_tied_keys
 from magic_pl.statedict import CheckpointError, apply_delta, load_state_dict
 
@@ -211,12 +211,10 @@ class MagicCalibration(Callback):
                  modules: Optional[Sequence[str]] = None, per_sample: bool = True, task_key: str = TASK_KEY,
                  task_fn: Optional[Callable[[Any, int], Any]] = None, key_prefix: Optional[str] = None,
                  task_names: Optional[Sequence[str]] = None, trust_pickle: bool = False) -> None:
-        from magic_pl.lightning.module import MagicModule
-
         if not experts:
             raise ValueError("MagicCalibration needs at least one expert checkpoint")
         setting = resolve_setting(calibration)  # options checked before any checkpoint is read
-        MagicModule._check_merge_options(method, options)
+        validate_merge_options(method, dict(options or {}))
         self.experts = list(experts)
         self.base = base
         self.method = method

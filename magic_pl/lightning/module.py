@@ -32,7 +32,7 @@ from magic_pl.lightning.metrics import PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
-from magic_pl.merging import merge
+from magic_pl.merging import merge, validate_merge_options
 from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
 from magic_pl.models.heads import TaskModel, logits_of
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
@@ -177,7 +177,7 @@ class MagicModule(LightningModule):
         setting = resolve_setting(calibration)  # every option checked before any checkpoint is read
         if model is not None and task_names is not None and len(task_names) != len(experts):
             raise ValueError(f"{len(task_names)} task names for {len(experts)} experts")
-        self._check_merge_options(merge_method, merge_options)
+        validate_merge_options(merge_method, dict(merge_options or {}))
         self.save_hyperparameters(ignore=["adapter", "model", "experts", "base", "heads"])
         self.adapter = adapter
         self._model_source = model
@@ -209,16 +209,6 @@ class MagicModule(LightningModule):
     # ----------------------------------------------------------------------------------------------------------------
     # Building
     # ----------------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_merge_options(method: str, options: Optional[Mapping[str, Any]]) -> None:
-        from magic_pl import merging
-
-        check = getattr(merging, "validate_merge_options", None)
-        if check is not None:
-            check(method, dict(options or {}))
-        elif method not in merging.MERGE_METHODS:
-            raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(merging.MERGE_METHODS)}")
-
     @property
     def needs_calibration_data(self) -> bool:
         """True while a calibration step still needs unlabelled data (``trainer.predict``)."""
