@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from magic_pl.calibration import resolve_setting
 from magic_pl.lightning.data import TASK_KEY, check_calibration_size, count_predict_samples
 from magic_pl.lightning.module import Calibration, NormRecorder, _module_means
-from magic_pl.lightning.pipeline import CalibrationRun
+from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import (
     CalibrationRecord,
     delta_norms,
@@ -290,12 +290,7 @@ class MagicCalibration(Callback):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.run.collecting:
             return
-        device = trainer.strategy.root_device
-
-        def reduce(t: Tensor) -> Tensor:
-            return t if trainer.world_size == 1 else trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
-
-        result = self.run.finish(reduce)  # one sum all-reduce; every rank folds the same xi
+        result = self.run.finish(sum_over_processes(trainer))  # one sum all-reduce; every rank folds the same xi
         rank_zero_info(f"MAGIC {result.setting}: folded {len(result.folded)} module(s), wrapped {len(result.wrapped)}")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

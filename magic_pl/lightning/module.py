@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from magic_pl.calibration import CalibrationSetting, load_sensitivity, resolve_setting
 from magic_pl.lightning.data import INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size, count_predict_samples
 from magic_pl.lightning.metrics import PerTaskAccuracy
-from magic_pl.lightning.pipeline import CalibrationRun
+from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
 from magic_pl.merging import merge, validate_merge_options
@@ -337,12 +337,6 @@ class MagicModule(LightningModule):
                 "tagged with the position of their task, which must be the position of its expert"
             )
 
-    def _reduce_sum(self, t: Tensor) -> Tensor:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return t
-        return trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
-
     def on_predict_start(self) -> None:
         if self.model is None:
             return
@@ -376,7 +370,7 @@ class MagicModule(LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         if self.run.collecting:
-            self.run.finish(self._reduce_sum)  # one sum all-reduce, then the same fold on every rank
+            self.run.finish(sum_over_processes(self._trainer))  # one sum all-reduce, then the same fold on every rank
 
     # --- evaluation -------------------------------------------------------------------------------------------------
     def _groups(self, task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, Optional[Tensor], tuple, dict]]:

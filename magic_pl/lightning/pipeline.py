@@ -34,10 +34,21 @@ from magic_pl.calibration.settings import SensitiveSet, detect_label_free
 from magic_pl.lightning.report import CalibrationRecord, delta_norms, relative_deviation
 from magic_pl.lightning.statistics import FeatureStatisticsCollector, task_calls
 
-__all__ = ["CalibrationRun"]
+__all__ = ["CalibrationRun", "sum_over_processes"]
 
 #: ``reduce(tensor) -> tensor``: the sum over processes (identity on one process).
 Reduce = Callable[[Tensor], Tensor]
+
+
+def sum_over_processes(trainer: Any) -> Reduce:
+    """``reduce`` for :meth:`CalibrationRun.finish`: a tensor summed over the trainer's processes (identity on one, or
+    without a trainer)."""
+    def reduce(t: Tensor) -> Tensor:
+        if trainer is None or trainer.world_size == 1:
+            return t
+        return trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+
+    return reduce
 
 
 class CalibrationRun:
