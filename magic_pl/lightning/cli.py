@@ -51,7 +51,7 @@ from magic_pl.lightning.cli_errors import (
 )
 from magic_pl.lightning.trainer import MagicTrainer
 
-__all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "calibrate_summary",
+__all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "benchmark_parser", "calibrate_summary",
            "xi_summary", "apply_shortcuts", "with_demo_config"]
 
 PROG = "magic-pl"
@@ -370,10 +370,31 @@ def _usage_hint(args: Any, subcommand: Optional[str] = None) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # benchmark, demo, entry point
 # --------------------------------------------------------------------------------------------------------------------
-def benchmark_main(args: Sequence[str]) -> Any:
-    """``magic-pl benchmark [options]``: parse ``magic_pl.zoo.run_benchmark``'s signature and call it."""
+def benchmark_parser(run_benchmark: Any = None) -> Any:
+    """The parser of ``magic-pl benchmark`` (and ``python -m magic_pl.zoo``): ``run_benchmark``'s keywords plus
+    ``--trainer.*`` (the Lightning ``Trainer`` options, as ``calibrate`` takes them; defaults:
+    :data:`magic_pl.zoo.runner.TRAINER_DEFAULTS`) and ``-c/--config`` for a YAML file of them."""
     from jsonargparse import ActionConfigFile, ArgumentParser
+    from lightning.pytorch import Trainer
 
+    if run_benchmark is None:
+        from magic_pl.zoo import run_benchmark
+    parser = ArgumentParser(prog=f"{PROG} benchmark", exit_on_error=False,
+                            description=(run_benchmark.__doc__ or "Run the offline benchmark").strip().splitlines()[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config of the benchmark options")
+    takes_trainer = "trainer" in inspect.signature(run_benchmark).parameters
+    parser.add_function_arguments(run_benchmark, as_group=False, skip={"trainer"} if takes_trainer else None)
+    if takes_trainer:
+        from magic_pl.zoo.runner import TRAINER_DEFAULTS
+
+        parser.add_class_arguments(Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True)
+        parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+    return parser
+
+
+def benchmark_main(args: Sequence[str]) -> Any:
+    """``magic-pl benchmark [options]``: parse :func:`benchmark_parser`'s options and call
+    ``magic_pl.zoo.run_benchmark``; only the Trainer options that differ from Lightning's defaults are passed."""
     try:
         from magic_pl.zoo import run_benchmark
     except ImportError as err:
@@ -381,20 +402,48 @@ def benchmark_main(args: Sequence[str]) -> Any:
             f"magic-pl benchmark needs magic_pl.zoo.run_benchmark, which cannot be imported here: {err}. "
             "Install the benchmark extras: pip install 'magic-pl[zoo]'", exit_code=1,
         ) from err
-    parser = ArgumentParser(prog=f"{PROG} benchmark", exit_on_error=False,
-                            description=(run_benchmark.__doc__ or "Run the offline benchmark").strip().splitlines()[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config of the benchmark options")
-    parser.add_function_arguments(run_benchmark, as_group=False)
+    parser = benchmark_parser(run_benchmark)
     try:
         cfg = parser.parse_args(list(args))
     except ArgumentError as err:
         raise CLIError(short_parse_error(str(err)), hint=f"{PROG} benchmark --help lists the options") from err
-    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
-    result = run_benchmark(**kwargs)
-    from magic_pl.zoo.__main__ import print_result
+    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__", "trainer")}
+    if "trainer" in cfg:
+        kwargs["trainer"] = _trainer_options(parser, cfg)
+    from lightning.pytorch.utilities import rank_zero_only
 
-    print_result(result)
+    from magic_pl.zoo.data import DataUnavailableError
+
+    try:
+        result = run_benchmark(**kwargs)
+    except DataUnavailableError as err:
+        raise CLIError(str(err)) from err
+    if rank_zero_only.rank == 0:  # under DDP every process runs the benchmark; the first one reports
+        print_result(result)
     return result
+
+
+def _trainer_options(parser: Any, cfg: Namespace) -> Optional[dict[str, Any]]:
+    """The ``--trainer.*`` values that differ from Lightning's defaults (class-path entries such as callbacks and
+    loggers instantiated)."""
+    from lightning.pytorch import Trainer
+
+    defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
+    given = cfg.trainer.as_dict()
+    changed = [k for k, v in given.items() if k in defaults and v != defaults[k]]
+    if not changed:
+        return None
+    values = parser.instantiate_classes(cfg).trainer if any(isinstance(given[k], (dict, list)) for k in changed) \
+        else cfg.trainer
+    return {k: values[k] for k in changed}
+
+
+def print_result(result: dict) -> None:
+    """Print the markdown report and the files written (or the result itself when nothing was written)."""
+    files = result.get("files", {})
+    print(open(files["markdown"]).read() if "markdown" in files else result)
+    if files:
+        print("\nwritten:", ", ".join(files.values()))
 
 
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict", "calibrate")

@@ -30,6 +30,7 @@ __all__ = [
     "TASK_KEY",
     "LABELS_KEY",
     "INPUTS_KEY",
+    "INDEX_KEY",
     "as_sample",
     "TaskTaggedDataset",
     "draw_indices",
@@ -46,6 +47,9 @@ __all__ = [
 TASK_KEY = "task"
 LABELS_KEY = "labels"
 INPUTS_KEY = "inputs"
+#: Optional per-sample position in its task's test set: evaluation then keeps per-example correctness (for paired
+#: bootstrap intervals); never passed to the model.
+INDEX_KEY = "index"
 #: Default right-padding values for :func:`task_collate`; other keys pad with 0.
 DEFAULT_PAD_VALUES: dict[str, int] = {LABELS_KEY: -100, "attention_mask": 0, "input_ids": 0}
 
@@ -407,7 +411,8 @@ class TaskDataModule(LightningDataModule):
             without touching the test sets); default none.
         calibration: task name -> dataset to draw unlabelled calibration samples from (labels are dropped). Defaults
             to ``test`` (the paper calibrates on a handful of samples from each task's test distribution).
-        samples_per_task: unlabelled samples per task for FSC (1, the paper's default).
+        samples_per_task: unlabelled samples per task for FSC (1, the paper's default); ``None`` calibrates on every
+            sample of each calibration dataset, in its order (samples drawn by the caller).
         seed: seed of the calibration draws (0).
         batch_size: evaluation batch size (32).
         calibration_batch_size: calibration batch size (1: no padding; statistics are then identical for any
@@ -423,7 +428,7 @@ class TaskDataModule(LightningDataModule):
         test: Optional[Mapping[str, Dataset]] = None,
         calibration: Optional[Mapping[str, Dataset]] = None,
         val: Optional[Mapping[str, Dataset]] = None,
-        samples_per_task: int = 1,
+        samples_per_task: Optional[int] = 1,
         seed: int = 0,
         batch_size: int = 32,
         calibration_batch_size: int = 1,
@@ -439,8 +444,8 @@ class TaskDataModule(LightningDataModule):
             unknown = sorted(set(sets or {}) - set(self.task_names))
             if unknown:
                 raise ValueError(f"{label} datasets for unknown tasks {unknown}; task_names is {self.task_names}")
-        if samples_per_task < 1:
-            raise ValueError(f"samples_per_task must be >= 1, got {samples_per_task}")
+        if samples_per_task is not None and samples_per_task < 1:
+            raise ValueError(f"samples_per_task must be >= 1 (or None: every sample), got {samples_per_task}")
         self.test_sets = dict(test or {})
         self.val_sets = dict(val or {})
         self.calibration_sources = dict(calibration or {}) or dict(self.test_sets)
@@ -464,8 +469,9 @@ class TaskDataModule(LightningDataModule):
                 source = self.calibration_sources.get(name)
                 if source is None:
                     continue
-                idx = draw_indices(len(source), self.samples_per_task, seed=self.seed, task=k,  # type: ignore[arg-type]
-                                   name=name)
+                idx = (range(len(source)) if self.samples_per_task is None  # type: ignore[arg-type]
+                       else draw_indices(len(source), self.samples_per_task, seed=self.seed, task=k,  # type: ignore[arg-type]
+                                         name=name))
                 parts.append(TaskTaggedDataset(source, k, idx, drop_labels=True))
             self._calibration = torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
         return self._calibration

@@ -1,8 +1,8 @@
-"""torchmetrics states for calibration statistics and per-task accuracy, summed across processes.
+"""torchmetrics states for calibration statistics and per-task accuracy, reduced across processes.
 
-Both metrics hold plain sums (``dist_reduce_fx="sum"``) and are synchronised once, at the end of an epoch, when
-``compute()`` is called on every rank (docs/method.md): ranks may run different numbers of batches, so nothing
-is reduced per batch.
+The statistics and the accuracy counts are plain sums (``dist_reduce_fx="sum"``); per-example correctness is
+concatenated (``"cat"``). All are synchronised once, at the end of an epoch, when ``compute()`` is called on every
+rank (docs/method.md): ranks may run different numbers of batches, so nothing is reduced per batch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["FSCStatistics", "PerTaskAccuracy", "accumulation_dtype"]
+__all__ = ["FSCStatistics", "PerTaskAccuracy", "ExampleCorrectness", "accumulation_dtype"]
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -64,6 +64,11 @@ class FSCStatistics(Metric):
         """``(ratio_sum, ratio_count, samples)`` summed over processes."""
         return self.ratio_sum.clone(), self.ratio_count.clone(), self.samples.clone()
 
+    def totals(self) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`compute` with the states' shapes (torchmetrics squeezes one-element results to scalars)."""
+        ratio_sum, ratio_count, samples = self.compute()
+        return ratio_sum.reshape(self.shape), ratio_count.reshape(self.shape), samples.reshape(self.shape[0])
+
 
 class PerTaskAccuracy(Metric):
     """Exact per-task accuracy: ``correct[T]`` and ``total[T]`` counts (int64, sum-reduced).
@@ -110,9 +115,61 @@ class PerTaskAccuracy(Metric):
         total = self.total.to(torch.float64)
         return torch.where(total > 0, self.correct.to(torch.float64) / total.clamp_min(1), torch.nan)
 
+    def per_task(self) -> Tensor:
+        """:meth:`compute` as ``[T]`` (torchmetrics squeezes a one-task result to a scalar)."""
+        return self.compute().reshape(self.num_tasks)
+
     @staticmethod
     def average(acc: Tensor, tasks: Optional[Sequence[int]] = None) -> float:
         """Mean accuracy over tasks that have samples."""
         vals = acc if tasks is None else acc[list(tasks)]
         vals = vals[~torch.isnan(vals)]
         return float(vals.mean()) if vals.numel() else float("nan")
+
+
+class ExampleCorrectness(Metric):
+    """Per-example correctness, for intervals that resample test examples (paired bootstrap).
+
+    ``update(correct, index, task)`` records, for each sample of a batch, whether it was predicted right, its position
+    ``index`` in its task's test set and its task. States are concatenated across processes, so every rank gets all
+    examples whichever process evaluated them. ``compute()`` returns ``[T, N_max]`` int8: 1 right, 0 wrong, -1 for a
+    position never evaluated (:meth:`per_task` keeps the evaluated ones).
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    def __init__(self, num_tasks: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_tasks = int(num_tasks)
+        for name in ("correct", "index", "task"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, correct: Tensor, index: Tensor, task: "Tensor | int") -> None:  # type: ignore[override]
+        correct, index = correct.reshape(-1), index.reshape(-1).to(correct.device)
+        if correct.shape != index.shape:
+            raise ValueError(f"{correct.numel()} correctness values for {index.numel()} example indices")
+        if isinstance(task, int) or (isinstance(task, Tensor) and task.dim() == 0):
+            task = torch.full_like(index, int(task))
+        self.correct.append(correct.to(torch.int8))  # type: ignore[attr-defined]
+        self.index.append(index.long())  # type: ignore[attr-defined]
+        self.task.append(task.reshape(-1).long().to(index.device))  # type: ignore[attr-defined]
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        correct, index, task = (_cat(getattr(self, n)) for n in ("correct", "index", "task"))
+        size = int(index.max()) + 1 if index.numel() else 0
+        out = torch.full((self.num_tasks, size), -1, dtype=torch.int8, device=correct.device)
+        out[task, index] = correct  # an example evaluated twice (a padded sampler) holds the same value
+        return out
+
+    def per_task(self) -> list[Tensor]:
+        """Per task: correctness (bool) of the evaluated examples, in index order."""
+        table = self.compute().cpu().reshape(self.num_tasks, -1)  # one example: torchmetrics returns a scalar
+        return [row[row >= 0].bool() for row in table]
+
+
+def _cat(state: "Tensor | list[Tensor]") -> Tensor:
+    if isinstance(state, Tensor):  # already concatenated by a sync
+        return state
+    return torch.cat(state) if state else torch.zeros(0, dtype=torch.long)

@@ -16,6 +16,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,8 +28,9 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from magic_pl.calibration import CalibrationSetting, load_sensitivity, resolve_setting
-from magic_pl.lightning.data import INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size, count_predict_samples
-from magic_pl.lightning.metrics import PerTaskAccuracy
+from magic_pl.lightning.data import (INDEX_KEY, INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size,
+                                     count_predict_samples)
+from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
@@ -45,6 +47,13 @@ Calibration = Union[str, dict[str, Any], CalibrationSetting]
 Source = Union[str, os.PathLike, nn.Module]
 
 
+class _Same:
+    """Default of :meth:`MagicModule.with_calibration`'s ``sensitive``: keep the module's own."""
+
+
+_SAME = _Same()
+
+
 def resolve_sensitive(sensitive: Union[str, os.PathLike, Sequence[str], None], alpha: Optional[int] = None
                       ) -> Optional[list[str]]:
     """A sensitive set from a list of names or a ranking JSON written by
@@ -59,9 +68,10 @@ def resolve_sensitive(sensitive: Union[str, os.PathLike, Sequence[str], None], a
 def split_inputs(batch: Any) -> tuple[Any, tuple, dict, Optional[Tensor]]:
     """``(task, args, kwargs, labels)`` of a batch.
 
-    A dict batch holds ``"task"``, optional ``"labels"`` and the inputs: ``"inputs"`` (one tensor, passed
-    positionally) or named tensors (passed as keyword arguments, e.g. ``pixel_values`` or ``input_ids`` +
-    ``attention_mask``). A tuple ``(inputs, labels, task)`` or ``(inputs, task)`` is accepted too.
+    A dict batch holds ``"task"``, optional ``"labels"`` and ``"index"`` (positions in the test sets, see
+    :data:`~magic_pl.lightning.data.INDEX_KEY`) and the inputs: ``"inputs"`` (one tensor, passed positionally) or
+    named tensors (passed as keyword arguments, e.g. ``pixel_values`` or ``input_ids`` + ``attention_mask``). A tuple
+    ``(inputs, labels, task)`` or ``(inputs, task)`` is accepted too.
     """
     if isinstance(batch, Mapping):
         if TASK_KEY not in batch:
@@ -70,7 +80,7 @@ def split_inputs(batch: Any) -> tuple[Any, tuple, dict, Optional[Tensor]]:
         labels = batch.get(LABELS_KEY)
         if INPUTS_KEY in batch:
             return task, (batch[INPUTS_KEY],), {}, labels
-        kwargs = {k: v for k, v in batch.items() if k not in (TASK_KEY, LABELS_KEY)}
+        kwargs = {k: v for k, v in batch.items() if k not in (TASK_KEY, LABELS_KEY, INDEX_KEY)}
         return task, (), kwargs, labels
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         if len(batch) == 2:
@@ -205,6 +215,10 @@ class MagicModule(LightningModule):
                                   per_sample=fsc_per_sample, record=self.calibration_record)
         self._task_models: dict[str, nn.Module] = {}
         self._test_metric: Optional[PerTaskAccuracy] = None
+        self._examples: Optional[ExampleCorrectness] = None
+        #: After ``trainer.test``/``validate`` on batches with an ``"index"`` entry: task -> correctness per example
+        #: (bool, in index order), gathered from every process.
+        self.example_correctness: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Building
@@ -284,16 +298,53 @@ class MagicModule(LightningModule):
         rec.add_step("merge", time.perf_counter() - start, method=self.merge_method, options=options)
         rec.expert_norms = _module_means([t.sq_norms for t in taus])
         rec.deviation_before = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), rec.expert_norms)
+        self._bind(setup.merged_model(tau_m), [t.source for t in taus], tau_m)
 
-        self.model = setup.merged_model(tau_m)
-        self.run.bind(self.model, setup.base_state(), [t.source for t in taus], self.task_names, merged_tv=tau_m)
+    def _bind(self, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
+              merged_tv: Optional[Mapping[str, Tensor]]) -> None:
+        """Install the merged body, its heads and task models, and start the calibration run on it."""
+        setup = self.merge_setup
+        assert setup is not None
+        rec = self.calibration_record
+        self.model = merged
+        self.run.bind(self.model, setup.base_state(), task_vectors, self.task_names, merged_tv=merged_tv)
         rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)
-        del tau_m
         self.model.requires_grad_(False)
         if setup.heads is not None:
             self.heads = nn.ModuleDict({_safe(t): h for t, h in setup.heads.items()})
             self.heads.requires_grad_(False)
         self._task_models = {t: self._make_task_model(setup, t) for t in self.task_names}
+
+    def with_calibration(self, calibration: Calibration, *,
+                         sensitive: Union[str, Sequence[str], None, _Same] = _SAME) -> "MagicModule":
+        """A new module holding this module's merge, to be calibrated with another setting; the merge is not repeated.
+
+        For comparing calibration settings on one merge (the benchmark does). This module must not be calibrated yet
+        (build it with ``calibration="none"``, or fork before ``trainer.predict``): the copy starts from its current
+        weights. ``sensitive``: a given sensitive set for the new setting (default: this module's).
+        """
+        self.build()
+        if self.run.collecting or (self.run.done and self.calibration.space != "none"):
+            raise RuntimeError("with_calibration copies the merged weights: call it before this module is calibrated "
+                               f"(its setting {self.calibration.to_string()!r} has already run)")
+        other = MagicModule(
+            adapter=self.adapter, model=self._model_source, experts=self._expert_sources, base=self._base_source,
+            task_names=self._task_names_arg, heads=self._heads_arg, output_key=self.output_key,
+            key_prefix=self.key_prefix, merge_method=self.merge_method, merge_options=self.merge_options,
+            calibration=calibration, sensitive=self.sensitive if isinstance(sensitive, _Same) else sensitive,
+            fsc_modules=self.fsc_modules, fsc_per_sample=self.fsc_per_sample, check_finite=self.check_finite,
+            trust_pickle=self.trust_pickle,
+        )
+        setup = self.merge_setup
+        assert setup is not None and self.model is not None
+        other.merge_setup, other.task_names = setup, list(self.task_names)
+        rec, mine = other.calibration_record, self.calibration_record
+        rec.task_names, rec.sources = list(mine.task_names), dict(mine.sources)
+        rec.config.update(other.describe())
+        rec.steps = [dict(step) for step in mine.steps if step["step"] in ("load", "merge")]
+        rec.expert_norms, rec.deviation_before = dict(mine.expert_norms), dict(mine.deviation_before)
+        other._bind(copy.deepcopy(self.model), setup.task_vectors(), None)
+        return other
 
     def _make_task_model(self, setup: MergeSetup, task: str) -> nn.Module:
         if setup.adapter is not None:
@@ -403,7 +454,8 @@ class MagicModule(LightningModule):
         task, args, kwargs, labels = split_inputs(batch)
         if labels is None:
             raise KeyError(f"evaluation batches need {LABELS_KEY!r}")
-        assert self._test_metric is not None
+        index = batch.get(INDEX_KEY) if isinstance(batch, Mapping) else None
+        assert self._test_metric is not None and self._examples is not None
         for t, rows, a, kw in self._groups(task, args, kwargs):
             target = labels if rows is None else labels.index_select(0, rows.to(labels.device))
             logits = self(*a, task=t, **kw)
@@ -411,17 +463,26 @@ class MagicModule(LightningModule):
                 preds, target = logits[:, :-1].argmax(-1), target[:, 1:]
             else:
                 preds = logits.argmax(-1)
+                if index is not None:
+                    at = index if rows is None else index.index_select(0, rows.to(index.device))
+                    self._examples.update(preds == target.to(preds.device), at, t)
             self._test_metric.update(preds, target, t)
 
     def _start_eval(self) -> None:
         with torch.inference_mode(False):
             self._test_metric = PerTaskAccuracy(len(self.task_names)).to(self.device)
+            self._examples = ExampleCorrectness(len(self.task_names)).to(self.device)
 
     def _end_eval(self, prefix: str) -> dict[str, float]:
-        assert self._test_metric is not None
-        acc = self._test_metric.compute()  # one sum all-reduce of correct/total counts
+        assert self._test_metric is not None and self._examples is not None
+        acc = self._test_metric.per_task()  # one sum all-reduce of correct/total counts
         totals = self._test_metric.total.clone()
         self._test_metric.reset()
+        if self._examples.update_count:  # batches carried their positions: keep per-example correctness
+            per_task = self._examples.per_task()  # one gather of every process's examples
+            self.example_correctness = {n: c for n, c, total in zip(self.task_names, per_task, totals.tolist())
+                                        if total > 0}
+        self._examples.reset()
         out: dict[str, float] = {}
         seen = []
         for k, name in enumerate(self.task_names):

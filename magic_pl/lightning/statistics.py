@@ -167,7 +167,7 @@ class FeatureStatisticsCollector:
         """Sum ``[2, K, M]`` statistics over processes with the metric (one sync)."""
         self.metric.reset()
         self.metric.update(stacked[0], stacked[1])
-        total_sum, total_count, _ = self.metric.compute()
+        total_sum, total_count, _ = self.metric.totals()
         self.metric.reset()
         return torch.stack([total_sum, total_count]).to(stacked)
 
@@ -182,12 +182,12 @@ class FeatureStatisticsCollector:
             self.calibrator.finalize(reduce=self._reduce)
             self.metric.reset()
             self.metric.update(self._zeros, self._zeros, self.samples)
-            _, _, samples = self.metric.compute()  # every process's sample counts, for the coverage check
+            _, _, samples = self.metric.totals()  # every process's sample counts, for the coverage check
             self.samples = samples.detach().cpu().clone()
             self.calibrator.task_samples = self.samples.clone()
             self.metric.reset()
         else:
-            total_sum, total_count, samples = self.metric.compute()  # the one all-reduce (sum)
+            total_sum, total_count, samples = self.metric.totals()  # the one all-reduce (sum)
             with torch.inference_mode(False):
                 total_sum, total_count = total_sum.clone(), total_count.clone()
                 self.samples = samples.detach().cpu().clone()  # now the count over all processes

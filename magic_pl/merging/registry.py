@@ -127,14 +127,21 @@ def validate_merge_options(method: str, options: Mapping[str, Any], *, driver: b
 
     Args:
         method: a key of :data:`MERGE_METHODS`.
-        options: the caller's options (without ``bn_stats``/``seed`` of the drivers, which check those).
-        driver: accept the options only :func:`merge`/:func:`merge_models` handle (``global_topk`` for ``ties``);
-            ``False`` for :func:`merge_tensor`.
+        options: the caller's options; with ``driver`` they may include the drivers' own ``bn_stats`` and ``seed``
+            (as front doors take them in one dict), checked and returned as they are.
+        driver: accept the options only :func:`merge`/:func:`merge_models` handle (``global_topk`` for ``ties``,
+            ``bn_stats``, ``seed``); ``False`` for :func:`merge_tensor`.
     """
+    own = {k: options[k] for k in ("bn_stats", "seed") if driver and k in options}
+    if "bn_stats" in own and own["bn_stats"] not in BN_STATS_POLICIES:
+        raise ValueError(f"unknown bn_stats={own['bn_stats']!r}; valid: {', '.join(BN_STATS_POLICIES)}")
+    if "seed" in own and (isinstance(own["seed"], bool) or not isinstance(own["seed"], int)):
+        raise ValueError(f"merge option seed must be an integer, got {own['seed']!r}")
+    options = {k: v for k, v in options.items() if k not in own}
     _check_options(method, options, driver=driver)
     out = {k: check_option(method, k, v) for k, v in options.items()}
     check_combination(method, {**method_options(method), **out})
-    return out
+    return {**out, **own}
 
 
 def _task_count_error(method: str, k: int, options: Mapping[str, Any]) -> str | None:
@@ -233,9 +240,8 @@ def _iter_merged(
 
 
 def _prepare_driver(method: str, bn_stats: str, options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    if bn_stats not in BN_STATS_POLICIES:
-        raise ValueError(f"unknown bn_stats={bn_stats!r}; valid: {', '.join(BN_STATS_POLICIES)}")
-    options = validate_merge_options(method, options, driver=True)
+    options = validate_merge_options(method, {**options, "bn_stats": bn_stats}, driver=True)
+    options.pop("bn_stats")
     global_topk = bool(options.pop("global_topk", False))
     if global_topk and options.get("thresholds") is not None:
         raise ValueError("ties: pass either global_topk=True or thresholds, not both")

@@ -225,13 +225,14 @@ class MergeSetup:
         paths = self.metadata.get("experts") or []
         expert = self.experts[i]
         first = next(iter(expert), None)
-        if i < len(paths) and paths[i] and (first is None or tensor_file(expert, first) is None):
-            label += f" ({paths[i]})"
+        path = paths[i] if i < len(paths) and isinstance(paths[i], (str, os.PathLike)) else None
+        if path and (first is None or tensor_file(expert, first) is None):
+            label += f" ({path})"
         return label
 
     def _base_label(self) -> str:
-        base = self.metadata.get("base")
-        return f"base ({base})" if base else "base"
+        base = self.metadata.get("base")  # a path, or an in-memory source (never printed: a repr of every tensor)
+        return f"base ({base})" if isinstance(base, (str, os.PathLike)) and base else "base"
 
     def fsc_modules(self, model: Optional[nn.Module] = None) -> Optional[list[str]]:
         """Module names to give ``FeatureSpaceCalibrator(modules=...)``, or ``None`` for its automatic choice.

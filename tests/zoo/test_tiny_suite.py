@@ -1,9 +1,13 @@
-"""The tiny suite end to end (real digits data, real pipeline): results structure, sane values, the expert cache."""
+"""The tiny suite end to end (real digits data, real pipeline): results structure, sane values, the expert cache,
+and the same results on two DDP processes as on one."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -203,3 +207,36 @@ def test_max_test_subsamples_the_test_split_and_keeps_the_cached_experts(tiny):
     assert all(t["splits"]["test"]["size"] == 50 for t in result["tasks"])
     # the subsample is part of the full test split: its accuracy is an average of the full run's examples
     assert all(len(r["per_task"]) == len(result["config"]["tasks"]) for r in result["rows"])
+
+
+def test_two_ddp_processes_give_the_one_process_results(tiny, tmp_path):
+    """``--trainer.devices 2 --trainer.strategy ddp`` (the real command line; Lightning starts the second process):
+    every row's per-task accuracy, xi and interval equals the one-process run's."""
+    options = ["--suite", "tiny", "--cache_dir", str(tiny["cache"]), "--methods", "[weight_average, ties]",
+               "--calibrations", "[none, wsc, fsc, dsc]", "--draws", "2", "--ta_grid", "[0.3, 0.6]",
+               "--bootstrap", "100", "--progress", "false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # one thread per process: the same float sums
+    runs = {}
+    for devices in (2, 1):
+        out = tmp_path / f"d{devices}"
+        extra = ["--trainer.devices", str(devices)] + (["--trainer.strategy", "ddp"] if devices > 1 else [])
+        proc = subprocess.run([sys.executable, "-m", "magic_pl.zoo", *options, "--results_dir", str(out), *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.stdout.count("written:") == 1  # the first process reports
+        runs[devices] = json.loads((out / "results.json").read_text())
+    one, two = runs[1], runs[2]
+    assert one["config"]["trainer"]["world_size"] == 1 and two["config"]["trainer"]["world_size"] == 2
+    rows1, rows2 = _rows(one), _rows(two)
+    assert rows1.keys() == rows2.keys() and len(rows1) == 2 + 2 * 6 + 2  # base, experts; 2 methods x (4 settings, bn, bn+fsc); tuned TA (+ bn)
+    for key, r1 in rows1.items():
+        r2 = rows2[key]
+        assert r1["per_task"] == r2["per_task"] and r1["draw_avgs"] == r2["draw_avgs"], key
+        assert r1["avg_ci95"] == r2["avg_ci95"], key
+        if "scales" in r1:
+            assert all(abs(r1["scales"][f] - r2["scales"][f]) <= 1e-6 for f in ("mean", "min", "max")), key
+    for name in ("weight_average__fsc__draw1.json", "ties__dsc__draw0.json"):
+        xi1, xi2 = (json.loads((tmp_path / f"d{d}" / "calibration" / name).read_text())["coefficients"]
+                    for d in (1, 2))
+        assert xi1.keys() == xi2.keys() and max(abs(xi1[k] - xi2[k]) for k in xi1) <= 1e-6
