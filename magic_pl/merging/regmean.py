@@ -65,7 +65,8 @@ def _default_blocks(model: nn.Module) -> list[str]:
     return out
 
 
-def regmean_blocks(model: nn.Module, keys: Iterable[str], blocks: Optional[Sequence[str]] = None) -> dict[str, list[str]]:
+def regmean_blocks(model: nn.Module, keys: Iterable[str],
+                   blocks: Optional[Sequence[str]] = None) -> dict[str, list[str]]:
     """RegMean++'s merge steps: block name -> the RegMean-merged linear layers in it (unordered).
 
     ``blocks`` ``None``: the children of every outermost ``nn.ModuleList`` (transformer layers, as FusionBench merges

@@ -410,4 +410,5 @@ def test_a_task_without_batches_in_pairs_is_named():
     model = _mlp()
     base, taus = _setup(model)
     with pytest.raises(ValueError, match="no calibration batches for task 2"):
-        regmean(base, model, taus, [(0, torch.zeros(2, 5, dtype=torch.float64)), (1, torch.zeros(2, 5, dtype=torch.float64))])
+        x = torch.zeros(2, 5, dtype=torch.float64)
+        regmean(base, model, taus, [(0, x), (1, x)])
