@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -14,29 +14,36 @@ from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import weight_space_calibration
 from magic_pl.statedict import apply_delta
 
-__all__ = ["Batches", "apply_weight_space_calibration", "dual_space_calibration", "feed", "merged_task_vector",
-           "write_task_vector"]
+__all__ = ["Batches", "apply_weight_space_calibration", "call_with_batch", "dual_space_calibration", "feed",
+           "merged_task_vector", "task_batches", "write_task_vector"]
 
 #: Calibration data: ``{task_index: iterable of batches}`` or an iterable of ``(task_index, batch)`` pairs. A batch
 #: that is a tensor is passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``.
 Batches = Union[Mapping[int, Iterable[Any]], Iterable[tuple[int, Any]]]
 
 
+def task_batches(batches: Batches) -> Iterable[tuple[int, Any]]:
+    """The ``(task_index, batch)`` pairs of ``batches`` (see :data:`Batches`), in order."""
+    if isinstance(batches, Mapping):
+        return ((k, b) for k, task_batches in batches.items() for b in task_batches)
+    return batches
+
+
+def call_with_batch(fn: Callable[..., Any], batch: Any, *leading: Any) -> Any:
+    """``fn(*leading, **batch)`` for a mapping, ``fn(*leading, *batch)`` for a tuple/list, else ``fn(*leading,
+    batch)``: the one batch-calling convention of :data:`Batches`."""
+    if isinstance(batch, Mapping):
+        return fn(*leading, **batch)
+    if isinstance(batch, (tuple, list)):
+        return fn(*leading, *batch)
+    return fn(*leading, batch)
+
+
 def feed(calibrator: FeatureSpaceCalibrator, batches: Batches) -> int:
     """Call ``calibrator.update`` on every batch of ``batches`` (see :data:`Batches`); returns the number of batches."""
-    pairs: Iterable[tuple[int, Any]]
-    if isinstance(batches, Mapping):
-        pairs = ((k, b) for k, task_batches in batches.items() for b in task_batches)
-    else:
-        pairs = batches
     n = 0
-    for k, batch in pairs:
-        if isinstance(batch, Mapping):
-            calibrator.update(k, **batch)
-        elif isinstance(batch, (tuple, list)):
-            calibrator.update(k, *batch)
-        else:
-            calibrator.update(k, batch)
+    for k, batch in task_batches(batches):
+        call_with_batch(calibrator.update, batch, k)
         n += 1
     return n
 

@@ -2,7 +2,8 @@
 
 Per-tensor functions ``fn(taus, *, name="", **options) -> Tensor`` take the K task-vector slices of one parameter and
 return the merged slice in float32, scaling coefficient included. :func:`merge` applies one to whole task vectors key
-by key (lazy safetensors inputs stream); :func:`merge_models` goes from base + expert checkpoints to a merged model.
+by key (lazy safetensors inputs stream); :func:`merge_models` goes from base + expert checkpoints to a merged model. :func:`regmean` (RegMean, RegMean++) is
+data-based: it takes a model and unlabelled batches per task, and merges whole task vectors at once.
 
 Example::
 
@@ -18,6 +19,7 @@ from .consensus import consensus, tall_masks
 from .dare import dare, dare_drop
 from .della import della, magprune, magprune_keep_probabilities
 from .model_stock import mean_pairwise_cosine, model_stock
+from .regmean import regmean, regmean_blocks, regmean_memory
 from .registry import (
     BN_STATS_POLICIES,
     MERGE_METHODS,
@@ -67,4 +69,7 @@ __all__ = [
     "magprune_keep_probabilities",
     "wudi",
     "wudi_matrix",
+    "regmean",
+    "regmean_blocks",
+    "regmean_memory",
 ]
