@@ -34,7 +34,8 @@ from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
-from magic_pl.merging import merge, validate_merge_options
+from magic_pl.calibration.sensitivity import ModelInputs
+from magic_pl.merging import DATA_MERGE_METHODS, merge, validate_merge_options
 from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
 from magic_pl.models.heads import TaskModel, logits_of
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
@@ -138,9 +139,12 @@ class MagicModule(LightningModule):
             none (the body's output is the prediction).
         output_key: field of the body's output the heads read (e.g. ``"image_embeds"``; default: a tensor output).
         key_prefix: prefix to strip from checkpoint keys (e.g. ``"bert."`` or ``"model.backbone."``); default ``""``.
-        merge_method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3).
-        merge_options: options of the method (e.g. ``{"scale": 0.3}``, ``{"density": 0.2}``) plus ``bn_stats`` and
-            ``seed``; default none.
+        merge_method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3), or
+            a data-based merge of :data:`magic_pl.merging.DATA_MERGE_METHODS` (``"regmean"``, ``"regmean_plusplus"``:
+            merged at the end of ``trainer.predict`` from the calibration samples' Gram matrices, summed over
+            processes, then calibrated on the same samples).
+        merge_options: options of the method (e.g. ``{"scale": 0.3}``, ``{"density": 0.2}``,
+            ``{"reduce_non_diagonal": 0.95}``) plus ``bn_stats`` and ``seed``; default none.
         calibration: the calibration setting: a preset of :data:`magic_pl.calibration.PRESETS` (``"none"``,
             ``"wsc"``, ``"fsc"``, ``"dsc"``, the recommended ``"auto"``, ...), a ``"space:key=value,..."`` string
             (``"fsc:statistic=ratio_of_means,granularity=channel"``) or a dict of
@@ -225,8 +229,9 @@ class MagicModule(LightningModule):
     # ----------------------------------------------------------------------------------------------------------------
     @property
     def needs_calibration_data(self) -> bool:
-        """True while a calibration step still needs unlabelled data (``trainer.predict``)."""
-        return self.run.needs_data
+        """True while a step still needs unlabelled data (``trainer.predict``): a calibration step, or a data-based
+        merge."""
+        return self.run.needs_data or (not self.is_built and self.merge_method in DATA_MERGE_METHODS)
 
     uses_fsc = needs_calibration_data
 
@@ -291,23 +296,48 @@ class MagicModule(LightningModule):
         rec.sources = {"base": setup.metadata.get("base"), "experts": setup.metadata.get("experts") or []}
         rec.add_step("load", time.perf_counter() - start, tasks=len(self.task_names))
 
+        if self.merge_method in DATA_MERGE_METHODS:  # merged at the end of predict, on the calibration samples
+            self._bind(setup.merged_model({}), setup.task_vectors(), None)
+            return
         start = time.perf_counter()
         taus = [NormRecorder(tv) for tv in setup.task_vectors()]
         options = dict(self.merge_options)
         tau_m = merge(self.merge_method, taus, **options)
         rec.add_step("merge", time.perf_counter() - start, method=self.merge_method, options=options)
+        self._record_merge(taus, tau_m)
+        self._bind(setup.merged_model(tau_m), [t.source for t in taus], tau_m)
+
+    def _record_merge(self, taus: Sequence[NormRecorder], tau_m: Mapping[str, Tensor]) -> None:
+        rec = self.calibration_record
         rec.expert_norms = _module_means([t.sq_norms for t in taus])
         rec.deviation_before = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), rec.expert_norms)
-        self._bind(setup.merged_model(tau_m), [t.source for t in taus], tau_m)
+
+    def _data_merge(self, body: nn.Module, calls: list[tuple[int, tuple, dict]],
+                    reduce: Callable[[Tensor], Tensor]) -> Mapping[str, Tensor]:
+        """RegMean / RegMean++ of the body on the kept calibration calls (Gram sums reduced over processes)."""
+        from magic_pl.merging import regmean
+
+        start = time.perf_counter()
+        taus = [NormRecorder(tv) for tv in self.run.task_vectors]
+        batches = [(t, ModelInputs(a, kw) if a and kw else (kw if kw else a)) for t, a, kw in calls]
+        tau_m = regmean(self.run.base_state, body, taus, batches, plus_plus=DATA_MERGE_METHODS[self.merge_method],
+                        reduce=reduce, **self.merge_options)
+        self.calibration_record.add_step("merge", time.perf_counter() - start, method=self.merge_method,
+                                         options=dict(self.merge_options), samples=len(calls))
+        self._record_merge(taus, tau_m)
+        return tau_m
 
     def _bind(self, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
               merged_tv: Optional[Mapping[str, Tensor]]) -> None:
-        """Install the merged body, its heads and task models, and start the calibration run on it."""
+        """Install the merged body (the base, for a data-based merge), its heads and task models, and start the
+        calibration run on it."""
         setup = self.merge_setup
         assert setup is not None
         rec = self.calibration_record
         self.model = merged
-        self.run.bind(self.model, setup.base_state(), task_vectors, self.task_names, merged_tv=merged_tv)
+        data_merge = self._data_merge if self.merge_method in DATA_MERGE_METHODS else None
+        self.run.bind(self.model, setup.base_state(), task_vectors, self.task_names, merged_tv=merged_tv,
+                      data_merge=data_merge)
         rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)
         self.model.requires_grad_(False)
         if setup.heads is not None:
@@ -372,7 +402,7 @@ class MagicModule(LightningModule):
     def setup(self, stage: str) -> None:
         trainer = self._trainer
         world_size = trainer.world_size if trainer is not None else 1
-        if stage == "predict" and self.run.needs_data:
+        if stage == "predict" and self.needs_calibration_data:
             count = count_predict_samples(trainer) if trainer is not None else None
             if count is not None:
                 check_calibration_size(count, world_size)  # before any merging work

@@ -5,16 +5,18 @@
 paths run the same code:
 
 1. :meth:`CalibrationRun.bind` after the merge: the merged body, the base weights and the task vectors; the
-   data-free step (WSC for ``wsc``/``dsc``) runs here unless the setting must first detect its sensitive set.
+   data-free step (WSC for ``wsc``/``dsc``) runs here unless the setting must first detect its sensitive set or the
+   merge itself needs data (RegMean: ``data_merge``, run at :meth:`finish` on the calibration samples).
 2. :meth:`CalibrationRun.begin` at the start of ``trainer.predict``: the FSC statistics component (a
    :class:`~magic_pl.lightning.statistics.FeatureStatisticsCollector`, torchmetrics states reduced with one ``sum``
-   at the end); when the sensitive set must be detected first (``sensitive="detect"``), the calibration samples
-   are kept instead.
+   at the end); when the sensitive set must be detected first (``sensitive="detect"``) or the merge is data-based,
+   the calibration samples are kept instead.
 3. :meth:`CalibrationRun.update` per batch (called directly by ``MagicModule.predict_step``, or by a forward pre-hook
    on the foreign module's backbone: :meth:`attach`).
-4. :meth:`CalibrationRun.finish` at the end of the predict epoch: the label-free probe on the kept samples (its
-   per-tensor scores summed over processes), the deferred WSC, and the FSC statistics measured on the kept samples;
-   then one all-reduce, the same xi on every rank, the fold.
+4. :meth:`CalibrationRun.finish` at the end of the predict epoch: the data-based merge on the kept samples (its
+   statistics summed over processes), the label-free probe (its per-tensor scores summed over processes), the
+   deferred WSC, and the FSC statistics measured on the kept samples; then one all-reduce, the same xi on every rank,
+   the fold.
 
 Everything a step does is written into a :class:`~magic_pl.lightning.report.CalibrationRecord`.
 """
@@ -34,10 +36,15 @@ from magic_pl.calibration.settings import SensitiveSet, detect_label_free
 from magic_pl.lightning.report import CalibrationRecord, delta_norms, relative_deviation
 from magic_pl.lightning.statistics import FeatureStatisticsCollector, task_calls
 
-__all__ = ["CalibrationRun", "sum_over_processes"]
+__all__ = ["CalibrationRun", "DataMerge", "sum_over_processes"]
 
 #: ``reduce(tensor) -> tensor``: the sum over processes (identity on one process).
 Reduce = Callable[[Tensor], Tensor]
+#: One task-tagged model call: ``(task index, args, kwargs)``.
+Call = tuple[int, tuple, dict]
+#: A merge that needs data: ``(body, calls, reduce) -> tau_m``; writes ``theta0 + tau_m`` into ``body`` in place
+#: (statistics summed over processes with ``reduce``).
+DataMerge = Callable[[nn.Module, list[Call], Reduce], Mapping[str, Tensor]]
 
 
 def sum_over_processes(trainer: Any) -> Reduce:
@@ -80,7 +87,8 @@ class CalibrationRun:
         self.collector: Optional[FeatureStatisticsCollector] = None
         self.result: Optional[CalibrationResult] = None
         self._handle: Any = None
-        self._pending: Optional[list[tuple[int, tuple, dict]]] = None
+        self._pending: Optional[list[Call]] = None
+        self._data_merge: Optional[DataMerge] = None
         self._fsc_modules: Optional[Sequence[str]] = None
         self._task: Any = None
         self._busy = False
@@ -95,7 +103,13 @@ class CalibrationRun:
     @property
     def needs_data(self) -> bool:
         """True while a step that needs unlabelled calibration data (``trainer.predict``) has not run."""
-        return self.result is None and (self.setting.uses_data or (self.must_detect and self.setting.uses_wsc))
+        return self.result is None and (self.setting.uses_data or (self.must_detect and self.setting.uses_wsc)
+                                        or self._data_merge is not None)
+
+    @property
+    def _keeps_samples(self) -> bool:
+        """A step must run on the calibration samples before the FSC statistics can be measured."""
+        return self.must_detect or self._data_merge is not None
 
     @property
     def done(self) -> bool:
@@ -103,13 +117,18 @@ class CalibrationRun:
 
     # --- 1. after the merge ---------------------------------------------------------------------------------------
     def bind(self, body: nn.Module, base_state: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
-             task_names: Sequence[str], merged_tv: Optional[Mapping[str, Tensor]] = None) -> None:
-        """Attach the merged ``body`` and, unless the sensitive set must be detected first, apply the data-free step."""
+             task_names: Sequence[str], merged_tv: Optional[Mapping[str, Tensor]] = None, *,
+             data_merge: Optional[DataMerge] = None) -> None:
+        """Attach the merged ``body`` and, unless the sensitive set must be detected first, apply the data-free step.
+
+        With ``data_merge`` the body holds the base weights until :meth:`finish`, where the merge runs on the
+        calibration samples before every calibration step."""
         self.body, self.base_state = body, base_state
         self.task_vectors, self.task_names = list(task_vectors), list(task_names)
+        self._data_merge = data_merge
         self.record.config["calibration"] = self.setting.to_string()
         self.record.config["calibration_setting"] = self.setting.to_dict()
-        if not self.must_detect:
+        if not self._keeps_samples:
             self.sensitive_set = self.setting.resolve_sensitive(self.given)
             self._weight_space(merged_tv)
             if not self.setting.uses_data:
@@ -142,7 +161,7 @@ class CalibrationRun:
             return
         self.body.to(device).eval()
         self._fsc_modules = self.modules if self.modules is not None else fsc_modules
-        if self.must_detect:
+        if self._keeps_samples:
             self._pending = []
         else:
             self._start_statistics()
@@ -194,18 +213,28 @@ class CalibrationRun:
         self.detach()
         if self._pending is not None:
             calls, self._pending = self._pending, None
-            start = time.perf_counter()
-            found = detect_label_free(self.base_state, self.body, self.task_vectors,
-                                      [ModelInputs(a, kw) for _, a, kw in calls], alpha=self.setting.alpha,
-                                      reduce=reduce)
-            self.sensitive_set = self.setting.resolve_sensitive(None, found)
-            self.record.config["sensitive_detected"] = list(found)
-            self.record.add_step("probe", time.perf_counter() - start, samples=len(calls), alpha=self.setting.alpha)
-            self._weight_space()
+            merged_tv = None
+            if self._data_merge is not None:
+                assert self.body is not None
+                with torch.inference_mode(False), torch.no_grad():  # writes the body's own (normal) tensors
+                    merged_tv = self._data_merge(self.body, calls, reduce)  # every process: the same weights
+                self._data_merge = None
+            if self.must_detect:
+                start = time.perf_counter()
+                found = detect_label_free(self.base_state, self.body, self.task_vectors,
+                                          [ModelInputs(a, kw) for _, a, kw in calls], alpha=self.setting.alpha,
+                                          reduce=reduce)
+                self.sensitive_set = self.setting.resolve_sensitive(None, found)
+                self.record.config["sensitive_detected"] = list(found)
+                self.record.add_step("probe", time.perf_counter() - start, samples=len(calls),
+                                     alpha=self.setting.alpha)
+            else:
+                self.sensitive_set = self.setting.resolve_sensitive(self.given)
+            self._weight_space(merged_tv)
             if not self.setting.uses_data:
                 self.result = self.setting.result(None, self.row_scales)
                 return self.result
-            self._start_statistics()  # measured on the (WSC-calibrated) model, on the same samples
+            self._start_statistics()  # measured on the (merged, WSC-calibrated) model, on the same samples
             for task, args, kwargs in calls:
                 self.collector.update(task, *args, **kwargs)
         collector = self.collector

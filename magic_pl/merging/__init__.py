@@ -19,7 +19,7 @@ from .consensus import consensus, tall_masks
 from .dare import dare, dare_drop
 from .della import della, magprune, magprune_keep_probabilities
 from .model_stock import mean_pairwise_cosine, model_stock
-from .regmean import regmean, regmean_blocks, regmean_memory
+from .regmean import DATA_MERGE_METHODS, regmean, regmean_blocks, regmean_memory, validate_data_merge_options
 from .registry import (
     BN_STATS_POLICIES,
     MERGE_METHODS,
@@ -72,4 +72,6 @@ __all__ = [
     "regmean",
     "regmean_blocks",
     "regmean_memory",
+    "DATA_MERGE_METHODS",
+    "validate_data_merge_options",
 ]

@@ -132,6 +132,12 @@ def validate_merge_options(method: str, options: Mapping[str, Any], *, driver: b
         driver: accept the options only :func:`merge`/:func:`merge_models` handle (``global_topk`` for ``ties``,
             ``bn_stats``, ``seed``); ``False`` for :func:`merge_tensor`.
     """
+    from magic_pl.merging.regmean import DATA_MERGE_METHODS, validate_data_merge_options
+
+    if method in DATA_MERGE_METHODS:
+        if not driver:
+            raise ValueError(f"{method!r} is a data-based merge of whole layers, not a per-tensor rule")
+        return validate_data_merge_options(method, options)
     own = {k: options[k] for k in ("bn_stats", "seed") if driver and k in options}
     if "bn_stats" in own and own["bn_stats"] not in BN_STATS_POLICIES:
         raise ValueError(f"unknown bn_stats={own['bn_stats']!r}; valid: {', '.join(BN_STATS_POLICIES)}")
@@ -240,6 +246,12 @@ def _iter_merged(
 
 
 def _prepare_driver(method: str, bn_stats: str, options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    from magic_pl.merging.regmean import DATA_MERGE_METHODS
+
+    if method in DATA_MERGE_METHODS:
+        raise ValueError(f"{method!r} is a data-based merge: it needs the model and unlabelled samples per task; use "
+                         "magic_pl.merging.regmean(base, model, task_vectors, batches) or "
+                         f"MagicModule(merge_method={method!r}) with calibration data (trainer.predict)")
     options = validate_merge_options(method, {**options, "bn_stats": bn_stats}, driver=True)
     options.pop("bn_stats")
     global_topk = bool(options.pop("global_topk", False))

@@ -26,7 +26,12 @@ from torch import Tensor, nn
 from magic_pl.merging._common import MergeError, check_fraction
 from magic_pl.statedict import CheckpointError, all_finite, compute_dtype
 
-__all__ = ["regmean", "regmean_blocks", "regmean_memory"]
+__all__ = ["regmean", "regmean_blocks", "regmean_memory", "DATA_MERGE_METHODS", "validate_data_merge_options"]
+
+#: The data-based merges the front doors take by name (``MagicModule(merge_method=...)``, ``--merge_method``, the
+#: benchmark): name -> RegMean++ (``plus_plus``). Their statistics come from the calibration samples.
+DATA_MERGE_METHODS: dict[str, bool] = {"regmean": False, "regmean_plusplus": True}
+_DATA_MERGE_OPTIONS = ("reduce_non_diagonal", "blocks")
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
 #: ``reduce(tensor) -> tensor``: the sum of a statistic over processes (e.g. an all-reduce); identity by default.
@@ -110,6 +115,26 @@ def regmean_memory(model: nn.Module, num_tasks: int, dtype: torch.dtype = torch.
     if not plus_plus:
         return cost(linears)
     return max((cost(v) for v in regmean_blocks(model, keys, blocks).values()), default=0)
+
+
+def validate_data_merge_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a data-based merge (:data:`DATA_MERGE_METHODS`) as front doors take them, checked before any
+    tensor is read: ``reduce_non_diagonal`` (in [0, 1]; default 0.95) and ``blocks`` (RegMean++'s module names)."""
+    if method not in DATA_MERGE_METHODS:
+        raise ValueError(f"{method!r} is not a data-based merge; those are {', '.join(DATA_MERGE_METHODS)}")
+    unknown = sorted(set(options) - set(_DATA_MERGE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for merge method {method!r}; valid "
+                         f"options: {', '.join(_DATA_MERGE_OPTIONS)}")
+    out: dict[str, Any] = {}
+    if "reduce_non_diagonal" in options:
+        out["reduce_non_diagonal"] = check_fraction(options["reduce_non_diagonal"], "reduce_non_diagonal")
+    if options.get("blocks") is not None:
+        blocks = options["blocks"]
+        if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks):
+            raise ValueError(f"option blocks of {method!r} must be a list of module names, got {blocks!r}")
+        out["blocks"] = list(blocks)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,15 +260,16 @@ def _task_index(k: Any, K: int) -> int:
     return k
 
 
-def _check_batches(batches: Any, K: int, reusable: bool) -> None:
+def _check_batches(batches: Any, K: int, reusable: bool, complete: bool = True) -> None:
+    """Task indices valid; with ``complete`` (one process) every task has a batch; RegMean++ needs re-iterables."""
     if isinstance(batches, Mapping):
         for k in batches:
             _task_index(k, K)
         for k in range(K):
-            if k not in batches:
+            if complete and k not in batches:
                 raise ValueError(f"no calibration batches for task {k}")
-            b = batches[k]
-            if hasattr(b, "__len__") and len(b) == 0:
+            b = batches.get(k, ())
+            if complete and hasattr(b, "__len__") and len(b) == 0:
                 raise ValueError(f"no calibration batches for task {k}")
             if reusable and iter(b) is b:
                 raise TypeError(f"RegMean++ reads the batches once per block: task {k}'s batches are a one-shot "
@@ -254,7 +280,7 @@ def _check_batches(batches: Any, K: int, reusable: bool) -> None:
 
 
 def _run(model: nn.Module, batches: Any, grams: _Grams, switch: Callable[[int], None], K: int,
-         progress: Optional[str]) -> None:
+         progress: Optional[str], complete: bool = True) -> None:
     """Feed every batch (expert/merged weights swapped in by ``switch`` on each change of task) into the hooks."""
     from magic_pl.calibration.dsc import call_with_batch, task_batches
 
@@ -280,10 +306,22 @@ def _run(model: nn.Module, batches: Any, grams: _Grams, switch: Callable[[int], 
         grams.task = grams.mask = None
         for h in handles:
             h.remove()
-    missing = [k for k in range(K) if counts[k] == 0]
+    _check_coverage([k for k in range(K) if counts[k] == 0] if complete else [])
+
+
+def _check_coverage(missing: Sequence[int], where: str = "") -> None:
     if missing:
         raise ValueError(f"no calibration batches for task{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(map(str, missing))}")
+                         f"{', '.join(map(str, missing))}{where}")
+
+
+def _reduced_rows(grams: "_Grams", fn: Reduce, K: int, complete: bool) -> Tensor:
+    """The row counts summed over processes; without ``complete`` (each process saw a shard) the coverage check
+    runs here, on the totals."""
+    rows = grams.reduce(fn)
+    if not complete and rows.numel():
+        _check_coverage([k for k in range(K) if float(rows[k].sum()) == 0], " on any process")
+    return rows
 
 
 def _first_calls(model: nn.Module, layers: Mapping[str, nn.Linear], batches: Any) -> list[str]:
@@ -382,7 +420,8 @@ def regmean(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if base is model:
         raise ValueError("base must not be the model: the model's weights are overwritten while merging")
-    _check_batches(batches, K, reusable=plus_plus)
+    complete = reduce is None  # with reduce each process may hold only some tasks' samples: checked on the totals
+    _check_batches(batches, K, reusable=plus_plus, complete=complete)
     keys = list(task_vectors[0])
     key_set = set(keys)
     for k, tv in enumerate(task_vectors[1:], start=1):
@@ -433,8 +472,8 @@ def regmean(
     if not plus_plus:
         grams = _Grams(linears, K, dtype, device)
         _run(model, batches, grams, lambda k: write(task_vectors[k], keys, f"expert {k}"), K,
-             "RegMean statistics" if progress else None)
-        rows = grams.reduce(fn)
+             "RegMean statistics" if progress else None, complete)
+        rows = _reduced_rows(grams, fn, K, complete)
         merge_layers(grams, rows, "RegMean")
         for key in keys:
             if key not in tau_m:
@@ -462,8 +501,8 @@ def regmean(
     for block, names in it:
         block_keys = [key for key in keys if _under(key.rpartition(".")[0], block)]
         grams = _Grams({n: linears[n] for n in names}, K, dtype, device)
-        _run(model, batches, grams, lambda k: write(task_vectors[k], block_keys, f"expert {k}"), K, None)
-        rows = grams.reduce(fn)
+        _run(model, batches, grams, lambda k: write(task_vectors[k], block_keys, f"expert {k}"), K, None, complete)
+        rows = _reduced_rows(grams, fn, K, complete)
         merge_layers(grams, rows, "RegMean++")
         write(tau_m, block_keys, "RegMean++-merged model")
     return {key: tau_m[key] for key in keys}

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from magic_pl.lightning.module import MagicModule
 from magic_pl.statedict import apply_task_vector, task_vector
@@ -275,16 +275,17 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
 
     from magic_pl.calibration import detect_sensitive_layers, resolve_setting
     from magic_pl.calibration.settings import detect_label_free
-    from magic_pl.merging import MERGE_METHODS, merge
+    from magic_pl.merging import DATA_MERGE_METHODS, MERGE_METHODS, merge
 
     suite = spec.name
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     methods = list(methods) if methods is not None else list(DEFAULT_METHODS)
     calibrations = list(calibrations) if calibrations is not None else list(CALIBRATIONS)
-    unknown = [m for m in methods if m not in MERGE_METHODS]
+    unknown = [m for m in methods if m not in MERGE_METHODS and m not in DATA_MERGE_METHODS]
     if unknown:
-        raise ValueError(f"unknown merge method(s) {unknown}; available: {sorted(MERGE_METHODS)}")
+        raise ValueError(f"unknown merge method(s) {unknown}; available: {sorted(MERGE_METHODS)} and the data-based "
+                         f"{sorted(DATA_MERGE_METHODS)}")
     if sensitive not in SENSITIVE_CHOICES:
         raise ValueError(f"sensitive must be one of {SENSITIVE_CHOICES}, got {sensitive!r}")
     if sensitive_probe not in SENSITIVE_PROBES:
@@ -356,7 +357,11 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
     timings["prepare_seconds"] = time.perf_counter() - t0
 
     def module(method: str, calibration: Any = "none", **options: Any) -> MagicModule:
-        m = suite_module(template, experts, es.heads, names, method, {"bn_stats": bn_stats, **options}, calibration)
+        if method in DATA_MERGE_METHODS:  # RegMean: merged in predict; BatchNorm statistics averaged like the rest
+            options.pop("seed", None)
+        else:
+            options = {"bn_stats": bn_stats, **options}
+        m = suite_module(template, experts, es.heads, names, method, options, calibration)
         m.build()
         return m
 
@@ -367,8 +372,13 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
 
     rows: list[_Row] = []
     reports: dict[str, Any] = {}
-    n_configs = (2 + len(methods) * sum(draws if settings[c].uses_data else 1 for c in calibrations)
-                 + (len(methods) * (1 + draws) if is_bn and bn_reestimate else 0) + (1 if tune_ta else 0))
+    def data_rows(method: str, setting: Any) -> bool:
+        """Rows that need calibration samples, one per draw: a data-based setting, or a data-based merge."""
+        return setting.uses_data or method in DATA_MERGE_METHODS
+
+    with_bn_rows = [m for m in methods if is_bn and bn_reestimate and m not in DATA_MERGE_METHODS]
+    n_configs = (2 + sum(draws if data_rows(m, settings[c]) else 1 for m in methods for c in calibrations)
+                 + len(with_bn_rows) * (1 + draws) + (1 if tune_ta else 0))
     bar = tqdm(total=n_configs, desc=f"{suite}: evaluate", disable=not (progress and main_process))
 
     def evaluate(row: _Row, m: MagicModule, calib_s: float, datamodule: Any = None) -> None:
@@ -445,26 +455,27 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
             for calib in calibrations:
                 setting = settings[calib]
                 row = _Row(method, calib, merge_seconds=merge_s, setting=setting.to_string())
-                if setting.space == "none":
+                if setting.space == "none" and not data_rows(method, setting):
                     evaluate(row, merged, 0.0)
-                elif not setting.uses_data:  # data-free (WSC, SVC): applied when bound; one row
+                elif not data_rows(method, setting):  # data-free (WSC, SVC): applied when bound; one row
                     t = time.perf_counter()
                     m = merged.with_calibration(setting, sensitive=given(setting))
                     rep = m.run.result
                     row.xi.append(rep.wsc_scales)
                     reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": rep.wsc_scales}
                     evaluate(row, m, time.perf_counter() - t)
-                else:  # fsc / dsc, over draws
+                else:  # fsc / dsc, or a data-based merge: over draws
                     for d in range(draws):
                         t = time.perf_counter()
                         m = merged.with_calibration(setting, sensitive=given(setting))
                         calibrate(m, d)
                         rep = m.run.result
-                        row.xi.append(rep.coefficients)
+                        if setting.uses_data:
+                            row.xi.append(rep.coefficients)
                         reports[f"{method}/{calib}/draw{d}"] = {"setting": setting.to_dict(), **rep.to_dict()}
                         evaluate(row, m, time.perf_counter() - t)
                 rows.append(row)
-            if is_bn and bn_reestimate:
+            if method in with_bn_rows:
                 row = _Row(method, "bn")
                 t = time.perf_counter()
                 m = with_bn(merged.with_calibration("none"))
@@ -596,6 +607,14 @@ def _gains(rows: Sequence[dict[str, Any]], methods: Sequence[str], raw: Sequence
         return list(bootstrap_ci(diff, samples=bootstrap, seed=seed))
 
     out["mean_over_methods_ci95"] = {c: mean_paired(c, None) for c in per_cal}
+    from magic_pl.merging import DATA_MERGE_METHODS
+
+    # data-based merges start from no merge of their own: each of their rows against every uncalibrated data-free one
+    data_free = [m for m in methods if m not in DATA_MERGE_METHODS and (m, "none") in table]
+    out["data_merges_over"] = {
+        m: {c: {ref: [table[(m, c)] - table[(ref, "none")], paired((m, c), (ref, "none"))] for ref in data_free}
+            for c in cals if (m, c) in table}
+        for m in methods if m in DATA_MERGE_METHODS}
     if tuned is not None:
         out["mean_over_tuned_ta"] = {c: float(np.mean([table[(m, c)] - tuned for m in methods if (m, c) in table]))
                                      for c in cals if any((m, c) in table for m in methods)}

@@ -74,6 +74,17 @@ def test_datamodule_calibration_draws_are_unlabelled_and_task_ordered():
     assert torch.equal(items[0]["inputs"], dm.test_sets["a"][idx[0]]["inputs"])
 
 
+def test_samples_per_task_none_calibrates_on_the_given_samples_in_order():
+    dm = _dm(samples_per_task=None)
+    ds = dm.calibration_dataset()
+    a, b = dm.test_sets["a"], dm.test_sets["b"]
+    assert len(ds) == len(a) + len(b)
+    assert [ds[i]["task"] for i in range(len(ds))] == [0] * len(a) + [1] * len(b)
+    assert all(torch.equal(ds[i]["inputs"], a[i]["inputs"]) for i in range(len(a)))
+    with pytest.raises(ValueError, match="samples_per_task must be >= 1 .or None"):
+        _dm(samples_per_task=0)
+
+
 def test_datamodule_test_loader_shards_without_padding():
     dm = _dm(batch_size=4)
     counts = []

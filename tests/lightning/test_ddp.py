@@ -65,6 +65,28 @@ def test_two_process_ddp_equals_one_process(tiny_workdir, calibration):
         assert abs(acc * n - round(acc * n)) < 1e-9  # a whole number of correct samples out of n
 
 
+def test_two_process_regmean_then_fsc_equals_one_process(tiny_workdir):
+    """A data-based merge under DDP: one sample per task, so each process holds only one task's sample; the Gram
+    sums and row counts are summed over processes before the solve, then FSC runs on the merged model."""
+    extra = ("--merge_method", "regmean", "--merge_options", "{}", "--calibration", "fsc",
+             "--data.init_args.samples_per_task", "1")
+    for out, devices in (("rm2", 2), ("rm1", 1)):
+        proc = _run(tiny_workdir, out, *extra, devices=devices)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one = json.loads((tiny_workdir / "rm1" / "calibration_report.json").read_text())
+    two = json.loads((tiny_workdir / "rm2" / "calibration_report.json").read_text())
+    assert [s["step"] for s in one["steps"]][:2] == ["load", "merge"]
+    assert [s for s in two["steps"] if s["step"] == "merge"][0]["samples"] == 1  # this process's share
+    xi1, xi2 = one["coefficients"], two["coefficients"]
+    assert xi1.keys() == xi2.keys() and max(abs(xi1[k] - xi2[k]) for k in xi1) <= 1e-6
+    w1 = load_file(str(tiny_workdir / "rm1" / "model" / "model.safetensors"))
+    w2 = load_file(str(tiny_workdir / "rm2" / "model" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:  # Gram sums added in another order (float64): equal to float32 rounding
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
+    assert one["metrics"] == two["metrics"]
+
+
 @pytest.mark.slow
 def test_fewer_calibration_samples_than_processes_fails_before_work(tiny_workdir):
     """Real 3-process launch (slow; the same check is unit-tested in test_module / test_data)."""

@@ -39,3 +39,20 @@ def test_fsc_statistics_accumulate_in_float64_and_check_shape():
     assert c.tolist() == [[10.0] * 3] * 2
     with pytest.raises(ValueError, match=r"do not match the metric's \[tasks, modules\] = \[2, 3\]"):
         m.update(torch.zeros(3, 2), torch.zeros(3, 2))
+
+
+def test_example_correctness_places_examples_by_task_and_index():
+    from magic_pl.lightning.metrics import ExampleCorrectness
+
+    m = ExampleCorrectness(num_tasks=2)
+    m.update(torch.tensor([True, False]), torch.tensor([3, 0]), 1)
+    m.update(torch.tensor([False, True, True]), torch.tensor([1, 2, 0]), torch.tensor([1, 1, 0]))
+    table = m.compute()
+    assert table.tolist() == [[1, -1, -1, -1], [0, 0, 1, 1]]  # -1: never evaluated
+    per_task = m.per_task()
+    assert per_task[0].tolist() == [True] and per_task[1].tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="2 correctness values for 3"):
+        m.update(torch.tensor([True, False]), torch.tensor([0, 1, 2]), 0)
+    single = ExampleCorrectness(num_tasks=1)
+    single.update(torch.tensor([True]), torch.tensor([0]), 0)
+    assert single.per_task()[0].tolist() == [True]  # a one-element result is not squeezed away

@@ -193,3 +193,108 @@ def test_auto_setting_predict_equals_core(setup3):
     assert mod.run.result.sensitive == report.sensitive and mod.run.result.setting == "fsc:sensitive=detect,alpha=2"
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(mod.model.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("calibration", ["wsc", "dsc", "fsc:granularity=channel"])
+def test_with_calibration_equals_a_module_built_with_that_setting(setup3, calibration):
+    """One merge, several settings: a copy calibrated with a setting equals a fresh module with it (to 1e-6), and the
+    source module keeps the uncalibrated merge."""
+    base, experts, heads, data = setup3
+    dm = TaskDataModule(list("xyz"), test=data, samples_per_task=2, seed=3, batch_size=4)
+    options = dict(merge_method="ties", merge_options={"density": 0.5})
+    merged = _module(base, experts, heads, calibration="none", **options)
+    merged.build()
+    before = {k: v.clone() for k, v in merged.model.state_dict().items()}
+    fresh = _module(base, experts, heads, calibration=calibration, **options)
+    copy_ = merged.with_calibration(calibration)
+    assert copy_.calibration.to_string() == fresh.calibration.to_string()
+    assert [s["step"] for s in copy_.calibration_record.steps][:2] == ["load", "merge"]
+    for mod in (fresh, copy_):
+        if mod.needs_calibration_data:
+            _trainer().predict(mod, datamodule=dm, return_predictions=False)
+        else:
+            mod.build()
+    got, want = copy_.model.state_dict(), fresh.model.state_dict()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(got[k], before[k]) for k in before)  # it did calibrate ...
+    assert all(torch.equal(merged.model.state_dict()[k], v) for k, v in before.items())  # ... a copy
+    if fresh.calibration_record.coefficients:
+        xi1, xi2 = fresh.calibration_record.coefficients, copy_.calibration_record.coefficients
+        assert xi1.keys() == xi2.keys() and max(abs(xi1[k] - xi2[k]) for k in xi1) <= 1e-6
+
+
+def test_with_calibration_refuses_a_calibrated_module(setup3):
+    base, experts, heads, _ = setup3
+    mod = _module(base, experts, heads, calibration="wsc")
+    mod.build()
+    with pytest.raises(RuntimeError, match="before this module is calibrated.*'wsc'"):
+        mod.with_calibration("dsc")
+
+
+def test_test_batches_with_positions_keep_per_example_correctness(setup3):
+    """Batches carrying "index" give each example's correctness, in index order; the counts agree with it."""
+    base, experts, heads, data = setup3
+
+    class Indexed(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return {**self.ds[i], "index": torch.tensor(i)}
+
+    dm = TaskDataModule(list("xyz"), test={t: Indexed(d) for t, d in data.items()}, batch_size=4)
+    mod = _module(base, experts, heads, calibration="none")
+    _trainer().test(mod, datamodule=dm, verbose=False)
+    for k, t in enumerate("xyz"):
+        with torch.no_grad():
+            want = heads[k](mod.model(data[t].x)).argmax(-1) == data[t].y
+        assert torch.equal(mod.example_correctness[t], want)
+        assert mod.calibration_record.metrics[f"test/acc/{t}"] == pytest.approx(want.double().mean().item())
+
+
+@pytest.mark.parametrize("method, calibration", [("regmean", "none"), ("regmean_plusplus", "none"),
+                                                 ("regmean", "fsc")])
+def test_regmean_through_predict_equals_the_pure_function(setup3, method, calibration):
+    """A data-based merge through MagicModule: merged at the end of predict from the calibration samples (then, for
+    "fsc", calibrated on the same samples), equal to magic_pl.merging.regmean (+ the FSC core) run by hand."""
+    from magic_pl.merging import regmean
+
+    base, experts, heads, data = setup3
+    dm = TaskDataModule(list("xyz"), test=data, samples_per_task=3, seed=2, batch_size=4)
+    mod = _module(base, experts, heads, merge_method=method, merge_options={"reduce_non_diagonal": 0.9},
+                  calibration=calibration)
+    assert mod.needs_calibration_data
+    _trainer().predict(mod, datamodule=dm, return_predictions=False)
+    assert mod.run.done and not mod.needs_calibration_data
+
+    ref = copy.deepcopy(base).eval()
+    taus = [task_vector(e, base) for e in experts]
+    calib = dm.calibration_dataset()
+    pairs = [(calib[i]["task"], (calib[i]["inputs"][None],)) for i in range(len(calib))]
+    tau = regmean(base.state_dict(), ref, taus, pairs, reduce_non_diagonal=0.9, plus_plus=method.endswith("plusplus"))
+    assert not torch.allclose(tau["fc1.weight"], sum(t["fc1.weight"] for t in taus) / 3)  # not just the average
+    if calibration == "fsc":
+        cal = FeatureSpaceCalibrator(base.state_dict(), ref, taus)
+        for task, (x,) in pairs:
+            cal.update(task, x)
+        report = cal.fold()
+        xi = mod.calibration_record.coefficients
+        assert max(abs(xi[k] - report.coefficients[k]) for k in xi) <= 1e-6
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(mod.model.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+    steps = [s["step"] for s in mod.calibration_record.steps]
+    assert steps[:2] == ["load", "merge"] and mod.calibration_record.deviation_before
+
+
+def test_data_based_merge_options_are_checked_up_front(setup3):
+    base, experts, heads, _ = setup3
+    with pytest.raises(ValueError, match=r"reduce_non_diagonal=1.5 must lie in \[0, 1\]"):
+        _module(base, experts, heads, merge_method="regmean", merge_options={"reduce_non_diagonal": 1.5})
+    with pytest.raises(ValueError, match=r"unknown option.*'scale'.*'regmean'"):
+        _module(base, experts, heads, merge_method="regmean", merge_options={"scale": 0.3})
+    with pytest.raises(ValueError, match="data-based merge"):
+        merge("regmean", [task_vector(e, base) for e in experts])

@@ -61,6 +61,19 @@ def test_unknown_options_list_the_valid_ones():
         validate_merge_options("tie", {})
 
 
+def test_driver_options_travel_with_the_method_options():
+    """Front doors take one dict (``--merge_options '{"density": 0.2, "bn_stats": "base"}'``): the drivers' own
+    options are checked there too, and refused for a single tensor."""
+    assert validate_merge_options("ties", {"density": 0.2, "bn_stats": "base", "seed": 3}) == {
+        "density": 0.2, "bn_stats": "base", "seed": 3}
+    with pytest.raises(ValueError, match="unknown bn_stats='mean'"):
+        validate_merge_options("task_arithmetic", {"bn_stats": "mean"})
+    with pytest.raises(ValueError, match="seed must be an integer, got 0.5"):
+        validate_merge_options("dare", {"seed": 0.5})
+    with pytest.raises(ValueError, match="unknown option.*'bn_stats'"):
+        validate_merge_options("ties", {"bn_stats": "base"}, driver=False)
+
+
 def test_values_are_normalised():
     assert validate_merge_options("ties", {"density": 1, "scale": 2}) == {"density": 1.0, "scale": 2.0}
     assert isinstance(validate_merge_options("consensus", {"min_tasks": 3})["min_tasks"], int)

@@ -1,0 +1,226 @@
+"""Few unlabelled samples, best use: every data-based recipe at the same budget of ``n`` unlabelled samples per task.
+
+``python -m magic_pl.zoo.budget --config configs/benchmark/budget.yaml`` runs :func:`run_budget_study`: for every
+suite and budget ``n`` one benchmark run (:func:`~magic_pl.zoo.runner.run_benchmark`, the shipped Lightning
+pipeline) with
+
+- the strongest data-free merges of the pool, uncalibrated and with FSC, DSC, ``auto`` and per-channel FSC;
+- RegMean and RegMean++ (data-based merges from the same samples), alone and followed by FSC (and the other
+  settings);
+- BatchNorm re-estimation on the same ``n`` images per task (BatchNorm suites; alone and followed by FSC);
+- the references: the uncalibrated merges (no data) and Task Arithmetic with its coefficient tuned on the labelled
+  validation split (tuned TA).
+
+At a given ``n`` every method sees the same draws (the benchmark seeds a draw by task and draw index, not by
+method). Per recipe: the mean accuracy over draws, the paired 95% bootstrap interval of its gain over the
+uncalibrated merge it starts from (test examples resampled; for RegMean: over the uncalibrated strongest merge), and
+its cost (seconds of merging + calibration per run, and the statistics' memory). Writes ``budget.md``,
+``budget.json``, ``budget.png`` (accuracy against ``n`` per recipe, one panel per suite) and one benchmark report per
+run under ``results_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see magic_pl._entry
+
+__all__ = ["DEFAULT_BUDGETS", "BUDGET_MERGES", "BUDGET_CALIBRATIONS", "run_budget_study", "summarise_budget",
+           "budget_markdown"]
+
+#: Unlabelled samples per task.
+DEFAULT_BUDGETS: list[int] = [1, 4, 16, 64]
+#: The strongest data-free merges of the text and vision tables (TSV-M best uncalibrated on text, TIES second; both
+#: within a point of the best on vision), and the data-based merges.
+BUDGET_MERGES: list[str] = ["ties", "tsv_m", "regmean", "regmean_plusplus"]
+#: The settings compared at every budget (``fsc_channel``: per-channel xi).
+BUDGET_CALIBRATIONS: list[str] = ["none", "fsc", "dsc", "auto", "fsc_channel"]
+
+
+def _row(result: dict[str, Any], method: str, calibration: str) -> Optional[dict[str, Any]]:
+    return next((r for r in result["rows"] if r["method"] == method and r["calibration"] == calibration), None)
+
+
+def summarise_budget(result: dict[str, Any], reference: str) -> dict[str, Any]:
+    """One run's recipes: ``{recipe: {avg, std, ci95, gain, gain_ci95, seconds}}``; gains are paired, over the
+    uncalibrated merge a recipe starts from (``reference`` for the data-based merges)."""
+    gains = result["gains"]
+    out: dict[str, Any] = {}
+    for r in result["rows"]:
+        m, c = r["method"], r["calibration"]
+        if m in ("base", "expert"):
+            continue
+        data_based = m in gains.get("data_merges_over", {})
+        start = reference if data_based or m not in gains["over_uncalibrated"] else m
+        if data_based:
+            gain, ci = gains["data_merges_over"][m][c][reference]
+        elif c == "none":
+            gain, ci = 0.0, None
+        elif c in gains["over_uncalibrated"].get(m, {}):
+            gain, ci = gains["over_uncalibrated"][m][c], gains["over_uncalibrated_ci95"][m][c]
+        else:  # a reference row (tuned TA)
+            ref = _row(result, reference, "none")
+            gain, ci = (r["avg"] - ref["avg"] if ref else None), None
+        out[f"{m}/{c}"] = {"method": m, "calibration": c, "avg": r["avg"], "std": r.get("avg_std", 0.0),
+                           "ci95": r.get("avg_ci95"), "gain": gain, "gain_ci95": ci, "over": f"{start}/none",
+                           "seconds": r.get("calibration_seconds", 0.0) + r.get("merge_seconds", 0.0)}
+    return out
+
+
+def run_budget_study(
+    suites: Sequence[str] = ("text", "vision"),
+    budgets: Sequence[int] = tuple(DEFAULT_BUDGETS),
+    methods: Optional[list[str]] = None,
+    calibrations: Optional[list[str]] = None,
+    draws: int = 3,
+    max_test: Optional[int] = 300,
+    reference: str = "tsv_m",
+    cache_dir: Optional[str] = None,
+    results_dir: str = "results/budget",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    trainer: Optional[dict[str, Any]] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every suite at every budget and write the study (see the module docstring). Returns the summary.
+
+    Args:
+        suites: benchmark suites (default text and vision).
+        budgets: unlabelled samples per task (default :data:`DEFAULT_BUDGETS`).
+        methods: merges (default :data:`BUDGET_MERGES`).
+        calibrations: settings (default :data:`BUDGET_CALIBRATIONS`).
+        draws: draws of the samples per budget (3).
+        max_test: test examples per task (seeded subsample; default 300 to keep the study's cost down; ``None``: the
+            suite's test split).
+        reference: the uncalibrated merge the data-based merges are compared with (default ``tsv_m``).
+        cache_dir, bootstrap, seed, trainer, progress: as in :func:`~magic_pl.zoo.runner.run_benchmark`.
+        results_dir: where the study and its runs' reports go.
+    """
+    from magic_pl.statedict import atomic_path
+    from magic_pl.zoo.report import _jsonable
+    from magic_pl.zoo.runner import run_benchmark
+
+    methods = list(methods) if methods is not None else list(BUDGET_MERGES)
+    calibrations = list(calibrations) if calibrations is not None else list(BUDGET_CALIBRATIONS)
+    if reference not in methods:
+        raise ValueError(f"reference {reference!r} must be one of the methods {methods}")
+    if any(int(n) < 1 for n in budgets):
+        raise ValueError(f"budgets must be >= 1 sample per task, got {list(budgets)}")
+    out_dir = Path(results_dir)
+    summary: dict[str, Any] = {"budgets": [int(n) for n in budgets], "methods": methods,
+                               "calibrations": calibrations, "draws": draws, "max_test": max_test,
+                               "reference": reference, "suites": {}, "timings": {}}
+    for suite in suites:
+        entry: dict[str, Any] = {"runs": {}}
+        for n in budgets:
+            result = run_benchmark(suite, methods=methods, calibrations=calibrations, n_calib=int(n), draws=draws,
+                                   bn_samples=int(n), tune_ta=True, max_test=max_test, cache_dir=cache_dir,
+                                   results_dir=str(out_dir / f"{suite}_n{n}"), bootstrap=bootstrap, seed=seed,
+                                   trainer=trainer, progress=progress)
+            entry["runs"][str(n)] = summarise_budget(result, reference)
+            entry.setdefault("tuned_ta", _row(result, "task_arithmetic_tuned", "none")["avg"])
+            entry.setdefault("experts", _row(result, "expert", "none")["avg"])
+            entry.setdefault("tasks", result["config"]["tasks"])
+            summary["timings"][f"{suite}_n{n}"] = result["timings"]
+            summary["suites"][suite] = entry
+            for name, text in (("budget.md", budget_markdown(summary)),
+                               ("budget.json", json.dumps(_jsonable(summary), indent=1))):
+                with atomic_path(out_dir / name) as tmp:
+                    Path(tmp).write_text(text)
+            budget_chart(summary, out_dir / "budget.png")
+    return summary
+
+
+def _pts(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}"
+
+
+def budget_markdown(summary: dict[str, Any]) -> str:
+    """Per suite: recipes x budgets, mean accuracy and the paired gain over the merge each starts from."""
+    budgets = [str(n) for n in summary["budgets"]]
+    out = ["# magic-pl: unlabelled samples per task, best use", "",
+           f"Mean test accuracy (%) over {summary['draws']} draws of n unlabelled samples per task (the same draws for "
+           "every recipe at a given n); in brackets the gain in points over the uncalibrated merge the recipe starts "
+           f"from (RegMean rows: over uncalibrated `{summary['reference']}`), * where its paired 95% bootstrap interval "
+           "excludes zero. Test examples per task: "
+           f"{summary['max_test'] or 'the suite split'}.", ""]
+    for suite, entry in summary["suites"].items():
+        runs = entry["runs"]
+        recipes = list(dict.fromkeys(k for n in budgets if n in runs for k in runs[n]))
+        out += [f"## {suite} ({len(entry['tasks'])} tasks; experts {100 * entry['experts']:.1f}, tuned TA "
+                f"{100 * entry['tuned_ta']:.1f})", "",
+                "| recipe | " + " | ".join(f"n={n}" for n in budgets if n in runs) + " | seconds (n=max) |",
+                "|---|" + "---|" * (sum(n in runs for n in budgets) + 1)]
+        for k in recipes:
+            cells = []
+            for n in budgets:
+                if n not in runs:
+                    continue
+                e = runs[n].get(k)
+                if e is None:
+                    cells.append("-")
+                    continue
+                ci = e.get("gain_ci95")
+                star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
+                cells.append(f"{100 * e['avg']:.1f} ({_pts(e['gain'])}{star})")
+            last = runs[[n for n in budgets if n in runs][-1]].get(k, {})
+            out.append(f"| {k} | " + " | ".join(cells) + f" | {last.get('seconds', 0.0):.1f} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def budget_chart(summary: dict[str, Any], path: Path) -> None:
+    """Accuracy against n (log scale) per recipe, one panel per suite; tuned TA dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from magic_pl.statedict import atomic_path
+
+    suites = summary["suites"]
+    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.5), dpi=120, squeeze=False)
+    for ax, (suite, entry) in zip(axes[0], suites.items()):
+        runs = entry["runs"]
+        ns = [int(n) for n in runs]
+        recipes = list(dict.fromkeys(k for n in runs for k in runs[n]))
+        for k in recipes:
+            pts = [(int(n), 100 * runs[n][k]["avg"]) for n in runs if k in runs[n]]
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=k)
+        ax.axhline(100 * entry["tuned_ta"], ls="--", c="k", lw=1, label="tuned TA (labelled val)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns)
+        ax.set_xticklabels([str(n) for n in ns])
+        ax.set_xlabel("unlabelled samples per task")
+        ax.set_ylabel("average test accuracy (%)")
+        ax.set_title(suite)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m magic_pl.zoo.budget [--suites ...] [--budgets ...] ...``"""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m magic_pl.zoo.budget", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run_budget_study, as_positional=False)
+    cfg = parser.parse_args(list(argv) if argv is not None else None)
+    options = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
+    run_budget_study(**options)
+    print(open(Path(options.get("results_dir") or "results/budget") / "budget.md").read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
