@@ -101,8 +101,7 @@ def run_budget_study(
         cache_dir, bootstrap, seed, trainer, progress: as in :func:`~magic_pl.zoo.runner.run_benchmark`.
         results_dir: where the study and its runs' reports go.
     """
-    from magic_pl.statedict import atomic_path
-    from magic_pl.zoo.report import _jsonable
+    from magic_pl.zoo.report import _jsonable, write_texts
     from magic_pl.zoo.runner import run_benchmark
 
     methods = list(methods) if methods is not None else list(BUDGET_MERGES)
@@ -128,10 +127,8 @@ def run_budget_study(
             entry.setdefault("tasks", result["config"]["tasks"])
             summary["timings"][f"{suite}_n{n}"] = result["timings"]
             summary["suites"][suite] = entry
-            for name, text in (("budget.md", budget_markdown(summary)),
-                               ("budget.json", json.dumps(_jsonable(summary), indent=1))):
-                with atomic_path(out_dir / name) as tmp:
-                    Path(tmp).write_text(text)
+            write_texts(out_dir, {"budget.md": budget_markdown(summary),
+                                  "budget.json": json.dumps(_jsonable(summary), indent=1)})
             budget_chart(summary, out_dir / "budget.png")
     return summary
 
@@ -210,13 +207,9 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m magic_pl.zoo.budget [--suites ...] [--budgets ...] ...``"""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from magic_pl.zoo.report import function_options
 
-    parser = ArgumentParser(prog="python -m magic_pl.zoo.budget", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(run_budget_study, as_positional=False)
-    cfg = parser.parse_args(list(argv) if argv is not None else None)
-    options = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
+    options = function_options(run_budget_study, "python -m magic_pl.zoo.budget", argv)
     run_budget_study(**options)
     print(open(Path(options.get("results_dir") or "results/budget") / "budget.md").read())
     return 0

@@ -271,3 +271,21 @@ def write_reports(result: dict[str, Any], reports: Mapping[str, Any], out_dir: P
     result["files"] = {k: str(v) for k, v in files.items()}
     _write_text(files["json"], json.dumps(_jsonable(result), indent=1))
     return result["files"]
+
+
+def write_texts(out_dir: Path, texts: Mapping[str, str]) -> None:
+    """Write ``name -> text`` files under ``out_dir``, each atomically (a study rewrites them after every case)."""
+    for name, text in texts.items():
+        with atomic_path(Path(out_dir) / name) as tmp:
+            Path(tmp).write_text(text)
+
+
+def function_options(fn: Any, prog: str, argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """The command line of a study: ``fn``'s keywords as flags plus ``--config`` (a YAML of them), parsed."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=(fn.__doc__ or prog).strip().splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(fn, as_positional=False)
+    cfg = parser.parse_args(list(argv) if argv is not None else None)
+    return {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}

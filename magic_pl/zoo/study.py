@@ -202,8 +202,7 @@ def run_study(
     """Run every case (default :data:`DEFAULT_CASES`) with every setting (default :data:`STUDY_CALIBRATIONS`) and
     write the study report. Returns the summary (also ``study.json``). ``trainer``: Lightning ``Trainer`` options
     of every case's benchmark run (see :func:`~magic_pl.zoo.runner.run_benchmark`)."""
-    from magic_pl.statedict import atomic_path
-    from magic_pl.zoo.report import _jsonable
+    from magic_pl.zoo.report import _jsonable, write_texts
     from magic_pl.zoo.runner import run_benchmark
 
     cases = list(cases) if cases is not None else list(DEFAULT_CASES)
@@ -223,23 +222,17 @@ def run_study(
         summary["timings"][case.label] = result["timings"]
         summary.setdefault("versions", result["versions"])
         # after every case, so an interrupted study keeps the finished cases' summary
-        for name, text in (("study.md", study_markdown(summary)),
-                           ("study.json", json.dumps(_jsonable(summary), indent=1))):
-            with atomic_path(out_dir / name) as tmp:
-                Path(tmp).write_text(text)
+        write_texts(out_dir, {"study.md": study_markdown(summary),
+                              "study.json": json.dumps(_jsonable(summary), indent=1)})
         study_chart(summary, out_dir / "study.png")
     return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m magic_pl.zoo.study [--cases ...] [--draws 3] ...``"""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from magic_pl.zoo.report import function_options
 
-    parser = ArgumentParser(prog="python -m magic_pl.zoo.study", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(run_study, as_positional=False)
-    cfg = parser.parse_args(list(argv) if argv is not None else None)
-    options = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
+    options = function_options(run_study, "python -m magic_pl.zoo.study", argv)
     if options.get("cases") is not None:
         options["cases"] = [c if isinstance(c, StudyCase) else StudyCase(**c) for c in options["cases"]]
     run_study(**options)

@@ -8,22 +8,12 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from magic_pl.zoo import run_benchmark
 from magic_pl.zoo.runner import CALIBRATIONS, DEFAULT_METHODS
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cache, results = root / "cache", root / "results"
-    t0 = time.perf_counter()
-    result = run_benchmark("tiny", cache_dir=str(cache), results_dir=str(results), progress=False, bootstrap=200)
-    return {"result": result, "cache": cache, "results": results, "seconds": time.perf_counter() - t0}
 
 
 def _rows(result):

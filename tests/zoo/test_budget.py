@@ -1,0 +1,37 @@
+"""The budget study on the tiny suite: the same draws for every recipe, RegMean in the pool, the report files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from magic_pl.zoo.budget import run_budget_study
+
+
+def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
+    out = tmp_path / "budget"
+    summary = run_budget_study(suites=["tiny"], budgets=[1, 3], methods=["ties", "weight_average", "regmean"],
+                               calibrations=["none", "fsc"], draws=2, max_test=60, reference="ties",
+                               cache_dir=str(tiny["cache"]), results_dir=str(out), bootstrap=100, progress=False)
+    for name in ("budget.md", "budget.json", "budget.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "budget.json").read_text())["budgets"] == [1, 3]
+    runs = summary["suites"]["tiny"]["runs"]
+    for n in ("1", "3"):
+        r = runs[n]
+        assert {"ties/none", "ties/fsc", "regmean/none", "regmean/fsc", "task_arithmetic_tuned/none"} <= set(r)
+        # the tiny encoder is convolutional: RegMean merges linear layers only, so it is the plain average
+        assert r["regmean/none"]["avg"] == pytest.approx(r["weight_average/none"]["avg"], abs=1e-12)
+        # data-based rows are compared with the uncalibrated reference merge, with a paired interval
+        assert r["regmean/fsc"]["over"] == "ties/none"
+        gain, ci = r["regmean/fsc"]["gain"], r["regmean/fsc"]["gain_ci95"]
+        assert gain == pytest.approx(r["regmean/fsc"]["avg"] - r["ties/none"]["avg"])
+        assert ci[0] <= gain <= ci[1]
+        assert r["ties/none"]["gain"] == 0.0 and r["ties/fsc"]["over"] == "ties/none"
+    # budget-independent rows do not move with n; the budget rows do see other samples
+    assert runs["1"]["ties/none"]["avg"] == runs["3"]["ties/none"]["avg"]
+    assert runs["1"]["ties/fsc"]["avg"] != runs["3"]["ties/fsc"]["avg"] or \
+        runs["1"]["weight_average/fsc"]["avg"] != runs["3"]["weight_average/fsc"]["avg"]
+    md = (out / "budget.md").read_text()
+    assert "| regmean/fsc |" in md and "n=3" in md
