@@ -19,8 +19,8 @@ def task_arithmetic(taus: Sequence[Tensor], *, name: str = "", scale: float = 0.
     """``scale * sum_k tau_k`` (Task Arithmetic, Ilharco et al., ICLR 2023).
 
     Args:
-        scale: the coefficient lambda (default 0.3, the usual choice for 8 ViT tasks and DESIGN.md's default; the
-            paper selects lambda on held-out validation data). DESIGN.md 2.5: the summed vector, not the mean, is
-            scaled.
+        scale: the coefficient lambda (default 0.3, the usual choice for 8 ViT tasks; the paper selects lambda on
+            held-out validation data). The summed vector, not the mean, is scaled (as in the paper and the MAGIC
+            reference code).
     """
     return tsum(prepare(taus, name)).mul_(float(scale))

@@ -38,8 +38,8 @@ def dare(
     ICML 2024): drop each entry of every tau_k with probability ``p``, rescale by ``1/(1-p)``, then merge.
 
     Args:
-        p: drop probability in [0, 1); 0.9 is the rate the paper reports as safe for fine-tuned deltas (DESIGN.md
-            2.5: the authors' MAGIC scripts dropped 10% by mistake).
+        p: drop probability in [0, 1); 0.9 is the rate the paper reports as safe for fine-tuned deltas (the MAGIC
+            authors' scripts dropped 10% by mistake, so their DARE rows are not DARE at the paper's rate).
         then: ``"task_arithmetic"`` (default; its ``scale`` defaults to 0.3) or ``"ties"`` (``density``, ``scale``).
         seed: drop masks use a ``torch.Generator`` seeded from (seed, parameter name, task index), so results are
             reproducible, independent of key order, and differ across tensors and tasks.

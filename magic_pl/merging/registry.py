@@ -1,5 +1,5 @@
 """Method registry and the streaming drivers ``merge`` (task vectors -> merged task vector) and ``merge_models``
-(base + experts -> merged model), both computed key by key (DESIGN.md section 3)."""
+(base + experts -> merged model), both computed key by key (docs/method.md)."""
 
 from __future__ import annotations
 
