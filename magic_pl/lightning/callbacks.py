@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from magic_pl.calibration import resolve_setting
 from magic_pl.lightning.data import TASK_KEY, check_calibration_size, count_predict_samples
-from magic_pl.lightning.module import Calibration, NormRecorder, _module_means
+from magic_pl.lightning.module import Calibration, NormRecorder, _module_means, regmean_merge
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import (
     CalibrationRecord,
@@ -44,7 +44,7 @@ from magic_pl.lightning.report import (
     write_json,
 )
 from magic_pl.lightning.writer import save_module
-from magic_pl.merging import merge, validate_merge_options
+from magic_pl.merging import DATA_MERGE_METHODS, merge, validate_merge_options
 from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, find_tied_keys
 from magic_pl.statedict import CheckpointError, apply_delta, load_state_dict
 
@@ -190,7 +190,9 @@ class MagicCalibration(Callback):
         experts: one fine-tuned checkpoint per task (path, state dict or module), keyed like the backbone (a
             ``"backbone."``-style prefix and extra keys such as classifier heads are handled).
         base: the pretrained checkpoint; default ``None``: the backbone's weights at setup are the base.
-        method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3).
+        method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3), or a
+            data-based merge (``"regmean"``, ``"regmean_plusplus"``: the backbone is merged at the end of predict from
+            the calibration batches, then calibrated on them).
         options: the method's options, plus ``bn_stats`` / ``seed`` (default none).
         calibration: the calibration setting (a preset such as ``"dsc"`` or ``"auto"``, a ``"space:key=value"``
             string or a dict; default ``"dsc"``), as in :class:`~magic_pl.lightning.module.MagicModule`.
@@ -248,13 +250,17 @@ class MagicCalibration(Callback):
         self.sources = sources = WeightSources(body, self.experts, self.base, key_prefix=self.key_prefix,
                                                backbone_path=self.backbone, trust_pickle=self.trust_pickle,
                                                task_names=self.task_names)
-        taus = [NormRecorder(tv) for tv in sources.task_vectors()]
-        tau_m = merge(self.method, taus, **self.options)
-        sources.load_into(body, tau_m)
         rec = self.record
         rec.sources = {"base": sources.base_source, "experts": sources.expert_sources}
         rec.task_names = list(sources.task_names)
         rec.config.update({"merge_method": self.method, "merge_options": self.options, "backbone": self.backbone})
+        if self.method in DATA_MERGE_METHODS:  # merged at the end of predict, from the calibration samples
+            self.run.bind(body, sources.base_state, sources.task_vectors(), sources.task_names,
+                          data_merge=regmean_merge(self.method, self.options, rec))
+            return
+        taus = [NormRecorder(tv) for tv in sources.task_vectors()]
+        tau_m = merge(self.method, taus, **self.options)
+        sources.load_into(body, tau_m)
         rec.expert_norms = _module_means([t.sq_norms for t in taus])
         current = {k: v for k, v in body.state_dict().items() if k in sources.base_state and v.dtype.is_floating_point}
         rec.deviation_before = relative_deviation(delta_norms(current, sources.base_state), rec.expert_norms)

@@ -40,7 +40,8 @@ from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, 
 from magic_pl.models.heads import TaskModel, logits_of
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
-__all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder", "task_calls"]
+__all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder", "task_calls",
+           "record_merge", "regmean_merge"]
 
 #: A calibration setting as every front door takes it: a preset name (``"dsc"``, ``"auto"``, ...), a
 #: ``"space:key=value,..."`` string, a dict of :class:`~magic_pl.calibration.CalibrationSetting` fields, or the object.
@@ -119,6 +120,34 @@ class NormRecorder(Mapping[str, Tensor]):
 
     def dtype(self, key: str) -> torch.dtype:
         return torch.float32
+
+
+def record_merge(record: CalibrationRecord, taus: Sequence[NormRecorder], tau_m: Mapping[str, Tensor]) -> None:
+    """The merge's magnitudes in ``record``: mean expert update norm per module and the merged model's deviation."""
+    record.expert_norms = _module_means([t.sq_norms for t in taus])
+    record.deviation_before = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), record.expert_norms)
+
+
+def regmean_merge(method: str, options: Mapping[str, Any], record: CalibrationRecord) -> Callable[..., Any]:
+    """The :data:`~magic_pl.lightning.pipeline.DataMerge` of a data-based method (RegMean / RegMean++) for
+    :meth:`CalibrationRun.bind <magic_pl.lightning.pipeline.CalibrationRun.bind>`: merges the body from the kept
+    calibration calls (Gram sums reduced over processes) and records the step. Shared by ``MagicModule`` and the
+    plug-in callback."""
+    from magic_pl.merging import regmean
+
+    def run(body: nn.Module, base_state: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
+            calls: list[tuple[int, tuple, dict]], reduce: Callable[[Tensor], Tensor]) -> Mapping[str, Tensor]:
+        start = time.perf_counter()
+        taus = [NormRecorder(tv) for tv in task_vectors]
+        batches = [(t, ModelInputs(a, kw) if a and kw else (kw if kw else a)) for t, a, kw in calls]
+        tau_m = regmean(base_state, body, taus, batches, plus_plus=DATA_MERGE_METHODS[method], reduce=reduce,
+                        **dict(options))
+        record.add_step("merge", time.perf_counter() - start, method=method, options=dict(options),
+                        samples=len(calls))
+        record_merge(record, taus, tau_m)
+        return tau_m
+
+    return run
 
 
 class MagicModule(LightningModule):
@@ -308,24 +337,7 @@ class MagicModule(LightningModule):
         self._bind(setup.merged_model(tau_m), [t.source for t in taus], tau_m)
 
     def _record_merge(self, taus: Sequence[NormRecorder], tau_m: Mapping[str, Tensor]) -> None:
-        rec = self.calibration_record
-        rec.expert_norms = _module_means([t.sq_norms for t in taus])
-        rec.deviation_before = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), rec.expert_norms)
-
-    def _data_merge(self, body: nn.Module, calls: list[tuple[int, tuple, dict]],
-                    reduce: Callable[[Tensor], Tensor]) -> Mapping[str, Tensor]:
-        """RegMean / RegMean++ of the body on the kept calibration calls (Gram sums reduced over processes)."""
-        from magic_pl.merging import regmean
-
-        start = time.perf_counter()
-        taus = [NormRecorder(tv) for tv in self.run.task_vectors]
-        batches = [(t, ModelInputs(a, kw) if a and kw else (kw if kw else a)) for t, a, kw in calls]
-        tau_m = regmean(self.run.base_state, body, taus, batches, plus_plus=DATA_MERGE_METHODS[self.merge_method],
-                        reduce=reduce, **self.merge_options)
-        self.calibration_record.add_step("merge", time.perf_counter() - start, method=self.merge_method,
-                                         options=dict(self.merge_options), samples=len(calls))
-        self._record_merge(taus, tau_m)
-        return tau_m
+        record_merge(self.calibration_record, taus, tau_m)
 
     def _bind(self, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
               merged_tv: Optional[Mapping[str, Tensor]]) -> None:
@@ -335,7 +347,8 @@ class MagicModule(LightningModule):
         assert setup is not None
         rec = self.calibration_record
         self.model = merged
-        data_merge = self._data_merge if self.merge_method in DATA_MERGE_METHODS else None
+        data_merge = (regmean_merge(self.merge_method, self.merge_options, rec)
+                      if self.merge_method in DATA_MERGE_METHODS else None)
         self.run.bind(self.model, setup.base_state(), task_vectors, self.task_names, merged_tv=merged_tv,
                       data_merge=data_merge)
         rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)

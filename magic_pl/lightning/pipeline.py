@@ -42,9 +42,10 @@ __all__ = ["CalibrationRun", "DataMerge", "sum_over_processes"]
 Reduce = Callable[[Tensor], Tensor]
 #: One task-tagged model call: ``(task index, args, kwargs)``.
 Call = tuple[int, tuple, dict]
-#: A merge that needs data: ``(body, calls, reduce) -> tau_m``; writes ``theta0 + tau_m`` into ``body`` in place
-#: (statistics summed over processes with ``reduce``).
-DataMerge = Callable[[nn.Module, list[Call], Reduce], Mapping[str, Tensor]]
+#: A merge that needs data: ``(body, base_state, task_vectors, calls, reduce) -> tau_m``; writes ``theta0 + tau_m``
+#: into ``body`` in place (statistics summed over processes with ``reduce``).
+DataMerge = Callable[[nn.Module, Mapping[str, Tensor], Sequence[Mapping[str, Tensor]], list[Call], Reduce],
+                     Mapping[str, Tensor]]
 
 
 def sum_over_processes(trainer: Any) -> Reduce:
@@ -217,7 +218,7 @@ class CalibrationRun:
             if self._data_merge is not None:
                 assert self.body is not None
                 with torch.inference_mode(False), torch.no_grad():  # writes the body's own (normal) tensors
-                    merged_tv = self._data_merge(self.body, calls, reduce)  # every process: the same weights
+                    merged_tv = self._data_merge(self.body, self.base_state, self.task_vectors, calls, reduce)
                 self._data_merge = None
             if self.must_detect:
                 start = time.perf_counter()

@@ -72,8 +72,12 @@ def _datasets(seed: int, n: int, classes=(3, 4)) -> list[TensorDataset]:
 
 
 # ---- the test --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("calibration", ["dsc", {"space": "fsc", "sensitive": "detect", "alpha": 3}])
-def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, calibration):
+@pytest.mark.parametrize("method, options, calibration", [
+    ("task_arithmetic", {"scale": 0.3}, "dsc"),
+    ("task_arithmetic", {"scale": 0.3}, {"space": "fsc", "sensitive": "detect", "alpha": 3}),
+    ("regmean", {"reduce_non_diagonal": 0.9}, "fsc"),  # a data-based merge: merged from the predict batches
+])
+def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, method, options, calibration):
     """The plug-in path and the MagicModule path run the same CalibrationRun: same xi, same weights."""
     torch.manual_seed(0)
     model, calib, test = LitMultiTask(), _datasets(1, 3), _datasets(2, 9)
@@ -85,8 +89,7 @@ def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, calibration):
             CalibratedModelWriter(tmp_path / "model", backbone="backbone"),
             CalibrationReport(tmp_path),
             MagicCalibration(experts=experts, base=str(tiny_timm["base"]), backbone="backbone",
-                             method="task_arithmetic", options={"scale": 0.3}, calibration=calibration,
-                             task_names=["a", "b"]),
+                             method=method, options=options, calibration=calibration, task_names=["a", "b"]),
         ],
     )
     trainer.predict(model, datamodule=data, return_predictions=False)
@@ -97,7 +100,7 @@ def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, calibration):
     ref = MagicModule(
         adapter=TimmAdapter(TIMM_NAME, experts=experts, base=str(tiny_timm["base"]), task_names=["a", "b"],
                             model_kwargs=TIMM_KWARGS),
-        merge_method="task_arithmetic", merge_options={"scale": 0.3}, calibration=calibration,
+        merge_method=method, merge_options=options, calibration=calibration,
     )
     dm = TaskDataModule(["a", "b"], calibration={t: ds for t, ds in zip("ab", calib)}, samples_per_task=3)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -114,7 +117,9 @@ def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, calibration):
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.backbone.state_dict().items())
     steps = [s["step"] for s in report["steps"]]
-    assert steps == (["merge", "wsc", "fsc", "write"] if calibration == "dsc" else ["merge", "probe", "fsc", "write"])
+    want_steps = {"dsc": ["merge", "wsc", "fsc", "write"], "fsc": ["merge", "fsc", "write"],
+                  "detect": ["merge", "probe", "fsc", "write"]}
+    assert steps == want_steps[calibration if isinstance(calibration, str) else "detect"]
     assert report["magnitude_deviation"]["before"] and report["magnitude_deviation"]["after"]
     assert report["inputs"]["base"]["path"].endswith("base.safetensors")
     assert (tmp_path / "calibration_report.png").is_file()
