@@ -122,7 +122,8 @@ def lines_factors(
     found = [i for i in idx.values() if i is not None]
     if not found and beta != 0 and keys:
         warnings.warn(f"LiNeS: no parameter name matches a block rule (e.g. {keys[0]!r}); every tensor is scaled by "
-                      f"alpha and beta={beta:g} has no effect. Give depth= (a family of LAYER_PATTERNS or a regex)",
+                      f"alpha and beta={beta:g} has no effect. Give depth= (lines_depth= in a calibration setting): a "
+                      "family of LAYER_PATTERNS or a regex",
                       stacklevel=2)
     if num_layers is None:
         num_layers = max(found) + 1 if found else 1
