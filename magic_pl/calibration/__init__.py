@@ -20,7 +20,7 @@ from magic_pl.calibration.sensitivity import (
     save_sensitivity,
     sensitivity_scores,
 )
-from magic_pl.calibration.lines import layer_index, lines_alpha, lines_scaling
+from magic_pl.calibration.lines import layer_index, lines_alpha, lines_keys, lines_scaling
 from magic_pl.calibration.settings import AUTO, PRESETS, SENSITIVE_POLICIES, CalibrationSetting, resolve_setting
 from magic_pl.calibration.svc import singular_value_calibration
 from magic_pl.calibration.taskvectors import LazyTaskVector
@@ -48,6 +48,7 @@ __all__ = [
     "fold_kind",
     "layer_index",
     "lines_alpha",
+    "lines_keys",
     "lines_scaling",
     "load_sensitivity",
     "output_divergence_score",

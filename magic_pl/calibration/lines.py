@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional, Union
 
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from magic_pl.statedict import is_batchnorm_stat
 
-__all__ = ["LAYER_PATTERNS", "layer_index", "lines_alpha", "lines_scaling", "lines_factors"]
+__all__ = ["LAYER_PATTERNS", "layer_index", "lines_alpha", "lines_keys", "lines_scaling", "lines_factors"]
 
 #: One depth rule per model family: a regex whose first group is the 0-based block index (``re.search``).
 LAYER_PATTERNS: dict[str, str] = {
@@ -28,6 +29,7 @@ LAYER_PATTERNS: dict[str, str] = {
     "clip": r"(?:^|\.)encoder\.layers\.(\d+)\.",  # HF CLIP vision / text towers
     "llama": r"(?:^|\.)model\.layers\.(\d+)\.",  # HF Llama, Mistral, Qwen2, Gemma
     "gpt2": r"(?:^|\.)h\.(\d+)\.",  # HF GPT-2
+    "efficientnet": r"(?:^|\.)_blocks\.(\d+)\.",  # efficientnet_pytorch / efficientnet-lite-pytorch MBConv blocks
     "layers": r"(?:^|\.)layers\.(\d+)\.",  # any other ``layers.N.`` stack
 }
 
@@ -75,6 +77,11 @@ def _scalable(sd: Mapping[str, Tensor], key: str) -> bool:
     return dt.is_floating_point and not is_batchnorm_stat(key)
 
 
+def lines_keys(merged_tv: Mapping[str, Tensor]) -> list[str]:
+    """The keys LiNeS scales: floating tensors other than BatchNorm running statistics (1-D tensors included)."""
+    return [k for k in merged_tv if _scalable(merged_tv, k)]
+
+
 def lines_alpha(merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]], *,
                 norm: str = "l1") -> float:
     """The paper's ``alpha`` for multi-task merging: ``||sum_k tau_k|| / (K ||tau_m||)`` over all scaled keys.
@@ -108,10 +115,16 @@ def lines_factors(
 ) -> dict[str, float]:
     """The LiNeS factor of each key: ``alpha + beta * i / (L - 1)`` for block index ``i`` (0-based), ``alpha``
     outside the blocks. ``L`` is ``num_layers`` or, by default, the largest index found plus one (L = 1 gives
-    ``alpha`` everywhere)."""
+    ``alpha`` everywhere; with ``beta != 0`` and no key in a block, a warning says so: the names need a ``depth``
+    rule)."""
     fn = _depth_fn(depth)
     idx = {k: fn(k) for k in keys}
     found = [i for i in idx.values() if i is not None]
+    if not found and beta != 0 and keys:
+        warnings.warn(f"LiNeS: no parameter name matches a block rule (e.g. {keys[0]!r}); every tensor is scaled by "
+                      f"alpha and beta={beta:g} has no effect. Give depth= (lines_depth= in a calibration setting): a "
+                      "family of LAYER_PATTERNS or a regex",
+                      stacklevel=2)
     if num_layers is None:
         num_layers = max(found) + 1 if found else 1
     elif isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
@@ -165,7 +178,7 @@ def lines_scaling(
         if task_vectors is None:
             raise ValueError("lines_scaling: alpha=None (the paper's merging rule) needs task_vectors=")
         alpha = lines_alpha(merged_tv, task_vectors, norm=norm)
-    keys = [k for k in merged_tv if _scalable(merged_tv, k)]
+    keys = lines_keys(merged_tv)
     factors = lines_factors(keys, alpha=float(alpha), beta=float(beta), depth=depth, num_layers=num_layers)
     out: dict[str, Tensor] = {}
     for key in merged_tv:

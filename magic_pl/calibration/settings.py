@@ -25,6 +25,8 @@ Presets (the paper's behaviour is ``"wsc"``/``"fsc"``/``"dsc"``, exactly as in M
   ``fsc_rom_gated`` (ratio of means and WSC's rule);
 - ``svc`` / ``svc_fsc``: singular value calibration (arXiv 2602.05536) as the data-free weight step, alone or
   followed by FSC;
+- ``lines`` / ``lines_fsc``: LiNeS layer-increasing scaling (Wang et al., ICLR 2025) as the data-free weight step,
+  alone or followed by FSC;
 - ``auto``: the recommended setting; see :data:`AUTO` for what it is and the measurement behind it.
 """
 
@@ -57,6 +59,7 @@ from magic_pl.calibration.fsc import (
     _parse_norm,
     _state_of,
 )
+from magic_pl.calibration.lines import LAYER_PATTERNS, layer_index, lines_keys, lines_scaling
 from magic_pl.calibration.wsc import WSC_VARIANTS, wsc_keys
 from magic_pl.statedict import apply_delta
 
@@ -65,8 +68,8 @@ __all__ = ["SPACES", "SENSITIVE_POLICIES", "CalibrationSetting", "PRESETS", "AUT
 
 #: Calibration spaces: nothing, weight space (data-free), feature space, both (the weight step then FSC).
 SPACES: tuple[str, ...] = ("none", "wsc", "fsc", "dsc")
-#: Data-free weight steps: MAGIC's WSC, or SVC (singular value calibration).
-WEIGHT_METHODS: tuple[str, ...] = ("wsc", "svc")
+#: Data-free weight steps: MAGIC's WSC, SVC (singular value calibration) or LiNeS (layer-increasing scaling).
+WEIGHT_METHODS: tuple[str, ...] = ("wsc", "svc", "lines")
 #: Sensitive-set policies, the one meaning of "sensitive": ``none`` (WSC ungated, FSC uncapped; the default),
 #: ``empty`` (the paper's gating with no sensitive tensor: WSC rows only grow), ``given`` (a set the caller passes: a
 #: list of tensor/module names or a ranking JSON of :func:`~magic_pl.calibration.sensitivity.save_sensitivity`),
@@ -86,9 +89,24 @@ class CalibrationSetting:
     Attributes:
         space: ``"none"``, ``"wsc"``, ``"fsc"`` or ``"dsc"`` (``wsc``/``dsc``: the data-free weight step, then for
             ``dsc`` FSC on its result).
-        weight_method: the data-free weight step: ``"wsc"`` (MAGIC's, default) or ``"svc"`` (singular value
-            calibration, arXiv 2602.05536 by MAGIC's authors; :func:`~magic_pl.calibration.svc.singular_value_calibration`).
+        weight_method: the data-free weight step: ``"wsc"`` (MAGIC's, default), ``"svc"`` (singular value
+            calibration, arXiv 2602.05536 by MAGIC's authors;
+            :func:`~magic_pl.calibration.svc.singular_value_calibration`) or ``"lines"`` (LiNeS, Wang et al.,
+            ICLR 2025; :func:`~magic_pl.calibration.lines.lines_scaling`: the merged task vector of block ``l`` of
+            ``L`` scaled by ``lines_alpha + lines_beta (l - 1) / (L - 1)``).
         svc_alpha: SVC's floor of each task's coefficient (0.1, FusionBench's setting for TA/TIES/averages).
+        lines_alpha: LiNeS's factor of the first block and of everything outside the blocks. ``None`` (default): the
+            paper's multi-task merging rule ``||sum_k tau_k||_1 / (K ||tau_m||_1)``
+            (:func:`~magic_pl.calibration.lines.lines_alpha`), so the shallowest block gets the plain average of the
+            task vectors (``1 / (lambda K)`` for Task Arithmetic with coefficient lambda). A number in [0, 1000] sets
+            it.
+        lines_beta: LiNeS's increase of the factor from the first to the last block, in [0, 1000] (default 0.5, the
+            middle of the authors' search range [0, 1]; the paper tunes beta on labelled validation data, which the
+            benchmark's ``lines_tuned`` row does).
+        lines_depth: how a parameter name maps to its block: ``None`` (default: every
+            :data:`~magic_pl.calibration.lines.LAYER_PATTERNS` rule, first match wins), a family name of that table
+            (``"hf_encoder"``, ``"timm"``, ``"llama"``, ...) or a regex whose first group is the 0-based block index
+            (a regex with a comma needs the dict form of the setting).
         wsc_variant: :data:`~magic_pl.calibration.wsc.WSC_VARIANTS` (``"paper"``).
         sensitive: :data:`SENSITIVE_POLICIES` (``"none"``).
         alpha: size of a detected sensitive set (paper: 10).
@@ -103,6 +121,9 @@ class CalibrationSetting:
     space: str = "fsc"
     weight_method: str = "wsc"
     svc_alpha: float = 0.1
+    lines_alpha: Optional[float] = None
+    lines_beta: float = 0.5
+    lines_depth: Optional[str] = None
     wsc_variant: str = "paper"
     sensitive: str = "none"
     alpha: int = 10
@@ -129,6 +150,15 @@ class CalibrationSetting:
         object.__setattr__(self, "eps", _number("eps", self.eps, lambda v: 0 < v <= 1.0, "a finite number in (0, 1]"))
         object.__setattr__(self, "svc_alpha", _number("svc_alpha", self.svc_alpha, lambda v: 0 < v <= 1e3,
                                                       "a finite number in (0, 1000]"))
+        lines_rule = "a finite number in [0, 1000]"
+        if not _unset(self.lines_alpha):
+            object.__setattr__(self, "lines_alpha", _number("lines_alpha", self.lines_alpha,
+                                                            lambda v: 0 <= v <= 1e3, lines_rule + " or None"))
+        else:
+            object.__setattr__(self, "lines_alpha", None)
+        object.__setattr__(self, "lines_beta", _number("lines_beta", self.lines_beta, lambda v: 0 <= v <= 1e3,
+                                                       lines_rule))
+        object.__setattr__(self, "lines_depth", _depth_rule(self.lines_depth))
 
     @property
     def uses_data(self) -> bool:
@@ -199,15 +229,21 @@ class CalibrationSetting:
                      merged_tv: Optional[Mapping[str, Tensor]], sensitive: Optional[Collection[str]]
                      ) -> dict[str, Tensor]:
         """The data-free weight step written into ``merged`` (for ``wsc``/``dsc``; nothing otherwise): WSC (returns its
-        row scales per tensor) or SVC (returns ``{}``: it rescales singular values, not rows)."""
+        row scales per tensor), SVC or LiNeS (return ``{}``: they rescale singular values or whole blocks, not rows;
+        neither uses the sensitive set)."""
         if not self.uses_wsc:
             return {}
-        if self.weight_method == "svc":
-            from magic_pl.calibration.svc import singular_value_calibration
-
+        if self.weight_method in ("svc", "lines"):
             tau = merged_tv if merged_tv is not None else merged_task_vector(base, merged)
-            calibrated = singular_value_calibration(tau, task_vectors, alpha=self.svc_alpha)
-            write_task_vector(base, merged, calibrated, wsc_keys(tau), "SVC-calibrated model")
+            if self.weight_method == "svc":
+                from magic_pl.calibration.svc import singular_value_calibration
+
+                calibrated = singular_value_calibration(tau, task_vectors, alpha=self.svc_alpha)
+                write_task_vector(base, merged, calibrated, wsc_keys(tau), "SVC-calibrated model")
+            else:
+                calibrated = lines_scaling(tau, beta=self.lines_beta, alpha=self.lines_alpha,
+                                           task_vectors=task_vectors, depth=self.lines_depth)
+                write_task_vector(base, merged, calibrated, lines_keys(tau), "LiNeS-scaled model")
             return {}
         return apply_weight_space_calibration(base, merged, task_vectors, merged_tv, sensitive, **self.wsc_options())
 
@@ -291,6 +327,26 @@ def _number(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> fl
     if not (math.isfinite(v) and ok(v)):
         raise ValueError(f"calibration setting: {name}={value!r} must be {rule}")
     return v
+
+
+def _unset(value: Any) -> bool:
+    """``None`` or its spelling in a ``"space:key=value"`` string."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+
+
+def _depth_rule(depth: Any) -> Optional[str]:
+    """``lines_depth`` checked by LiNeS's own rule: ``None``, a family of :data:`LAYER_PATTERNS` or a regex whose
+    first group is the block index."""
+    if _unset(depth):
+        return None
+    if not isinstance(depth, str):
+        raise ValueError(f"calibration setting: lines_depth={depth!r} must be None, a family name "
+                         f"({', '.join(LAYER_PATTERNS)}) or a regex")
+    try:
+        layer_index("", depth)
+    except ValueError as err:
+        raise ValueError(f"calibration setting: lines_depth={depth!r}: {err}") from None
+    return depth
 
 
 def _pick(given: SensitiveSet, policy: str) -> Any:
@@ -401,6 +457,8 @@ PRESETS: dict[str, CalibrationSetting] = {
     "fsc_rom_gated": CalibrationSetting(space="fsc", statistic="ratio_of_means", gate="paper"),
     "svc": CalibrationSetting(space="wsc", weight_method="svc"),
     "svc_fsc": CalibrationSetting(space="dsc", weight_method="svc"),
+    "lines": CalibrationSetting(space="wsc", weight_method="lines"),
+    "lines_fsc": CalibrationSetting(space="dsc", weight_method="lines"),
     "auto": AUTO,
 }
 

@@ -15,7 +15,14 @@ from magic_pl.statedict import atomic_path
 
 __all__ = ["write_reports", "markdown_report", "csv_report", "chart"]
 
-_CAL_LABEL = {"none": "none", "wsc": "WSC", "fsc": "FSC", "dsc": "DSC", "bn": "BN re-est.", "bn+fsc": "BN + FSC"}
+_CAL_LABEL = {"none": "none", "wsc": "WSC", "fsc": "FSC", "dsc": "DSC", "bn": "BN re-est.", "bn+fsc": "BN + FSC",
+              "svc": "SVC", "svc_fsc": "SVC + FSC", "lines": "LiNeS", "lines_fsc": "LiNeS + FSC"}
+#: Rows tuned on the labelled validation split: key -> (label, how the chosen point is written).
+_TUNED = {("task_arithmetic_tuned", "none"): ("task_arithmetic, scale tuned on val", lambda r: f"scale {r['scale']}"),
+          ("task_arithmetic_tuned", "bn"): ("task_arithmetic, scale tuned on val, BN re-est.",
+                                            lambda r: f"scale {r['scale']}"),
+          ("lines_tuned", "lines"): ("task_arithmetic + LiNeS, (alpha, beta) tuned on val",
+                                     lambda r: f"alpha {r['lines_alpha']:.3g}, beta {r['lines_beta']:.3g}")}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -65,11 +72,10 @@ def _main_table(result: Mapping[str, Any], key: str) -> list[str]:
              "|---|" + "---|" * len(cals)]
     for m in result["config"]["methods"]:
         lines.append(f"| {m} | " + " | ".join(_cell(rows.get((m, c)), key) for c in cals) + " |")
-    for (m, c), label in ((("task_arithmetic_tuned", "none"), "task_arithmetic, scale tuned on val"),
-                          (("task_arithmetic_tuned", "bn"), "task_arithmetic, scale tuned on val, BN re-est.")):
-        r = rows.get((m, c))
+    for row_key, (label, point) in _TUNED.items():
+        r = rows.get(row_key)
         if r is not None:
-            lines.append(f"| {label} (scale {r['scale']}) | {_cell(r, key)} |" + " |" * (len(cals) - 1))
+            lines.append(f"| {label} ({point(r)}) | {_cell(r, key)} |" + " |" * (len(cals) - 1))
     for m, label in (("base", "base encoder + task heads"), ("expert", "experts, each on its own task (ceiling)")):
         r = rows.get((m, "none"))
         if r is not None:
@@ -122,8 +128,9 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     if tuned is not None:
         out += ["", f"Best calibrated merge vs Task Arithmetic tuned on the validation split "
                     f"({_pct(tuned['avg'])}, scale {tuned['scale']}): "]
-        best = max((r for r in result["rows"] if r["method"] not in ("base", "expert", "task_arithmetic_tuned")
-                    and r["calibration"] != "none"), key=lambda r: r["avg"], default=None)
+        tuned_rows = ("base", "expert") + tuple(m for m, _ in _TUNED)
+        best = max((r for r in result["rows"] if r["method"] not in tuned_rows and r["calibration"] != "none"),
+                   key=lambda r: r["avg"], default=None)
         if best is not None:
             ci = result["gains"].get("over_tuned_ta_ci95", {}).get(best["method"], {}).get(best["calibration"])
             out[-1] += (f"{best['method']} + {_CAL_LABEL.get(best['calibration'], best['calibration'])} "
@@ -221,7 +228,8 @@ def chart(result: Mapping[str, Any], path: Path) -> None:
         ax.bar(x + (j - (len(cals) - 1) / 2) * width, vals, width, yerr=errs, capsize=2,
                label=_cal_header(c, result))
     for (m, c), style, label in (((("base", "none")), ":", "base + heads"), (("expert", "none"), "--", "experts"),
-                                 (("task_arithmetic_tuned", "none"), "-.", "TA tuned on val")):
+                                 (("task_arithmetic_tuned", "none"), "-.", "TA tuned on val"),
+                                 (("lines_tuned", "lines"), (0, (5, 1, 1, 1, 1, 1)), "TA + LiNeS tuned on val")):
         if (m, c) in rows:
             ax.axhline(100 * rows[(m, c)]["avg"], color="grey", linestyle=style, linewidth=1, label=label)
     ax.set_xticks(x)

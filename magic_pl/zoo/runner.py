@@ -13,6 +13,8 @@ Rows of the result (all evaluated on every task's test split, each task through 
 - ``task_arithmetic_tuned``: Task Arithmetic with its coefficient chosen on the labelled validation split (the
   baseline MAGIC must beat, docs/benchmark.md; its gain is reported separately). BatchNorm suites also tune it with BN
   re-estimation.
+- ``lines_tuned`` (``tune_lines=True``): LiNeS on Task Arithmetic with its (alpha, beta) chosen on the labelled
+  validation split from :data:`LINES_GRID` (the LiNeS paper tunes it on Task Arithmetic).
 
 BatchNorm policy: experts fine-tune with frozen running statistics (``train_batchnorm="frozen"``: the frozen probe
 heads keep seeing the features they were fitted on), so their statistics equal the base's and every merge keeps them.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +47,7 @@ from magic_pl.zoo.pipeline import SuiteData, suite_module
 from magic_pl.zoo.suites import get_suite
 
 __all__ = ["DEFAULT_METHODS", "CALIBRATIONS", "BN_CALIBRATIONS", "SENSITIVE_CHOICES", "TRAINER_DEFAULTS",
-           "run_benchmark", "build_trainer"]
+           "LINES_GRID", "run_benchmark", "build_trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,12 @@ SENSITIVE_CHOICES = ("none", "empty", "detect", "detect_labelled")
 #: calibration samples per task) or ``labelled`` (mean log-likelihood of the true labels on 64 validation examples
 #: per task through the task heads: the paper's labelled probe, made smooth).
 SENSITIVE_PROBES = ("label_free", "labelled")
+#: The ``lines_tuned`` grid, (alpha, beta) in units of 1/K, applied to Task Arithmetic with lambda = 1 (tau_m =
+#: sum_k tau_k, the merge the LiNeS paper scales): alpha (first block and everything outside the blocks) in
+#: {0.5, 1, 2}/K, where 1/K is the paper's rule (the shallowest block gets the task vectors' average); beta (the rise to
+#: the last block) in {0, 1, 2}/K, where beta = 0 is plain Task Arithmetic with lambda = alpha. 3 x 3 points; ties go
+#: to the centre (the paper's alpha, beta = 1/K).
+LINES_GRID: tuple[tuple[float, float], ...] = tuple((a, b) for a in (0.5, 1.0, 2.0) for b in (0.0, 1.0, 2.0))
 
 
 class _Row:
@@ -156,6 +164,7 @@ def run_benchmark(
     bn_samples: Optional[int] = None,
     tune_ta: bool = True,
     ta_grid: Optional[list[float]] = None,
+    tune_lines: bool = False,
     finetune: Optional[dict[str, Any]] = None,
     max_test: Optional[int] = None,
     seed: int = 0,
@@ -199,6 +208,8 @@ def run_benchmark(
         bn_samples: unlabelled images per task for BN re-estimation (suite default).
         tune_ta: add Task Arithmetic with its coefficient tuned on the labelled validation split.
         ta_grid: coefficients tried (default 0.1, 0.2, ..., 1.0).
+        tune_lines: add ``lines_tuned``: LiNeS on Task Arithmetic with (alpha, beta) tuned on the labelled
+            validation split over :data:`LINES_GRID` (default ``False``: 9 validation passes more).
         finetune: overrides of the suite's expert fine-tuning, fields of
             :class:`~magic_pl.zoo.experts.FinetuneConfig` (e.g. ``{"steps": 400, "head": "probe_frozen"}``; a
             new cache entry).
@@ -233,9 +244,9 @@ def run_benchmark(
             spec, tasks=tasks, methods=methods, calibrations=calibrations, n_calib=n_calib, draws=draws,
             calibration_from_test=calibration_from_test, sensitive=sensitive, sensitive_alpha=sensitive_alpha,
             sensitive_probe=sensitive_probe, bn_stats=bn_stats, bn_reestimate=bn_reestimate, bn_samples=bn_samples,
-            tune_ta=tune_ta, ta_grid=ta_grid, finetune=finetune, max_test=max_test, seed=seed, trainer=trainer,
-            rebuild=rebuild, bootstrap=bootstrap, progress=progress, cache_dir=cache_dir, results_dir=results_dir,
-            write=write,
+            tune_ta=tune_ta, ta_grid=ta_grid, tune_lines=tune_lines, finetune=finetune, max_test=max_test, seed=seed,
+            trainer=trainer, rebuild=rebuild, bootstrap=bootstrap, progress=progress, cache_dir=cache_dir,
+            results_dir=results_dir, write=write,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -267,13 +278,13 @@ def _apply_finetune(spec, finetune: Optional[Mapping[str, Any]], seed: int) -> N
 
 
 def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from_test, sensitive, sensitive_alpha,
-         sensitive_probe, bn_stats, bn_reestimate, bn_samples, tune_ta, ta_grid, finetune, max_test, seed, trainer,
-         rebuild, bootstrap, progress, cache_dir, results_dir, write) -> dict[str, Any]:
+         sensitive_probe, bn_stats, bn_reestimate, bn_samples, tune_ta, ta_grid, tune_lines, finetune, max_test, seed,
+         trainer, rebuild, bootstrap, progress, cache_dir, results_dir, write) -> dict[str, Any]:
     import warnings
 
     from tqdm.auto import tqdm
 
-    from magic_pl.calibration import detect_sensitive_layers, resolve_setting
+    from magic_pl.calibration import CalibrationSetting, detect_sensitive_layers, resolve_setting
     from magic_pl.calibration.settings import detect_label_free
     from magic_pl.merging import DATA_MERGE_METHODS, MERGE_METHODS, merge
 
@@ -343,7 +354,8 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
               for pol in {s.sensitive for s in settings.values()} | ({sensitive} if is_bn and bn_reestimate else set())
               if pol.startswith("detect")}
     data = SuiteData(backbone, task_list, _calibration_pools(task_list, calibration_from_test),
-                     batch_size=spec.eval_batch_size, val=tune_ta or "labelled" in probes.values())
+                     batch_size=spec.eval_batch_size,
+                     val=tune_ta or tune_lines or "labelled" in probes.values())
     test_data = data.datamodule()
 
     def draw(d: int) -> dict[str, np.ndarray]:
@@ -378,7 +390,7 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
 
     with_bn_rows = [m for m in methods if is_bn and bn_reestimate and m not in DATA_MERGE_METHODS]
     n_configs = (2 + sum(draws if data_rows(m, settings[c]) else 1 for m in methods for c in calibrations)
-                 + len(with_bn_rows) * (1 + draws) + (1 if tune_ta else 0))
+                 + len(with_bn_rows) * (1 + draws) + (1 if tune_ta else 0) + (1 if tune_lines else 0))
     bar = tqdm(total=n_configs, desc=f"{suite}: evaluate", disable=not (progress and main_process))
 
     def evaluate(row: _Row, m: MagicModule, calib_s: float, datamodule: Any = None) -> None:
@@ -392,6 +404,17 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
         t = time.perf_counter()
         pl_trainer.predict(m, datamodule=data.datamodule(draw(d)), return_predictions=False)
         return time.perf_counter() - t
+
+    def tune_on_val(grid: Sequence[Any], build: Callable[[Any], MagicModule], prefer: Callable[[Any], float]
+                    ) -> tuple[Any, dict[Any, float]]:
+        """The grid point whose module (``build(point)``) has the best average accuracy on the labelled validation
+        split (ties: the highest ``prefer``), and every point's score."""
+        scores = {}
+        for point in grid:
+            m = build(point)
+            pl_trainer.validate(m, datamodule=test_data, verbose=False)
+            scores[point] = m.calibration_record.metrics["val/acc/avg"]
+        return max(grid, key=lambda p: (scores[p], prefer(p))), scores
 
     t_eval = time.perf_counter()
     with warnings.catch_warnings():
@@ -461,7 +484,8 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
                     t = time.perf_counter()
                     m = merged.with_calibration(setting, sensitive=given(setting))
                     rep = m.run.result
-                    row.xi.append(rep.wsc_scales)
+                    if rep.wsc_scales:  # SVC and LiNeS scale no rows
+                        row.xi.append(rep.wsc_scales)
                     reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": rep.wsc_scales}
                     evaluate(row, m, time.perf_counter() - t)
                 else:  # fsc / dsc, or a data-based merge: over draws
@@ -498,18 +522,37 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
             variants = [False] + ([True] if is_bn and bn_reestimate else [])
             bar.total += len(variants) - 1
             for bn in variants:
-                t = time.perf_counter()
-                val_scores = {}
-                for lam in grid:
+
+                def ta(lam: float, bn: bool = bn) -> MagicModule:
                     m = module("task_arithmetic", scale=lam)
-                    pl_trainer.validate(with_bn(m) if bn else m, datamodule=test_data, verbose=False)
-                    val_scores[lam] = m.calibration_record.metrics["val/acc/avg"]
-                best = max(grid, key=lambda lam: (val_scores[lam], -abs(lam - 0.3)))
-                m = module("task_arithmetic", scale=best)
+                    return with_bn(m) if bn else m
+
+                t = time.perf_counter()
+                best, val_scores = tune_on_val(grid, ta, lambda lam: -abs(lam - 0.3))
                 row = _Row("task_arithmetic_tuned", "bn" if bn else "none", scale=best,
                            val_scores={str(k): v for k, v in val_scores.items()})
-                evaluate(row, with_bn(m) if bn else m, time.perf_counter() - t)
+                evaluate(row, ta(best), time.perf_counter() - t)
                 rows.append(row)
+
+        # ---- tuned LiNeS on task arithmetic (lambda = 1) ---------------------------------------------------------
+        if tune_lines:
+            t = time.perf_counter()
+            k = len(names)
+
+            def lines_setting(point: tuple[float, float]) -> CalibrationSetting:
+                return CalibrationSetting(space="wsc", weight_method="lines", lines_alpha=point[0] / k,
+                                          lines_beta=point[1] / k)
+
+            ta_sum = module("task_arithmetic", scale=1.0)
+            best, val_scores = tune_on_val(LINES_GRID, lambda p: ta_sum.with_calibration(lines_setting(p)),
+                                           lambda p: -abs(p[0] - 1.0) - abs(p[1] - 1.0))
+            setting = lines_setting(best)
+            row = _Row("lines_tuned", "lines", lines_alpha=setting.lines_alpha, lines_beta=setting.lines_beta,
+                       setting=setting.to_string(),
+                       val_scores={f"{a:g}/K,{b:g}/K": v for (a, b), v in val_scores.items()})
+            evaluate(row, ta_sum.with_calibration(setting), time.perf_counter() - t)
+            rows.append(row)
+            del ta_sum
     bar.close()
     timings["evaluate_seconds"] = time.perf_counter() - t_eval
     timings["total_seconds"] = time.perf_counter() - t_start
@@ -527,7 +570,9 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
             "sensitive_alpha": sensitive_alpha, "sensitive_probe": sensitive_probe,
             "settings": {c: s.to_dict() for c, s in settings.items()},
             "bn_stats": bn_stats, "bn_reestimate": bn_reestimate, "bn_samples": spec.bn_samples,
-            "tune_ta": tune_ta, "ta_grid": grid, "seed": seed, "device": str(dev), "max_test": max_test,
+            "tune_ta": tune_ta, "ta_grid": grid, "tune_lines": tune_lines,
+            "lines_grid": [list(p) for p in LINES_GRID] if tune_lines else None, "seed": seed, "device": str(dev),
+            "max_test": max_test,
             "trainer": _trainer_summary(pl_trainer), "threads": torch.get_num_threads(), "bootstrap": bootstrap,
             "finetune": vars(spec.finetune).copy(), "backbone": backbone.identity(), "splits": spec.split_config(),
         },

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from magic_pl.calibration import FeatureSpaceCalibrator, save_sensitivity, weight_space_calibration
+from magic_pl.calibration import FeatureSpaceCalibrator, lines_scaling, save_sensitivity, weight_space_calibration
 from magic_pl.lightning import MagicModule, RandomTaskDataset, TaskDataModule
 from magic_pl.merging import merge, merge_models
 from magic_pl.statedict import apply_task_vector, task_vector
@@ -58,13 +58,21 @@ def _module(base, experts, heads, **kw) -> MagicModule:
     return MagicModule(model=copy.deepcopy(base), experts=experts, heads=heads, task_names=list("xyz"), **kw)
 
 
-@pytest.mark.parametrize("calibration", ["none", "wsc"])
+@pytest.mark.parametrize("calibration", ["none", "wsc", "lines"])
 def test_data_free_calibrations_equal_the_core(setup3, calibration):
     base, experts, heads, data = setup3
     mod = _module(base, experts, heads, calibration=calibration, merge_method="ties", merge_options={"density": 0.5})
-    mod.build()
+    if calibration == "lines":  # Body has no blocks: LiNeS says its beta does nothing
+        with pytest.warns(UserWarning, match="no parameter name matches a block rule"):
+            mod.build()
+    else:
+        mod.build()
     if calibration == "none":
         want = merge_models(base, experts, "ties", density=0.5)
+    elif calibration == "lines":  # no blocks in Body: every tensor takes the paper's alpha
+        taus = [task_vector(e, base) for e in experts]
+        tau = lines_scaling(merge("ties", taus, density=0.5), beta=0.0, task_vectors=taus)  # beta: no blocks
+        want = apply_task_vector(base.state_dict(), tau)
     else:
         taus = [task_vector(e, base) for e in experts]
         tau = weight_space_calibration(merge("ties", taus, density=0.5), taus)

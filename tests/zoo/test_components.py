@@ -168,6 +168,34 @@ def test_yaml_configs_are_run_benchmark_keywords(suite):
     assert {k: cfg.trainer[k] for k in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "study.yaml"))
+def test_every_benchmark_config_parses_and_names_real_options(path):
+    """Every benchmark YAML (defaults and pool/pair configs) parses with the CLI's parser and names only real
+    suites, tasks, merge methods and calibration settings (study.yaml is run_study's, tested with the study)."""
+    pytest.importorskip("yaml")
+    from magic_pl.calibration import resolve_setting
+    from magic_pl.lightning.cli import benchmark_parser
+    from magic_pl.merging import MERGE_METHODS
+    from magic_pl.zoo.suites import get_suite
+
+    cfg = benchmark_parser().parse_args(["--config", str(CONFIGS / path)])
+    spec = get_suite(cfg.suite)
+    assert set(cfg.tasks or []) <= set(spec.task_table), cfg.tasks
+    assert set(cfg.methods) <= set(MERGE_METHODS), set(cfg.methods) - set(MERGE_METHODS)
+    settings = [resolve_setting(c) for c in cfg.calibrations]
+    assert len(set(cfg.calibrations)) == len(settings)
+    if "slerp" in cfg.methods:  # SLERP interpolates exactly two task vectors
+        assert cfg.tasks is not None and len(cfg.tasks) == 2
+    if path.endswith("_pool.yaml"):  # the pool = the default config plus methods, calibrations and tuned LiNeS
+        default = benchmark_parser().parse_args(["--config", str(CONFIGS / path.replace("_pool", ""))])
+        assert set(default.methods) < set(cfg.methods) and set(default.calibrations) < set(cfg.calibrations)
+        assert {"svc", "svc_fsc", "lines", "lines_fsc", "auto"} <= set(cfg.calibrations) and cfg.tune_lines
+        same = {k for k in default.as_dict() if k not in ("methods", "calibrations", "tune_lines", "results_dir",
+                                                          "config", "__path__")}
+        pool, base = cfg.as_dict(), default.as_dict()
+        assert {k: pool[k] for k in same} == {k: base[k] for k in same}
+
+
 def test_cli_reports_missing_data_clearly(tmp_path, monkeypatch, capsys):
     from magic_pl.zoo import __main__ as cli
     from magic_pl.zoo import vision_data

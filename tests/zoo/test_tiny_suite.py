@@ -188,6 +188,33 @@ def test_named_settings_columns_equal_their_explicit_strings(tiny):
         assert gains["mean_over_tuned_ta"][c] == pytest.approx(want)
 
 
+def test_tuned_lines_row_and_data_free_rescalers(tiny, tmp_path):
+    """``tune_lines``: 9 validation scores, the best one chosen; its beta = 0 points are Task Arithmetic with
+    lambda = alpha (another path to the same model, so the same validation accuracy); SVC/LiNeS columns run."""
+    result = run_benchmark("tiny", cache_dir=str(tiny["cache"]), results_dir=str(tmp_path), progress=False,
+                           methods=["ties"], calibrations=["none", "svc", "lines", "lines_fsc"], draws=1,
+                           tune_ta=True, ta_grid=[0.125, 0.25, 0.5], tune_lines=True, bn_reestimate=False,
+                           bootstrap=0)
+    rows = _rows(result)
+    lines = rows[("lines_tuned", "lines")]
+    scores = lines["val_scores"]
+    assert len(scores) == 9 and result["config"]["lines_grid"][0] == [0.5, 0.0]
+    best = max(scores.values())
+    chosen = f"{4 * lines['lines_alpha']:g}/K,{4 * lines['lines_beta']:g}/K"  # K = 4 tasks
+    assert scores[chosen] == best and lines["setting"].startswith("wsc:weight_method=lines,lines_alpha=")
+    ta = rows[("task_arithmetic_tuned", "none")]["val_scores"]
+    for mult, lam in ((0.5, "0.125"), (1, "0.25"), (2, "0.5")):  # alpha = mult / K, beta = 0: TA at lambda = alpha
+        assert scores[f"{mult:g}/K,0/K"] == pytest.approx(ta[lam], abs=0.02)
+    assert 0.2 < lines["avg"] <= 1.0
+    for c in ("svc", "lines", "lines_fsc"):
+        assert 0.2 < rows[("ties", c)]["avg"] <= 1.0
+    assert "scales" not in rows[("ties", "svc")] and "scales" not in rows[("ties", "lines")]  # they scale no rows
+    assert rows[("ties", "lines_fsc")]["scales"]["kind"] == "FSC xi per module"
+    md = open(result["files"]["markdown"]).read()
+    assert "| task_arithmetic + LiNeS, (alpha, beta) tuned on val (alpha " in md
+    assert "LiNeS + FSC" in md
+
+
 def test_max_test_subsamples_the_test_split_and_keeps_the_cached_experts(tiny):
     result = run_benchmark("tiny", cache_dir=str(tiny["cache"]), progress=False, methods=["weight_average"],
                            calibrations=["none"], tune_ta=False, bn_reestimate=False, bootstrap=0, write=False,
