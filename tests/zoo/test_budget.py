@@ -35,3 +35,20 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
         runs["1"]["weight_average/fsc"]["avg"] != runs["3"]["weight_average/fsc"]["avg"]
     md = (out / "budget.md").read_text()
     assert "| regmean/fsc |" in md and "n=3" in md
+
+
+def test_the_budget_config_is_the_study_defaults():
+    pytest.importorskip("yaml")
+    from pathlib import Path
+
+    from magic_pl.calibration import resolve_setting
+    from magic_pl.merging import DATA_MERGE_METHODS, MERGE_METHODS
+    from magic_pl.zoo.budget import BUDGET_CALIBRATIONS, BUDGET_MERGES, DEFAULT_BUDGETS
+    from magic_pl.zoo.report import function_options
+
+    path = Path(__file__).parents[2] / "configs" / "benchmark" / "budget.yaml"
+    options = function_options(run_budget_study, "budget", ["--config", str(path)])
+    assert options["budgets"] == DEFAULT_BUDGETS and options["methods"] == BUDGET_MERGES
+    assert options["calibrations"] == BUDGET_CALIBRATIONS and options["draws"] == 3
+    assert all(m in MERGE_METHODS or m in DATA_MERGE_METHODS for m in options["methods"])
+    assert all(resolve_setting(c) for c in options["calibrations"])

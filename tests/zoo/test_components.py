@@ -168,10 +168,12 @@ def test_yaml_configs_are_run_benchmark_keywords(suite):
     assert {k: cfg.trainer[k] for k in TRAINER_DEFAULTS} == TRAINER_DEFAULTS
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "study.yaml"))
+@pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml")
+                                         if p.name not in ("study.yaml", "budget.yaml")))
 def test_every_benchmark_config_parses_and_names_real_options(path):
     """Every benchmark YAML (defaults and pool/pair configs) parses with the CLI's parser and names only real
-    suites, tasks, merge methods and calibration settings (study.yaml is run_study's, tested with the study)."""
+    suites, tasks, merge methods and calibration settings (study.yaml and budget.yaml are the studies' own, tested
+    with them)."""
     pytest.importorskip("yaml")
     from magic_pl.calibration import resolve_setting
     from magic_pl.lightning.cli import benchmark_parser
