@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator, StateSource, _state_of
+from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import weight_space_calibration
 from magic_pl.statedict import apply_delta
@@ -30,8 +31,11 @@ def task_batches(batches: Batches) -> Iterable[tuple[int, Any]]:
 
 
 def call_with_batch(fn: Callable[..., Any], batch: Any, *leading: Any) -> Any:
-    """``fn(*leading, **batch)`` for a mapping, ``fn(*leading, *batch)`` for a tuple/list, else ``fn(*leading,
+    """``fn(*leading, *args, **kwargs)`` for :class:`~magic_pl.calibration.sensitivity.ModelInputs` (a call that needs
+    both), ``fn(*leading, **batch)`` for a mapping, ``fn(*leading, *batch)`` for a tuple/list, else ``fn(*leading,
     batch)``: the one batch-calling convention of :data:`Batches`."""
+    if isinstance(batch, ModelInputs):  # a NamedTuple: checked before plain tuples
+        return fn(*leading, *batch.args, **batch.kwargs)
     if isinstance(batch, Mapping):
         return fn(*leading, **batch)
     if isinstance(batch, (tuple, list)):

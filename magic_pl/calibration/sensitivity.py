@@ -45,13 +45,9 @@ class ModelInputs(NamedTuple):
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, ModelInputs):
-        return model(*inputs.args, **inputs.kwargs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    from magic_pl.calibration.dsc import call_with_batch  # the one batch-calling convention (dsc imports this module)
+
+    return call_with_batch(model, inputs)
 
 
 def _logits(output: Any) -> Tensor:

@@ -28,13 +28,13 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from magic_pl.calibration import CalibrationSetting, load_sensitivity, resolve_setting
+from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.lightning.data import (INDEX_KEY, INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size,
                                      count_predict_samples)
 from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
-from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.merging import DATA_MERGE_METHODS, merge, validate_merge_options
 from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
 from magic_pl.models.heads import TaskModel, logits_of
@@ -139,7 +139,7 @@ def regmean_merge(method: str, options: Mapping[str, Any], record: CalibrationRe
             calls: list[tuple[int, tuple, dict]], reduce: Callable[[Tensor], Tensor]) -> Mapping[str, Tensor]:
         start = time.perf_counter()
         taus = [NormRecorder(tv) for tv in task_vectors]
-        batches = [(t, ModelInputs(a, kw) if a and kw else (kw if kw else a)) for t, a, kw in calls]
+        batches = [(t, ModelInputs(a, kw)) for t, a, kw in calls]
         tau_m = regmean(base_state, body, taus, batches, plus_plus=DATA_MERGE_METHODS[method], reduce=reduce,
                         **dict(options))
         record.add_step("merge", time.perf_counter() - start, method=method, options=dict(options),

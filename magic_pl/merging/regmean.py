@@ -141,9 +141,13 @@ def validate_data_merge_options(method: str, options: Mapping[str, Any]) -> dict
 # Statistics
 # --------------------------------------------------------------------------------------------------------------------
 def _mask_of(batch: Any) -> Optional[Tensor]:
-    """A batch's 2-D ``attention_mask`` (``[batch, positions]``, nonzero = real token), if it has one."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
+    """A batch's 2-D ``attention_mask`` (``[batch, positions]``, nonzero = real token), if it has one (a mapping
+    batch's, or the keyword arguments' of a :class:`~magic_pl.calibration.sensitivity.ModelInputs` call)."""
+    from magic_pl.calibration.sensitivity import ModelInputs
+
+    kwargs = batch.kwargs if isinstance(batch, ModelInputs) else batch
+    if isinstance(kwargs, Mapping):
+        mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2:
             return mask
     return None

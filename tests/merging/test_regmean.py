@@ -367,6 +367,14 @@ def test_padding_positions_are_excluded():
     unmasked = {k: [{"input_ids": b[0]["input_ids"]}] for k, b in batches.items()}
     other = regmean(base, _Tokens().double().eval(), taus, unmasked)
     assert _rel(other["lin.weight"], tau_m["lin.weight"]) > 1e-3
+    # a call that carries positional and keyword arguments (how the Lightning pipeline hands its kept calls over):
+    # the same calls, the same mask, the same merge
+    from magic_pl.calibration.sensitivity import ModelInputs
+
+    calls = {k: [ModelInputs((b[0]["input_ids"],), {"attention_mask": b[0]["attention_mask"]})]
+             for k, b in batches.items()}
+    both = regmean(base, _Tokens().double().eval(), taus, calls, reduce_non_diagonal=0.95)
+    assert _rel(both["lin.weight"], tau_m["lin.weight"]) < 1e-12
 
 
 # --------------------------------------------------------------------------------------------------------------------
