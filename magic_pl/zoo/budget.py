@@ -80,6 +80,7 @@ def run_budget_study(
     draws: int = 3,
     max_test: Optional[int] = 300,
     reference: str = "tsv_m",
+    tune_lines: bool = True,
     cache_dir: Optional[str] = None,
     results_dir: str = "results/budget",
     bootstrap: int = 1000,
@@ -98,6 +99,8 @@ def run_budget_study(
         max_test: test examples per task (seeded subsample; default 300 to keep the study's cost down; ``None``: the
             suite's test split).
         reference: the uncalibrated merge the data-based merges are compared with (default ``tsv_m``).
+        tune_lines: add tuned LiNeS (the labelled-validation reference next to tuned TA; both are tuned once per
+            suite, in the first budget's run).
         cache_dir, bootstrap, seed, trainer, progress: as in :func:`~magic_pl.zoo.runner.run_benchmark`.
         results_dir: where the study and its runs' reports go.
     """
@@ -116,15 +119,20 @@ def run_budget_study(
                                "reference": reference, "suites": {}, "timings": {}}
     for suite in suites:
         entry: dict[str, Any] = {"runs": {}}
-        for n in budgets:
+        for i, n in enumerate(budgets):
+            # the labelled-validation references do not depend on n: tuned once, in the first run
             result = run_benchmark(suite, methods=methods, calibrations=calibrations, n_calib=int(n), draws=draws,
-                                   bn_samples=int(n), tune_ta=True, max_test=max_test, cache_dir=cache_dir,
+                                   bn_samples=int(n), tune_ta=i == 0, tune_lines=i == 0 and tune_lines,
+                                   max_test=max_test, cache_dir=cache_dir,
                                    results_dir=str(out_dir / f"{suite}_n{n}"), bootstrap=bootstrap, seed=seed,
                                    trainer=trainer, progress=progress)
             entry["runs"][str(n)] = summarise_budget(result, reference)
-            entry.setdefault("tuned_ta", _row(result, "task_arithmetic_tuned", "none")["avg"])
-            entry.setdefault("experts", _row(result, "expert", "none")["avg"])
-            entry.setdefault("tasks", result["config"]["tasks"])
+            if i == 0:
+                entry["tuned_ta"] = _row(result, "task_arithmetic_tuned", "none")["avg"]
+                tuned_lines = _row(result, "lines_tuned", "lines")
+                entry["tuned_lines"] = tuned_lines["avg"] if tuned_lines else None
+                entry["experts"] = _row(result, "expert", "none")["avg"]
+                entry["tasks"] = result["config"]["tasks"]
             summary["timings"][f"{suite}_n{n}"] = result["timings"]
             summary["suites"][suite] = entry
             write_texts(out_dir, {"budget.md": budget_markdown(summary),
@@ -150,7 +158,9 @@ def budget_markdown(summary: dict[str, Any]) -> str:
         runs = entry["runs"]
         recipes = list(dict.fromkeys(k for n in budgets if n in runs for k in runs[n]))
         out += [f"## {suite} ({len(entry['tasks'])} tasks; experts {100 * entry['experts']:.1f}, tuned TA "
-                f"{100 * entry['tuned_ta']:.1f})", "",
+                f"{100 * entry['tuned_ta']:.1f}"
+                + (f", tuned LiNeS {100 * entry['tuned_lines']:.1f}" if entry.get("tuned_lines") is not None else "")
+                + ")", "",
                 "| recipe | " + " | ".join(f"n={n}" for n in budgets if n in runs) + " | seconds (n=max) |",
                 "|---|" + "---|" * (sum(n in runs for n in budgets) + 1)]
         for k in recipes:
@@ -191,6 +201,8 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
             if len(pts) > 1:
                 ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=k)
         ax.axhline(100 * entry["tuned_ta"], ls="--", c="k", lw=1, label="tuned TA (labelled val)")
+        if entry.get("tuned_lines") is not None:
+            ax.axhline(100 * entry["tuned_lines"], ls=":", c="k", lw=1, label="tuned LiNeS (labelled val)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns)
         ax.set_xticklabels([str(n) for n in ns])

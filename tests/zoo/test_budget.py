@@ -20,7 +20,9 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
     runs = summary["suites"]["tiny"]["runs"]
     for n in ("1", "3"):
         r = runs[n]
-        assert {"ties/none", "ties/fsc", "regmean/none", "regmean/fsc", "task_arithmetic_tuned/none"} <= set(r)
+        assert {"ties/none", "ties/fsc", "regmean/none", "regmean/fsc"} <= set(r)
+        # the labelled-validation references are tuned once, in the first budget's run
+        assert ({"task_arithmetic_tuned/none", "lines_tuned/lines"} <= set(r)) == (n == "1")
         # the tiny encoder is convolutional: RegMean merges linear layers only, so it is the plain average
         assert r["regmean/none"]["avg"] == pytest.approx(r["weight_average/none"]["avg"], abs=1e-12)
         # data-based rows are compared with the uncalibrated reference merge, with a paired interval
@@ -33,8 +35,11 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
     assert runs["1"]["ties/none"]["avg"] == runs["3"]["ties/none"]["avg"]
     assert runs["1"]["ties/fsc"]["avg"] != runs["3"]["ties/fsc"]["avg"] or \
         runs["1"]["weight_average/fsc"]["avg"] != runs["3"]["weight_average/fsc"]["avg"]
+    tiny_entry = summary["suites"]["tiny"]
+    assert tiny_entry["tuned_ta"] == runs["1"]["task_arithmetic_tuned/none"]["avg"]
+    assert tiny_entry["tuned_lines"] == runs["1"]["lines_tuned/lines"]["avg"]
     md = (out / "budget.md").read_text()
-    assert "| regmean/fsc |" in md and "n=3" in md
+    assert "| regmean/fsc |" in md and "n=3" in md and "tuned LiNeS" in md
 
 
 def test_the_budget_config_is_the_study_defaults():
