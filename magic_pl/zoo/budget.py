@@ -31,7 +31,7 @@ from typing import Any, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see magic_pl._entry
 
 __all__ = ["DEFAULT_BUDGETS", "BUDGET_MERGES", "BUDGET_CALIBRATIONS", "run_budget_study", "summarise_budget",
-           "budget_markdown"]
+           "statistics_memory", "budget_markdown"]
 
 #: Unlabelled samples per task.
 DEFAULT_BUDGETS: list[int] = [1, 4, 16, 64]
@@ -72,6 +72,28 @@ def summarise_budget(result: dict[str, Any], reference: str) -> dict[str, Any]:
     return out
 
 
+def statistics_memory(encoder: Any, num_tasks: int) -> dict[str, int]:
+    """Bytes of the statistics each data-based recipe holds for ``encoder`` and ``num_tasks`` tasks; none depends on
+    the budget ``n`` (all are running sums).
+
+    ``fsc`` / ``fsc_channel``: the float32 ``[K, N]`` numerator and denominator of
+    :class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` (N: calibrated modules, or all their channels) plus the
+    float64 reduce-able copy of :class:`~magic_pl.lightning.metrics.FSCStatistics`; ``regmean`` /
+    ``regmean_plusplus``: :func:`~magic_pl.merging.regmean_memory` (float64 Gram sums; RegMean++ one block at a time).
+    """
+    from magic_pl.calibration.fsc import FeatureSpaceCalibrator
+    from magic_pl.merging import regmean_memory
+
+    state = encoder.state_dict()
+    out: dict[str, int] = {}
+    for name, granularity in (("fsc", "module"), ("fsc_channel", "channel")):
+        cal = FeatureSpaceCalibrator(state, encoder, [state] * num_tasks, granularity=granularity)
+        out[name] = 2 * cal.ratio_sum.numel() * (4 + 8)
+    out["regmean"] = regmean_memory(encoder, num_tasks)
+    out["regmean_plusplus"] = regmean_memory(encoder, num_tasks, plus_plus=True)
+    return out
+
+
 def run_budget_study(
     suites: Sequence[str] = ("text", "vision"),
     budgets: Sequence[int] = tuple(DEFAULT_BUDGETS),
@@ -106,6 +128,7 @@ def run_budget_study(
     """
     from magic_pl.zoo.report import _jsonable, write_texts
     from magic_pl.zoo.runner import run_benchmark
+    from magic_pl.zoo.suites import get_suite
 
     methods = list(methods) if methods is not None else list(BUDGET_MERGES)
     calibrations = list(calibrations) if calibrations is not None else list(BUDGET_CALIBRATIONS)
@@ -133,6 +156,8 @@ def run_budget_study(
                 entry["tuned_lines"] = tuned_lines["avg"] if tuned_lines else None
                 entry["experts"] = _row(result, "expert", "none")["avg"]
                 entry["tasks"] = result["config"]["tasks"]
+                encoder = get_suite(suite).build_backbone().build()
+                entry["statistics_bytes"] = statistics_memory(encoder, len(entry["tasks"]))
             summary["timings"][f"{suite}_n{n}"] = result["timings"]
             summary["suites"][suite] = entry
             write_texts(out_dir, {"budget.md": budget_markdown(summary),
@@ -178,6 +203,10 @@ def budget_markdown(summary: dict[str, Any]) -> str:
             last = runs[[n for n in budgets if n in runs][-1]].get(k, {})
             out.append(f"| {k} | " + " | ".join(cells) + f" | {last.get('seconds', 0.0):.1f} |")
         out.append("")
+        memory = entry.get("statistics_bytes")
+        if memory:
+            out += ["Statistics held (MB, the same at every n): "
+                    + ", ".join(f"{k} {v / 2 ** 20:.3g}" for k, v in memory.items()) + ".", ""]
     return "\n".join(out) + "\n"
 
 

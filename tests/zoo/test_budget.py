@@ -40,6 +40,8 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
     assert tiny_entry["tuned_lines"] == runs["1"]["lines_tuned/lines"]["avg"]
     md = (out / "budget.md").read_text()
     assert "| regmean/fsc |" in md and "n=3" in md and "tuned LiNeS" in md
+    assert tiny_entry["statistics_bytes"]["regmean"] == 0 and tiny_entry["statistics_bytes"]["fsc"] > 0
+    assert "Statistics held" in md
 
 
 def test_the_budget_config_is_the_study_defaults():
@@ -57,3 +59,18 @@ def test_the_budget_config_is_the_study_defaults():
     assert options["calibrations"] == BUDGET_CALIBRATIONS and options["draws"] == 3
     assert all(m in MERGE_METHODS or m in DATA_MERGE_METHODS for m in options["methods"])
     assert all(resolve_setting(c) for c in options["calibrations"])
+
+
+def test_statistics_memory_is_the_closed_form():
+    import torch.nn as nn
+
+    from magic_pl.zoo.budget import statistics_memory
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    memory = statistics_memory(model, num_tasks=2)
+    # float64 Gram sums in^2 per linear layer per task
+    assert memory["regmean"] == (3 ** 2 + 4 ** 2) * 2 * 8
+    assert memory["regmean_plusplus"] <= memory["regmean"]
+    # [K, N] float32 numerator and denominator plus their float64 reduce-able copies; N = 2 modules or 4 + 2 channels
+    assert memory["fsc"] == 2 * 2 * 2 * (4 + 8)
+    assert memory["fsc_channel"] == 2 * 2 * (4 + 2) * (4 + 8)
