@@ -40,8 +40,8 @@ def main() -> None:
     from magic_pl.calibration import resolve_setting
     from magic_pl.merging import merge
     from magic_pl.statedict import apply_task_vector, task_vector
-    from magic_pl.zoo.experts import build_experts, default_cache_dir
-    from magic_pl.zoo.pipeline import SuiteData, suite_module
+    from magic_pl.zoo.experts import default_cache_dir
+    from magic_pl.zoo.pipeline import SuiteData, load_suite, suite_module
     from magic_pl.zoo.runner import _calibration_pools, _draw, build_trainer
     from magic_pl.zoo.suites import get_suite
 
@@ -49,16 +49,10 @@ def main() -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cache = default_cache_dir() if args.cache_dir is None else args.cache_dir
-    tasks = spec.load_tasks(cache)
-    bb = spec.build_backbone()
-    names = [t.name for t in tasks]
-    train = {t.name: bb.prepare(t.select("train")[0]) for t in tasks}
-    es = build_experts(spec.name, bb, tasks, train, spec.finetune, cache_dir=cache, split_config=spec.split_config(),
-                       device=torch.device("cpu"), progress=False)
-    template = bb.build()
-    template.load_state_dict(es.base)
-    template.eval()
-    experts = [es.experts[n] for n in names]
+    loaded = load_suite(spec, cache, torch.device("cpu"))
+    tasks, bb, es, template = loaded.tasks, loaded.backbone, loaded.experts, loaded.template
+    names = loaded.names
+    experts = loaded.expert_states
     data = SuiteData(bb, tasks, _calibration_pools(tasks, False), batch_size=spec.eval_batch_size)
     picks = {n: _draw(data.pools[n], 1, k) for k, n in enumerate(names)}
     trainer = build_trainer()

@@ -16,6 +16,7 @@ earlier blocks are already merged (see :func:`regmean`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -203,10 +204,11 @@ def _identity(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Closed form
 # --------------------------------------------------------------------------------------------------------------------
-def _solve(sums: Tensor, rows: Tensor, taus: Callable[[int], Tensor], alpha: float, key: str) -> Tensor:
+def _solve(sums: Tensor, rows: Tensor, taus: Callable[[int], Tensor], alpha: float, key: str,
+           diagnostics: Optional[dict[str, Any]] = None) -> Tensor:
     """``tau_m^T = (sum_k G_k')^-1 sum_k G_k' tau_k^T`` for one layer, in the statistics' dtype (``sums`` is
     overwritten). Where ``sum_k G_k'`` is singular (an input direction no task excites), the minimiser closest to
-    the average task vector."""
+    the average task vector. ``diagnostics``: filled with the layer's conditioning (see :func:`regmean`)."""
     K, d, _ = sums.shape
     dtype, device = sums.dtype, sums.device
     s = torch.zeros(d, d, dtype=dtype, device=device)
@@ -225,6 +227,10 @@ def _solve(sums: Tensor, rows: Tensor, taus: Callable[[int], Tensor], alpha: flo
     avg.div_(K)
     if not (all_finite(s) and all_finite(r)):
         raise MergeError(f"RegMean: the input Gram matrices of {key!r} are not finite (NaN/Inf in the activations?)")
+    if diagnostics is not None:
+        evals = torch.linalg.eigvalsh(s)
+        top, low = float(evals.max()), float(evals.min().clamp_min(0))
+        diagnostics.update(rows=[int(n) for n in rows.tolist()], dim=d, condition=top / low if low > 0 else math.inf)
     chol, info = torch.linalg.cholesky_ex(s)
     eps = torch.finfo(dtype).eps
     # a pivot tiny against its diagonal entry means a numerically dependent direction: Cholesky would amplify noise
@@ -366,6 +372,7 @@ def regmean(
     dtype: torch.dtype = torch.float64,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
+    diagnostics: Optional[dict[str, dict[str, Any]]] = None,
 ) -> dict[str, Tensor]:
     """RegMean (``plus_plus=False``) or RegMean++ merged task vector ``tau_m`` (same keys as the task vectors).
 
@@ -397,6 +404,11 @@ def regmean(
             :func:`regmean_memory` at that cost).
         device: where the statistics live and the solve runs (default: the model's device).
         progress: show tqdm progress bars.
+        diagnostics: a dict to fill, per merged layer (its name), with ``rows`` (input rows per task: samples x
+            positions), ``dim`` (its input width), ``condition`` (the 2-norm condition number of ``sum_k G_k'``: the
+            solve loses about log10 of it in digits; ``inf`` if singular) and ``shift`` (``||tau_m - avg|| /
+            ||avg||``, how far the closed form moves from the average task vector). Costs one eigen-decomposition
+            per layer.
 
     Layers: every ``nn.Linear`` whose weight is in the task vectors and not tied to another parameter; its bias and
     every other key (embeddings, norms, convolutions, tied weights) get the average task vector, as in FusionBench.
@@ -469,8 +481,14 @@ def regmean(
                 tau_m[key] = _check_finite(_mean(task_vectors, key), key, what)
                 continue
             out_dtype = compute_dtype(task_vectors[0][key].dtype)
-            merged = _solve(grams.sums[name], rows[:, i], lambda k: task_vectors[k][key], alpha, key)
+            layer = {} if diagnostics is not None else None
+            merged = _solve(grams.sums[name], rows[:, i], lambda k: task_vectors[k][key], alpha, key, layer)
             tau_m[key] = _check_finite(merged.to(out_dtype).contiguous(), key, what)
+            if layer is not None:
+                avg = _mean(task_vectors, key).to(merged.dtype)
+                layer["shift"] = float(torch.linalg.vector_norm(merged - avg) /
+                                       torch.linalg.vector_norm(avg).clamp_min(torch.finfo(avg.dtype).tiny))
+                diagnostics[name] = layer
             grams.sums[name] = torch.empty(0)  # free the layer's statistics
 
     if not plus_plus:

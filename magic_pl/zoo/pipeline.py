@@ -9,7 +9,10 @@ calibration samples of a draw are the datamodule's calibration sets), and its ba
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -21,8 +24,57 @@ from magic_pl.lightning.data import INDEX_KEY, LABELS_KEY, TaskDataModule
 from magic_pl.lightning.module import Calibration, MagicModule
 from magic_pl.zoo.backbones import Backbone
 from magic_pl.zoo.data import Task
+from magic_pl.zoo.experts import ExpertSet, build_experts
 
-__all__ = ["PreparedSplit", "SuiteData", "suite_module"]
+__all__ = ["LoadedSuite", "load_suite", "PreparedSplit", "SuiteData", "suite_module"]
+
+
+@dataclass
+class LoadedSuite:
+    """A suite's tasks, backbone and experts as every benchmark row uses them."""
+
+    tasks: list[Task]
+    backbone: Backbone
+    experts: ExpertSet
+    #: a fresh encoder holding the base weights, in eval mode (the merge template)
+    template: nn.Module
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def expert_states(self) -> list[Mapping[str, Tensor]]:
+        """The fine-tuned encoders' state dicts, in task order."""
+        return [self.experts.experts[n] for n in self.names]
+
+
+def load_suite(spec: Any, cache_root: Path, device: torch.device, *, max_test: Optional[int] = None, seed: int = 0,
+               rebuild: bool = False, progress: bool = False) -> LoadedSuite:
+    """Load a suite's tasks (``max_test``: a seeded subsample of at most that many test examples per task, drawn after
+    the splits, so the experts and their cache entry stay the same), its backbone, and its experts (fine-tuned on
+    ``device`` unless cached under ``cache_root``). ``timings``: ``data_seconds`` and ``experts_seconds``."""
+    t0 = time.perf_counter()
+    tasks = spec.load_tasks(cache_root)
+    if max_test is not None:
+        for t in tasks:
+            test = t.splits["test"]
+            if len(test) > max_test:
+                rng = np.random.default_rng(seed * 7919 + sum(map(ord, t.name)))
+                t.splits["test"] = np.sort(rng.choice(test, size=int(max_test), replace=False))
+    backbone: Backbone = spec.build_backbone()
+    prepared_train = {t.name: backbone.prepare(t.select("train")[0]) for t in tasks}
+    timings = {"data_seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    es = build_experts(spec.name, backbone, tasks, prepared_train, spec.finetune, cache_dir=cache_root,
+                       split_config=spec.split_config(), device=device, rebuild=rebuild, progress=progress)
+    timings["experts_seconds"] = time.perf_counter() - t0
+    del prepared_train
+    template = backbone.build()
+    template.load_state_dict(es.base)
+    template.eval()
+    return LoadedSuite(tasks, backbone, es, template, timings)
 
 
 class PreparedSplit(Dataset):

@@ -39,11 +39,10 @@ from torch import Tensor
 
 from magic_pl.lightning.module import MagicModule
 from magic_pl.statedict import apply_task_vector, task_vector
-from magic_pl.zoo.backbones import Backbone
 from magic_pl.zoo.data import Task
 from magic_pl.zoo.evaluation import bootstrap_ci, log_likelihood
-from magic_pl.zoo.experts import build_experts, default_cache_dir, has_batchnorm, library_versions, reestimate_batchnorm
-from magic_pl.zoo.pipeline import SuiteData, suite_module
+from magic_pl.zoo.experts import default_cache_dir, has_batchnorm, library_versions, reestimate_batchnorm
+from magic_pl.zoo.pipeline import SuiteData, load_suite, suite_module
 from magic_pl.zoo.suites import get_suite
 
 __all__ = ["DEFAULT_METHODS", "CALIBRATIONS", "BN_CALIBRATIONS", "SENSITIVE_CHOICES", "TRAINER_DEFAULTS",
@@ -323,31 +322,14 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
     main_process = pl_trainer.is_global_zero
 
     # ---- data and experts ---------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    task_list = spec.load_tasks(cache_root)
-    if max_test is not None:
-        for t in task_list:
-            test = t.splits["test"]
-            if len(test) > max_test:
-                rng = np.random.default_rng(seed * 7919 + sum(map(ord, t.name)))
-                t.splits["test"] = np.sort(rng.choice(test, size=int(max_test), replace=False))
-    backbone: Backbone = spec.build_backbone()
-    names = [t.name for t in task_list]
-    prepared_train = {t.name: backbone.prepare(t.select("train")[0]) for t in task_list}
-    timings["data_seconds"] = time.perf_counter() - t0
+    loaded = load_suite(spec, cache_root, dev, max_test=max_test, seed=seed, rebuild=rebuild,
+                        progress=progress and main_process)
+    timings.update(loaded.timings)
+    task_list, backbone, es, template = loaded.tasks, loaded.backbone, loaded.experts, loaded.template
+    names = loaded.names
+    experts = loaded.expert_states
 
     t0 = time.perf_counter()
-    es = build_experts(spec.name, backbone, task_list, prepared_train, spec.finetune, cache_dir=cache_root,
-                       split_config=spec.split_config(), device=dev, rebuild=rebuild,
-                       progress=progress and main_process)
-    timings["experts_seconds"] = time.perf_counter() - t0
-    del prepared_train
-
-    t0 = time.perf_counter()
-    template = backbone.build()
-    template.load_state_dict(es.base)
-    template.eval()
-    experts = [es.experts[n] for n in names]
     is_bn = has_batchnorm(template)
     # which probes the settings need: policy -> probe ("detect" follows sensitive_probe; "detect_labelled" is labelled)
     probes = {pol: ("labelled" if pol == "detect_labelled" else sensitive_probe)

@@ -98,6 +98,26 @@ def test_regmean_matches_hand_computed_closed_form(alpha):
         torch.testing.assert_close(v, base[key] + tau_m[key], rtol=1e-12, atol=1e-12)
 
 
+def test_diagnostics_are_the_conditioning_and_shift_of_each_layer():
+    model = _mlp()
+    base, taus = _setup(model)
+    batches = _batches()
+    diagnostics: dict = {}
+    tau_m = regmean(base, model, taus, batches, diagnostics=diagnostics)
+    assert set(diagnostics) == {"0", "3"}
+    s = sum(_reduced(_gram(batches[k]), 0.95) for k in range(K))
+    first = diagnostics["0"]
+    assert first["rows"] == [18] * K and first["dim"] == 5
+    assert first["condition"] == pytest.approx(np.linalg.cond(s), rel=1e-9)
+    avg = _mean(taus, "0.weight")
+    assert first["shift"] == pytest.approx(float((tau_m["0.weight"] - avg).norm() / avg.norm()), rel=1e-9)
+    # one row per task through a 5-wide layer: each G_k has rank 1, and alpha = 1 leaves the sum singular
+    single = {k: [batches[k][0][:1]] for k in range(K)}
+    diagnostics = {}
+    regmean(base, _mlp(), taus, single, reduce_non_diagonal=1.0, diagnostics=diagnostics)
+    assert diagnostics["0"]["rows"] == [1] * K and diagnostics["0"]["condition"] > 1e12
+
+
 def test_regmean_differs_from_the_average():
     model = _mlp()
     base, taus = _setup(model)
