@@ -20,8 +20,8 @@ def _rows(result):
     return {(r["method"], r["calibration"]): r for r in result["rows"]}
 
 
-def test_tiny_runs_under_budget_and_writes_every_report(tiny):
-    assert tiny["seconds"] < 120
+def test_tiny_writes_every_report(tiny):
+    # its wall time is not asserted here (timings belong in benchmarks; CI's own limit bounds the suite)
     files = tiny["result"]["files"]
     for key in ("markdown", "csv", "json", "chart"):
         assert (tiny["results"] / files[key].split("/")[-1]).is_file(), key
