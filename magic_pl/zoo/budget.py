@@ -8,8 +8,8 @@ pipeline) with
 - RegMean and RegMean++ (data-based merges from the same samples), alone and followed by FSC (and the other
   settings);
 - BatchNorm re-estimation on the same ``n`` images per task (BatchNorm suites; alone and followed by FSC);
-- the references: the uncalibrated merges (no data) and Task Arithmetic with its coefficient tuned on the labelled
-  validation split (tuned TA).
+- the references: the uncalibrated merges (no data), and Task Arithmetic and LiNeS with their coefficients tuned on
+  the labelled validation split (tuned TA, tuned LiNeS).
 
 At a given ``n`` every method sees the same draws (the benchmark seeds a draw by task and draw index, not by
 method). Per recipe: the mean accuracy over draws, the paired 95% bootstrap interval of its gain over the
@@ -103,6 +103,7 @@ def run_budget_study(
     max_test: Optional[int] = 300,
     reference: str = "tsv_m",
     tune_lines: bool = True,
+    references: bool = True,
     cache_dir: Optional[str] = None,
     results_dir: str = "results/budget",
     bootstrap: int = 1000,
@@ -123,6 +124,8 @@ def run_budget_study(
         reference: the uncalibrated merge the data-based merges are compared with (default ``tsv_m``).
         tune_lines: add tuned LiNeS (the labelled-validation reference next to tuned TA; both are tuned once per
             suite, in the first budget's run).
+        references: add the labelled-validation references at all (``False``: a study that extends another one on
+            the same test examples and draws, e.g. more recipes, and needs no second tuning).
         cache_dir, bootstrap, seed, trainer, progress: as in :func:`~magic_pl.zoo.runner.run_benchmark`.
         results_dir: where the study and its runs' reports go.
     """
@@ -145,14 +148,16 @@ def run_budget_study(
         for i, n in enumerate(budgets):
             # the labelled-validation references do not depend on n: tuned once, in the first run
             result = run_benchmark(suite, methods=methods, calibrations=calibrations, n_calib=int(n), draws=draws,
-                                   bn_samples=int(n), tune_ta=i == 0, tune_lines=i == 0 and tune_lines,
+                                   bn_samples=int(n), tune_ta=i == 0 and references,
+                                   tune_lines=i == 0 and references and tune_lines,
                                    max_test=max_test, cache_dir=cache_dir,
                                    results_dir=str(out_dir / f"{suite}_n{n}"), bootstrap=bootstrap, seed=seed,
                                    trainer=trainer, progress=progress)
             entry["runs"][str(n)] = summarise_budget(result, reference)
             if i == 0:
-                entry["tuned_ta"] = _row(result, "task_arithmetic_tuned", "none")["avg"]
+                tuned_ta = _row(result, "task_arithmetic_tuned", "none")
                 tuned_lines = _row(result, "lines_tuned", "lines")
+                entry["tuned_ta"] = tuned_ta["avg"] if tuned_ta else None
                 entry["tuned_lines"] = tuned_lines["avg"] if tuned_lines else None
                 entry["experts"] = _row(result, "expert", "none")["avg"]
                 entry["tasks"] = result["config"]["tasks"]
@@ -182,10 +187,10 @@ def budget_markdown(summary: dict[str, Any]) -> str:
     for suite, entry in summary["suites"].items():
         runs = entry["runs"]
         recipes = list(dict.fromkeys(k for n in budgets if n in runs for k in runs[n]))
-        out += [f"## {suite} ({len(entry['tasks'])} tasks; experts {100 * entry['experts']:.1f}, tuned TA "
-                f"{100 * entry['tuned_ta']:.1f}"
-                + (f", tuned LiNeS {100 * entry['tuned_lines']:.1f}" if entry.get("tuned_lines") is not None else "")
-                + ")", "",
+        labels = (("tuned_ta", "tuned TA"), ("tuned_lines", "tuned LiNeS"))
+        refs = [f"experts {100 * entry['experts']:.1f}"] + [
+            f"{label} {100 * entry[key]:.1f}" for key, label in labels if entry.get(key) is not None]
+        out += [f"## {suite} ({len(entry['tasks'])} tasks; {', '.join(refs)})", "",
                 "| recipe | " + " | ".join(f"n={n}" for n in budgets if n in runs) + " | seconds (n=max) |",
                 "|---|" + "---|" * (sum(n in runs for n in budgets) + 1)]
         for k in recipes:
@@ -229,7 +234,8 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
             pts = [(int(n), 100 * runs[n][k]["avg"]) for n in runs if k in runs[n]]
             if len(pts) > 1:
                 ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=k)
-        ax.axhline(100 * entry["tuned_ta"], ls="--", c="k", lw=1, label="tuned TA (labelled val)")
+        if entry.get("tuned_ta") is not None:
+            ax.axhline(100 * entry["tuned_ta"], ls="--", c="k", lw=1, label="tuned TA (labelled val)")
         if entry.get("tuned_lines") is not None:
             ax.axhline(100 * entry["tuned_lines"], ls=":", c="k", lw=1, label="tuned LiNeS (labelled val)")
         ax.set_xscale("log", base=2)

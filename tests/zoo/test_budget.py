@@ -44,6 +44,21 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
     assert "Statistics held" in md
 
 
+def test_an_extension_study_runs_without_references_on_the_same_examples(tiny, tmp_path):
+    first = run_budget_study(suites=["tiny"], budgets=[1], methods=["ties"], calibrations=["none"], draws=1,
+                             max_test=60, reference="ties", cache_dir=str(tiny["cache"]),
+                             results_dir=str(tmp_path / "a"), bootstrap=0, progress=False)
+    extra = run_budget_study(suites=["tiny"], budgets=[1], methods=["ties"], calibrations=["none", "svc"], draws=1,
+                             max_test=60, reference="ties", references=False, cache_dir=str(tiny["cache"]),
+                             results_dir=str(tmp_path / "b"), bootstrap=0, progress=False)
+    a, b = first["suites"]["tiny"], extra["suites"]["tiny"]
+    assert b["tuned_ta"] is None and b["tuned_lines"] is None and "task_arithmetic_tuned/none" not in b["runs"]["1"]
+    assert a["tuned_ta"] is not None
+    # same test examples: the shared recipe has the same accuracy
+    assert b["runs"]["1"]["ties/none"]["avg"] == a["runs"]["1"]["ties/none"]["avg"]
+    assert "ties/svc" in b["runs"]["1"] and "tuned TA" not in (tmp_path / "b" / "budget.md").read_text()
+
+
 def test_the_budget_config_is_the_study_defaults():
     pytest.importorskip("yaml")
     from pathlib import Path
