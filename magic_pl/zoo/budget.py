@@ -31,7 +31,7 @@ from typing import Any, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see magic_pl._entry
 
 __all__ = ["DEFAULT_BUDGETS", "BUDGET_MERGES", "BUDGET_CALIBRATIONS", "run_budget_study", "summarise_budget",
-           "statistics_memory", "budget_markdown"]
+           "statistics_memory", "add_run", "rebuild_budget_report", "budget_markdown"]
 
 #: Unlabelled samples per task.
 DEFAULT_BUDGETS: list[int] = [1, 4, 16, 64]
@@ -59,11 +59,11 @@ def summarise_budget(result: dict[str, Any], reference: str) -> dict[str, Any]:
         start = reference if data_based or m not in gains["over_uncalibrated"] else m
         if data_based:
             gain, ci = gains["data_merges_over"][m][c][reference]
-        elif c == "none":
+        elif m in result["config"]["methods"] and c == "none":
             gain, ci = 0.0, None
         elif c in gains["over_uncalibrated"].get(m, {}):
             gain, ci = gains["over_uncalibrated"][m][c], gains["over_uncalibrated_ci95"][m][c]
-        else:  # a reference row (tuned TA)
+        else:  # a reference row (tuned TA, tuned LiNeS): over the uncalibrated reference merge, unpaired
             ref = _row(result, reference, "none")
             gain, ci = (r["avg"] - ref["avg"] if ref else None), None
         out[f"{m}/{c}"] = {"method": m, "calibration": c, "avg": r["avg"], "std": r.get("avg_std", 0.0),
@@ -129,9 +129,7 @@ def run_budget_study(
         cache_dir, bootstrap, seed, trainer, progress: as in :func:`~magic_pl.zoo.runner.run_benchmark`.
         results_dir: where the study and its runs' reports go.
     """
-    from magic_pl.zoo.report import _jsonable, write_texts
     from magic_pl.zoo.runner import run_benchmark
-    from magic_pl.zoo.suites import get_suite
 
     methods = list(methods) if methods is not None else list(BUDGET_MERGES)
     calibrations = list(calibrations) if calibrations is not None else list(BUDGET_CALIBRATIONS)
@@ -140,11 +138,8 @@ def run_budget_study(
     if any(int(n) < 1 for n in budgets):
         raise ValueError(f"budgets must be >= 1 sample per task, got {list(budgets)}")
     out_dir = Path(results_dir)
-    summary: dict[str, Any] = {"budgets": [int(n) for n in budgets], "methods": methods,
-                               "calibrations": calibrations, "draws": draws, "max_test": max_test,
-                               "reference": reference, "suites": {}, "timings": {}}
+    summary = _new_summary(budgets, methods, calibrations, draws, max_test, reference)
     for suite in suites:
-        entry: dict[str, Any] = {"runs": {}}
         for i, n in enumerate(budgets):
             # the labelled-validation references do not depend on n: tuned once, in the first run
             result = run_benchmark(suite, methods=methods, calibrations=calibrations, n_calib=int(n), draws=draws,
@@ -153,21 +148,70 @@ def run_budget_study(
                                    max_test=max_test, cache_dir=cache_dir,
                                    results_dir=str(out_dir / f"{suite}_n{n}"), bootstrap=bootstrap, seed=seed,
                                    trainer=trainer, progress=progress)
-            entry["runs"][str(n)] = summarise_budget(result, reference)
-            if i == 0:
-                tuned_ta = _row(result, "task_arithmetic_tuned", "none")
-                tuned_lines = _row(result, "lines_tuned", "lines")
-                entry["tuned_ta"] = tuned_ta["avg"] if tuned_ta else None
-                entry["tuned_lines"] = tuned_lines["avg"] if tuned_lines else None
-                entry["experts"] = _row(result, "expert", "none")["avg"]
-                entry["tasks"] = result["config"]["tasks"]
-                encoder = get_suite(suite).build_backbone().build()
-                entry["statistics_bytes"] = statistics_memory(encoder, len(entry["tasks"]))
-            summary["timings"][f"{suite}_n{n}"] = result["timings"]
-            summary["suites"][suite] = entry
-            write_texts(out_dir, {"budget.md": budget_markdown(summary),
-                                  "budget.json": json.dumps(_jsonable(summary), indent=1)})
-            budget_chart(summary, out_dir / "budget.png")
+            add_run(summary, suite, int(n), result)
+            write_budget_report(summary, out_dir)
+    return summary
+
+
+def _new_summary(budgets: Sequence[int], methods: list[str], calibrations: list[str], draws: int,
+                 max_test: Optional[int], reference: str) -> dict[str, Any]:
+    return {"budgets": [int(n) for n in budgets], "methods": list(methods), "calibrations": list(calibrations),
+            "draws": int(draws), "max_test": max_test, "reference": reference, "suites": {}, "timings": {}}
+
+
+def add_run(summary: dict[str, Any], suite: str, n: int, result: dict[str, Any]) -> None:
+    """Add one benchmark run (``suite`` at budget ``n``; the ``results.json`` dict) to a study's summary. The run
+    that holds the labelled-validation references (the first, by default) fills them in."""
+    from magic_pl.zoo.suites import get_suite
+
+    entry = summary["suites"].setdefault(suite, {"runs": {}, "tuned_ta": None, "tuned_lines": None})
+    entry["runs"][str(n)] = summarise_budget(result, summary["reference"])
+    entry["runs"] = {k: entry["runs"][k] for k in sorted(entry["runs"], key=int)}
+    tuned_ta, tuned_lines = _row(result, "task_arithmetic_tuned", "none"), _row(result, "lines_tuned", "lines")
+    if tuned_ta:
+        entry["tuned_ta"] = tuned_ta["avg"]
+    if tuned_lines:
+        entry["tuned_lines"] = tuned_lines["avg"]
+    if "tasks" not in entry:
+        entry["experts"] = _row(result, "expert", "none")["avg"]
+        entry["tasks"] = result["config"]["tasks"]
+        encoder = get_suite(suite).build_backbone().build()
+        entry["statistics_bytes"] = statistics_memory(encoder, len(entry["tasks"]))
+    summary["timings"][f"{suite}_n{n}"] = result["timings"]
+
+
+def write_budget_report(summary: dict[str, Any], out_dir: Path) -> None:
+    """``budget.md``, ``budget.json`` and ``budget.png`` of a summary, under ``out_dir`` (atomic writes)."""
+    from magic_pl.zoo.report import _jsonable, write_texts
+
+    write_texts(out_dir, {"budget.md": budget_markdown(summary),
+                          "budget.json": json.dumps(_jsonable(summary), indent=1)})
+    budget_chart(summary, out_dir / "budget.png")
+
+
+def rebuild_budget_report(run_dirs: Sequence[str], results_dir: str, *, reference: str = "tsv_m") -> dict[str, Any]:
+    """Rebuild a study's report from finished runs: ``run_dirs`` are benchmark results directories named
+    ``<suite>_n<n>`` (as :func:`run_budget_study` writes them; e.g. two studies' runs, one per suite, or a study
+    and its extension on the same examples). Returns the summary and writes it under ``results_dir``."""
+    import re
+
+    runs = []
+    for d in run_dirs:
+        match = re.fullmatch(r"(.+)_n(\d+)", Path(d).name)
+        if match is None:
+            raise ValueError(f"{d!r} is not a budget run directory (<suite>_n<n>)")
+        result = json.loads((Path(d) / "results.json").read_text())
+        runs.append((match.group(1), int(match.group(2)), result))
+    if not runs:
+        raise ValueError("no run directories given")
+    config = runs[0][2]["config"]
+    budgets = sorted({n for _, n, _ in runs})
+    methods = list(dict.fromkeys(m for _, _, r in runs for m in r["config"]["methods"]))
+    calibrations = list(dict.fromkeys(c for _, _, r in runs for c in r["config"]["calibrations"]))
+    summary = _new_summary(budgets, methods, calibrations, config["draws"], config.get("max_test"), reference)
+    for suite, n, result in sorted(runs, key=lambda r: (r[0], r[1])):
+        add_run(summary, suite, n, result)
+    write_budget_report(summary, Path(results_dir))
     return summary
 
 
@@ -205,7 +249,7 @@ def budget_markdown(summary: dict[str, Any]) -> str:
                 ci = e.get("gain_ci95")
                 star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
                 cells.append(f"{100 * e['avg']:.1f} ({_pts(e['gain'])}{star})")
-            last = runs[[n for n in budgets if n in runs][-1]].get(k, {})
+            last = next(runs[n][k] for n in reversed(budgets) if n in runs and k in runs[n])
             out.append(f"| {k} | " + " | ".join(cells) + f" | {last.get('seconds', 0.0):.1f} |")
         out.append("")
         memory = entry.get("statistics_bytes")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from magic_pl.zoo.budget import run_budget_study
+from magic_pl.zoo.budget import rebuild_budget_report, run_budget_study
 
 
 def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
@@ -31,6 +31,9 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
         assert gain == pytest.approx(r["regmean/fsc"]["avg"] - r["ties/none"]["avg"])
         assert ci[0] <= gain <= ci[1]
         assert r["ties/none"]["gain"] == 0.0 and r["ties/fsc"]["over"] == "ties/none"
+        if n == "1":  # the labelled references: over the uncalibrated reference merge
+            assert r["task_arithmetic_tuned/none"]["gain"] == pytest.approx(
+                r["task_arithmetic_tuned/none"]["avg"] - r["ties/none"]["avg"])
     # budget-independent rows do not move with n; the budget rows do see other samples
     assert runs["1"]["ties/none"]["avg"] == runs["3"]["ties/none"]["avg"]
     assert runs["1"]["ties/fsc"]["avg"] != runs["3"]["ties/fsc"]["avg"] or \
@@ -40,6 +43,11 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
     assert tiny_entry["tuned_lines"] == runs["1"]["lines_tuned/lines"]["avg"]
     md = (out / "budget.md").read_text()
     assert "| regmean/fsc |" in md and "n=3" in md and "tuned LiNeS" in md
+    # the report rebuilt from the runs' results.json is the study's own
+    rebuilt = rebuild_budget_report([str(out / "tiny_n3"), str(out / "tiny_n1")], str(tmp_path / "rebuilt"),
+                                    reference="ties")
+    assert rebuilt["suites"]["tiny"]["runs"] == json.loads(json.dumps(runs))
+    assert (tmp_path / "rebuilt" / "budget.md").read_text() == md
     assert tiny_entry["statistics_bytes"]["regmean"] == 0 and tiny_entry["statistics_bytes"]["fsc"] > 0
     assert "Statistics held" in md
 
