@@ -157,16 +157,39 @@ def has_batchnorm(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def _rows(batch: dict[str, Tensor]) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
+def _at_least_two(batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Consecutive batches concatenated until each holds at least two examples (the last one joins the previous)."""
+    out: list[dict[str, Tensor]] = []
+    pending: list[dict[str, Tensor]] = []
+    for b in batches:
+        pending.append(b)
+        if sum(map(_rows, pending)) >= 2:
+            out.append(pending[0] if len(pending) == 1 else {k: torch.cat([p[k] for p in pending]) for k in b})
+            pending = []
+    if pending:
+        if out:
+            pending.insert(0, out.pop())
+        out.append(pending[0] if len(pending) == 1 else {k: torch.cat([p[k] for p in pending]) for k in pending[0]})
+    return out
+
+
 def reestimate_batchnorm(encoder: nn.Module, batches: Sequence[dict[str, Tensor]]) -> int:
     """Recompute every BatchNorm's running mean/var as the average of the statistics of ``batches`` (each batch
     weighted equally: PyTorch's ``momentum=None`` cumulative average), discarding the old ones.
 
-    Only the BatchNorm layers switch to training mode (dropout and the like stay in eval). Returns the number of
+    Only the BatchNorm layers switch to training mode (dropout and the like stay in eval). A batch of one example
+    (one unlabelled image per task) is joined with the next ones until it holds two: training-mode BatchNorm needs
+    more than one value per channel, and a deep layer's 1 x 1 map of one image has one. Returns the number of
     BatchNorm layers updated. The model is left in eval mode.
     """
     bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or not batches:
         return 0
+    batches = _at_least_two(batches)
     encoder.eval()
     saved = [(m, m.momentum) for m in bns]
     for m in bns:

@@ -38,6 +38,19 @@ def test_reestimate_batchnorm_averages_batch_statistics():
     assert not model.training and not model[2].training and model[1].momentum == 0.1
 
 
+def test_reestimate_batchnorm_joins_single_example_batches():
+    torch.manual_seed(0)
+    # a 1 x 1 map after the pool: one image per batch has one value per channel, which training-mode BN refuses
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    singles = [{"input": torch.randn(1, 1, 6, 6) * (i + 1)} for i in range(3)]
+    assert reestimate_batchnorm(model, singles) == 1
+    # three single images -> one batch of three (the trailing single joins the batch of two)
+    joined = torch.cat([b["input"] for b in singles])
+    pooled = model[1](model[0](joined))
+    torch.testing.assert_close(model[2].running_mean, pooled.mean((0, 2, 3)).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[2].running_var, pooled.var((0, 2, 3)).detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_fit_probe_head_separates_separable_data():
     torch.manual_seed(0)
     x = torch.randn(200, 5)
