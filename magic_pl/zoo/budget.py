@@ -160,12 +160,14 @@ def _new_summary(budgets: Sequence[int], methods: list[str], calibrations: list[
 
 
 def add_run(summary: dict[str, Any], suite: str, n: int, result: dict[str, Any]) -> None:
-    """Add one benchmark run (``suite`` at budget ``n``; the ``results.json`` dict) to a study's summary. The run
-    that holds the labelled-validation references (the first, by default) fills them in."""
+    """Add one benchmark run (``suite`` at budget ``n``; the ``results.json`` dict) to a study's summary; a run at an
+    ``n`` already there adds its recipes to that budget's. The run that holds the labelled-validation references (the
+    first, by default) fills them in."""
     from magic_pl.zoo.suites import get_suite
 
     entry = summary["suites"].setdefault(suite, {"runs": {}, "tuned_ta": None, "tuned_lines": None})
-    entry["runs"][str(n)] = summarise_budget(result, summary["reference"])
+    # a second run at the same n (a study's extension on the same examples and draws) adds its recipes
+    entry["runs"].setdefault(str(n), {}).update(summarise_budget(result, summary["reference"]))
     entry["runs"] = {k: entry["runs"][k] for k in sorted(entry["runs"], key=int)}
     tuned_ta, tuned_lines = _row(result, "task_arithmetic_tuned", "none"), _row(result, "lines_tuned", "lines")
     if tuned_ta:

@@ -65,6 +65,13 @@ def test_an_extension_study_runs_without_references_on_the_same_examples(tiny, t
     # same test examples: the shared recipe has the same accuracy
     assert b["runs"]["1"]["ties/none"]["avg"] == a["runs"]["1"]["ties/none"]["avg"]
     assert "ties/svc" in b["runs"]["1"] and "tuned TA" not in (tmp_path / "b" / "budget.md").read_text()
+    # one report from both: the extension's recipes join the study's at the same n, the references stay
+    both = rebuild_budget_report([str(tmp_path / "a" / "tiny_n1"), str(tmp_path / "b" / "tiny_n1")],
+                                 str(tmp_path / "both"), reference="ties")["suites"]["tiny"]
+    assert both["tuned_ta"] == a["tuned_ta"]
+    for recipe, study in (("ties/svc", b), ("task_arithmetic_tuned/none", a), ("ties/none", a)):
+        for key in ("avg", "gain", "over"):
+            assert both["runs"]["1"][recipe][key] == study["runs"]["1"][recipe][key], (recipe, key)
 
 
 def test_the_budget_config_is_the_study_defaults():
