@@ -31,7 +31,7 @@ from typing import Any, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see magic_pl._entry
 
 __all__ = ["DEFAULT_BUDGETS", "BUDGET_MERGES", "BUDGET_CALIBRATIONS", "run_budget_study", "summarise_budget",
-           "statistics_memory", "add_run", "rebuild_budget_report", "budget_markdown"]
+           "statistics_memory", "add_run", "rebuild_budget_report", "budget_recommendations", "budget_markdown"]
 
 #: Unlabelled samples per task.
 DEFAULT_BUDGETS: list[int] = [1, 4, 16, 64]
@@ -47,15 +47,25 @@ def _row(result: dict[str, Any], method: str, calibration: str) -> Optional[dict
 
 
 def summarise_budget(result: dict[str, Any], reference: str) -> dict[str, Any]:
-    """One run's recipes: ``{recipe: {avg, std, ci95, gain, gain_ci95, seconds}}``; gains are paired, over the
-    uncalibrated merge a recipe starts from (``reference`` for the data-based merges)."""
+    """One run's recipes: ``{recipe: {avg, std, ci95, gain, gain_ci95, over, needs, seconds}}``; gains are paired,
+    over the uncalibrated merge a recipe starts from (``reference`` for the data-based merges); ``needs``:
+    ``"nothing"`` (data-free: the same at every n), ``"samples"`` or ``"labels"``."""
+    from magic_pl.calibration import resolve_setting
+
     gains = result["gains"]
+    settings = result["config"].get("settings", {})
     out: dict[str, Any] = {}
     for r in result["rows"]:
         m, c = r["method"], r["calibration"]
         if m in ("base", "expert"):
             continue
         data_based = m in gains.get("data_merges_over", {})
+        if m not in result["config"]["methods"]:
+            needs = "labels"  # tuned on the labelled validation split
+        elif data_based or (c not in settings and c != "none"):  # RegMean; bn, bn+fsc: re-estimated on the samples
+            needs = "samples"
+        else:
+            needs = "samples" if c != "none" and resolve_setting(settings[c]).uses_data else "nothing"
         start = reference if data_based or m not in gains["over_uncalibrated"] else m
         if data_based:
             gain, ci = gains["data_merges_over"][m][c][reference]
@@ -68,6 +78,7 @@ def summarise_budget(result: dict[str, Any], reference: str) -> dict[str, Any]:
             gain, ci = (r["avg"] - ref["avg"] if ref else None), None
         out[f"{m}/{c}"] = {"method": m, "calibration": c, "avg": r["avg"], "std": r.get("avg_std", 0.0),
                            "ci95": r.get("avg_ci95"), "gain": gain, "gain_ci95": ci, "over": f"{start}/none",
+                           "needs": needs,
                            "seconds": r.get("calibration_seconds", 0.0) + r.get("merge_seconds", 0.0)}
     return out
 
@@ -217,6 +228,50 @@ def rebuild_budget_report(run_dirs: Sequence[str], results_dir: str, *, referenc
     return summary
 
 
+def budget_recommendations(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per budget, the recipe to recommend: among the recipes measured on every suite (data-free ones count at every
+    n: they are the same there) and never significantly below the merge they start from on any suite (paired 95%
+    interval of the gain above zero or straddling it), the best mean over the suites; next to it the best recipe of
+    any kind at that budget (the bar it must reach) and the uncalibrated reference merge. The first entry (n = 0) is
+    data-free; the last uses the labelled validation split.
+    """
+    suites = summary["suites"]
+
+    def recipes(n: Optional[str], needs: tuple[str, ...]) -> dict[str, dict[str, dict[str, Any]]]:
+        """recipe -> suite -> entry, for the recipes of budget ``n`` (``None``: any) that need only ``needs``."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for suite, entry in suites.items():
+            for k_n, run in entry["runs"].items():
+                for k, e in run.items():
+                    if e["needs"] in needs and (e["needs"] != "samples" or k_n == n):
+                        out.setdefault(k, {}).setdefault(suite, e)
+        return {k: v for k, v in out.items() if len(v) == len(suites)}
+
+    def safe(per_suite: dict[str, dict[str, Any]]) -> bool:
+        return all(not (e.get("gain_ci95") and e["gain_ci95"][1] < 0) for e in per_suite.values())
+
+    def mean(per_suite: dict[str, dict[str, Any]]) -> float:
+        return sum(e["avg"] for e in per_suite.values()) / len(per_suite)
+
+    def pick(n: Optional[str], label: str, needs: tuple[str, ...]) -> Optional[dict[str, Any]]:
+        pool = recipes(n, needs)
+        if not pool:
+            return None
+        safe_pool = {k: v for k, v in pool.items() if safe(v)}
+        best = max(pool, key=lambda k: mean(pool[k]))
+        chosen = max(safe_pool, key=lambda k: mean(safe_pool[k])) if safe_pool else None
+        ref = f"{summary['reference']}/none"
+        return {"budget": label, "recipe": chosen, "per_suite": {s: pool[chosen][s]["avg"] for s in suites}
+                if chosen else {}, "mean": mean(pool[chosen]) if chosen else None, "best_any": best,
+                "best_any_mean": mean(pool[best]), "best_any_safe": safe(pool[best]),
+                "reference_mean": mean(pool[ref]) if ref in pool else None}
+
+    out = [pick(None, "0", ("nothing",))]
+    out += [pick(str(n), str(n), ("nothing", "samples")) for n in summary["budgets"]]
+    out.append(pick(None, "labelled val", ("nothing", "labels")))
+    return [r for r in out if r is not None]
+
+
 def _pts(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:+.1f}"
 
@@ -258,6 +313,22 @@ def budget_markdown(summary: dict[str, Any]) -> str:
         if memory:
             out += ["Statistics held (MB, the same at every n): "
                     + ", ".join(f"{k} {v / 2 ** 20:.3g}" for k, v in memory.items()) + ".", ""]
+    recs = budget_recommendations(summary)
+    if recs and len(summary["suites"]) > 0:
+        names = list(summary["suites"])
+        out += ["## Recommendation per budget", "",
+                "Among recipes never significantly below the merge they start from on any suite, the best mean over "
+                f"the suites ({', '.join(names)}); data-free recipes count at every n. 'best of any kind': the bar.",
+                "", "| unlabelled samples per task | recipe | " + " | ".join(names) + " | mean | best of any kind "
+                "(mean) | uncalibrated " + summary["reference"] + " |", "|---|---|" + "---|" * (len(names) + 3)]
+        for r in recs:
+            cells = [f"{100 * r['per_suite'][s]:.1f}" if r["recipe"] else "-" for s in names]
+            best = f"{r['best_any']} ({100 * r['best_any_mean']:.1f}{'' if r['best_any_safe'] else ', not safe'})"
+            ref = "-" if r["reference_mean"] is None else f"{100 * r['reference_mean']:.1f}"
+            mean = "-" if r["mean"] is None else f"{100 * r['mean']:.1f}"
+            out.append(f"| {r['budget']} | {r['recipe'] or '-'} | " + " | ".join(cells) + f" | {mean} | {best} | "
+                       f"{ref} |")
+        out.append("")
     return "\n".join(out) + "\n"
 
 

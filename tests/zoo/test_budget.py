@@ -104,3 +104,26 @@ def test_statistics_memory_is_the_closed_form():
     # [K, N] float32 numerator and denominator plus their float64 reduce-able copies; N = 2 modules or 4 + 2 channels
     assert memory["fsc"] == 2 * 2 * 2 * (4 + 8)
     assert memory["fsc_channel"] == 2 * 2 * (4 + 2) * (4 + 8)
+
+
+def test_recommendations_pick_the_best_safe_recipe_per_budget():
+    from magic_pl.zoo.budget import budget_recommendations
+
+    def e(avg, needs, ci=None):
+        return {"avg": avg, "needs": needs, "gain_ci95": ci}
+
+    runs_a = {"1": {"m/none": e(0.60, "nothing"), "m/fsc": e(0.70, "samples", [0.01, 0.2]),
+                    "m/risky": e(0.90, "samples", [-0.3, -0.1]), "ta_tuned/none": e(0.65, "labels")},
+              "4": {"m/none": e(0.60, "nothing"), "m/fsc": e(0.50, "samples", [-0.2, 0.1])}}
+    runs_b = {"1": {"m/none": e(0.80, "nothing"), "m/fsc": e(0.80, "samples", [-0.1, 0.1]),
+                    "m/risky": e(0.90, "samples", [0.0, 0.1]), "ta_tuned/none": e(0.90, "labels")},
+              "4": {"m/none": e(0.80, "nothing"), "m/fsc": e(0.70, "samples", [-0.2, 0.1])}}
+    summary = {"budgets": [1, 4], "reference": "m", "suites": {"a": {"runs": runs_a}, "b": {"runs": runs_b}}}
+    recs = {r["budget"]: r for r in budget_recommendations(summary)}
+    assert recs["0"]["recipe"] == "m/none" and recs["0"]["mean"] == pytest.approx(0.70)
+    # n = 1: risky has the best mean (0.90) but is significantly worse on suite a; fsc (0.75) is chosen
+    assert recs["1"]["recipe"] == "m/fsc" and recs["1"]["mean"] == pytest.approx(0.75)
+    assert recs["1"]["best_any"] == "m/risky" and not recs["1"]["best_any_safe"]
+    # n = 4: fsc is safe but below the data-free merge, which counts at every n
+    assert recs["4"]["recipe"] == "m/none" and recs["4"]["reference_mean"] == pytest.approx(0.70)
+    assert recs["labelled val"]["recipe"] == "ta_tuned/none" and recs["labelled val"]["mean"] == pytest.approx(0.775)
