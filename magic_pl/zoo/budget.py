@@ -190,7 +190,7 @@ def add_run(summary: dict[str, Any], suite: str, n: int, result: dict[str, Any])
         entry["tasks"] = result["config"]["tasks"]
         encoder = get_suite(suite).build_backbone().build()
         entry["statistics_bytes"] = statistics_memory(encoder, len(entry["tasks"]))
-    summary["timings"][f"{suite}_n{n}"] = result["timings"]
+    summary["timings"].setdefault(f"{suite}_n{n}", []).append(result["timings"])  # one entry per run at that n
 
 
 def write_budget_report(summary: dict[str, Any], out_dir: Path) -> None:
