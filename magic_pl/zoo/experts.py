@@ -156,9 +156,12 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-@torch.no_grad()
 def _rows(batch: dict[str, Tensor]) -> int:
     return next(iter(batch.values())).shape[0]
+
+
+def _join(batches: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return batches[0] if len(batches) == 1 else {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
 def _at_least_two(batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -168,15 +171,16 @@ def _at_least_two(batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor
     for b in batches:
         pending.append(b)
         if sum(map(_rows, pending)) >= 2:
-            out.append(pending[0] if len(pending) == 1 else {k: torch.cat([p[k] for p in pending]) for k in b})
+            out.append(_join(pending))
             pending = []
     if pending:
         if out:
             pending.insert(0, out.pop())
-        out.append(pending[0] if len(pending) == 1 else {k: torch.cat([p[k] for p in pending]) for k in pending[0]})
+        out.append(_join(pending))
     return out
 
 
+@torch.no_grad()
 def reestimate_batchnorm(encoder: nn.Module, batches: Sequence[dict[str, Tensor]]) -> int:
     """Recompute every BatchNorm's running mean/var as the average of the statistics of ``batches`` (each batch
     weighted equally: PyTorch's ``momentum=None`` cumulative average), discarding the old ones.
