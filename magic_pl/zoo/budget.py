@@ -333,7 +333,9 @@ def budget_markdown(summary: dict[str, Any]) -> str:
 
 
 def budget_chart(summary: dict[str, Any], path: Path) -> None:
-    """Accuracy against n (log scale) per recipe, one panel per suite; tuned TA dashed."""
+    """Accuracy against n (log scale) per recipe, one panel per suite: one colour per merge, one line style and marker
+    per setting; a data-free recipe measured at one n is drawn flat (it is the same at every n); tuned TA dashed and
+    tuned LiNeS dotted in black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,19 +344,32 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
     from magic_pl.statedict import atomic_path
 
     suites = summary["suites"]
-    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.5), dpi=120, squeeze=False)
+    recipes = [r for e in suites.values() for n in e["runs"] for r in e["runs"][n].values()]
+    methods = list(dict.fromkeys(r["method"] for r in recipes))
+    settings = list(dict.fromkeys(r["calibration"] for r in recipes))
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: colours(i % colours.N) for i, m in enumerate(methods)}
+    styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "v"), ("-", "D"), ("--", "x"), ("-.", "P"), (":", "*")]
+    style = {c: styles[i % len(styles)] for i, c in enumerate(settings)}
+    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites) + 4.0, 4.5), dpi=120, squeeze=False)
+    handles: dict[str, Any] = {}
     for ax, (suite, entry) in zip(axes[0], suites.items()):
         runs = entry["runs"]
         ns = [int(n) for n in runs]
-        recipes = list(dict.fromkeys(k for n in runs for k in runs[n]))
-        for k in recipes:
+        for k in dict.fromkeys(k for n in runs for k in runs[n]):
             pts = [(int(n), 100 * runs[n][k]["avg"]) for n in runs if k in runs[n]]
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=k)
-        if entry.get("tuned_ta") is not None:
-            ax.axhline(100 * entry["tuned_ta"], ls="--", c="k", lw=1, label="tuned TA (labelled val)")
-        if entry.get("tuned_lines") is not None:
-            ax.axhline(100 * entry["tuned_lines"], ls=":", c="k", lw=1, label="tuned LiNeS (labelled val)")
+            first = next(runs[n][k] for n in runs if k in runs[n])
+            if first["needs"] == "labels":  # tuned on labelled val: the black reference lines
+                continue
+            if len(pts) == 1 and first["needs"] == "nothing" and len(ns) > 1:
+                pts = [(n, pts[0][1]) for n in ns]
+            ls, marker = style[first["calibration"]]
+            (line,) = ax.plot(*zip(*pts), ls=ls, marker=marker, ms=3.5, lw=1.2, c=colour[first["method"]], label=k)
+            handles.setdefault(k, line)
+        for key, ls, name in (("tuned_ta", "--", "tuned TA (labelled val)"),
+                              ("tuned_lines", ":", "tuned LiNeS (labelled val)")):
+            if entry.get(key) is not None:
+                handles.setdefault(name, ax.axhline(100 * entry[key], ls=ls, c="k", lw=1, label=name))
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns)
         ax.set_xticklabels([str(n) for n in ns])
@@ -362,8 +377,9 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("average test accuracy (%)")
         ax.set_title(suite)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
+    # one legend for every panel: a recipe measured on one suite only still gets its entry
+    fig.legend(list(handles.values()), list(handles), fontsize=6, ncol=2, loc="center right")
+    fig.tight_layout(rect=(0.0, 0.0, 1.0 - 4.0 / (6.5 * len(suites) + 4.0), 1.0))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
