@@ -213,7 +213,11 @@ def rebuild_budget_report(run_dirs: Sequence[str], results_dir: str, *, referenc
         match = re.fullmatch(r"(.+)_n(\d+)", Path(d).name)
         if match is None:
             raise ValueError(f"{d!r} is not a budget run directory (<suite>_n<n>)")
-        result = json.loads((Path(d) / "results.json").read_text())
+        path = Path(d) / "results.json"
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:  # every run is read before anything is written
+            raise ValueError(f"{path}: not a readable benchmark result ({e})") from e
         runs.append((match.group(1), int(match.group(2)), result))
     if not runs:
         raise ValueError("no run directories given")

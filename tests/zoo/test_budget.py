@@ -127,3 +127,13 @@ def test_recommendations_pick_the_best_safe_recipe_per_budget():
     # n = 4: fsc is safe but below the data-free merge, which counts at every n
     assert recs["4"]["recipe"] == "m/none" and recs["4"]["reference_mean"] == pytest.approx(0.70)
     assert recs["labelled val"]["recipe"] == "ta_tuned/none" and recs["labelled val"]["mean"] == pytest.approx(0.775)
+
+
+def test_rebuild_names_a_truncated_run_and_writes_nothing(tmp_path):
+    run = tmp_path / "runs" / "text_n4"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text('{"suite": "text", "rows": [')
+    out = tmp_path / "report"
+    with pytest.raises(ValueError, match=r"text_n4[/\\]results\.json: not a readable benchmark result"):
+        rebuild_budget_report([str(run)], str(out))
+    assert not out.exists()
