@@ -355,7 +355,9 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
     colour = {m: colours(i % colours.N) for i, m in enumerate(methods)}
     styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "v"), ("-", "D"), ("--", "x"), ("-.", "P"), (":", "*")]
     style = {c: styles[i % len(styles)] for i, c in enumerate(settings)}
-    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites) + 4.0, 4.5), dpi=120, squeeze=False)
+    legend_width = 4.0  # inches on the right for the shared legend
+    width = 6.5 * len(suites) + legend_width
+    fig, axes = plt.subplots(1, len(suites), figsize=(width, 4.5), dpi=120, squeeze=False)
     handles: dict[str, Any] = {}
     for ax, (suite, entry) in zip(axes[0], suites.items()):
         runs = entry["runs"]
@@ -383,7 +385,7 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     # one legend for every panel: a recipe measured on one suite only still gets its entry
     fig.legend(list(handles.values()), list(handles), fontsize=6, ncol=2, loc="center right")
-    fig.tight_layout(rect=(0.0, 0.0, 1.0 - 4.0 / (6.5 * len(suites) + 4.0), 1.0))
+    fig.tight_layout(rect=(0.0, 0.0, 1.0 - legend_width / width, 1.0))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
