@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--runs", default="benchmarks/zoo/budget/runs",
                         help="folder of run groups: <runs>/<group>/<suite>_n<n>/results.json")
     parser.add_argument("--out", default="benchmarks/zoo/budget", help="where budget.md/json/png go")
-    parser.add_argument("--reference", default="tsv_m", help="the uncalibrated merge data-based merges are compared with")
+    parser.add_argument("--reference", default="tsv_m",
+                        help="the uncalibrated merge data-based merges are compared with")
     args = parser.parse_args()
 
     from magic_pl.zoo.budget import budget_recommendations, rebuild_budget_report
