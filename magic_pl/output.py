@@ -14,11 +14,23 @@ Every output goes through :class:`OutputLocation` (a directory) or :class:`Outpu
   aside (``.<name>.magic-pl-old-<pid>-<random>``), the new one renamed to the location, then the old one removed. A
   run killed at any point leaves either the old output or the new one at the location, plus hidden leftovers that
   the next run for that location removes (restoring the old output if the kill fell between the two renames).
+- While a run holds a location (from :meth:`~OutputLocation.check` to commit or abort) a lock file beside it
+  (``.<name>.magic-pl-lock``) names the process; a second run for the same location is refused as "in use". A lock
+  whose process is gone is taken over.
+- :meth:`~OutputLocation.scratch` gives a hidden sibling for work that must not touch the location while the run is
+  under way (the CLI's logs); :meth:`~OutputLocation.adopt` moves it into the staged output, and an interrupted run's
+  scratch is removed by the next run like any other leftover.
+- Single files (reports, plots, result tables) written with :func:`atomic_output` replace an existing file only when
+  magic-pl wrote it: the directory keeps a record (:data:`FILES_RECORD`) of the sha256 of each file magic-pl wrote
+  there, and a file whose content no longer matches its record (or has none) is the user's.
+- Names are data: :func:`check_task_names` is the one check every writer applies to task names before any tensor is
+  read, and :func:`child_path` joins a name under a staged directory and refuses anything that would leave it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,6 +39,7 @@ import shutil
 import struct
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -41,6 +54,12 @@ __all__ = [
     "magic_metadata",
     "is_previous_output",
     "clean_leftovers",
+    "FILES_RECORD",
+    "MAX_TASK_NAME",
+    "check_task_names",
+    "child_path",
+    "scratch_path",
+    "check_files",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -50,11 +69,70 @@ MANIFEST = ".magic-pl.json"
 #: Metadata key of single safetensors files magic-pl writes (value: the magic-pl version).
 MAGIC_PL_METADATA_KEY = "magic_pl"
 
+#: Beside single files magic-pl writes into a directory: the sha256 of each such file, so a later run replaces only
+#: files whose content is still what magic-pl wrote.
+FILES_RECORD = ".magic-pl-files.json"
+#: Longest task name accepted: names become file names (``heads/<task>.safetensors``), which file systems cap.
+MAX_TASK_NAME = 100
+
 _LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.magic-pl-(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
 class OutputError(ValueError):
     """An output location cannot be written as asked; the message names the path and what to do."""
+
+
+# -- names are data -----------------------------------------------------------------------------------------------------
+def check_task_names(names: Sequence[Any], *, reserved: Sequence[str] = (), what: str = "task name") -> list[str]:
+    """Return ``names`` as strings after checking each can name files safely, before any tensor is read.
+
+    A task name must be a non-empty string (an integer is accepted and converted) of at most :data:`MAX_TASK_NAME`
+    printable characters, without a path separator, without leading or trailing white space, not starting with a
+    dot (``.``, ``..`` and hidden names, where magic-pl keeps its own temporaries), unique ignoring case (two names
+    that differ only in case are one file on macOS and Windows), and none of ``reserved`` (the names a writer uses for
+    its own files, e.g. ``model`` beside ``model.safetensors``). Raises ``ValueError`` naming the bad name.
+    """
+    out: list[str] = []
+    seen: dict[str, str] = {}
+    taken = {r.casefold(): r for r in reserved}
+    for i, name in enumerate(names):
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise ValueError(f"{what} {i} must be a string, got {type(name).__name__} {name!r}")
+        name = str(name)
+        problem = None
+        if not name:
+            problem = "is empty"
+        elif len(name) > MAX_TASK_NAME:
+            problem = f"is {len(name)} characters long (at most {MAX_TASK_NAME})"
+        elif not name.isprintable():
+            problem = "contains a control character (NUL, newline, tab, ...)"
+        elif any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")):
+            problem = "contains a path separator; task names become file names and may not be paths"
+        elif name.startswith("."):
+            problem = "starts with '.'; task names become file names and may not be '.', '..' or hidden names"
+        elif name != name.strip():
+            problem = "starts or ends with white space"
+        elif name.casefold() in taken:
+            problem = f"is the name of a file the output holds ({taken[name.casefold()]!r}); rename the task"
+        elif name.casefold() in seen:
+            problem = f"repeats {seen[name.casefold()]!r} (names must be unique, ignoring case)"
+        if problem:
+            shown = name if len(name) <= 60 else name[:57] + "..."
+            raise ValueError(f"{what} {shown!r} {problem}")
+        seen[name.casefold()] = name
+        out.append(name)
+    return out
+
+
+def child_path(root: PathLike, *parts: str) -> Path:
+    """``root / parts...``, refused with :class:`OutputError` unless it stays strictly inside ``root`` (no absolute
+    part, no ``..``, no link inside ``root`` leading out): the last line of defence for names that become paths."""
+    root_real = Path(os.path.realpath(root))
+    target = Path(root).joinpath(*parts)
+    real = Path(os.path.realpath(target))
+    if any(Path(p).is_absolute() or ".." in Path(p).parts for p in parts) or root_real not in real.parents:
+        raise OutputError(f"refusing to write {target}: it is not inside the output being written ({root})")
+    return target
 
 
 def _version() -> str:
@@ -127,6 +205,94 @@ def _pid_alive(pid: int) -> bool:
     except OverflowError:
         return False
     return True
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (Linux ``/proc``), so a lock is not held by a recycled process id."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _lock_owner(lock: Path) -> Optional[int]:
+    """The live process holding ``lock``, or ``None`` when the lock is stale (its process is gone) or unreadable."""
+    try:
+        doc = json.loads(lock.read_text())
+        pid = int(doc["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _pid_alive(pid):
+        return None
+    started = doc.get("started")
+    if started is not None and _process_start(pid) not in (None, started):
+        return None
+    return pid
+
+
+#: Locks this process holds (real path -> number of OutputLocation objects sharing it).
+_HELD: dict[str, int] = {}
+
+
+def _drop_lock(key: str, lock: Path) -> None:
+    """Release one share of a lock of this process; the file goes with the last share."""
+    n = _HELD.get(key, 0)
+    if n <= 0:
+        return
+    if n > 1:
+        _HELD[key] = n - 1
+        return
+    del _HELD[key]
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+
+
+def scratch_path(path: PathLike, name: str) -> Path:
+    """The hidden sibling ``.<path name>.magic-pl-tmp-<pid>-<name>`` of an output ``path`` for this process's work
+    in progress (see :meth:`OutputLocation.scratch`); the next run for ``path`` removes it once this process is gone."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ValueError(f"scratch name must be letters, digits or '_', got {name!r}")
+    path = Path(path)
+    return path.parent / f".{path.name}.magic-pl-tmp-{os.getpid()}-{name}"
+
+
+#: What Lightning's CSV logger (and the CLI's config saver) leave in ``<output>/logs`` while a run is under way.
+_RUN_LOG_FILES = {"metrics.csv", "hparams.yaml", "config.yaml"}
+
+
+def _only_old_run_logs(path: Path) -> bool:
+    """True when a directory holds nothing but ``logs/**/version_<n>/`` with the files a magic-pl run logs there:
+    what an interrupted run of an older magic-pl left in place (newer runs log into a scratch directory)."""
+    if not path.is_dir() or path.is_symlink() or sorted(os.listdir(path)) != ["logs"]:
+        return False
+    found = False
+    for root, dirs, files in os.walk(path / "logs"):
+        rel = Path(root).relative_to(path)
+        if any((Path(root) / d).is_symlink() for d in dirs):
+            return False
+        if files:
+            if not rel.name.startswith("version_") or not set(files) <= _RUN_LOG_FILES:
+                return False
+            found = True
+    return found
+
+
+def _with_index_shards(inputs: Sequence[Path]) -> list[Path]:
+    """``inputs`` plus the shard files named by the sharded-checkpoint indexes among them (``*.index.json`` files,
+    or directories holding one): a shard may live elsewhere than its index (``../out/model/a.safetensors``)."""
+    out = list(inputs)
+    for inp in inputs:
+        candidates = [inp] if inp.name.endswith(".index.json") else (
+            sorted(inp.glob("*.index.json")) if inp.is_dir() else [])
+        for index in candidates:
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            except (OSError, ValueError, AttributeError):
+                continue  # the loader reports a bad index, naming it
+            if isinstance(weight_map, dict):
+                out += [index.parent / v for v in set(weight_map.values()) if isinstance(v, str)]
+    return out
 
 
 def _remove(path: Path) -> None:
@@ -208,6 +374,8 @@ class OutputLocation:
         self.overwrite = bool(overwrite)
         self.inputs = [Path(p) for p in inputs if p is not None]
         self._staged: Optional[Path] = None
+        self._scratch: list[Path] = []
+        self._lock: Optional[Path] = None
         self._checked = False
         self._committed = False
 
@@ -216,7 +384,7 @@ class OutputLocation:
 
     # -- checks -------------------------------------------------------------------------------------------------------
     def _replaceable(self) -> bool:
-        return _is_empty(self.path) or is_previous_output(self.path)
+        return _is_empty(self.path) or is_previous_output(self.path) or _only_old_run_logs(self.path)
 
     def _wrong_kind(self) -> Optional[str]:
         if self.path.is_dir():
@@ -249,7 +417,7 @@ class OutputLocation:
     def _check_inputs(self) -> None:
         here, full = _real(self.path), Path(os.path.realpath(self.path))
         outs = {here, full}
-        for inp in self.inputs:
+        for inp in _with_index_shards(self.inputs):
             r = Path(os.path.realpath(inp))
             for out in outs:
                 if r == out or out in r.parents:
@@ -273,17 +441,64 @@ class OutputLocation:
             raise OutputError(f"cannot write {self.path}: directory {anc} is not writable")
 
     def check(self) -> "OutputLocation":
-        """Validate the location (cheap: no tensor read) and remove leftovers of interrupted runs; returns ``self``.
+        """Validate the location (cheap: no tensor read), take its lock and remove leftovers of interrupted runs;
+        returns ``self``.
 
-        Raises :class:`OutputError` naming the path (see the module docstring for the rules).
+        Raises :class:`OutputError` naming the path (see the module docstring for the rules), also when another
+        live run holds the location.
         """
         self._check_inputs()
         if self.path.parent.is_dir():
+            self._acquire()
             clean_leftovers(self.path)
         self._check_target()
         self._check_parent()
         self._checked = True
         return self
+
+    # -- the lock -----------------------------------------------------------------------------------------------------
+    def _lock_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.magic-pl-lock"
+
+    def _acquire(self) -> None:
+        """Create the lock file (exclusive); a lock of this process is shared, a stale one is taken over."""
+        if self._lock is not None:
+            return
+        lock = self._lock_path()
+        key = str(_real(lock))
+        if key in _HELD:  # another writer of this process holds it (e.g. an early check): share it
+            _HELD[key] += 1
+            self._lock = lock
+            weakref.finalize(self, _drop_lock, key, lock)
+            return
+        doc = json.dumps({"pid": os.getpid(), "started": _process_start(os.getpid())})
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner is not None:
+                    raise OutputError(
+                        f"output {self.path} is in use by another magic-pl run (process {owner}); wait for it to "
+                        "finish or choose another path"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()  # stale: its process is gone
+                continue
+            except OSError:
+                return  # a read-only parent: _check_parent says so
+            with os.fdopen(fd, "w") as f:
+                f.write(doc)
+            _HELD[key] = 1
+            self._lock = lock
+            # a location checked early and then dropped (no commit or abort) releases its share when collected
+            weakref.finalize(self, _drop_lock, key, lock)
+            return
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            _drop_lock(str(_real(self._lock)), self._lock)
+            self._lock = None
 
     # -- writing ------------------------------------------------------------------------------------------------------
     def _prefix(self, kind: str) -> str:
@@ -300,8 +515,26 @@ class OutputLocation:
             if not self._checked:
                 self.check()
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._acquire()
             self._staged = self._make_staged()
         return self._staged
+
+    def scratch(self, name: str) -> Path:
+        """A hidden sibling of the location for work in progress that must not touch it until the run succeeded
+        (``.<name>.magic-pl-tmp-<pid>-<name>``; not created here). Removed by :meth:`abort`; a killed run's scratch
+        is removed by the next run for the location (:func:`clean_leftovers`)."""
+        path = scratch_path(self.path, name)
+        if path not in self._scratch:
+            self._scratch.append(path)
+        return path
+
+    def adopt(self, scratch: Path, relative: str) -> None:
+        """Move a :meth:`scratch` directory (if it was created) into the staged output at ``relative``."""
+        staged = self.stage()
+        if scratch.is_dir() and not scratch.is_symlink():
+            dest = child_path(staged, relative)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(scratch), str(dest))
 
     def _write_manifest(self, staged: Path, manifest: Optional[Mapping[str, Any]]) -> None:
         doc = {MAGIC_PL_METADATA_KEY: _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -324,6 +557,9 @@ class OutputLocation:
             raise
         self._staged = None
         self._committed = True
+        for path in self._scratch:
+            _remove(path)
+        self._release()
         return self.path
 
     def _swap(self, staged: Path) -> None:
@@ -343,10 +579,13 @@ class OutputLocation:
             _fsync_dir(path.parent)
 
     def abort(self) -> None:
-        """Remove the staged temporary (idempotent)."""
+        """Remove the staged temporary and the scratch directories, and release the lock (idempotent)."""
         if self._staged is not None:
             _remove(self._staged)
             self._staged = None
+        for path in self._scratch:
+            _remove(path)
+        self._release()
 
     def __enter__(self) -> "OutputLocation":
         return self
@@ -396,26 +635,94 @@ class OutputFile(OutputLocation):
         _fsync_dir(self.path.parent)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_record(directory: Path) -> dict[str, str]:
+    record = directory / FILES_RECORD
+    if record.is_symlink() or not record.is_file():
+        return {}
+    try:
+        doc = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    files = doc.get("files") if isinstance(doc, dict) else None
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def _written_here(path: Path) -> bool:
+    """True when the file ``path`` is still exactly what magic-pl wrote there (its sha256 is in the directory's
+    :data:`FILES_RECORD`), or a safetensors file carrying magic-pl's marker."""
+    recorded = _read_record(path.parent).get(path.name)
+    if recorded is not None and path.is_file() and recorded == _sha256(path):
+        return True
+    return is_previous_output(path)
+
+
+def check_files(paths: Sequence[PathLike]) -> None:
+    """Refuse, before any work, to replace a file magic-pl did not write: each of ``paths`` must be missing, empty,
+    still what magic-pl wrote there (:data:`FILES_RECORD`) or a safetensors file carrying magic-pl's marker.
+    A run that writes several report files calls this on all of them first, so it fails before it starts."""
+    for path in map(Path, paths):
+        if path.is_symlink():
+            raise OutputError(f"{path} is a symbolic link; magic-pl does not write through links: remove it or "
+                              "choose another path")
+        if path.is_file() and not _is_empty(path) and not _written_here(path):
+            raise OutputError(
+                f"{path} exists and was not written by magic-pl (or was changed since); refusing to replace it: "
+                "choose another path, or move the file away"
+            )
+
+
+def _record_written(path: Path) -> None:
+    """Add ``path``'s sha256 to its directory's :data:`FILES_RECORD` (itself replaced atomically)."""
+    record = _read_record(path.parent)
+    record[path.name] = _sha256(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{FILES_RECORD}.magic-pl-tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({MAGIC_PL_METADATA_KEY: _version(), "files": dict(sorted(record.items()))}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path.parent / FILES_RECORD)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike, *, overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write a file or a directory at; rename it into place on success,
     delete it on error.
 
     A directory written there gets :data:`MANIFEST` and replaces an existing directory only by the
-    :class:`OutputLocation` rules (empty, a previous magic-pl output, or ``overwrite``), checked before the body runs.
-    A file written there replaces an existing file: this is the primitive for the files magic-pl itself rewrites
-    (reports, caches, plots); model files go through :func:`~magic_pl.statedict.save_state_dict`, which refuses
-    files magic-pl did not write. A file never replaces a directory, nor a directory a file.
+    :class:`OutputLocation` rules (empty, a previous magic-pl output, or ``overwrite``). A file written there
+    replaces an existing file only when that is empty, still exactly what magic-pl wrote there (its sha256 is in the
+    directory's :data:`FILES_RECORD`, which every file written here joins), a safetensors file carrying magic-pl's
+    marker, or with ``overwrite``: the primitive for reports, tables, plots and caches. Both are checked before the
+    body runs. A file never replaces a directory, nor a directory a file.
     """
     loc = OutputLocation(path, overwrite=overwrite, inputs=inputs)
     path = loc.path
     existing_dir = path.is_dir() and not path.is_symlink()
     loc._check_inputs()
     if path.parent.is_dir():
+        loc._acquire()
         clean_leftovers(path)
-    if existing_dir or path.is_symlink():
-        loc._check_target()
-    loc._check_parent()
+    try:
+        if existing_dir or path.is_symlink():
+            loc._check_target()
+        elif not overwrite:
+            check_files([path])
+        loc._check_parent()
+    except BaseException:
+        loc.abort()
+        raise
     loc._checked = True
     holder = loc.stage()
     target = holder / path.name
@@ -433,5 +740,6 @@ def atomic_output(path: PathLike, *, overwrite: bool = False, inputs: Sequence[P
                 raise OutputError(f"output {path} is an existing directory; a file was written for it")
             os.replace(target, path)
             _fsync_dir(path.parent)
+            _record_written(path)
     finally:
         loc.abort()

@@ -45,7 +45,8 @@ from magic_pl.lightning.report import (
 )
 from magic_pl.lightning.writer import save_module
 from magic_pl.merging import DATA_MERGE_METHODS, merge, validate_merge_options
-from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, find_tied_keys
+from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, check_pairing, find_tied_keys
+from magic_pl.output import check_task_names
 from magic_pl.statedict import CheckpointError, apply_delta, load_state_dict
 
 __all__ = [
@@ -133,6 +134,11 @@ class WeightSources:
                  task_names: Optional[Sequence[str]] = None) -> None:
         if not experts:
             raise ValueError("need at least one expert checkpoint")
+        names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(experts))]
+        if len(names) != len(experts):
+            raise ValueError(f"{len(names)} task names for {len(experts)} experts")
+        self.task_names = check_task_names(names)  # before any checkpoint is read
+        check_pairing(experts, self.task_names)
         state = backbone.state_dict()
         self.tied = find_tied_keys(backbone)
         keys = [k for k in state if k not in self.tied]
@@ -146,9 +152,6 @@ class WeightSources:
                           backbone_path)
             for e in experts
         ]
-        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(experts))]
-        if len(self.task_names) != len(self.experts):
-            raise ValueError(f"{len(self.task_names)} task names for {len(self.experts)} experts")
         check_experts(self.base_state, self.experts, [f"expert {_name(e)}" for e in experts])
         self.base_source = base if base is not None else "<backbone weights at setup>"
         self.expert_sources = list(experts)
@@ -226,6 +229,11 @@ class MagicCalibration(Callback):
         self.task_fn = task_fn
         self.key_prefix = key_prefix
         self.task_names = list(task_names) if task_names is not None else None
+        if self.task_names is not None:  # at construction: before the Trainer starts or any checkpoint is read
+            if len(self.task_names) != len(self.experts):
+                raise ValueError(f"{len(self.task_names)} task names for {len(self.experts)} experts")
+            self.task_names = check_task_names(self.task_names)
+            check_pairing(self.experts, self.task_names)
         self.trust_pickle = trust_pickle
         self.run = CalibrationRun(setting, sensitive=sensitive, modules=modules, per_sample=per_sample)
         self.sources: Optional[WeightSources] = None

@@ -56,7 +56,8 @@ __all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_mai
 
 PROG = "magic-pl"
 DEBUG_ENV = "MAGIC_PL_DEBUG"
-#: The default CSV logger's ``save_dir``; replaced by ``<output_dir>/logs`` when an output directory is given.
+#: The default CSV logger's ``save_dir``; with an output directory the logs end up in ``<output_dir>/logs`` (written
+#: beside it while the run is under way, moved in when it succeeded).
 DEFAULT_LOG_DIR = "magic_pl_logs"
 
 _DESCRIPTION = (
@@ -288,7 +289,10 @@ class MagicCLI(LightningCLI):
                                hint=_usage_hint(None, self.subcommand)) from err
         output_dir = cfg.get("output_dir")
         if output_dir:
-            _logs_under(cfg.get("trainer"), Path(output_dir) / "logs")
+            from magic_pl.output import scratch_path
+
+            # a hidden sibling while the run is under way; calibrate moves it to <output_dir>/logs on success
+            _logs_under(cfg.get("trainer"), scratch_path(output_dir, "logs"))
 
     def instantiate_classes(self) -> None:
         try:
@@ -335,8 +339,11 @@ def calibrate_summary(result: dict[str, Any], output_dir: Any = None, save_model
         lines.append("no model written: --save_model is false" if not save_model else "no model written")
     report = result.get("report")
     if report:
+        doc = json.loads(Path(report).read_text())
         lines.append(f"report: {report}")
-        lines.append(xi_summary(json.loads(Path(report).read_text())))
+        if doc.get("pairing"):
+            lines.append(pairing_line(doc["pairing"]))
+        lines.append(xi_summary(doc))
         return lines
     lines.append("no report written: pass --output_dir DIR" if output_dir is None else
                  "no report written (--report false)")
@@ -344,6 +351,12 @@ def calibrate_summary(result: dict[str, Any], output_dir: Any = None, save_model
     if calibrated is not None:
         lines.append(xi_summary({"coefficients": calibrated.coefficients, "wsc_scales": calibrated.wsc_scales}))
     return lines
+
+
+def pairing_line(pairing: Sequence[dict[str, str]]) -> str:
+    """``"tasks: a <- experts/a.safetensors, b <- experts/b.safetensors"``: experts pair with tasks by position, so the
+    run says which it took for which."""
+    return "tasks: " + ", ".join(f"{p['task']} <- {p['expert']}" for p in pairing)
 
 
 def xi_summary(doc: dict[str, Any]) -> str:

@@ -220,6 +220,12 @@ class CalibrationRecord:
         out["total"] = sum(out.values())
         return out
 
+    def pairing(self) -> list[dict[str, str]]:
+        """Which expert was taken for which task (experts pair with task names by position)."""
+        experts = self.sources.get("experts") or []
+        return [{"task": t, "expert": str(e) if isinstance(e, (str, os.PathLike)) else f"expert {i} (in memory)"}
+                for i, (t, e) in enumerate(zip(self.task_names, experts))]
+
     def to_dict(self, *, hash_inputs: bool = True) -> dict[str, Any]:
         if self.sources:  # described (and hashed) once, then kept: reports are rewritten after test
             base = self.sources.get("base")
@@ -241,6 +247,7 @@ class CalibrationRecord:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "environment": {"python": platform.python_version(), "torch": torch.__version__},
             "task_names": self.task_names,
+            "pairing": self.pairing(),
             "config": self.config,
             "inputs": inputs,
             "timings": self.timings(),

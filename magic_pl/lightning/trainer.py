@@ -13,7 +13,6 @@ only after the whole run, evaluation included, succeeded.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -82,13 +81,16 @@ class MagicTrainer(Trainer):
                 raise TypeError(f"calibrate needs a MagicModule (or a module with {attr!r}), got "
                                 f"{type(model).__name__}; add magic_pl.lightning.MagicCalibration to your Trainer "
                                 "and call predict/test yourself")
-        writes = output_dir is not None and (save_model or report)
+        logs = _logs_for(self, output_dir) if output_dir is not None else None
+        writes = output_dir is not None and (save_model or report or logs is not None)
         out = (OutputLocation(output_dir, overwrite=overwrite, inputs=input_paths(model)).check()
                if writes and self.is_global_zero else None)  # before any tensor is read
         staged: Optional[Path] = None
         with _Maybe(out):
             if out is not None:
                 staged = out.stage()
+                if logs is not None:
+                    out.scratch("logs")  # the same path: removed with the staging if the run fails
             if model.needs_calibration_data:
                 self.predict(model, datamodule=datamodule, return_predictions=False)
             else:
@@ -115,7 +117,8 @@ class MagicTrainer(Trainer):
                 write_json(doc, staged / "calibration_report.json")
                 plot_record(rec, staged / "calibration_report.png")
             if out is not None:
-                _move_logs_into(self, Path(output_dir), staged)
+                if logs is not None:
+                    out.adopt(logs, "logs")
                 out.commit({"command": "calibrate", "calibration": rec.config.get("calibration")})
             self.strategy.barrier("magic_pl_calibrate")
         result = getattr(getattr(model, "run", None), "result", None)
@@ -141,25 +144,32 @@ class _Maybe:
             self.cm.__exit__(*exc)
 
 
-def _move_logs_into(trainer: Trainer, output_dir: Path, staged: Optional[Path]) -> None:
-    """Logs that loggers wrote inside the output directory during the run move into the staged output, at the same
-    relative path, so they survive the swap (and the directory is otherwise untouched until then)."""
-    if staged is None:
-        return
-    root = output_dir.resolve()
+def _logs_for(trainer: Trainer, output_dir: Any) -> Optional[Path]:
+    """The scratch directory the loggers write this run's logs to (``magic-pl calibrate --output_dir`` points its CSV
+    logger there), to be moved into the output as ``logs/`` once the run succeeded; ``None`` when no logger does.
+
+    A logger writing inside the output directory itself is refused before any work: the output is replaced as a
+    whole when the run succeeds, and a failed run must leave it exactly as it was.
+    """
+    from magic_pl.output import OutputError, scratch_path
+
+    scratch = scratch_path(output_dir, "logs")
+    root = Path(os.path.realpath(output_dir))
+    found = None
     for logger in trainer.loggers:
         save_dir = getattr(logger, "save_dir", None)
-        if not save_dir or not os.path.isdir(save_dir) or os.path.islink(save_dir):
+        if not save_dir:
             continue
-        src = Path(save_dir).resolve()
-        if src == root or root not in src.parents:
-            continue
-        dest = staged / src.relative_to(root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(dest))
-    for sub in sorted((p for p in output_dir.rglob("*") if p.is_dir()), reverse=True):  # dirs the move emptied
-        if not any(sub.iterdir()) and not (output_dir / ".magic-pl.json").exists():
-            sub.rmdir()
+        real = Path(os.path.realpath(save_dir))
+        if real == Path(os.path.realpath(scratch)):
+            found = scratch
+        elif real == root or root in real.parents:
+            raise OutputError(
+                f"logger {type(logger).__name__} writes to {save_dir}, inside the output directory {output_dir}, "
+                "which magic-pl replaces as a whole after the run: give the logger a save_dir outside it (the "
+                "magic-pl CLI's default logger already ends up in <output_dir>/logs)"
+            )
+    return found
 
 
 def _has_test_data(model: LightningModule, datamodule: Optional[LightningDataModule]) -> bool:

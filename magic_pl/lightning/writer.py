@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 from torch import nn
 
+from magic_pl.output import check_task_names, child_path
 from magic_pl.statedict import atomic_path, save_state_dict, validate_state_dict
 
 __all__ = ["save_module", "is_hf_model"]
@@ -41,6 +42,8 @@ def save_module(
     output or ``overwrite``, and only once the new one is complete.
     """
     path = Path(path)
+    if heads:
+        check_task_names(list(heads))  # before anything is written
     validate_state_dict(module.state_dict(), name=f"the model to write to {path}")  # no NaN/Inf is ever written
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
@@ -51,8 +54,8 @@ def save_module(
             save_state_dict(state, tmp / filename, metadata=metadata)
         if heads:
             (tmp / "heads").mkdir()
-            for task, head in heads.items():
+            for task, head in zip(check_task_names(list(heads)), heads.values()):
                 save_state_dict({k: v.detach().cpu() for k, v in head.state_dict().items()},
-                                tmp / "heads" / f"{task}.safetensors")
+                                child_path(tmp, "heads", f"{task}.safetensors"))
             (tmp / "heads" / "tasks.json").write_text(json.dumps(list(heads), indent=2) + "\n")
     return path

@@ -18,6 +18,7 @@ NaN/Inf in the base or an expert is refused as each key is computed, naming the 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -197,10 +198,11 @@ class MergeSetup:
     exact_task_vectors: Optional[list[Mapping[str, Tensor]]] = None
 
     def __post_init__(self) -> None:
+        from magic_pl.output import check_task_names
+
         if len(self.experts) != len(self.task_names):
             raise ValueError(f"{len(self.experts)} experts but {len(self.task_names)} task names")
-        if len(set(self.task_names)) != len(self.task_names):
-            raise ValueError(f"task names must be unique, got {self.task_names}")
+        self.task_names = check_task_names(self.task_names)
         if self.heads is not None:
             missing = [t for t in self.task_names if t not in self.heads]
             if missing:
@@ -335,21 +337,70 @@ class ModelAdapter(ABC):
         return TaskModel(body, setup.heads[task])
 
 
-def default_task_names(paths: Sequence[PathLike], task_names: Optional[Sequence[str]]) -> list[str]:
-    """``task_names`` if given (checked against the number of experts), else unique names from the expert paths."""
+_CHECKPOINT_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def _stem(path: PathLike) -> str:
+    stem = Path(path).name
+    for suffix in _CHECKPOINT_SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def expert_names(path: PathLike) -> list[str]:
+    """The names an expert checkpoint carries: its file or directory name without the checkpoint suffix, and the
+    ``finetuning_task`` of a Hugging Face ``config.json`` beside its weights when one is set."""
+    path = Path(path)
+    names = [_stem(path)] if _stem(path) else []
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if config.is_file():
+        try:
+            task = json.loads(config.read_text()).get("finetuning_task")
+        except (OSError, ValueError, AttributeError):
+            task = None
+        if isinstance(task, str) and task and task not in names:
+            names.append(task)
+    return names
+
+
+def check_pairing(paths: Sequence[Any], task_names: Sequence[str]) -> None:
+    """Refuse experts listed in another order than their tasks: an expert whose own name (:func:`expert_names`) is the
+    name of a *different* task would silently calibrate and save under the wrong task. In-memory experts carry no
+    name and pass."""
+    index = {t: i for i, t in enumerate(task_names)}
+    for i, p in enumerate(paths):
+        if not isinstance(p, (str, os.PathLike)):
+            continue
+        for name in expert_names(p):
+            j = index.get(name)
+            if j is not None and j != i:
+                raise ValueError(
+                    f"expert {i} ({p}) is named {name!r} but is paired with task {task_names[i]!r}, while task "
+                    f"{name!r} is number {j}: experts pair with task names by position; reorder the experts or the "
+                    "task names"
+                )
+
+
+def default_task_names(paths: Sequence[PathLike], task_names: Optional[Sequence[str]], *,
+                       reserved: Sequence[str] = ()) -> list[str]:
+    """``task_names`` if given (checked against the number of experts and their pairing, :func:`check_pairing`), else
+    unique names from the expert paths; either way checked to be safe as file names
+    (:func:`~magic_pl.output.check_task_names`, with the adapter's ``reserved`` file names)."""
+    from magic_pl.output import check_task_names
+
     if task_names is not None:
         if len(task_names) != len(paths):
             raise ValueError(f"{len(task_names)} task names given for {len(paths)} experts")
-        return [str(t) for t in task_names]
-    names: list[str] = []
+        names = check_task_names(task_names, reserved=reserved)
+        check_pairing(paths, names)
+        return names
+    names = []
     for p in paths:
-        stem = Path(p).name
-        for suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
-            if stem.endswith(suffix):
-                stem = stem[: -len(suffix)]
-        name, i = stem or "task", 1
+        stem = (_stem(p) if isinstance(p, (str, os.PathLike)) else "") or "task"
+        name, i = stem, 1
         while name in names:
             i += 1
             name = f"{stem}_{i}"
         names.append(name)
-    return names
+    return check_task_names(names, reserved=reserved)

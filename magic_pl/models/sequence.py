@@ -34,7 +34,7 @@ from magic_pl.models._hf import (
 )
 from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys
 from magic_pl.models.io import copy_support_files
-from magic_pl.output import OutputLocation
+from magic_pl.output import OutputLocation, child_path
 from magic_pl.statedict import CheckpointError, load_state_dict, tensor_shape
 
 __all__ = ["HFClassifierAdapter", "SequenceClassificationAdapter", "ImageClassificationAdapter"]
@@ -176,7 +176,7 @@ class HFClassifierAdapter(ModelAdapter):
             tmp = out.stage()
             for task, expert in zip(setup.task_names, self.expert_paths):
                 model = self.task_model(setup, body, task)
-                task_dir = tmp / task
+                task_dir = child_path(tmp, task)
                 with quiet_transformers():
                     model.save_pretrained(task_dir, max_shard_size=max_shard_size, safe_serialization=True)
                 for source in (expert, self.base_path):

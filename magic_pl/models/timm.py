@@ -35,10 +35,13 @@ from magic_pl.models.base import (
     tensor_shape,
 )
 from magic_pl.models.heads import TaskModel
-from magic_pl.output import OutputLocation
+from magic_pl.output import OutputLocation, check_task_names, child_path
 from magic_pl.statedict import CheckpointError, StateDict, load_state_dict, save_state_dict
 
 __all__ = ["TimmAdapter", "DistilledHead", "classifier_names", "load_timm_saved"]
+
+#: Names of the files a timm output holds besides ``<task>.safetensors``: no task may take them.
+TIMM_OUTPUT_NAMES = ("model", "heads", "config")
 
 PathLike = Union[str, os.PathLike]
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -108,7 +111,7 @@ class TimmAdapter(ModelAdapter):
         self.expert_paths = [str(e) for e in experts]
         self.base_path = str(base) if base is not None else None
         self.pretrained = pretrained
-        self.task_names = default_task_names(self.expert_paths, task_names)
+        self.task_names = default_task_names(self.expert_paths, task_names, reserved=TIMM_OUTPUT_NAMES)
         self.model_kwargs = dict(model_kwargs or {})
         self.trust_pickle = trust_pickle
 
@@ -249,15 +252,15 @@ class TimmAdapter(ModelAdapter):
             tmp = out.stage()
             save_state_dict(body_sd, tmp / "model.safetensors")
             (tmp / "heads").mkdir()
-            for task in setup.task_names:
+            for task in check_task_names(setup.task_names, reserved=TIMM_OUTPUT_NAMES):
                 head_sd = {k: v.detach().cpu() for k, v in self._head_state(setup, task).items()}
                 wkey = f"{config['classifier'][0]}.weight" if config["classifier"] else None
                 n = int(head_sd[wkey].shape[0]) if wkey in head_sd else 0
                 config["tasks"][task] = {"num_classes": n}
                 if head_sd:
-                    save_state_dict(head_sd, tmp / "heads" / f"{task}.safetensors")
+                    save_state_dict(head_sd, child_path(tmp, "heads", f"{task}.safetensors"))
                 if full_checkpoints:
-                    save_state_dict({**body_sd, **head_sd}, tmp / f"{task}{ext}")
+                    save_state_dict({**body_sd, **head_sd}, child_path(tmp, f"{task}{ext}"))
                     config["tasks"][task]["checkpoint"] = f"{task}{ext}"
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             out.commit({"content": "timm body, heads and per-task checkpoints", "tasks": list(setup.task_names)})
