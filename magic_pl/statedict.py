@@ -20,11 +20,12 @@ import json
 import os
 import pickle
 import re
+import stat
 import struct
 import zipfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Protocol, Union, runtime_checkable
+from typing import Any, BinaryIO, Callable, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -146,17 +147,147 @@ for _torch_name, _st_name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_
     if hasattr(torch, _torch_name):
         SAFETENSORS_DTYPES[_st_name] = getattr(torch, _torch_name)
 
+#: Largest safetensors header (and sharded-checkpoint index) read, in bytes: the reference reader's bound.
 _MAX_HEADER = 100 * 2**20
 
 
-def read_safetensors_header(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], int]:
-    """Parse and check a safetensors header: returns (header without ``__metadata__`` entries kept under that key,
-    byte offset of the data section). Raises :class:`CheckpointError` "... is not a safetensors file" for anything
-    that is not one (wrong length field, non-JSON header, entries outside the file)."""
-    path = Path(path)
+def _q(name: object, limit: int = 80) -> str:
+    """``repr(name)`` cut to ``limit`` characters: keys and names in hostile files may be huge."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _open_regular(path: Path, what: str = "checkpoint") -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file (symlinks to one are fine).
+
+    Reading a FIFO blocks until a writer appears and a device never ends, so the type is checked on the open file
+    descriptor itself (opened non-blocking, which regular files ignore): no window between check and open.
+    """
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} not found") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a regular file: refusing to read it")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: only then look for the repeated key
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _parse_json(raw: bytes, fail: Callable[[str], CheckpointError]) -> Any:
+    """``json.loads`` for file headers: a key given twice is refused (JSON keeps the last one silently, other
+    readers may keep the first), and so is nesting deep enough to exhaust Python's recursion limit. Errors are
+    ``fail(reason)``."""
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as dup:
+        raise fail(f"key {_q(dup.args[0])} appears twice") from None
+    except RecursionError:
+        raise fail("its JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:  # json errors, invalid UTF-8, integers of >4300 digits
+        raise fail(f"it is not JSON: {str(err)[:120]}") from None
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float: 16.0 or true are no offsets
+
+
+def _numel(shape: Sequence[int], limit: int) -> int:
+    """``prod(shape)``, stopping once past ``limit`` (a hostile shape can hold thousands of huge numbers)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for s in shape:
+        n *= s
+        if n > limit:
+            break
+    return n
+
+
+def _check_header(path: Path, header: Any, data_size: int) -> None:
+    """Enforce the safetensors format on a parsed header, so both reading backends refuse the same files with one
+    message: ``__metadata__`` maps strings to strings; each tensor has a dtype this reader knows, a shape of
+    non-negative integers and ``data_offsets = [begin, end]`` whose length is exactly ``numel * element size``; the
+    tensors tile the data section with no overlap, no gap and nothing after the last (as the reference reader
+    demands, so the memory-mapped and positional readers agree)."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a valid safetensors file: {why}")
+
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ must map strings to strings")
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        what = f"tensor {_q(key)}"
+        if not isinstance(entry, dict):
+            raise bad(f"{what} is not described by an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"{what} has dtype {_q(dtype, 20)}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"{what} has shape {_q(shape, 60)}; dimensions must be non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise bad(f"{what} has data_offsets {_q(offsets, 60)}; expected [begin, end] with 0 <= begin <= end")
+        begin, end = offsets
+        if end > data_size:
+            raise CheckpointError(f"{path} is truncated or corrupt: {what} lies outside the file (its data ends at "
+                                  f"byte {end} of a {data_size}-byte data section)")
+        need = _numel(shape, data_size) * SAFETENSORS_DTYPES[dtype].itemsize
+        if need != end - begin:
+            dims = "x".join(map(str, shape)) if len(shape) <= 8 else f"{len(shape)}-dim"
+            raise bad(f"{what} has {end - begin} bytes of data but shape [{dims}] {dtype} needs "
+                      + (str(need) if need <= data_size else f"more than the file's {data_size}"))
+        spans.append((begin, end, key))
+    pos = 0
+    for begin, end, key in sorted(spans):
+        if begin != pos:
+            how = "overlaps the tensor before it" if begin < pos else "leaves a gap after the tensor before it"
+            raise bad(f"the data of tensor {_q(key)} (bytes {begin}..{end}) {how} (expected it to start at byte "
+                      f"{pos})")
+        pos = end
+    if pos != data_size:
+        raise bad(f"{data_size - pos} byte(s) after the last tensor's data belong to no tensor")
+
+
+def read_safetensors_header(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header: returns (header, byte offset of the data section); the header maps
+    each key to its ``dtype``/``shape``/``data_offsets`` and may hold ``__metadata__``.
+
+    Every reader goes through here, so a file is checked once, when opened. Raises :class:`CheckpointError`
+    naming the file (and the tensor, where one is at fault) for: a non-regular file (FIFO, device, socket), a length
+    field past the file or the 100 MiB bound, a header that is not JSON (or repeats a key, or nests too deeply),
+    and any break of the format's rules (see :func:`_check_header`: known dtypes, sizes matching shapes, data
+    offsets inside the file that neither overlap nor leave gaps).
+    """
+    path = Path(path)
+    with _open_regular(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
                 raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
@@ -165,24 +296,11 @@ def read_safetensors_header(path: Union[str, os.PathLike]) -> tuple[dict[str, An
                 raise CheckpointError(
                     f"{path} is not a safetensors file (its header length field says {n} bytes, the file has {size})"
                 )
-            header = json.loads(f.read(n))
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from err
-    except (ValueError, UnicodeDecodeError) as err:  # json errors
-        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON: {err})") from err
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    data_size = size - 8 - n
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            entry["dtype"], list(entry["shape"])
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path} is not a safetensors file (entry {key!r} is malformed)") from None
-        if not 0 <= begin <= end <= data_size:
-            raise CheckpointError(f"{path} is truncated or corrupt: tensor {key!r} lies outside the file")
+            raw = f.read(n)
+        except OSError as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
+    header = _parse_json(raw, lambda why: CheckpointError(f"{path} is not a safetensors file (its header: {why})"))
+    _check_header(path, header, size - 8 - n)
     return header, 8 + n
 
 
@@ -218,7 +336,7 @@ class LazyStateDict(Mapping[str, Tensor]):
         for key, file in weight_map.items():
             file = Path(file)
             if file not in self._files:
-                if not file.is_file():
+                if not file.exists():
                     where = f" (listed in {index})" if index is not None else ""
                     raise CheckpointError(f"safetensors file {file}{where} not found")
                 header, start = read_safetensors_header(file)
@@ -234,8 +352,6 @@ class LazyStateDict(Mapping[str, Tensor]):
     def from_file(cls, path: Union[str, os.PathLike], **kw: Any) -> "LazyStateDict":
         """Open a single ``.safetensors`` file."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} not found")
         header, _ = read_safetensors_header(path)
         return cls({k: path for k in header if k != "__metadata__"}, **kw)
 
@@ -253,7 +369,7 @@ class LazyStateDict(Mapping[str, Tensor]):
         path = Path(path)
         if path.is_dir():
             candidates = [path / _SAFETENSORS_INDEX, path / "model.safetensors"]
-            found = next((c for c in candidates if c.is_file()), None)
+            found = next((c for c in candidates if _is_candidate(c)), None)
             if found is None:
                 indexes = sorted(path.glob("*.safetensors.index.json"))
                 files = sorted(path.glob("*.safetensors"))
@@ -290,12 +406,7 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def dtype(self, key: str) -> torch.dtype:
         """Dtype of ``key`` (from the header; no data read)."""
-        file, entry, _ = self._entry(key)
-        try:
-            return SAFETENSORS_DTYPES[entry["dtype"]]
-        except KeyError:
-            raise CheckpointError(f"{file}: tensor {key!r} has safetensors dtype {entry['dtype']}, which this "
-                                  "reader does not support") from None
+        return SAFETENSORS_DTYPES[self._entry(key)[1]["dtype"]]  # known: checked when the file was opened
 
     def nbytes(self, key: str) -> int:
         """Bytes of ``key``'s data (from the header)."""
@@ -316,15 +427,26 @@ class LazyStateDict(Mapping[str, Tensor]):
         if handle is None:
             from safetensors import safe_open
 
-            handle = safe_open(str(path), framework="pt")
-            self._handles[path] = handle
+            _open_regular(path).close()  # safe_open would block on a FIFO swapped in since the header was read
+            handle = self._handles[path] = safe_open(str(path), framework="pt")
         return handle
+
+    def _mmap_read(self, file: Path, key: str, read: Callable[[Any], Tensor]) -> Tensor:
+        """``read(safe_open handle)``, with the library's errors (the file changed since its header was checked, an
+        I/O error) turned into a :class:`CheckpointError` naming the file and key."""
+        try:
+            return read(self._handle(file))
+        except CheckpointError:
+            raise
+        except Exception as err:  # SafetensorError, OSError
+            raise CheckpointError(f"{file}: cannot read tensor {_q(key)}: {str(err)[:200]}") from err
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            fd = os.open(file, os.O_RDONLY)
-            self._fds[file] = fd
+            f = _open_regular(file)
+            fd = self._fds[file] = os.dup(f.fileno())
+            f.close()
         return fd
 
     def _pread_into(self, file: Path, offset: int, out: Tensor) -> None:
@@ -339,18 +461,12 @@ class LazyStateDict(Mapping[str, Tensor]):
         if self.drop_page_cache and n and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
 
-    def _check_size(self, file: Path, key: str, entry: dict[str, Any], shape: torch.Size, dtype: torch.dtype) -> None:
-        begin, end = entry["data_offsets"]
-        if shape.numel() * _element_size(dtype) != end - begin:
-            raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {tuple(shape)} {dtype}")
-
     def __getitem__(self, key: str) -> Tensor:
         file, entry, start = self._entry(key)
         if self.backend == "mmap":
-            return self._handle(file).get_tensor(key)
-        dtype, shape = self.dtype(key), torch.Size(entry["shape"])
-        self._check_size(file, key, entry, shape, dtype)
-        out = torch.empty(shape, dtype=dtype)
+            return self._mmap_read(file, key, lambda h: h.get_tensor(key))
+        # the header check at opening guarantees size == numel * element size, inside the file
+        out = torch.empty(torch.Size(entry["shape"]), dtype=self.dtype(key))
         self._pread_into(file, start + int(entry["data_offsets"][0]), out)
         return out
 
@@ -362,7 +478,7 @@ class LazyStateDict(Mapping[str, Tensor]):
             raise ValueError(f"{key!r} is a scalar; it has no rows")
         start, stop = max(0, start), min(int(shape[0]), stop)
         if self.backend == "mmap":
-            return self._handle(file).get_slice(key)[start:stop]
+            return self._mmap_read(file, key, lambda h: h.get_slice(key)[start:stop])
         row_bytes = shape[1:].numel() * _element_size(dtype)
         out = torch.empty((max(0, stop - start), *shape[1:]), dtype=dtype)
         self._pread_into(file, data_start + int(entry["data_offsets"][0]) + start * row_bytes, out)
@@ -396,15 +512,39 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _is_candidate(path: Path) -> bool:
+    """Whether a directory lookup should take ``path``: anything there but a directory, so a FIFO or device named
+    like a weight file is refused by name (by :func:`_open_regular`) rather than skipped in silence."""
+    return path.exists() and not path.is_dir()
+
+
 def _read_index(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise CheckpointError(f"sharded-checkpoint index {path} not found")
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"cannot read sharded-checkpoint index {path}: {err!r}") from err
+    """The ``weight_map`` of a sharded checkpoint's index: key -> shard file name.
+
+    Shard names are data, never paths: a value that is not a plain file name (absolute, with ``..`` or a folder) is
+    refused, so an index can only point at files beside it.
+    """
+
+    def fail(why: str) -> CheckpointError:
+        return CheckpointError(f"cannot read sharded-checkpoint index {path}: {why}")
+
+    with _open_regular(path, "sharded-checkpoint index") as f:
+        try:
+            raw = f.read(_MAX_HEADER + 1)
+        except OSError as err:
+            raise fail(str(err)) from err
+    if len(raw) > _MAX_HEADER:
+        raise fail(f"larger than {_MAX_HEADER} bytes")
+    index = _parse_json(raw, fail)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"cannot read sharded-checkpoint index {path}: weight_map is not an object")
+        raise fail("it has no weight_map object")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise fail(f"weight_map[{_q(key)}] is {type(shard).__name__} {_q(shard, 40)}, not a file name")
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard or "\0" in shard:
+            raise fail(f"weight_map[{_q(key)}] = {_q(shard)} is not a file name beside the index (shards are "
+                       "named, never given as paths)")
     return weight_map
 
 
@@ -455,7 +595,7 @@ def load_state_dict(source: Source, *, trust_pickle: bool = False) -> StateDict:
 
 def _load_directory(path: Path, *, trust_pickle: bool) -> StateDict:
     for fname in _HF_WEIGHT_FILES:
-        if (path / fname).is_file():
+        if _is_candidate(path / fname):
             return load_state_dict(path / fname, trust_pickle=trust_pickle)
     shards = sorted(path.glob("*.safetensors"))
     if len(shards) == 1:
@@ -468,8 +608,8 @@ def _load_directory(path: Path, *, trust_pickle: bool) -> StateDict:
 
 def _torch_format(path: Path) -> Optional[str]:
     """``"zip"`` (torch.save's default), ``"legacy"`` (a pickle stream, torch < 1.6 or
-    ``_use_new_zipfile_serialization=False``), or ``None``: not a torch checkpoint."""
-    with open(path, "rb") as f:
+    ``_use_new_zipfile_serialization=False``), or ``None``: not a torch checkpoint. Refuses non-regular files."""
+    with _open_regular(path) as f:
         head = f.read(2)
     if head == b"PK":
         return "zip" if zipfile.is_zipfile(path) else None
@@ -520,7 +660,7 @@ def _load_torch_index(path: Path, *, trust_pickle: bool) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         file = path.parent / shard
-        if not file.is_file():
+        if not file.exists():
             raise CheckpointError(f"shard {file} listed in {path} not found")
         loaded = _load_torch_file(file, trust_pickle=trust_pickle)
         for key in (k for k, v in weight_map.items() if v == shard):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,10 +15,12 @@ from magic_pl.statedict import (
     CheckpointError,
     LazyTaskVector,
     apply_delta,
+    ensure_finite,
     is_batchnorm_stat,
     is_mergeable,
     iter_task_vectors,
     load_state_dict,
+    tensor_file,
     validate_experts,
 )
 
@@ -169,6 +171,36 @@ def _check_task_count(method: str, k: int, options: Mapping[str, Any]) -> None:
         raise ValueError(msg)
 
 
+def _ensure_finite_inputs(taus: Sequence[Tensor], key: str, sources: Sequence[Mapping[str, Tensor]] = (),
+                          skip: Collection[int] = ()) -> None:
+    """Refuse NaN/Inf in the K input slices of ``key``, naming the task vector (its index, and its file when its
+    source in ``sources`` knows it) and the key; indices in ``skip`` come from sources that checked them already.
+    Needed on inputs, not only outputs: DARE's random drop, TIES' and Breadcrumbs' trims and the consensus masks can
+    discard the one bad entry and return a finite result."""
+    for i, t in enumerate(taus):
+        if i in skip or not isinstance(t, Tensor):  # a non-tensor is refused by the method's input check
+            continue
+        file = tensor_file(sources[i], key) if sources else None
+        ensure_finite(t, key, f"task vector {i}" + (f" ({file})" if file is not None else ""))
+
+
+def _checks_finite(tv: Mapping[str, Tensor]) -> bool:
+    """Whether ``tv`` refuses NaN/Inf itself when a key is read (a :class:`LazyTaskVector` with ``check_finite``),
+    so the driver need not look at its tensors again."""
+    return isinstance(tv, LazyTaskVector) and tv.check_finite
+
+
+def _check_output(method: str, key: str, out: Tensor) -> Tensor:
+    """``out``, unless it holds NaN/Inf: then :class:`MergeError` naming the method and key."""
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise MergeError(
+            f"merge method {method!r} produced {bad} non-finite value(s) for {key!r} (shape {tuple(out.shape)}); "
+            "check that key's task vectors for NaN/Inf"
+        )
+    return out
+
+
 def _run_method(method: str, fn: MergeFn, taus: Sequence[Tensor], key: str, options: Mapping[str, Any],
                 base: Tensor | None) -> Tensor:
     """One method call with the key in every failure: LAPACK errors are re-raised naming the key, and a non-finite
@@ -180,13 +212,7 @@ def _run_method(method: str, fn: MergeFn, taus: Sequence[Tensor], key: str, opti
         out = fn(taus, name=key, **kwargs)
     except torch.linalg.LinAlgError as err:
         raise MergeError(f"merge method {method!r} failed on {key!r}: {err}") from err
-    if not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
-        raise MergeError(
-            f"merge method {method!r} produced {bad} non-finite value(s) for {key!r} (shape {tuple(out.shape)}); "
-            "check that key's task vectors for NaN/Inf"
-        )
-    return out
+    return _check_output(method, key, out)
 
 
 def _wants_base(method: str, options: Mapping[str, Any]) -> bool:
@@ -206,6 +232,7 @@ def merge_tensor(
     options = validate_merge_options(method, options, driver=False)
     if not isinstance(taus, Tensor) and isinstance(taus, Sequence):
         _check_task_count(method, len(taus), options)
+        _ensure_finite_inputs(taus, name or "tensor")
     return _run_method(method, MERGE_METHODS[method], taus, name, options, base)
 
 
@@ -217,9 +244,12 @@ def _base_tensor(base: Mapping[str, Tensor] | None, key: str, method: str) -> Te
     if base is None:
         raise ValueError(f"merge method {method!r} with space='weights' needs the base model: pass base=")
     try:
-        return base[key].to(torch.float32)
+        t = base[key].to(torch.float32)
     except KeyError:
         raise CheckpointError(f"the base model lacks key {key!r} of the task vectors") from None
+    file = tensor_file(base, key)
+    ensure_finite(t, key, "the base model" + (f" ({file})" if file is not None else ""))
+    return t
 
 
 def _iter_merged(
@@ -239,7 +269,7 @@ def _iter_merged(
     for key, taus in items:
         if is_batchnorm_stat(key):
             ts = prepare(taus, key)
-            yield key, (tmean(ts) if bn_stats == "average" else torch.zeros_like(ts[0]))
+            yield key, (_check_output(method, key, tmean(ts)) if bn_stats == "average" else torch.zeros_like(ts[0]))
         else:
             b = _base_tensor(base, key, method) if wants_base else None
             yield key, _run_method(method, fn, taus, key, options, b)
@@ -310,8 +340,16 @@ def merge(
     if global_topk:
         method_keys = [k for k in keys if not is_batchnorm_stat(k)]
         options["thresholds"] = global_magnitude_thresholds(task_vectors, method_keys, options.get("density", 0.2))
-    items = ((key, [tv[key] for tv in task_vectors]) for key in keys)
-    return dict(_iter_merged(method, items, bn_stats=bn_stats, seed=seed, options=options, base=base))
+    checked = {i for i, tv in enumerate(task_vectors) if _checks_finite(tv)}
+
+    def items() -> Iterator[tuple[str, list[Tensor]]]:
+        # each input tensor is checked as it is read, once (lazy task vectors check themselves)
+        for key in keys:
+            taus = [tv[key] for tv in task_vectors]
+            _ensure_finite_inputs(taus, key, task_vectors, skip=checked)
+            yield key, taus
+
+    return dict(_iter_merged(method, items(), bn_stats=bn_stats, seed=seed, options=options, base=base))
 
 
 def _seed_ok(seed: Any) -> None:

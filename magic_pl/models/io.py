@@ -16,9 +16,11 @@ here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +46,7 @@ __all__ = [
     "save_sharded_safetensors",
     "save_pretrained_atomic",
     "copy_support_files",
+    "SUPPORT_FILES",
     "WEIGHT_FILE_PATTERNS",
     "SAFETENSORS_INDEX",
 ]
@@ -51,8 +54,29 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
-#: Files that hold weights; everything else in a model directory (config, tokenizer, generation config, processor,
-#: README) is a support file copied next to a written model.
+_log = logging.getLogger(__name__)
+
+#: The model side files :func:`copy_support_files` copies next to a written model, by exact name: what
+#: ``transformers``' ``save_pretrained`` writes beside the weights (model, generation, processor, image / video /
+#: feature-extractor and tokenizer configs, chat templates) and the vocabulary files its tokenizers read
+#: (``VOCAB_FILES_NAMES`` of the tokenizer classes). An allow-list, not "everything but weights": a model folder
+#: can also hold notes, caches, code (``modeling_*.py`` would be run under ``trust_remote_code``) or links to
+#: anything on the machine, none of which belongs in an output.
+SUPPORT_FILES: frozenset[str] = frozenset({
+    # model, generation and processor configs
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json", "audio_tokenizer_config.json",
+    # tokenizer configs and chat templates
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+    "chat_template.json", "chat_template.jinja",
+    # vocabularies (BPE / WordPiece / SentencePiece and model-specific ones)
+    "vocab.txt", "vocab.json", "merges.txt", "bpe.codes", "dict.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.model", "sentencepiece.bpe.model", "spm.model", "spm_char.model", "source.spm", "target.spm",
+    "vocab-src.json", "vocab-tgt.json", "entity_vocab.json", "emoji.json", "normalizer.json", "byte_maps.json",
+    "prophetnet.tokenizer", "word_pronunciation.json", "word_shape.json",
+})
+
+#: Files that hold weights (never support files).
 WEIGHT_FILE_PATTERNS = (
     r".*\.safetensors$",
     r".*\.safetensors\.index\.json$",
@@ -294,21 +318,42 @@ def save_sharded_safetensors(state: StateDict, directory: PathLike, *, max_shard
 # Hugging Face directories
 # --------------------------------------------------------------------------------------------------------------------
 def copy_support_files(source: PathLike, target: PathLike, *, overwrite: bool = False) -> list[str]:
-    """Copy the non-weight files of model directory ``source`` (config, tokenizer, processor, generation config, ...)
-    into ``target``. Files already in ``target`` are kept unless ``overwrite``. Returns the copied names."""
+    """Copy the model side files of directory ``source`` (those named in :data:`SUPPORT_FILES`: config, tokenizer,
+    processor, generation config, ...) into ``target``. Returns the copied names.
+
+    Only regular files are copied, by content, never as links. A symlink is followed only when its target resolves
+    inside ``source`` (an output must not carry a copy of whatever a link points to elsewhere on the machine); others
+    are skipped with a logged warning naming them, as are directories, FIFOs and devices under a known name. Files
+    already in ``target`` are kept unless ``overwrite``.
+    """
     source, target = Path(source), Path(target)
     if not source.is_dir():
         return []
+    root = source.resolve()
     copied = []
-    patterns = [re.compile(p) for p in WEIGHT_FILE_PATTERNS]
-    for f in sorted(source.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or any(p.fullmatch(f.name) for p in patterns):
+    for name in sorted(SUPPORT_FILES):
+        f = source / name
+        if not os.path.lexists(f):
             continue
-        dest = target / f.name
-        if dest.exists() and not overwrite:
+        real = f.resolve()
+        if f.is_symlink() and not real.is_relative_to(root):
+            _log.warning("not copying %s: it links to %s, outside %s", f, real, source)
             continue
-        shutil.copy2(f, dest)
-        copied.append(f.name)
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:  # a dangling link
+            mode = 0
+        if not stat.S_ISREG(mode):
+            _log.warning("not copying %s: not a regular file", f)
+            continue
+        dest = target / name
+        if os.path.lexists(dest) and not overwrite:
+            continue
+        if os.path.lexists(dest):
+            dest.unlink()  # a link at dest would otherwise be written through
+        shutil.copyfile(real, dest)
+        shutil.copystat(real, dest)
+        copied.append(name)
     return copied
 
 
@@ -322,8 +367,8 @@ def save_pretrained_atomic(model: nn.Module, path: PathLike, *, support_from: Op
         model: a ``transformers.PreTrainedModel``.
         path: output directory, replaced atomically when it is empty, a previous magic-pl output, or with
             ``overwrite`` (default ``False``).
-        support_from: source model directory whose tokenizer / processor / other non-weight files are copied in
-            (files ``save_pretrained`` wrote itself, e.g. ``config.json``, are kept).
+        support_from: source model directory whose side files (tokenizer, processor, ...: :data:`SUPPORT_FILES`)
+            are copied in (files ``save_pretrained`` wrote itself, e.g. ``config.json``, are kept).
         tokenizer: optionally an object with ``save_pretrained`` (tokenizer or processor) to save as well.
         max_shard_size: largest shard (default ``"5GB"``, ``transformers``' default); larger models get
             ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.

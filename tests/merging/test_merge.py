@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from magic_pl.merging import MERGE_METHODS, merge, merge_models, merge_tensor, method_options, ties
-from magic_pl.statedict import CheckpointError, LazyStateDict, apply_task_vector, load_state_dict, save_state_dict
+from magic_pl.merging import registry
+from magic_pl.statedict import (
+    CheckpointError,
+    LazyStateDict,
+    LazyTaskVector,
+    apply_task_vector,
+    load_state_dict,
+    save_state_dict,
+)
 
 
 def _model(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -145,3 +153,56 @@ def test_merge_models_validates_experts():
     bad["fc.weight"] = torch.zeros(12, 5)
     with pytest.raises(CheckpointError, match="fc.weight"):
         merge_models(base, [_model(2), bad], "ties")
+
+
+# Every registered method takes plain task vectors (K = 2 suits slerp and model_stock); the data-based merges
+# (RegMean, RegMean++) are not in MERGE_METHODS and merge() refuses them before reading any tensor.
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_merge_refuses_a_non_finite_input_naming_task_and_key(method, bad):
+    tvs = _tvs(2)
+    tvs[1]["fc.weight"][2, 7] = bad
+    label = "1 NaN and 0 Inf" if bad != bad else "0 NaN and 1 Inf"
+    # dare p=0.9, ties/della/breadcrumbs trims and consensus masks would drop the entry and return finite values
+    with pytest.raises(CheckpointError, match=rf"^task vector 1: tensor 'fc\.weight' has {label} values$"):
+        merge(method, tvs, seed=0)
+    with pytest.raises(CheckpointError, match=rf"task vector 1: tensor 'fc\.weight' has {label}"):
+        merge_tensor(method, [tv["fc.weight"] for tv in tvs], name="fc.weight")
+
+
+def test_merge_refuses_non_finite_batchnorm_stats_and_base():
+    tvs = _tvs(2)
+    tvs[0]["bn.running_var"][1] = float("inf")
+    # bn_stats="base" replaces the statistics by zeros: the Inf would vanish without the input check
+    with pytest.raises(CheckpointError, match=r"task vector 0: tensor 'bn\.running_var' has 0 NaN and 1 Inf"):
+        merge("ties", tvs, bn_stats="base")
+    base = _model(0)
+    base["fc.bias"][0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"the base model: tensor 'fc\.bias' has 1 NaN"):
+        merge("slerp", _tvs(2), space="weights", base=base)
+
+
+def test_merge_names_the_file_of_a_lazy_task_vector(tmp_path: Path):
+    tvs = _tvs(3)
+    tvs[2]["pos_embedding"][0, 0] = float("nan")
+    lazy = [load_state_dict(save_state_dict(tv, tmp_path / f"tv{i}.safetensors")) for i, tv in enumerate(tvs)]
+    with pytest.raises(CheckpointError, match=r"task vector 2 \(.*tv2\.safetensors\): tensor 'pos_embedding' has 1"):
+        merge("dare", lazy, p=0.9)
+
+
+def test_merge_checks_each_input_once(monkeypatch):
+    """In-memory task vectors are checked per tensor as they are read; lazy task vectors that check themselves are
+    not read a second time."""
+    calls: list[str] = []
+    real = registry.ensure_finite
+    monkeypatch.setattr(registry, "ensure_finite", lambda t, key, where: (calls.append(where), real(t, key, where)))
+    tvs = _tvs(2)
+    merge("ties", tvs)
+    assert sorted(calls) == sorted(["task vector 0", "task vector 1"] * len(tvs[0]))
+    calls.clear()
+    base, experts = _model(0), [_model(1), _model(2)]
+    views = [LazyTaskVector(e, base) for e in experts]
+    out = merge("ties", views)
+    assert calls == [] and out.keys() == views[0].keys()
+    merge("ties", [views[0], LazyTaskVector(experts[1], base, check_finite=False)])
+    assert calls == ["task vector 1"] * len(views[0])

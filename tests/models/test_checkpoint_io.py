@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import struct
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from magic_pl.models.io import (
+    SUPPORT_FILES,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     copy_support_files,
@@ -119,3 +124,84 @@ def test_save_pretrained_atomic_replaces_its_own_output_and_copies(tmp_path):
     reloaded = BertModel.from_pretrained(out)
     assert torch.equal(reloaded.pooler.dense.weight, model.pooler.dense.weight)
     assert copy_support_files(src, out) == []  # existing files are kept
+
+
+@pytest.mark.timeout(20)  # a FIFO among the side files must be skipped, not opened
+def test_copy_support_files_copies_only_known_regular_files(tmp_path, caplog):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (tmp_path / "secret").write_text("SECRET outside the model folder")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (src / name).write_text(f"content of {name}")
+    (src / "notes.txt").write_text("not a side file")
+    (src / "modeling_custom.py").write_text("import os")
+    (src / "model.safetensors").write_bytes(b"weights")
+    (src / "sub").mkdir()
+    (src / "sub" / "config.json").write_text("nested")
+    (src / "special_tokens_map.json").mkdir()  # a known name, but a directory
+    os.symlink(tmp_path / "secret", src / "merges.txt")  # a known name linking outside
+    os.symlink(tmp_path / "secret", src / "leak.txt")
+    os.symlink("tokenizer.json", src / "added_tokens.json")  # a link inside the folder is followed
+    os.symlink(tmp_path / "gone", src / "spiece.model")  # dangling
+    os.mkfifo(src / "vocab.json")
+    with caplog.at_level(logging.WARNING, logger="magic_pl.models.io"):
+        copied = copy_support_files(src, out)
+    assert copied == ["added_tokens.json", "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    assert sorted(p.name for p in out.iterdir()) == copied
+    for p in out.iterdir():
+        assert not p.is_symlink() and p.is_file(), p
+        assert "SECRET" not in p.read_text()
+    assert (out / "added_tokens.json").read_text() == "content of tokenizer.json"
+    assert (out / "vocab.txt").read_text() == "content of vocab.txt"
+    warned = caplog.text
+    assert "merges.txt" in warned and "outside" in warned
+    assert "vocab.json" in warned and "special_tokens_map.json" in warned and "not a regular file" in warned
+    assert {"config.json", "tokenizer.json", "chat_template.jinja", "spiece.model"} <= SUPPORT_FILES
+    assert not any(n.endswith((".safetensors", ".bin", ".py")) for n in SUPPORT_FILES)
+    # overwrite replaces a link at the destination instead of writing through it
+    os.symlink(tmp_path / "secret", out / "generation_config.json")
+    (src / "generation_config.json").write_text("{}")
+    assert copy_support_files(src, out, overwrite=True)[:3] == ["added_tokens.json", "config.json",
+                                                                 "generation_config.json"]
+    assert (tmp_path / "secret").read_text() == "SECRET outside the model folder"
+    assert not (out / "generation_config.json").is_symlink()
+
+
+def _raw(path, header: dict, data_bytes: int):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_bytes))
+    return path
+
+
+@pytest.mark.parametrize("header,data_bytes,expect", [
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}}, 20, r"tensor 'b' \(bytes 12\.\.20\) overlaps"),
+    ({"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 16]}}, 16,
+     r"'w' has 16 bytes .* \[2x3\] BF16 needs 12"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}, 16, r"'w' has data_offsets \[-16, 0\]"),
+    ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, r"'w' has shape \[True\]; dimensions"),
+    ({"w": {"dtype": "F32", "shape": [4]}}, 16, r"'w' has data_offsets None"),
+    ({"__metadata__": ["x"], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 4, "__metadata__"),
+])
+def test_both_backends_refuse_a_bad_header_with_one_message(tmp_path, header, data_bytes, expect):
+    path = _raw(tmp_path / "bad.safetensors", header, data_bytes)
+    messages = []
+    for backend in ("mmap", "pread"):
+        with pytest.raises(CheckpointError) as info:
+            LazyStateDict.from_file(path, backend=backend)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert str(path) in messages[0] and "SafetensorError" not in messages[0]
+    assert re.search(expect, messages[0]), messages[0]
+
+
+def test_valid_edge_headers_still_load_on_both_backends(tmp_path):
+    """Zero-size tensors and scalars tile the data section too: the validator must not refuse them."""
+    state = {"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5), "v": torch.arange(3, dtype=torch.int16)}
+    save_file(state, str(tmp_path / "m.safetensors"), metadata={"a": "b"})
+    for backend in ("mmap", "pread"):
+        lazy = LazyStateDict.from_file(tmp_path / "m.safetensors", backend=backend)
+        assert lazy.metadata == {"a": "b"}
+        for k, v in state.items():
+            assert torch.equal(lazy[k], v), (backend, k)

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,86 @@ def sharded_save_over_user_dir(d: Path) -> Callable:
     return lambda: save_sharded_safetensors({"a": torch.ones(2)}, d / "out")
 
 
+def _raw_safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
+    """A safetensors file with exactly this header (JSON text, unchecked) and data section."""
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _one_tensor_header(**entry) -> bytes:
+    return json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], **entry}}).encode()
+
+
+def _bad_header(header: bytes, data: bytes = bytes(16), backend: str = "mmap") -> Callable[[Path], Callable]:
+    """A row builder: ``bad.safetensors`` with ``header``, read whole through ``backend``."""
+
+    def build(d: Path) -> Callable:
+        _raw_safetensors(d / "bad.safetensors", header, data)
+        return lambda: [t for t in LazyStateDict.from_file(d / "bad.safetensors", backend=backend).values()]
+
+    return build
+
+
+_TWO_OVERLAPPING = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                               "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode()
+_DUPLICATE_KEY = (b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
+                  b'"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}')
+
+
+def deep_json_header(d: Path) -> Callable:
+    _raw_safetensors(d / "deep.safetensors", b"[" * 100_000 + b"]" * 100_000)
+    return lambda: load_state_dict(d / "deep.safetensors")
+
+
+def _index(name: str, value: object, shard_writer: Callable[[Path], None]) -> Callable[[Path], Callable]:
+    """A row builder: a directory with a real shard and index ``name`` whose weight_map sends ``w`` to ``value``."""
+
+    def build(d: Path) -> Callable:
+        (d / "outside.safetensors").write_bytes(b"")
+        (d / "ckpt").mkdir()
+        shard_writer(d / "ckpt")
+        (d / "ckpt" / name).write_text(json.dumps({"weight_map": {"w": value}}))
+        return lambda: load_state_dict(d / "ckpt")
+
+    return build
+
+
+def _st_shard(folder: Path) -> None:
+    save_file({"w": torch.ones(2)}, str(folder / "model-1.safetensors"))
+
+
+def _bin_shard(folder: Path) -> None:
+    torch.save({"w": torch.ones(2)}, folder / "pytorch_model-1.bin")
+
+
+def index_escapes_to_a_real_file(d: Path) -> Callable:
+    save_file({"w": torch.ones(2)}, str(d / "elsewhere.safetensors"))
+    (d / "ckpt").mkdir()
+    (d / "ckpt" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    return lambda: dict(load_state_dict(d / "ckpt"))
+
+
+def _fifo(name: str, via_dir: bool = False) -> Callable[[Path], Callable]:
+    """A row builder: a FIFO named ``name`` (no writer ever opens it: reading it would block forever)."""
+
+    def build(d: Path) -> Callable:
+        (d / "ckpt").mkdir()
+        os.mkfifo(d / "ckpt" / name)
+        return lambda: load_state_dict(d / "ckpt" if via_dir else d / "ckpt" / name)
+
+    return build
+
+
+def merge_nan_in_memory(d: Path) -> Callable:
+    from magic_pl.merging import merge
+
+    tvs = [_sd(1), _with(_sd(2), "w", 3, float("nan"))]
+    for tv in tvs:
+        del tv["steps"]
+    return lambda: merge("dare", tvs, p=0.9)  # DARE's drop would hide the NaN nine times out of ten
+
+
 @dataclass(frozen=True)
 class Row:
     build: Callable[[Path], Callable]
@@ -319,6 +400,64 @@ ROWS = {
     "NaN in a LoRA factor": Row(nan_in_lora_adapter, r"adapter_model\.safetensors: tensor 'fc lora_B' has 1 NaN"),
     "HF expert pickle carrying code": Row(hf_expert_pickle_with_code,
                                           r"pytorch_model\.bin holds Python objects beyond tensors"),
+    "safetensors shape too large [mmap]": Row(
+        _bad_header(_one_tensor_header(shape=[2**40, 2**40])),
+        r"bad\.safetensors is not a valid safetensors file: tensor 'w' has 16 bytes of data but shape "
+        r"\[1099511627776x1099511627776\] F32 needs more than", r"SafetensorError|overflow"),
+    "safetensors overlapping offsets [mmap]": Row(
+        _bad_header(_TWO_OVERLAPPING, bytes(24)),
+        r"bad\.safetensors .*tensor 'b' \(bytes 8\.\.24\) overlaps the tensor before it", r"SafetensorError"),
+    "safetensors overlapping offsets [pread]": Row(
+        _bad_header(_TWO_OVERLAPPING, bytes(24), "pread"),
+        r"bad\.safetensors .*tensor 'b' \(bytes 8\.\.24\) overlaps the tensor before it"),
+    "safetensors bytes != shape x dtype [mmap]": Row(
+        _bad_header(_one_tensor_header(shape=[3])), r"bad\.safetensors .*tensor 'w' has 16 bytes of data but shape "
+        r"\[3\] F32 needs 12", r"SafetensorError"),
+    "safetensors bytes != shape x dtype [pread]": Row(
+        _bad_header(_one_tensor_header(dtype="F16"), backend="pread"),
+        r"bad\.safetensors .*tensor 'w' has 16 bytes of data but shape \[4\] F16 needs 8"),
+    "safetensors duplicate key [mmap]": Row(_bad_header(_DUPLICATE_KEY), r"bad\.safetensors .*key 'w' appears twice"),
+    "safetensors duplicate key [pread]": Row(_bad_header(_DUPLICATE_KEY, backend="pread"),
+                                             r"bad\.safetensors .*key 'w' appears twice"),
+    "safetensors offsets past the file [pread]": Row(
+        _bad_header(_one_tensor_header(data_offsets=[0, 16]), bytes(8), "pread"),
+        r"bad\.safetensors is truncated or corrupt: tensor 'w' lies outside the file"),
+    "safetensors gap after the data [pread]": Row(
+        _bad_header(_one_tensor_header(), bytes(20), "pread"), r"bad\.safetensors .*4 byte\(s\) after the last"),
+    "safetensors negative dimension [pread]": Row(
+        _bad_header(_one_tensor_header(shape=[-4]), backend="pread"),
+        r"bad\.safetensors .*tensor 'w' has shape \[-4\]; dimensions must be non-negative integers"),
+    "safetensors float offsets [pread]": Row(
+        _bad_header(_one_tensor_header(data_offsets=[0.0, 16.0]), backend="pread"),
+        r"bad\.safetensors .*tensor 'w' has data_offsets \[0\.0, 16\.0\]"),
+    "safetensors unknown dtype [pread]": Row(
+        _bad_header(_one_tensor_header(dtype="Q7"), backend="pread"), r"bad\.safetensors .*tensor 'w' has dtype 'Q7'"),
+    "safetensors metadata not str->str [mmap]": Row(
+        _bad_header(json.dumps({"__metadata__": {"format": 1},
+                                "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()),
+        r"bad\.safetensors .*__metadata__ must map strings to strings", r"SafetensorError"),
+    "safetensors header nested 100000 deep": Row(deep_json_header, r"deep\.safetensors .*nested too deeply",
+                                                 r"RecursionError|recursion"),
+    "index value not a string": Row(_index("model.safetensors.index.json", 5, _st_shard),
+                                    r"index .*model\.safetensors\.index\.json: weight_map\['w'\] is int 5"),
+    "bin index value a list": Row(_index("pytorch_model.bin.index.json", ["x"], _bin_shard),
+                                  r"index .*pytorch_model\.bin\.index\.json: weight_map\['w'\] is list"),
+    "index value an absolute path": Row(
+        _index("model.safetensors.index.json", "/etc/model.safetensors", _st_shard),
+        r"model\.safetensors\.index\.json: weight_map\['w'\] = '/etc/model\.safetensors' is not a file name"),
+    "bin index value with ..": Row(_index("pytorch_model.bin.index.json", "../outside.safetensors", _bin_shard),
+                                   r"pytorch_model\.bin\.index\.json: weight_map\['w'\] = '\.\./outside"),
+    "index pointing at a real file outside": Row(index_escapes_to_a_real_file,
+                                                 r"weight_map\['w'\] = '\.\./elsewhere\.safetensors' is not a file"),
+    "FIFO named e.pt": Row(_fifo("e.pt"), r"ckpt/e\.pt is a FIFO, not a regular file"),
+    "FIFO named e.safetensors": Row(_fifo("e.safetensors"), r"ckpt/e\.safetensors is a FIFO, not a regular file"),
+    "FIFO named e.ckpt": Row(_fifo("e.ckpt"), r"ckpt/e\.ckpt is a FIFO, not a regular file"),
+    "FIFO named as an index": Row(_fifo("model.safetensors.index.json"),
+                                  r"ckpt/model\.safetensors\.index\.json is a FIFO, not a regular file"),
+    "FIFO as a directory's weights": Row(_fifo("pytorch_model.bin", via_dir=True),
+                                         r"ckpt/pytorch_model\.bin is a FIFO, not a regular file"),
+    "NaN in an in-memory task vector (merge)": Row(merge_nan_in_memory,
+                                                   r"task vector 1: tensor 'w' has 1 NaN and 0 Inf values"),
     "save_state_dict onto a directory": Row(save_into_user_dir, r"some_dir is an existing directory"),
     "sharded save over a user directory": Row(sharded_save_over_user_dir,
                                               r"out exists and was not written by magic-pl"),
@@ -336,6 +475,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+@pytest.mark.timeout(20)  # a FIFO row that regresses would block forever on open
 @pytest.mark.parametrize("case", list(ROWS))
 def test_bad_input_gives_a_clear_error_and_touches_nothing(case: str, tmp_path: Path):
     row = ROWS[case]
