@@ -450,9 +450,14 @@ class OutputLocation:
         self._check_inputs()
         if self.path.parent.is_dir():
             self._acquire()
-            clean_leftovers(self.path)
-        self._check_target()
-        self._check_parent()
+        try:
+            if self.path.parent.is_dir():
+                clean_leftovers(self.path)
+            self._check_target()
+            self._check_parent()
+        except BaseException:
+            self._release()  # a refused location keeps no lock
+            raise
         self._checked = True
         return self
 
