@@ -8,6 +8,7 @@ from magic_pl.calibration.fsc import (
     FSC_GRANULARITIES,
     FSC_MODES,
     FSC_STATISTICS,
+    CalibrationDataError,
     CalibrationResult,
     FeatureSpaceCalibrator,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "WSC_VARIANTS",
     "CalibratedModule",
     "CalibrationSetting",
+    "CalibrationDataError",
     "CalibrationResult",
     "FeatureSpaceCalibrator",
     "LazyTaskVector",

@@ -7,8 +7,11 @@ docs/method.md, FSC (Li et al., MAGIC, arXiv 2512.19320): run ``n`` unlabelled s
     r_{k,l} = mean over samples and positions of ||dh(z; tau_k)||_p / ||dh(z; tau_m)||_p      (p = 1 by default)
     xi_l    = mean over k of r_{k,l}                    (min(xi_l, 1) for a magnitude-sensitive module)
 
-A non-finite ratio counts as 1; the norm is over the feature dimension (last dim, or dim 1 for Conv/BatchNorm/
-GroupNorm outputs). The calibrated module computes ``f_l(z; theta0) + xi_l (f_l(z; theta_m) - f_l(z; theta0))``.
+A ratio whose merged change is exactly zero with finite features (0/0 where merging left the module's output
+unchanged, or x/0) counts as 1; non-finite features (NaN/Inf in the calibration data, or produced from it) are a
+:class:`CalibrationDataError` naming the task and the module, never a ratio. The norm is over the feature dimension
+(last dim, or dim 1 for Conv/BatchNorm/GroupNorm outputs). The calibrated module computes
+``f_l(z; theta0) + xi_l (f_l(z; theta_m) - f_l(z; theta0))``.
 
 Beyond the paper (the paper's behaviour is the default of every option):
 
@@ -27,6 +30,7 @@ one module's worth of temporaries; task vectors are read one key at a time, so l
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -42,7 +46,7 @@ from magic_pl.calibration.folding import fold_unit
 from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, fold_kind, primary_tensor
 from magic_pl.statedict import apply_delta
 
-__all__ = ["FSC_MODES", "CalibrationResult", "FeatureSpaceCalibrator", "StateSource"]
+__all__ = ["FSC_MODES", "CalibrationDataError", "CalibrationResult", "FeatureSpaceCalibrator", "StateSource"]
 
 #: ``"parallel"``: the paper's measurement, every module on the uncalibrated merged model in one pass (default).
 #: ``"sequential"``: each module measured with the modules executed before it already calibrated (an extension).
@@ -56,6 +60,11 @@ FSC_GRANULARITIES: tuple[str, ...] = ("module", "channel")
 FSC_GATES: tuple[str, ...] = ("none", "paper")
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
+
+
+class CalibrationDataError(ValueError):
+    """The calibration data cannot give FSC statistics for some task: it sent no sample, or its features at a
+    calibrated module are non-finite (NaN/Inf). Raised instead of taking xi from the other tasks only, or 1."""
 
 
 @dataclass
@@ -187,6 +196,12 @@ class FeatureSpaceCalibrator:
             positions: the ratios (mean of ratios) or the task-change norms (ratio of means). Summable across
             processes.
         ratio_count: float32 ``[K, N]``: the denominator: the number of ratio terms, or the merged-change norms.
+            Non-finite features make both non-finite for their (task, slot) (NaN/Inf survives the sum over
+            processes), so every process finds them after the reduction.
+        raise_at_update: raise :class:`CalibrationDataError` at the :meth:`update` (or sequential round) that meets
+            non-finite features (default True; the statistics are left as they were). A front door whose processes
+            sum the statistics later turns it off, so that they all raise together after the sum instead of one
+            process leaving the others waiting in it; :meth:`finalize` and :meth:`fold` check in every case.
     """
 
     def __init__(
@@ -242,11 +257,16 @@ class FeatureSpaceCalibrator:
         if task_names is not None and len(task_names) != K:
             raise ValueError(f"{len(task_names)} task names for {K} task vectors")
         self.task_names = [str(n) for n in task_names] if task_names is not None else [f"task {k}" for k in range(K)]
+        self._named = task_names is not None
+        self.raise_at_update = True
         device = _model_device(merged)
         with torch.inference_mode(False):  # normal tensors even if constructed inside inference mode
             self.ratio_sum = torch.zeros(K, N, dtype=torch.float32, device=device)
             self.ratio_count = torch.zeros(K, N, dtype=torch.float32, device=device)
             self.task_samples = torch.zeros(K, dtype=torch.long)
+            # this process's non-finite positions per (task, slot): [K, 3, N] = (any, task change, merged change);
+            # only for the error message (the statistics themselves carry whether and where)
+            self._nonfinite = torch.zeros(K, 3, N, dtype=torch.float32, device=device)
         self.rounds = 0
         self._cache: list[tuple[int, tuple, dict]] = []
         self._apply: Optional[list[float]] = None
@@ -254,6 +274,7 @@ class FeatureSpaceCalibrator:
         self._busy = False
         self._scratch: Optional[Tensor] = None
         self._scratch_count: Optional[Tensor] = None
+        self._scratch_bad: Optional[Tensor] = None
         self._finalized = False
         self._folded = False
         self._warned_train = False
@@ -324,13 +345,16 @@ class FeatureSpaceCalibrator:
         k = self._task_index(task_index)
         if self._finalized:
             raise RuntimeError("statistics were finalized; update() cannot add more (create a new calibrator)")
-        self.task_samples[k] += _rows(args, kwargs)
         if self.mode == "sequential":
+            self.task_samples[k] += _rows(args, kwargs)
             self._cache.append((k, args, kwargs))
             return
-        self._run(k, args, kwargs)
+        self._run(k, args, kwargs, check=self.raise_at_update)
+        self.task_samples[k] += _rows(args, kwargs)  # after the run: a batch that raised is not counted
 
-    def _run(self, k: int, args: tuple, kwargs: dict) -> None:
+    def _run(self, k: int, args: tuple, kwargs: dict, check: bool) -> None:
+        """One forward of the merged model with the measuring hooks; ``check``: raise on non-finite features
+        before adding this batch to the statistics."""
         if not self._warned_train and any(m.training for m in self.merged.modules()):
             warnings.warn(
                 "FSC on a model in training mode (dropout active, BatchNorm on batch statistics, which the fold does "
@@ -341,18 +365,28 @@ class FeatureSpaceCalibrator:
         n_slots = self._bounds[-1]
         self._scratch = torch.zeros(n_slots, dtype=torch.float32, device=_model_device(self.merged))
         self._scratch_count = torch.zeros(n_slots, dtype=torch.float32, device=self._scratch.device)
+        self._scratch_bad = torch.zeros(3, n_slots, dtype=torch.float32, device=self._scratch.device)
         self._task = k
         try:
             with torch.no_grad():
                 self.merged(*args, **kwargs)
+            dev = self.ratio_sum.device
+            scratch, count, bad = self._scratch.to(dev), self._scratch_count.to(dev), self._scratch_bad.to(dev)
         finally:
             self._task = None
+            self._scratch = self._scratch_count = self._scratch_bad = None
             for h in handles:
                 h.remove()
-        dev = self.ratio_sum.device
-        self.ratio_sum[k].add_(self._scratch.to(dev))
-        self.ratio_count[k].add_(self._scratch_count.to(dev))
-        self._scratch = self._scratch_count = None
+        if check and not bool((torch.isfinite(scratch) & torch.isfinite(count)).all()):  # one sync per batch
+            rows = torch.zeros_like(self.ratio_sum)
+            detail = torch.zeros_like(self._nonfinite)
+            detail[k] = bad
+            sums, counts = rows.clone(), rows
+            sums[k], counts[k] = scratch, count
+            raise self._nonfinite_error(sums, counts, detail)
+        self.ratio_sum[k].add_(scratch)
+        self.ratio_count[k].add_(count)
+        self._nonfinite[k].add_(bad)
 
     def _hook(self, idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -443,11 +477,21 @@ class FeatureSpaceCalibrator:
             nk = torch.linalg.vector_norm(dk, ord=self.norm, dim=dim).reshape(-1, 1)
             nm = torch.linalg.vector_norm(dm, ord=self.norm, dim=dim).reshape(-1, 1)
         del dk
+        # NaN/Inf features must never become a ratio: a non-finite norm (from the expert's or the merged model's
+        # change, or both: a non-finite input or base output) is counted per slot for the message and carried into
+        # the statistic as NaN/Inf, which survives the sum over processes to the check. With finite features a zero
+        # merged change (0/0: merging left the output unchanged; or x/0) still counts as 1.
+        fin_k, fin_m = torch.isfinite(nk), torch.isfinite(nm)
+        good = fin_k & fin_m
+        rows = nk.shape[0]
+        bad = torch.stack([rows - good.sum(0), rows - fin_k.sum(0), rows - fin_m.sum(0)])
+        self._scratch_bad[:, start:stop] += bad.to(self._scratch_bad)
         if self.statistic == "ratio_of_means":
-            num, den = nk.sum(0), nm.sum(0)
+            num, den = nk.sum(0), nm.sum(0)  # norms are >= 0: a non-finite one makes its sum non-finite
         else:
             ratio = nk / nm
-            num = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio)).sum(0)
+            ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
+            num = torch.where(good, ratio, nk + nm).sum(0)  # nk + nm: NaN if either is NaN, else Inf
             den = torch.full_like(num, float(ratio.shape[0]))
         self._scratch[start:stop] += num.to(self._scratch.device)
         self._scratch_count[start:stop] += den.to(self._scratch.device)
@@ -476,6 +520,10 @@ class FeatureSpaceCalibrator:
             reduce: optional callable applied to the stacked ``[2, K, M]`` float32 ``(ratio_sum, ratio_count)``
                 returning the sum over processes (or reducing in place and returning ``None``). Parallel mode applies
                 it once; sequential mode once per round, so every process computes the same rounds and coefficients.
+
+        Raises:
+            CalibrationDataError: the (summed) statistics hold non-finite features; with ``reduce``, sequential
+                rounds check only after it, so every process raises alike.
         """
         self._check_open()
         if self._finalized:
@@ -491,16 +539,18 @@ class FeatureSpaceCalibrator:
             for _ in range(max(1, max_rounds)):
                 self.ratio_sum.zero_()
                 self.ratio_count.zero_()
+                self._nonfinite.zero_()
                 self._apply = self._per_unit(prev)
                 try:
                     for k, args, kwargs in self._cache:
-                        self._run(k, args, kwargs)
+                        # with a reduce, raising here on one process would leave the others waiting in it
+                        self._run(k, args, kwargs, check=self.raise_at_update and reduce is None)
                 finally:
                     self._apply = None
                 if reduce is not None:
                     self._reduce(reduce)
                 self.rounds += 1
-                xi = self._xi()
+                xi = self._xi()  # checks the (summed) statistics are finite
                 done = bool((xi - prev).abs().max() <= self.tol)
                 prev = xi
                 if done:
@@ -528,6 +578,7 @@ class FeatureSpaceCalibrator:
         """Move the statistics (e.g. to the GPU before an NCCL all-reduce); returns self."""
         self.ratio_sum = self.ratio_sum.to(device)
         self.ratio_count = self.ratio_count.to(device)
+        self._nonfinite = self._nonfinite.to(device)
         return self
 
     def reset(self) -> None:
@@ -536,6 +587,7 @@ class FeatureSpaceCalibrator:
         self.ratio_sum.zero_()
         self.ratio_count.zero_()
         self.task_samples.zero_()
+        self._nonfinite.zero_()
         self._cache.clear()
         self._finalized = False
 
@@ -551,6 +603,7 @@ class FeatureSpaceCalibrator:
         return r
 
     def _xi(self) -> Tensor:
+        self.check_finite()  # xi never comes from a task whose statistics are non-finite (task_ratios: NaN)
         r = self.task_ratios()
         seen = ~torch.isnan(r)
         n = seen.sum(0)
@@ -584,15 +637,66 @@ class FeatureSpaceCalibrator:
         return {name: x for name, x in zip(self.module_names, self._per_unit(self._xi())) if isinstance(x, Tensor)}
 
     def check_coverage(self, min_samples: int = 1) -> None:
-        """Raise unless every task sent at least ``min_samples`` calibration samples: a task without samples would
-        silently get xi from the other tasks only (or 1 everywhere without any statistics)."""
+        """Raise :class:`CalibrationDataError` unless every task has usable statistics: at least ``min_samples``
+        calibration samples, and finite features at every module (:meth:`check_finite`). A task without them would
+        silently get xi from the other tasks only (or 1 everywhere without any statistics).
+
+        The one check of every front door: :meth:`fold` runs it (after the Lightning layer has loaded the totals
+        over processes, so every process decides alike)."""
         counts = self.task_samples.tolist()
         if not any(counts):
-            raise ValueError("FSC has no statistics: feed unlabelled batches of every task (update) before fold()")
+            raise CalibrationDataError("FSC has no statistics: feed unlabelled batches of every task (update) "
+                                       "before fold()")
         short = [f"{name} ({n})" for name, n in zip(self.task_names, counts) if n < min_samples]
         if short:
-            raise ValueError(f"FSC needs at least {min_samples} unlabelled sample(s) of every task; too few for: "
-                             f"{', '.join(short)}")
+            raise CalibrationDataError(f"FSC needs at least {min_samples} unlabelled sample(s) of every task; too "
+                                       f"few for: {', '.join(short)}")
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise :class:`CalibrationDataError` if the statistics (this process's, or summed over processes) hold a
+        non-finite value: some task's calibration data gave NaN/Inf features at some module."""
+        if not bool((torch.isfinite(self.ratio_sum) & torch.isfinite(self.ratio_count)).all()):
+            raise self._nonfinite_error(self.ratio_sum, self.ratio_count, self._nonfinite)
+
+    def _task_label(self, k: int) -> str:
+        return f"task {self.task_names[k]!r}" if self._named else f"task {k}"
+
+    def _nonfinite_error(self, sums: Tensor, counts: Tensor, detail: Tensor) -> CalibrationDataError:
+        """The error for ``[K, N]`` statistics holding a non-finite value: the first (task, module) in task order,
+        what this process saw there (``detail``: ``[K, 3, N]`` non-finite positions: any, task change, merged
+        change), and the other modules and tasks affected."""
+        s, c, detail = sums.detach().float().cpu(), counts.detach().float().cpu(), detail.detach().cpu()
+        bad = ~(torch.isfinite(s) & torch.isfinite(c))
+        nan = torch.isnan(s) | torch.isnan(c)
+        k, j = (int(v) for v in bad.nonzero()[0])
+
+        def unit_of(slot: int) -> int:
+            return bisect.bisect_right(self._bounds, slot) - 1
+
+        i = unit_of(j)
+        start, stop = self._bounds[i], self._bounds[i + 1]
+        where = f"module {self.module_names[i]!r}" + (" (the model itself)" if self.module_names[i] == "" else "")
+        if stop - start > 1:
+            where += f", channel {j - start}"
+        kind = "NaN" if bool(nan[k, j]) else "Inf"
+        positions, in_task, in_merged = (int(v) for v in detail[k, :, j])
+        if positions:
+            which = ("the module's output under the base, expert and merged weights alike" if in_task and in_merged
+                     else "the expert's output" if in_task else "the merged model's output")
+            what = f"{kind} in {which}, at {positions} position(s)"
+        else:
+            what = f"{kind} in the statistics summed over processes or loaded, not from this process's samples"
+        msg = (f"calibration data of {self._task_label(k)} gives non-finite features at {where} ({what}); "
+               "check the calibration inputs")
+        modules = sorted({unit_of(int(v)) for v in bad[k].nonzero().reshape(-1)} - {i})
+        if modules:
+            names = ", ".join(repr(self.module_names[m]) for m in modules[:5])
+            msg += f"; also at {len(modules)} other module(s): {names}{', ...' if len(modules) > 5 else ''}"
+        others = [self._task_label(t) for t in bad.any(1).nonzero().reshape(-1).tolist() if t != k]
+        if others:
+            msg += f"; other tasks with non-finite features: {', '.join(others)}"
+        return CalibrationDataError(msg)
 
     # ---------------------------------------------------------------------------------------------------------------
     def fold(self) -> CalibrationResult:

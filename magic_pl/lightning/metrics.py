@@ -30,6 +30,8 @@ class FSCStatistics(Metric):
     typically one sample's) and optionally per-task sample counts ``[K]``; ``compute()`` returns
     ``(ratio_sum, ratio_count, samples)`` summed over all processes. States are float64 so
     that the total is (to the last bit, in practice) independent of how samples are split over processes.
+    NaN/Inf (non-finite calibration features on some process) are summed like any value, never masked: the total
+    carries them to the calibrator's check on every process.
     """
 
     full_state_update = False

@@ -11,6 +11,11 @@ which :class:`~magic_pl.lightning.module.MagicModule` and the plug-in
 - ``finish`` synchronises the metric once (``compute()`` on every rank), loads the totals into the calibrator and
   folds: every rank computes the same xi and writes the same weights.
 
+Non-finite calibration features (NaN/Inf in one rank's data) are a
+:class:`~magic_pl.calibration.fsc.CalibrationDataError` on every rank alike: on several processes the calibrator does
+not raise at the update (the other ranks would then wait in the sum forever); the NaN/Inf it leaves in the statistics
+survives the sum, and the calibrator's one check (``finalize``/``fold``) finds it on the totals, on every rank.
+
 Sequential mode (each module measured after the earlier ones are calibrated) needs one reduction per measurement
 round; it uses the calibrator's ``finalize(reduce=...)`` with the same sum-reduced metric (exact up to float32
 rounding of each rank's partial sums).
@@ -23,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from magic_pl.calibration import CalibrationResult, FeatureSpaceCalibrator
@@ -88,6 +94,12 @@ def task_calls(task: Any, args: tuple, kwargs: dict) -> Iterator[tuple[int, tupl
         yield (int(tasks[i]) if tasks is not None else int(task)), a, kw
 
 
+def _summed_over_processes() -> bool:
+    """Whether the metric's states will be summed over several processes (torchmetrics syncs over the default
+    process group whenever one is initialised)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class FeatureStatisticsCollector:
     """Collects FSC statistics for one calibrator across a (possibly distributed) predict epoch.
 
@@ -102,6 +114,8 @@ class FeatureStatisticsCollector:
         self, calibrator: FeatureSpaceCalibrator, *, per_sample: bool = True, device: Optional[torch.device] = None
     ) -> None:
         self.calibrator = calibrator
+        # one process can raise as soon as an update meets NaN/Inf features; several must reach the sum first
+        calibrator.raise_at_update = not _summed_over_processes()
         self.per_sample = per_sample
         device = device or calibrator.ratio_sum.device
         k, m = calibrator.ratio_sum.shape
@@ -176,6 +190,10 @@ class FeatureStatisticsCollector:
 
         Call on every rank at the end of the predict epoch (collective). Safe under ``inference_mode``: the fold
         runs with inference mode off so the model keeps normal tensors.
+
+        Raises:
+            CalibrationDataError: on every rank alike, after the sum: some task's calibration data gave non-finite
+                features (on any process), or some task sent no sample.
         """
         start = time.perf_counter()
         if self.sequential:

@@ -461,6 +461,10 @@ def streaming_fsc(
 
     Returns:
         The :class:`~magic_pl.calibration.CalibrationResult`.
+
+    Raises:
+        CalibrationDataError: (:mod:`magic_pl.calibration.fsc`, a ``ValueError``) a task has no batch, or its batches
+            give non-finite features at some module; ``merged`` is then left as it was.
     """
     from magic_pl.calibration import resolve_setting
     from magic_pl.calibration.dsc import feed

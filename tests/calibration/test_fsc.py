@@ -366,3 +366,152 @@ def test_inplace_module_rejected_and_training_mode_warns():
     cal = FeatureSpaceCalibrator(base, merged, tvs)
     with pytest.warns(UserWarning, match="training mode"):
         cal.update(0, torch.randn(2, 4))
+
+
+# --- non-finite calibration data: an error naming the task and the module, never a silent ratio of 1 ------------------
+# Each front door is fed task "a" clean and task "b" poisoned (or absent); every door must raise CalibrationDataError.
+
+def _poisoned_batches(where: str) -> dict[int, torch.Tensor]:
+    """Task 0 ("a") clean; task 1 ("b") with NaN/Inf in one sample, in all samples, or with no samples at all."""
+    g = torch.Generator().manual_seed(11)
+    xs = {k: torch.randn(3, 6, generator=g) for k in range(2)}
+    if where == "nan_one_sample":
+        xs[1][1, 2] = float("nan")
+    elif where == "nan_all_samples":
+        xs[1][:] = float("nan")
+    elif where == "inf_one_sample":
+        xs[1][0, 0] = float("inf")
+    elif where == "no_samples":
+        del xs[1]
+    return xs
+
+
+def _nonfinite_setup(statistic: str, granularity: str, mode: str = "parallel"):
+    torch.manual_seed(12)
+    base = _mlp()
+    tvs = make_task_vectors(base, 2, scale=0.2, seed=12)
+    merged = merged_model(base, weight_average(tvs))
+    return FeatureSpaceCalibrator(base, merged, tvs, statistic=statistic, granularity=granularity, mode=mode,
+                                  task_names=["a", "b"])
+
+
+def _feed_calibrator(cal, xs):
+    for k, x in xs.items():
+        cal.update(k, x)
+    return cal.fold()
+
+
+def _feed_collector(cal, xs, deferred):
+    from magic_pl.lightning import FeatureStatisticsCollector
+
+    collector = FeatureStatisticsCollector(cal)
+    assert cal.raise_at_update  # one process: raise at the update that meets the NaN
+    if deferred:  # as on several processes: nothing raises before the sum, the one check after it does
+        cal.raise_at_update = False
+    for k, x in xs.items():
+        collector.update(torch.full((x.shape[0],), k), x)  # per-sample task ids, fed one sample at a time
+    return collector.finish()
+
+
+FRONT_DOORS = {
+    "calibrator": _feed_calibrator,
+    "calibrator_sequential": _feed_calibrator,  # measured in finalize, on the stored batches
+    "collector": lambda cal, xs: _feed_collector(cal, xs, deferred=False),  # the Lightning front door
+    "collector_deferred": lambda cal, xs: _feed_collector(cal, xs, deferred=True),
+}
+
+
+@pytest.mark.parametrize("where", ["nan_one_sample", "nan_all_samples", "inf_one_sample", "no_samples"])
+@pytest.mark.parametrize("door", list(FRONT_DOORS))
+@pytest.mark.parametrize("granularity", ["module", "channel"])
+@pytest.mark.parametrize("statistic", ["mean_of_ratios", "ratio_of_means"])
+def test_nonfinite_or_missing_calibration_data_is_an_error_naming_task_and_module(statistic, granularity, door, where):
+    from magic_pl.calibration.fsc import CalibrationDataError
+
+    mode = "sequential" if door == "calibrator_sequential" else "parallel"
+    cal = _nonfinite_setup(statistic, granularity, mode)
+    before = {k: v.clone() for k, v in cal.merged.state_dict().items()}
+    with pytest.raises(CalibrationDataError) as info:
+        FRONT_DOORS[door](cal, _poisoned_batches(where))
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError)
+    if where == "no_samples":
+        assert "too few for: b (0)" in msg
+    else:
+        assert "task 'b'" in msg and "task 'a'" not in msg, msg  # the poisoned task, and only it
+        assert "module '0'" in msg and "check the calibration inputs" in msg, msg  # the first module it reached
+        assert ("NaN" in msg) or ("Inf" in msg)
+    # nothing was folded
+    assert all(torch.equal(v, before[k]) for k, v in cal.merged.state_dict().items())
+
+
+def test_nonfinite_error_raises_at_the_update_and_leaves_the_statistics_usable():
+    from magic_pl.calibration.fsc import CalibrationDataError
+
+    cal = _nonfinite_setup("mean_of_ratios", "module")
+    xs = _poisoned_batches("nan_one_sample")
+    cal.update(0, xs[0])
+    snapshot = cal.ratio_sum.clone(), cal.ratio_count.clone()
+    with pytest.raises(CalibrationDataError, match=r"task 'b' .* module '0' \(NaN in .* at 1 position\(s\)\)"):
+        cal.update(1, xs[1])
+    assert torch.equal(cal.ratio_sum, snapshot[0]) and torch.equal(cal.ratio_count, snapshot[1])
+    assert cal.task_samples.tolist() == [3, 0]  # the batch that raised is not counted
+    cal.update(1, xs[1][[0, 2]])  # the clean samples of the same task
+    report = cal.fold()
+    assert all(math.isfinite(v) for v in report.coefficients.values())
+    assert report.samples_per_task == [3, 2]
+
+
+def test_nonfinite_statistics_are_caught_after_the_sum_on_every_process():
+    """What a process whose own data was finite sees after the sum over processes: the same error, for the same task
+    and module (the NaN another process measured survives the sum)."""
+    from magic_pl.calibration.fsc import CalibrationDataError
+
+    xs = _poisoned_batches("nan_one_sample")
+    ranks = [_nonfinite_setup("ratio_of_means", "module") for _ in range(2)]
+    for cal in ranks:
+        cal.raise_at_update = False
+    ranks[0].update(0, xs[0])
+    ranks[1].update(1, xs[1])  # only this "process" saw the NaN
+    total = torch.stack([ranks[0].ratio_sum + ranks[1].ratio_sum, ranks[0].ratio_count + ranks[1].ratio_count])
+    messages = []
+    for cal in ranks:
+        with pytest.raises(CalibrationDataError) as info:
+            cal.finalize(reduce=lambda stacked: total)
+        messages.append(str(info.value))
+    assert all("task 'b'" in m and "module '0'" in m for m in messages)
+    assert "not from this process's samples" in messages[0] and "at 1 position(s)" in messages[1]
+    # coefficients() never silently drops the task either
+    with pytest.raises(CalibrationDataError, match="task 'b'"):
+        ranks[1].coefficients()
+
+
+@pytest.mark.parametrize("granularity", ["module", "channel"])
+@pytest.mark.parametrize("statistic", ["mean_of_ratios", "ratio_of_means"])
+@pytest.mark.parametrize("unchanged", ["every_expert", "merge_only"])
+def test_module_left_unchanged_by_merging_keeps_xi_one(statistic, granularity, unchanged):
+    """0/0 (the experts and the merge leave layer "2" as the base) and x/0 (the experts change it, the merge does
+    not): finite features, so xi = 1 there, not an error; the other layers get their measured xi."""
+    torch.manual_seed(13)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    tvs = make_task_vectors(base, 2, scale=0.2, seed=13)
+    if unchanged == "every_expert":
+        tvs = [{k: torch.zeros_like(v) if k.startswith("2.") else v for k, v in tv.items()} for tv in tvs]
+    tau_m = {k: torch.zeros_like(v) if k.startswith("2.") else 0.4 * (tvs[0][k] + tvs[1][k]) for k, v in tvs[0].items()}
+    xs = [torch.randn(4, 6, dtype=torch.float64) for _ in range(2)]
+    cal = FeatureSpaceCalibrator(base, merged_model(base, tau_m), tvs, statistic=statistic, granularity=granularity)
+    for k, x in enumerate(xs):
+        cal.update(k, x)
+    report = cal.fold()
+    assert report.coefficients["2"] == 1.0 and "2" in report.unchanged
+    # layer 0 by hand: |dh| per channel (channel granularity) or its L1 norm (module), per task, then the mean
+    per_task = []
+    for k, x in enumerate(xs):
+        dk = (x @ tvs[k]["0.weight"].double().T + tvs[k]["0.bias"].double()).abs()
+        dm = (x @ tau_m["0.weight"].double().T + tau_m["0.bias"].double()).abs()
+        if granularity == "module":
+            dk, dm = dk.sum(-1, keepdim=True), dm.sum(-1, keepdim=True)
+        per_task.append(dk.sum(0) / dm.sum(0) if statistic == "ratio_of_means" else (dk / dm).mean(0))
+    want = torch.stack(per_task).mean(0)
+    assert report.coefficients["0"] == pytest.approx(float(want.mean()), rel=1e-5)
+    assert math.isfinite(report.coefficients["0"]) and report.coefficients["0"] != 1.0

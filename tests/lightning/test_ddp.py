@@ -95,3 +95,69 @@ def test_fewer_calibration_samples_than_processes_fails_before_work(tiny_workdir
     assert proc.returncode != 0
     assert "has 2 sample(s) but the run uses 3 processes" in proc.stderr
     assert "Merge" not in proc.stderr and not (tiny_workdir / "few" / "model").exists()
+
+
+_NONFINITE_RANK = r'''
+import copy, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+
+rank, store, mode, statistic = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+from magic_pl.calibration import FeatureSpaceCalibrator
+from magic_pl.calibration.fsc import CalibrationDataError
+from magic_pl.lightning import FeatureStatisticsCollector
+
+torch.manual_seed(0)  # the same model and task vectors on both ranks
+base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+g = torch.Generator().manual_seed(1)
+tvs = [{k: 0.1 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()} for _ in range(2)]
+merged = copy.deepcopy(base)
+with torch.no_grad():
+    for k, v in merged.state_dict().items():
+        v.add_(0.5 * (tvs[0][k] + tvs[1][k]))
+cal = FeatureSpaceCalibrator(base, merged, tvs, mode=mode, statistic=statistic, task_names=["a", "b"])
+collector = FeatureStatisticsCollector(cal)
+assert not cal.raise_at_update  # two processes: the check waits for the sum
+x = torch.randn(2, 6, generator=torch.Generator().manual_seed(10 + rank))
+if rank == 1:
+    x[1, 0] = float("nan")  # task "b", on this rank only
+collector.update(torch.tensor([0, 1]), x)
+try:
+    collector.finish()
+except CalibrationDataError as e:
+    print("RAISED", e, flush=True)
+    sys.exit(0)
+print("NO ERROR", flush=True)
+sys.exit(3)
+'''
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_nonfinite_data_on_one_rank_raises_on_every_rank(tmp_path, mode):
+    """2 gloo processes, a NaN in task "b"'s sample on rank 1 only: both ranks raise CalibrationDataError naming the
+    task and the module after the one sum (rank 1 must not raise alone at its update: rank 0 would wait forever)."""
+    script = tmp_path / "rank.py"
+    script.write_text(_NONFINITE_RANK)
+    launcher = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    statistic = "mean_of_ratios" if mode == "parallel" else "ratio_of_means"
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "store"), mode, statistic],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=180))
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a hang: end our own processes
+                p.kill()
+                p.wait()
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank}: rc {p.returncode}\n{out}\n{err[-3000:]}"
+        assert out.startswith("RAISED") and "task 'b'" in out and "module '0'" in out, out
+    assert "not from this process's samples" in outs[0][0] and "at 1 position(s)" in outs[1][0]

@@ -165,3 +165,44 @@ def test_streaming_settings_that_need_a_probe_say_so(tmp_path):
     with pytest.raises(ValueError, match="give sensitive="):
         streaming_fsc(torch.nn.Linear(2, 2), base, experts, {}, calibration="auto")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["nan_one_sample", "nan_all_samples", "inf_one_sample", "no_samples"])
+@pytest.mark.parametrize("statistic", ["mean_of_ratios", "ratio_of_means"])
+def test_streaming_fsc_nonfinite_or_missing_data_is_an_error_naming_task_and_module(tmp_path, statistic, where):
+    """NaN/Inf in one task's calibration data (or none of it) is an error naming the task and the module, never xi
+    from the other task only or 1; the merged model is left as it was."""
+    import copy
+
+    from magic_pl.calibration.fsc import CalibrationDataError
+    from magic_pl.statedict import save_state_dict
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    experts = [perturb(copy.deepcopy(base), seed=i, scale=0.1) for i in (1, 2)]
+    base_path = save_state_dict(base.state_dict(), tmp_path / "base.safetensors")
+    paths = [save_state_dict(e.state_dict(), tmp_path / f"e{i}.safetensors") for i, e in enumerate(experts)]
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            p.add_(0.5 * sum(dict(e.named_parameters())[name] - dict(base.named_parameters())[name] for e in experts))
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    xs = {k: torch.randn(2, 6, generator=g) for k in range(2)}
+    if where == "nan_one_sample":
+        xs[1][1, 4] = float("nan")
+    elif where == "nan_all_samples":
+        xs[1][:] = float("nan")
+    elif where == "inf_one_sample":
+        xs[1][0, 0] = float("-inf")
+    else:
+        del xs[1]
+    with pytest.raises(CalibrationDataError) as info:
+        streaming_fsc(merged, base_path, paths, {k: [(x,)] for k, x in xs.items()},
+                      calibration=f"fsc:statistic={statistic}", task_names=["a", "b"])
+    msg = str(info.value)
+    if where == "no_samples":
+        assert "too few for: b (0)" in msg
+    else:
+        assert "task 'b'" in msg and "module '0'" in msg and "check the calibration inputs" in msg, msg
+    assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())
