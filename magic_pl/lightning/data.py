@@ -9,13 +9,18 @@ Batches are dicts ``{"task": LongTensor[B], <inputs>..., "labels": ...}``. Input
   with a seeded generator, labels dropped. Fewer samples than processes is an error raised in ``setup``, before
   any merging work (Lightning's predict sampler would otherwise stop on an ``assert``).
 - Evaluation (``test``): every labelled test sample exactly once across processes
-  (:class:`UnpaddedDistributedSampler`), so per-task accuracy under DDP equals the single-process value.
+  (:class:`UnpaddedDistributedSampler`), so per-task accuracy under DDP equals the single-process value. Test and
+  validation sets smaller than the process count are refused in ``setup`` too (at ``predict`` already, before the
+  calibration they would follow), and :meth:`TaskDataModule.check_labels` refuses class labels outside a task head's
+  range before anything is scored.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import numbers
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,7 +45,11 @@ __all__ = [
     "RandomTaskDataset",
     "TensorFileDataset",
     "HFDataset",
+    "check_count",
+    "check_samples_per_process",
     "check_calibration_size",
+    "check_label_range",
+    "dataset_labels",
     "count_predict_samples",
 ]
 
@@ -50,8 +59,88 @@ INPUTS_KEY = "inputs"
 #: Optional per-sample position in its task's test set: evaluation then keeps per-example correctness (for paired
 #: bootstrap intervals); never passed to the model.
 INDEX_KEY = "index"
+#: Label value that evaluation skips (as :class:`~magic_pl.lightning.metrics.PerTaskAccuracy` does); never a class.
+IGNORE_INDEX = -100
 #: Default right-padding values for :func:`task_collate`; other keys pad with 0.
-DEFAULT_PAD_VALUES: dict[str, int] = {LABELS_KEY: -100, "attention_mask": 0, "input_ids": 0}
+DEFAULT_PAD_VALUES: dict[str, int] = {LABELS_KEY: IGNORE_INDEX, "attention_mask": 0, "input_ids": 0}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Option and label checks
+# --------------------------------------------------------------------------------------------------------------------
+def check_count(name: str, value: Any, minimum: int, *, none: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming option ``name`` unless ``value`` is an integer ``>= minimum`` (or ``None`` when
+    ``none`` says what ``None`` means).
+
+    Counts are checked when an object is built, so a bad one never reaches a DataLoader or a draw (which would fail
+    late with a message naming no option, or silently take nothing).
+    """
+    if value is None and none is not None:
+        return
+    or_none = f" (or None: {none})" if none is not None else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # True is an int to Python, not a count
+        raise ValueError(f"{name} must be an integer >= {minimum}{or_none}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{or_none}, got {value}")
+
+
+def check_label_range(labels: Tensor, num_classes: int, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` if a class label is outside ``[0, num_classes)``.
+
+    :data:`IGNORE_INDEX` is allowed (evaluation skips it). Without this check an out-of-range label is simply never
+    predicted, and the accuracy comes out low with no warning.
+    """
+    labels = labels.reshape(-1)
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{where}: label {int(labels[first])} at index {first} is outside the {num_classes} classes of the task's "
+            f"head (0..{num_classes - 1}); {int(bad.sum())} of {labels.numel()} labels are out of range"
+        )
+
+
+def _class_id(value: Any, where: str) -> int:
+    """An integer class id from a dataset item's label (an int, or a 0-d integer tensor)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(f"{where}: label {value!r} is not an integer class id")
+
+
+def dataset_labels(dataset: Dataset, limit: Optional[int] = None, where: str = "the dataset") -> Optional[Tensor]:
+    """Class labels of the first ``limit`` items of ``dataset`` (all by default) as an int64 tensor.
+
+    Read through the dataset's ``labels()`` when it has one (no image decoding or tokenising: see
+    :class:`HFDataset`, :class:`TensorFileDataset`, :class:`RandomTaskDataset`), else item by item. ``None`` when the
+    labels are token sequences (causal LMs: no class range to check). ``ValueError`` naming ``where`` when an item
+    has no label or one that is not an integer.
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    n = size if limit is None else min(limit, size)
+    accessor = getattr(dataset, "labels", None)
+    if callable(accessor):
+        try:
+            labels = accessor()
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        return None if labels is None else labels[:n]
+    out = []
+    for i in range(n):
+        label = as_sample(dataset[i]).get(LABELS_KEY)
+        if label is None:
+            raise ValueError(f"{where}: item {i} has no label; evaluation needs one per item")
+        if isinstance(label, Tensor) and label.dim() > 0:
+            return None  # token labels (causal LM): accuracy over the vocabulary, no class range
+        out.append(_class_id(label, f"{where}, item {i}"))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _describe(dataset: Dataset) -> str:
+    """Where a dataset's labels come from (file and column when it can say), for error messages."""
+    source = getattr(dataset, "label_source", None)
+    return source() if callable(source) else type(dataset).__name__
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,6 +258,10 @@ class RandomTaskDataset(Dataset):
         vocab_size: int = 100,
         attention_mask: bool = False,
     ) -> None:
+        for name, value in (("num_samples", num_samples), ("num_classes", num_classes), ("vocab_size", vocab_size)):
+            check_count(name, value, 1)
+        for size in shape:
+            check_count("shape", size, 1)
         gen = torch.Generator().manual_seed(seed)
         shape = tuple(int(s) for s in shape)
         if dtype == "int64":
@@ -179,11 +272,19 @@ class RandomTaskDataset(Dataset):
             feats = self.x.float().flatten(1)
         w = torch.randn(feats.shape[1], num_classes, generator=gen)
         self.y = (feats @ w).argmax(-1)
+        self.num_classes = num_classes
         self.key = key
         self.attention_mask = attention_mask
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def labels(self) -> Tensor:
+        """Every item's class label, int64 ``[N]``."""
+        return self.y
+
+    def label_source(self) -> str:
+        return f"RandomTaskDataset with num_classes={self.num_classes}"
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         out = {self.key: self.x[i], LABELS_KEY: self.y[i]}
@@ -196,7 +297,8 @@ class TensorFileDataset(Dataset):
     """Samples from a tensor file (``.safetensors`` or ``.pt``, read with ``weights_only=True``).
 
     Every tensor in the file shares its first dimension; item ``i`` is ``{key: tensor[i]}`` with ``"label"``
-    renamed ``"labels"``. A single input tensor named ``"inputs"`` is passed to the model positionally.
+    renamed ``"labels"``. A single input tensor named ``"inputs"`` is passed to the model positionally. A
+    ``"label"``/``"labels"`` tensor must hold integer class ids (or token ids, 2-D).
     """
 
     def __init__(self, path: Union[str, os.PathLike]) -> None:
@@ -214,9 +316,25 @@ class TensorFileDataset(Dataset):
             raise ValueError(f"tensors in {path} differ in their first dimension: {sizes}")
         self.tensors = dict(tensors)
         self.path = path
+        self.label_key = next((k for k in ("labels", "label") if k in self.tensors), None)
+        if self.label_key is not None:
+            y = self.tensors[self.label_key]
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ValueError(f"{path}: tensor {self.label_key!r} must hold integer class ids, got {y.dtype}")
 
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
+
+    def labels(self) -> Optional[Tensor]:
+        """Every item's class label, int64 ``[N]``; ``None`` for token labels (2-D). ``ValueError`` if the file has
+        no label tensor."""
+        if self.label_key is None:
+            raise ValueError(f"{self.path} has no 'label' tensor: evaluation needs labels")
+        y = self.tensors[self.label_key]
+        return y.long() if y.dim() == 1 else None
+
+    def label_source(self) -> str:
+        return f"{self.path}, tensor {self.label_key or 'label'!r}"
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return as_sample({k: v[i] for k, v in self.tensors.items()})
@@ -241,6 +359,12 @@ class HFDataset(Dataset):
         max_length: tokenizer truncation length (128).
         limit: keep only the first ``limit`` rows (None: all).
         lm_labels: for causal LMs: ``labels`` are the input ids (the loss/accuracy shifts them), padding masked.
+        label_names: class names for string labels: a list (name at position i is class i) or a mapping name ->
+            class id (None: labels must be integers; in a ``.csv`` file, integer text such as ``"2"``).
+
+    Labels (``label_column``, unless ``lm_labels``) are read and checked when the dataset is built, so a label that is
+    not a class id fails here, naming the file, the column and the row (1-based), not after merging and calibrating.
+    Rows without the column are unlabelled (calibration data); a column present in only some rows is an error.
     """
 
     def __init__(
@@ -258,7 +382,12 @@ class HFDataset(Dataset):
         max_length: int = 128,
         limit: Optional[int] = None,
         lm_labels: bool = False,
+        label_names: Optional[Union[Sequence[str], Mapping[str, int]]] = None,
     ) -> None:
+        check_count("max_length", max_length, 1)
+        check_count("limit", limit, 1, none="every row")
+        self.path, self.split = str(path), split
+        self.label_ids = _label_ids(label_names, self.path)
         self.rows = _load_rows(path, split, name)
         self.limit = min(limit, len(self.rows)) if limit is not None else len(self.rows)
         self.root = Path(path).parent if Path(path).is_file() else Path(path)
@@ -269,9 +398,62 @@ class HFDataset(Dataset):
         self._image_processor_name, self._tokenizer_name = image_processor, tokenizer
         self._image_processor: Any = None
         self._tokenizer: Any = None
+        self._labels = None if lm_labels or label_column is None else self._read_labels()
 
     def __len__(self) -> int:
         return self.limit
+
+    def _where(self) -> str:
+        return self.path if Path(self.path).is_file() else f"{self.path} (split {self.split!r})"
+
+    def _read_labels(self) -> Optional[Tensor]:
+        """The label column of the first ``limit`` rows as class ids, or ``None`` if no row has the column."""
+        column, rows = self.label_column, self.rows
+        if hasattr(rows, "column_names"):  # a `datasets.Dataset`: read one column, decode no image
+            if column not in rows.column_names:
+                return None
+            values = list((rows.select(range(self.limit)) if self.limit < len(rows) else rows)[column])
+        else:
+            kept = rows[: self.limit]
+            present = [column in row for row in kept]
+            if not any(present):
+                return None
+            if not all(present):
+                raise ValueError(f"{self._where()}: row {present.index(False) + 1} has no {column!r} column while "
+                                 "other rows do")
+            values = [row[column] for row in kept]
+        text_ok = Path(self.path).suffix == ".csv" and Path(self.path).is_file()  # CSV has no types: "2" is 2
+        return torch.tensor([self._label_id(v, i, text_ok) for i, v in enumerate(values)], dtype=torch.long)
+
+    def _label_id(self, value: Any, i: int, text_ok: bool) -> int:
+        where = f"{self._where()}: column {self.label_column!r}, row {i + 1}"
+        if isinstance(value, str):
+            if self.label_ids is not None:
+                if value not in self.label_ids:
+                    raise ValueError(f"{where}: label {value!r} is not in label_names {sorted(self.label_ids)}")
+                return self.label_ids[value]
+            if text_ok and value.strip().lstrip("-").isdigit():
+                return int(value)
+            raise ValueError(f"{where}: label {value!r} is not an integer class id; give label_names (class names "
+                             "in class order, or a name -> id mapping) to map names to ids")
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # e.g. a JSON export that wrote 2 as 2.0
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{where}: label {value!r} is not an integer class id")
+        return int(value)
+
+    def labels(self) -> Optional[Tensor]:
+        """Every row's class id, int64 ``[N]``, read when the dataset was built; ``None`` for ``lm_labels`` (token
+        labels). ``ValueError`` if the rows have no label column."""
+        if self.lm_labels:
+            return None
+        if self._labels is None:
+            raise ValueError(f"{self._where()} has no label column {self.label_column!r}: evaluation needs labels "
+                             "(set label_column)")
+        return self._labels
+
+    def label_source(self) -> str:
+        return f"{self._where()}, column {self.label_column!r}"
 
     def _processors(self) -> tuple[Any, Any]:
         if self._image_processor is None and self._image_processor_name is not None:
@@ -309,21 +491,48 @@ class HFDataset(Dataset):
                 out[LABELS_KEY] = out["input_ids"].clone()
         if not out:
             raise ValueError("HFDataset needs an image_processor or a tokenizer to build model inputs")
-        if not self.lm_labels and self.label_column is not None and self.label_column in row:
-            out[LABELS_KEY] = torch.tensor(int(row[self.label_column]))
+        if self._labels is not None:
+            out[LABELS_KEY] = self._labels[i].clone()
         return out
+
+
+def _label_ids(label_names: Optional[Union[Sequence[str], Mapping[str, int]]], where: str) -> Optional[dict[str, int]]:
+    """``label_names`` as a name -> class id mapping (a list names the classes in order)."""
+    if label_names is None:
+        return None
+    if isinstance(label_names, str):
+        raise ValueError(f"{where}: label_names must be a list of class names or a name -> id mapping, not a string")
+    if isinstance(label_names, Mapping):
+        ids = {str(k): v for k, v in label_names.items()}
+        for k, v in ids.items():
+            check_count(f"label_names[{k!r}]", v, 0)
+        return ids
+    names = [str(n) for n in label_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: label_names repeats a name: {names}")
+    return {n: i for i, n in enumerate(names)}
 
 
 def _load_rows(path: str, split: str, name: Optional[str]) -> Sequence[Mapping[str, Any]]:
     p = Path(path)
     if p.is_file():
         if p.suffix == ".jsonl":
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            rows = []
+            for number, line in enumerate(p.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{p}: line {number} is not JSON ({err.msg})") from None
+            return _objects(rows, p)
         if p.suffix == ".json":
-            rows = json.loads(p.read_text())
+            try:
+                rows = json.loads(p.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{p} is not JSON ({err.msg}, line {err.lineno})") from None
             if not isinstance(rows, list):
                 raise ValueError(f"{p} must hold a JSON list of rows")
-            return rows
+            return _objects(rows, p)
         if p.suffix == ".csv":
             with p.open(newline="") as f:
                 return list(csv.DictReader(f))
@@ -339,6 +548,14 @@ def _load_rows(path: str, split: str, name: Optional[str]) -> Sequence[Mapping[s
         ds = datasets.load_from_disk(str(p))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     return datasets.load_dataset(path, name, split=split)
+
+
+def _objects(rows: list, path: Path) -> list:
+    """``rows``, checked to be JSON objects (a row is looked up by column name)."""
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, Mapping)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad + 1} is a {type(rows[bad]).__name__}, not an object of columns")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -366,17 +583,26 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
+def check_samples_per_process(num_samples: int, world_size: int, where: str, *, why: str, fix: str) -> None:
+    """Raise ``ValueError`` if ``where`` has fewer samples than the run has processes: every rank must get one.
+
+    ``why`` says what a rank without samples would break, ``fix`` which option gives more samples.
+    """
+    if num_samples < world_size:
+        raise ValueError(
+            f"{where} has {num_samples} sample(s) but the run uses {world_size} processes: {why}. Use at most "
+            f"{max(num_samples, 1)} device(s) or {fix}."
+        )
+
+
 def check_calibration_size(num_samples: int, world_size: int, where: str = "calibration data") -> None:
     """Raise ``ValueError`` if fewer calibration samples than processes: every rank must run at least one.
 
     Lightning's unpadded predict sampler would otherwise fail with a bare ``assert`` after the model was built.
     """
-    if num_samples < world_size:
-        raise ValueError(
-            f"{where} has {num_samples} sample(s) but the run uses {world_size} processes: feature space calibration "
-            f"needs at least one sample per process. Use at most {max(num_samples, 1)} device(s) or more samples "
-            "per task (samples_per_task)."
-        )
+    check_samples_per_process(num_samples, world_size, where,
+                              why="feature space calibration needs at least one sample per process",
+                              fix="more samples per task (samples_per_task)")
 
 
 def count_predict_samples(trainer: Any) -> Optional[int]:
@@ -420,6 +646,10 @@ class TaskDataModule(LightningDataModule):
         test_limit: keep only the first ``test_limit`` samples of each test set (None: all).
         num_workers: DataLoader workers (0).
         pad_values: padding values for :func:`task_collate`.
+
+    Every option is checked here, before any sample is read. ``setup`` refuses evaluation data smaller than the
+    process count (at ``predict`` already: the test run follows the calibration), and :meth:`check_labels` (called by
+    :class:`~magic_pl.lightning.module.MagicModule` once its heads are known) refuses labels outside a head's classes.
     """
 
     def __init__(
@@ -437,15 +667,20 @@ class TaskDataModule(LightningDataModule):
         pad_values: Optional[Mapping[str, int]] = None,
     ) -> None:
         super().__init__()
-        self.task_names = list(task_names)
-        if len(set(self.task_names)) != len(self.task_names):
-            raise ValueError(f"task_names has duplicates: {self.task_names}")
+        from magic_pl.output import check_task_names
+
+        self.task_names = check_task_names(task_names)  # names, never paths; unique
         for label, sets in (("test", test), ("calibration", calibration), ("val", val)):
             unknown = sorted(set(sets or {}) - set(self.task_names))
             if unknown:
                 raise ValueError(f"{label} datasets for unknown tasks {unknown}; task_names is {self.task_names}")
-        if samples_per_task is not None and samples_per_task < 1:
-            raise ValueError(f"samples_per_task must be >= 1 (or None: every sample), got {samples_per_task}")
+        check_count("samples_per_task", samples_per_task, 1, none="every sample")
+        check_count("batch_size", batch_size, 1)
+        check_count("calibration_batch_size", calibration_batch_size, 1)
+        check_count("test_limit", test_limit, 1, none="every sample")
+        check_count("num_workers", num_workers, 0)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.test_sets = dict(test or {})
         self.val_sets = dict(val or {})
         self.calibration_sources = dict(calibration or {}) or dict(self.test_sets)
@@ -459,6 +694,8 @@ class TaskDataModule(LightningDataModule):
         self._calibration: Optional[Dataset] = None
         self._test: Optional[Dataset] = None
         self._val: Optional[Dataset] = None
+        #: (split, task) -> the class count its labels were checked against (each set is read once)
+        self._labels_checked: dict[tuple[str, str], int] = {}
 
     # --- datasets ---------------------------------------------------------------------------------------------------
     def calibration_dataset(self) -> Dataset:
@@ -476,14 +713,18 @@ class TaskDataModule(LightningDataModule):
             self._calibration = torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
         return self._calibration
 
+    def _kept(self, ds: Dataset) -> int:
+        """Samples of an evaluation set that are used (its first ``test_limit``)."""
+        n = len(ds)  # type: ignore[arg-type]
+        return n if self.test_limit is None else min(self.test_limit, n)
+
     def _labelled(self, sets: Mapping[str, Dataset]) -> Dataset:
         parts = []
         for k, name in enumerate(self.task_names):
             ds = sets.get(name)
             if ds is None:
                 continue
-            n = len(ds) if self.test_limit is None else min(self.test_limit, len(ds))  # type: ignore[arg-type]
-            parts.append(TaskTaggedDataset(ds, k, range(n)))
+            parts.append(TaskTaggedDataset(ds, k, range(self._kept(ds))))
         return torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
 
     def test_dataset(self) -> Dataset:
@@ -508,16 +749,47 @@ class TaskDataModule(LightningDataModule):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def setup(self, stage: str) -> None:
+        """Check that every process gets data: calibration samples at ``predict``, and the evaluation sets at
+        ``predict`` too (``test``/``validate`` run after calibration, which would otherwise be wasted) and at their own
+        stage."""
         world_size, _ = self._world()
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
         if stage == "predict":
             check_calibration_size(self.num_calibration_samples, world_size)
-        elif stage in ("test", "validate") and (self.test_sets if stage == "test" else self.val_sets):
-            n = len(self.test_dataset() if stage == "test" else self.val_dataset())  # type: ignore[arg-type]
-            if n < world_size:
-                raise ValueError(
-                    f"the {stage} data has {n} sample(s) for {world_size} processes: every process needs at least one "
-                    "(a process without batches would skip the final all-reduce of the accuracy counts)"
-                )
+        if stage in ("predict", "test"):
+            self._check_eval_size("test", self.test_sets, world_size)
+        if stage in ("predict", "validate"):
+            self._check_eval_size("validation", self.val_sets, world_size)
+
+    def _check_eval_size(self, split: str, sets: Mapping[str, Dataset], world_size: int) -> None:
+        if not sets:
+            return
+        sizes = {name: self._kept(ds) for name, ds in sets.items()}
+        limit = f" after test_limit={self.test_limit}" if self.test_limit is not None else ""
+        where = f"the {split} data ({', '.join(f'task {n!r}: {k}' for n, k in sizes.items())}{limit})"
+        check_samples_per_process(
+            sum(sizes.values()), world_size, where,
+            why="evaluation needs at least one sample per process (a process without batches would skip the final "
+                "all-reduce of the accuracy counts)",
+            fix=f"more {split} samples" + (" (a larger test_limit)" if self.test_limit is not None else ""))
+
+    def check_labels(self, num_classes: Mapping[str, Optional[int]]) -> None:
+        """Raise ``ValueError`` if a label of a task's test or validation set is outside ``[0, num_classes[task])``.
+
+        The message names the task, the set (file and column when it can say), the label and the class count. Tasks
+        missing from ``num_classes`` or mapped to ``None`` (class count unknown) are skipped; each set is read once
+        (through its ``labels()`` when it has one: no image decoding or tokenising).
+        """
+        for split, sets in (("test", self.test_sets), ("validation", self.val_sets)):
+            for name, ds in sets.items():
+                classes = num_classes.get(name)
+                if classes is None or self._labels_checked.get((split, name)) == classes:
+                    continue
+                where = f"the {split} set of task {name!r} ({_describe(ds)})"
+                labels = dataset_labels(ds, self._kept(ds), where)
+                if labels is not None:
+                    check_label_range(labels, int(classes), where)
+                self._labels_checked[(split, name)] = int(classes)
 
     def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict:
         return task_collate(samples, self.pad_values)

@@ -30,13 +30,15 @@ from torch import Tensor, nn
 from magic_pl.calibration import CalibrationSetting, load_sensitivity, resolve_setting
 from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.lightning.data import (INDEX_KEY, INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size,
-                                     count_predict_samples)
+                                     check_label_range, count_predict_samples)
 from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
 from magic_pl.merging import DATA_MERGE_METHODS, merge, validate_merge_options
-from magic_pl.models.base import KeyView, MergeSetup, ModelAdapter, PrefixView, default_task_names, find_tied_keys
+from magic_pl.models.base import (KeyView, MergeSetup, ModelAdapter, PrefixView, check_pairing, default_task_names,
+                                  find_tied_keys)
+from magic_pl.output import check_task_names
 from magic_pl.models.heads import TaskModel, logits_of
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
@@ -218,8 +220,10 @@ class MagicModule(LightningModule):
         if model is not None and not experts:
             raise ValueError("`model` needs `experts`: one fine-tuned checkpoint per task")
         setting = resolve_setting(calibration)  # every option checked before any checkpoint is read
-        if model is not None and task_names is not None and len(task_names) != len(experts):
-            raise ValueError(f"{len(task_names)} task names for {len(experts)} experts")
+        if model is not None and task_names is not None:
+            if len(task_names) != len(experts):
+                raise ValueError(f"{len(task_names)} task names for {len(experts)} experts")
+            check_pairing(experts, check_task_names(task_names))  # names, never paths; checked before any read
         validate_merge_options(merge_method, dict(merge_options or {}))
         self.save_hyperparameters(ignore=["adapter", "model", "experts", "base", "heads"])
         self.adapter = adapter
@@ -252,6 +256,9 @@ class MagicModule(LightningModule):
         #: After ``trainer.test``/``validate`` on batches with an ``"index"`` entry: task -> correctness per example
         #: (bool, in index order), gathered from every process.
         self.example_correctness: dict[str, Tensor] = {}
+        #: Tasks whose evaluation labels the datamodule checked against the head in ``setup``; the others are checked
+        #: batch by batch against the logits' width.
+        self._labels_checked: set[str] = set()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Building
@@ -421,6 +428,33 @@ class MagicModule(LightningModule):
                 check_calibration_size(count, world_size)  # before any merging work
         self.build()
         self._check_task_names(trainer)
+        self._check_labels(trainer)
+
+    def class_counts(self) -> dict[str, Optional[int]]:
+        """Classes of each task's head: its ``num_classes``, else the width of its last ``nn.Linear``; ``None`` when
+        the head does not say (no heads, or a head without a linear layer)."""
+        heads = self.merge_setup.heads if self.merge_setup is not None else None
+        out: dict[str, Optional[int]] = {}
+        for task in self.task_names:
+            head = heads.get(task) if heads is not None else None
+            count = getattr(head, "num_classes", None)
+            if not isinstance(count, int):
+                linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
+                count = linears[-1].out_features if linears else None
+            out[task] = count
+        return out
+
+    def _check_labels(self, trainer: Any) -> None:
+        """Labels of the datamodule's test/validation sets against the heads, before anything is calibrated or
+        scored (a label outside a head's classes is never predicted: the accuracy would be silently low)."""
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        check = getattr(dm, "check_labels", None)
+        if not callable(check):
+            self._labels_checked = set()
+            return
+        counts = self.class_counts()
+        check(counts)
+        self._labels_checked = {t for t, n in counts.items() if n is not None}
 
     def _check_task_names(self, trainer: Any) -> None:
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
@@ -505,6 +539,9 @@ class MagicModule(LightningModule):
             if logits.dim() == 3 and target.dim() == 2:  # causal LM: next-token accuracy on labelled positions
                 preds, target = logits[:, :-1].argmax(-1), target[:, 1:]
             else:
+                if self.task_names[t] not in self._labels_checked:  # the datamodule could not check them up front
+                    stage = "validation" if self._trainer is not None and self._trainer.validating else "test"
+                    check_label_range(target, logits.shape[-1], f"a {stage} batch of task {self.task_names[t]!r}")
                 preds = logits.argmax(-1)
                 if index is not None:
                     at = index if rows is None else index.index_select(0, rows.to(index.device))

@@ -140,14 +140,22 @@ def run_budget_study(
         cache_dir, bootstrap, seed, trainer, progress: as in :func:`~magic_pl.zoo.runner.run_benchmark`.
         results_dir: where the study and its runs' reports go.
     """
-    from magic_pl.zoo.runner import run_benchmark
+    from magic_pl.lightning.data import check_count
+    from magic_pl.zoo.runner import check_run_counts, run_benchmark
+    from magic_pl.zoo.suites import get_suite
 
     methods = list(methods) if methods is not None else list(BUDGET_MERGES)
     calibrations = list(calibrations) if calibrations is not None else list(BUDGET_CALIBRATIONS)
     if reference not in methods:
         raise ValueError(f"reference {reference!r} must be one of the methods {methods}")
-    if any(int(n) < 1 for n in budgets):
-        raise ValueError(f"budgets must be >= 1 sample per task, got {list(budgets)}")
+    if not budgets:
+        raise ValueError("budgets is empty: give the unlabelled samples per task to compare")
+    for n in budgets:
+        check_count("budgets", n, 1)
+    # every suite's runs are checked before the first one starts (a late run would otherwise fail hours in)
+    for suite in suites:
+        check_run_counts(get_suite(suite), n_calib=max(budgets), draws=draws, bn_samples=max(budgets),
+                         max_test=max_test, bootstrap=bootstrap)
     out_dir = Path(results_dir)
     summary = _new_summary(budgets, methods, calibrations, draws, max_test, reference)
     for suite in suites:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from magic_pl.lightning.data import check_count
 from magic_pl.lightning.module import MagicModule
 from magic_pl.statedict import apply_task_vector, task_vector
 from magic_pl.zoo.data import Task
@@ -46,7 +47,7 @@ from magic_pl.zoo.pipeline import SuiteData, load_suite, suite_module
 from magic_pl.zoo.suites import get_suite
 
 __all__ = ["DEFAULT_METHODS", "CALIBRATIONS", "BN_CALIBRATIONS", "SENSITIVE_CHOICES", "TRAINER_DEFAULTS",
-           "LINES_GRID", "run_benchmark", "build_trainer"]
+           "LINES_GRID", "run_benchmark", "build_trainer", "check_run_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +123,66 @@ class _Row:
         return out
 
 
-def _calibration_pools(tasks: Sequence[Task], from_test: bool) -> dict[str, np.ndarray]:
+def _pool_split(from_test: bool) -> str:
+    return "test" if from_test else "calib"
+
+
+def _calibration_pools(tasks: Sequence[Task], from_test: bool, wanted: Mapping[str, Optional[int]]
+                       ) -> dict[str, np.ndarray]:
+    """Each task's pool of unlabelled samples; ``wanted``: option name -> samples drawn from every pool per draw
+    (``None``: not asked for), each refused when a pool is smaller (a draw is never silently cut to the pool, which
+    would leave the report claiming more samples than were used)."""
+    split = _pool_split(from_test)
     pools = {}
     for t in tasks:
-        pool = t.splits["test" if from_test else "calib"]
+        pool = t.splits[split]
         if len(pool) == 0:
             raise ValueError(
                 f"task {t.name!r} has no unlabelled calibration samples (its 'calib' split is empty); raise the "
                 "calib fraction or pass calibration_from_test=True"
             )
+        for option, n in wanted.items():
+            if n is not None and n > len(pool):
+                raise ValueError(
+                    f"{option}={n} is more than task {t.name!r} has: its calibration pool (the {split!r} split) holds "
+                    f"{len(pool)} samples; use {option} <= {len(pool)}"
+                    + ("" if from_test else " or draw from the test split (calibration_from_test=True)")
+                )
         pools[t.name] = pool
     return pools
 
 
 def _draw(pool: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` distinct samples of ``pool``, seeded; callers check ``n`` against the pool (never silently fewer)."""
+    if n > len(pool):
+        raise ValueError(f"cannot draw {n} samples from a pool of {len(pool)}")
     rng = np.random.default_rng(seed)
-    return rng.choice(pool, size=min(n, len(pool)), replace=False)
+    return rng.choice(pool, size=n, replace=False)
+
+
+def check_run_counts(spec: Any, *, n_calib: int = 1, draws: int = 3, calibration_from_test: bool = False,
+                     bn_samples: Optional[int] = None, max_test: Optional[int] = None, sensitive_alpha: int = 10,
+                     bootstrap: int = 1000, threads: Optional[int] = None) -> None:
+    """The count options of a benchmark run on suite ``spec``, checked before any data is read: each an integer in
+    range, and ``n_calib`` no more than the suite's calibration pools can hold (the cap of the split they are drawn
+    from). The exact pool sizes are checked again once the tasks are loaded (a pool can be smaller than its cap)."""
+    check_count("n_calib", n_calib, 1)
+    check_count("draws", draws, 1)
+    check_count("bn_samples", bn_samples, 1, none="the suite's default")
+    check_count("max_test", max_test, 1, none="the suite's test split")
+    check_count("sensitive_alpha", sensitive_alpha, 1)
+    check_count("bootstrap", bootstrap, 0)
+    check_count("threads", threads, 1, none="the suite's default")
+    split = _pool_split(calibration_from_test)
+    cap = spec.caps.get(split)
+    if calibration_from_test and max_test is not None:
+        cap = max_test if cap is None else min(cap, max_test)
+    if cap is not None and n_calib > cap:
+        raise ValueError(
+            f"n_calib={n_calib} is more than any task of suite {spec.name!r} has: its calibration pools (the "
+            f"{split!r} split{', after max_test' if calibration_from_test and max_test is not None else ''}) hold at "
+            f"most {cap} samples per task; use n_calib <= {cap}"
+        )
 
 
 #: Trainer settings of a benchmark run unless ``trainer`` says otherwise: CPU (the README's tables), one process, no
@@ -192,7 +237,8 @@ def run_benchmark(
         calibrations: columns: :data:`CALIBRATIONS` (default all four, the paper's), presets of
             :data:`magic_pl.calibration.PRESETS` (e.g. ``"auto"``) or ``"space:key=value,..."`` strings (e.g.
             ``"fsc:norm=2"``, ``"wsc:wsc_variant=norm_match"``).
-        n_calib: unlabelled calibration samples per task for FSC/DSC (paper default 1).
+        n_calib: unlabelled calibration samples per task for FSC/DSC (paper default 1); more than a task's
+            calibration pool holds is an error, raised before any work where the suite's split cap already says so.
         draws: independent draws of those samples (FSC/DSC rows report mean and std; default 3).
         calibration_from_test: draw calibration samples from the test split, as the paper does (default ``False``:
             from a disjoint unlabelled split).
@@ -204,7 +250,9 @@ def run_benchmark(
             every row.
         bn_stats: merged BatchNorm statistics: ``"average"`` of the experts' (default) or ``"base"``.
         bn_reestimate: BatchNorm suites: add the ``bn`` and ``bn+fsc`` rows and tuned TA + BN.
-        bn_samples: unlabelled images per task for BN re-estimation (suite default).
+        bn_samples: unlabelled images per task for BN re-estimation (default: the suite's, or a task's whole pool
+            when that is smaller; ``results.json`` lists the counts per task); a given count larger than a pool is an
+            error.
         tune_ta: add Task Arithmetic with its coefficient tuned on the labelled validation split.
         ta_grid: coefficients tried (default 0.1, 0.2, ..., 1.0).
         tune_lines: add ``lines_tuned``: LiNeS on Task Arithmetic with (alpha, beta) tuned on the labelled
@@ -234,6 +282,9 @@ def run_benchmark(
         The results dict that is also written to ``results.json`` (rows, gains, timings, versions, files).
     """
     spec = get_suite(suite)
+    check_run_counts(spec, n_calib=n_calib, draws=draws, calibration_from_test=calibration_from_test,
+                     bn_samples=bn_samples, max_test=max_test, sensitive_alpha=sensitive_alpha, bootstrap=bootstrap,
+                     threads=threads)
     previous_threads = torch.get_num_threads()
     n_threads = threads or spec.threads
     if n_threads:
@@ -304,8 +355,8 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
     settings = {c: resolve_setting(c, sensitive=sensitive) for c in calibrations}
     if len(set(calibrations)) != len(calibrations):
         raise ValueError(f"calibrations repeat a name: {calibrations}")
-    if n_calib < 1 or draws < 1:
-        raise ValueError(f"n_calib ({n_calib}) and draws ({draws}) must be >= 1")
+    if tune_ta and ta_grid is not None and not list(ta_grid):
+        raise ValueError("ta_grid is empty: give the Task Arithmetic coefficients to try (or tune_ta=False)")
     if tasks is not None:
         missing = [t for t in tasks if t not in spec.task_table]
         if missing:
@@ -316,6 +367,10 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
         spec.bn_samples = int(bn_samples)
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out_dir = Path(results_dir) if results_dir else Path("results") / suite
+    if write:
+        from magic_pl.zoo.report import check_report_files
+
+        check_report_files(out_dir)  # the user's results.md is never replaced, and a run never fails only at the end
     grid = list(ta_grid) if ta_grid is not None else [round(0.1 * i, 2) for i in range(1, 11)]
     pl_trainer = build_trainer(trainer)  # bad Trainer options fail here, before any data is read
     dev = pl_trainer.strategy.root_device
@@ -335,7 +390,13 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
     probes = {pol: ("labelled" if pol == "detect_labelled" else sensitive_probe)
               for pol in {s.sensitive for s in settings.values()} | ({sensitive} if is_bn and bn_reestimate else set())
               if pol.startswith("detect")}
-    data = SuiteData(backbone, task_list, _calibration_pools(task_list, calibration_from_test),
+    reestimates = is_bn and bn_reestimate
+    # counts asked for are never cut to a smaller pool; the suite's default BatchNorm budget is "up to bn_samples"
+    # (a smaller pool gives all it has, reported per task)
+    pools = _calibration_pools(task_list, calibration_from_test,
+                               {"n_calib": n_calib, "bn_samples": bn_samples if reestimates else None})
+    bn_counts = {n: min(spec.bn_samples, len(pools[n])) for n in names} if reestimates else {}
+    data = SuiteData(backbone, task_list, pools,
                      batch_size=spec.eval_batch_size,
                      val=tune_ta or tune_lines or "labelled" in probes.values())
     test_data = data.datamodule()
@@ -345,9 +406,9 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
         return {n: _draw(data.pools[n], n_calib, seed * 1_000 + d * 7 + k) for k, n in enumerate(names)}
 
     bn_batches: list[dict[str, Tensor]] = []
-    if is_bn and bn_reestimate:
+    if reestimates:
         for k, n in enumerate(names):
-            bn_batches += data.batches(n, _draw(data.pools[n], spec.bn_samples, seed * 1_000 + 999 + k), dev, 256)
+            bn_batches += data.batches(n, _draw(data.pools[n], bn_counts[n], seed * 1_000 + 999 + k), dev, 256)
     timings["prepare_seconds"] = time.perf_counter() - t0
 
     def module(method: str, calibration: Any = "none", **options: Any) -> MagicModule:
@@ -436,8 +497,10 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
                 how = "labelled: mean log-likelihood of the true labels on 64 validation examples per task"
                 detected[policy] = detect_sensitive_layers(wa_model.eval(), wa_tv, score, alpha=sensitive_alpha)
             else:
+                # up to 8 samples per task: the probe's own budget, not an option
                 probe_batches = [b for k, n in enumerate(names)
-                                 for b in data.batches(n, _draw(data.pools[n], 8, seed * 1_000 + 555 + k), dev)]
+                                 for b in data.batches(n, _draw(data.pools[n], min(8, len(data.pools[n])),
+                                                                seed * 1_000 + 555 + k), dev)]
                 how = "label-free: L2 change of encoder features on 8 unlabelled samples per task"
                 detected[policy] = detect_label_free(base_state, probe_model, taus, probe_batches,
                                                      alpha=sensitive_alpha, weight_average=wa_tv)
@@ -553,6 +616,7 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
             "sensitive_alpha": sensitive_alpha, "sensitive_probe": sensitive_probe,
             "settings": {c: s.to_dict() for c, s in settings.items()},
             "bn_stats": bn_stats, "bn_reestimate": bn_reestimate, "bn_samples": spec.bn_samples,
+            "bn_samples_per_task": bn_counts or None,
             "tune_ta": tune_ta, "ta_grid": grid, "tune_lines": tune_lines,
             "lines_grid": [list(p) for p in LINES_GRID] if tune_lines else None, "seed": seed, "device": str(dev),
             "max_test": max_test,

@@ -306,3 +306,28 @@ def test_data_based_merge_options_are_checked_up_front(setup3):
         _module(base, experts, heads, merge_method="regmean", merge_options={"scale": 0.3})
     with pytest.raises(ValueError, match="data-based merge"):
         merge("regmean", [task_vector(e, base) for e in experts])
+
+
+@pytest.mark.parametrize("where", ["nan_one_sample", "nan_all_samples", "inf_one_sample"])
+@pytest.mark.parametrize("calibration", ["fsc", "fsc:statistic=ratio_of_means", "dsc:granularity=channel"])
+def test_nonfinite_calibration_data_fails_predict_naming_task_and_module(setup3, calibration, where):
+    """NaN/Inf in one task's calibration samples stops the predict loop with an error naming the task and the
+    module, instead of xi from the other tasks only (or 1)."""
+    from magic_pl.calibration.fsc import CalibrationDataError
+
+    base, experts, heads, _ = setup3
+    calib = {t: RandomTaskDataset(3, (6,), n, seed=20 + i) for i, (t, n) in enumerate(zip("xyz", (3, 4, 2)))}
+    x = calib["y"].x
+    if where == "nan_one_sample":
+        x[1, 3] = float("nan")
+    elif where == "nan_all_samples":
+        x[:] = float("nan")
+    else:
+        x[2, 0] = float("inf")
+    dm = TaskDataModule(list("xyz"), test=calib, samples_per_task=None, batch_size=4)  # every sample calibrates
+    mod = _module(base, experts, heads, calibration=calibration)
+    with pytest.raises(CalibrationDataError) as info:
+        _trainer().predict(mod, datamodule=dm, return_predictions=False)
+    msg = str(info.value)
+    assert "task 'y'" in msg and "module 'fc1'" in msg and "check the calibration inputs" in msg, msg
+    assert not mod.run.done

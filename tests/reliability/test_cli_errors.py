@@ -86,6 +86,26 @@ CASES = [
      {2}, r"^--model\.init_args\.adapter: .*nosuch"),
     ("data module __init__ raises", ["calibrate", "-c", TINY, "--data.init_args.samples_per_task", "0"],
      {2}, r"^--data \(.*TaskDataModule\): samples_per_task must be >= 1 .*got 0"),
+    # count options of the data module: refused when it is built, before any tensor is read
+    ("batch size 0", ["calibrate", "-c", TINY, "--data.init_args.batch_size", "0"],
+     {2}, r"^--data \(.*TaskDataModule\): batch_size must be >= 1, got 0$"),
+    ("negative calibration batch size", ["calibrate", "-c", TINY, "--data.init_args.calibration_batch_size", "-2"],
+     {2}, r"^--data \(.*TaskDataModule\): calibration_batch_size must be >= 1, got -2$"),
+    ("test_limit -1", ["calibrate", "-c", TINY, "--data.init_args.test_limit", "-1"],
+     {2}, r"^--data \(.*TaskDataModule\): test_limit must be >= 1 \(or None: every sample\), got -1$"),
+    ("negative num_workers", ["calibrate", "-c", TINY, "--data.init_args.num_workers", "-1"],
+     {2}, r"^--data \(.*TaskDataModule\): num_workers must be >= 0, got -1$"),
+    # test labels against the heads: task a's head has 3 classes; refused before calibration and scoring
+    ("test labels outside the head", ["calibrate", "-c", TINY, "--data.init_args.test.a.init_args.num_classes", "7"],
+     {1}, r"^the test set of task 'a' \(RandomTaskDataset with num_classes=7\): label [3-6] at index \d+ is outside "
+          r"the 3 classes of the task's head \(0\.\.2\); \d+ of 21 labels are out of range$"),
+    # benchmark counts: refused before any data is read or expert trained
+    ("benchmark n_calib beyond the pool", ["benchmark", "--suite", "tiny", "--n_calib", "1000000000"],
+     {1}, r"^n_calib=1000000000 is more than any task of suite 'tiny' has: its calibration pools \(the 'calib' "
+          r"split\) hold at most 64 samples per task; use n_calib <= 64$"),
+    ("benchmark draws 0", ["benchmark", "--suite", "tiny", "--draws", "0"], {1}, r"^draws must be >= 1, got 0$"),
+    ("benchmark max_test 0", ["benchmark", "--suite", "tiny", "--max_test", "0"],
+     {1}, r"^max_test must be >= 1 \(or None: the suite's test split\), got 0$"),
     ("shortcut the adapter does not take", ["calibrate", "--base", "x.safetensors"],
      {2}, r"^--base: the adapter magic_pl\.lightning\.demo\.DemoAdapter takes no 'base'"),
     ("half of the tiny inputs replaced", ["calibrate", "-c", TINY, "--experts", "INPUTS"],

@@ -263,3 +263,84 @@ def test_tiny_pretext_base_depends_on_the_seed_only():
     other = bb.build()
     bb.pretrain(other, seed=4, progress=False)
     assert not all(torch.equal(states[0][k], other.state_dict()[k]) for k in states[0] if k.endswith("weight"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Count options of a run: refused before any data is read or any expert trained
+# ------------------------------------------------------------------------------------------------------------------
+# (id, run_benchmark keyword arguments, expected message naming the option, the value and the pool)
+RUN_COUNT_CASES = [
+    ("n_calib beyond every pool", {"n_calib": 1_000_000_000},
+     r"^n_calib=1000000000 is more than any task of suite 'tiny' has: its calibration pools \(the 'calib' split\) "
+     r"hold at most 64 samples per task; use n_calib <= 64$"),
+    ("n_calib beyond max_test, drawn from the test split", {"n_calib": 30, "calibration_from_test": True,
+                                                            "max_test": 20},
+     r"^n_calib=30 is more than any task of suite 'tiny' has: its calibration pools \(the 'test' split, after "
+     r"max_test\) hold at most 20 samples per task; use n_calib <= 20$"),
+    ("n_calib 0", {"n_calib": 0}, r"^n_calib must be >= 1, got 0$"),
+    ("n_calib not an int", {"n_calib": 2.0}, r"^n_calib must be an integer >= 1, got 2\.0$"),
+    ("draws 0", {"draws": 0}, r"^draws must be >= 1, got 0$"),
+    ("bn_samples 0", {"bn_samples": 0}, r"^bn_samples must be >= 1 \(or None: the suite's default\), got 0$"),
+    ("max_test -1", {"max_test": -1}, r"^max_test must be >= 1 \(or None: the suite's test split\), got -1$"),
+    ("sensitive_alpha 0", {"sensitive_alpha": 0}, r"^sensitive_alpha must be >= 1, got 0$"),
+    ("bootstrap -1", {"bootstrap": -1}, r"^bootstrap must be >= 0, got -1$"),
+    ("threads 0", {"threads": 0}, r"^threads must be >= 1 \(or None: the suite's default\), got 0$"),
+    ("empty ta_grid", {"ta_grid": []}, r"^ta_grid is empty"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", [c[1:] for c in RUN_COUNT_CASES], ids=[c[0] for c in RUN_COUNT_CASES])
+def test_run_benchmark_refuses_bad_counts_before_any_work(kwargs, message, tmp_path, monkeypatch):
+    from magic_pl.zoo import pipeline, runner
+
+    def never(*args, **kw):
+        raise AssertionError("data was loaded")
+
+    monkeypatch.setattr(runner, "load_suite", never)
+    monkeypatch.setattr(pipeline, "load_suite", never)
+    with pytest.raises(ValueError, match=message):
+        runner.run_benchmark("tiny", cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"),
+                             progress=False, **kwargs)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+
+
+def test_budget_study_checks_every_suite_before_the_first_run(tmp_path, monkeypatch):
+    from magic_pl.zoo import runner
+    from magic_pl.zoo.budget import run_budget_study
+
+    def never(*args, **kw):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(runner, "run_benchmark", never)
+    kw = {"methods": ["ties"], "reference": "ties", "results_dir": str(tmp_path)}
+    # tiny's pools hold at most 64: n = 100 would fail in the last run, after the others
+    with pytest.raises(ValueError, match=r"^n_calib=100 is more than any task of suite 'tiny' has"):
+        run_budget_study(suites=["tiny"], budgets=[1, 100], **kw)
+    with pytest.raises(ValueError, match=r"^budgets must be >= 1, got 0$"):
+        run_budget_study(suites=["tiny"], budgets=[0, 4], **kw)
+    with pytest.raises(ValueError, match=r"^budgets is empty"):
+        run_budget_study(suites=["tiny"], budgets=[], **kw)
+    with pytest.raises(ValueError, match=r"^draws must be >= 1, got 0$"):
+        run_budget_study(suites=["tiny"], budgets=[1], draws=0, **kw)
+
+
+def test_draws_larger_than_a_tasks_pool_are_refused_naming_the_task():
+    from magic_pl.zoo.data import Task
+    from magic_pl.zoo.runner import _calibration_pools, _draw
+
+    tasks = [Task(name, ["a", "b"], [f"t{i}" for i in range(50)], torch.arange(50) % 2, [f"g{i}" for i in range(50)])
+             for name in ("big", "small")]
+    tasks[0].splits = {"calib": np.arange(40), "test": np.arange(40, 50)}
+    tasks[1].splits = {"calib": np.arange(3), "test": np.arange(3, 50)}
+    pools = _calibration_pools(tasks, False, {"n_calib": 3, "bn_samples": None})
+    assert [len(p) for p in pools.values()] == [40, 3]
+    with pytest.raises(ValueError, match=r"^n_calib=4 is more than task 'small' has: its calibration pool \(the "
+                                         r"'calib' split\) holds 3 samples; use n_calib <= 3 or draw from the test "
+                                         r"split \(calibration_from_test=True\)$"):
+        _calibration_pools(tasks, False, {"n_calib": 4})
+    with pytest.raises(ValueError, match=r"^bn_samples=11 is more than task 'big' has: .*'test' split\) holds 10 "
+                                         r"samples; use bn_samples <= 10$"):
+        _calibration_pools(tasks, True, {"n_calib": 1, "bn_samples": 11})
+    assert sorted(_draw(pools["small"], 3, seed=0)) == [0, 1, 2]
+    with pytest.raises(ValueError, match="cannot draw 4 samples from a pool of 3"):
+        _draw(pools["small"], 4, seed=0)
