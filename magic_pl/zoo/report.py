@@ -263,12 +263,24 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+#: The files :func:`write_reports` writes at the top of a results directory.
+REPORT_FILES = {"markdown": "results.md", "csv": "results.csv", "json": "results.json", "chart": "results.png"}
+
+
+def check_report_files(out_dir: Path) -> None:
+    """Before any work: refuse a results directory whose report files are the user's, not magic-pl's
+    (:func:`magic_pl.output.check_files`), so a benchmark never fails only once it is done."""
+    from magic_pl.output import check_files
+
+    check_files([Path(out_dir) / name for name in REPORT_FILES.values()])
+
+
 def write_reports(result: dict[str, Any], reports: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     """Write ``results.md``, ``results.csv``, ``results.json``, ``results.png`` and ``calibration/*.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv", "json": out_dir / "results.json",
-             "chart": out_dir / "results.png", "calibration": out_dir / "calibration"}
+    files: dict[str, Path] = {key: out_dir / name for key, name in REPORT_FILES.items()}
+    files["calibration"] = out_dir / "calibration"
     cal_dir = files["calibration"]
     cal_dir.mkdir(exist_ok=True)
     for key, rep in reports.items():

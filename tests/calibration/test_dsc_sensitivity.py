@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from calib_helpers import make_task_vectors, merged_model, weight_average
+from magic_pl.output import FILES_RECORD
 from magic_pl.calibration import (
     FeatureSpaceCalibrator,
     accuracy_score,
@@ -108,7 +109,8 @@ def test_sensitivity_json_roundtrip(tmp_path):
     assert load_sensitivity(path, alpha=3) == ["b.weight", "a.weight", "c.bias"]
     save_sensitivity(path, ["x", "y"])  # a plain sensitive set overwrites atomically
     assert load_sensitivity(path) == ["x", "y"]
-    assert sorted(p.name for p in path.parent.iterdir()) == ["sens.json"]  # no temporary files left
+    # no temporary files left; the record of what magic-pl wrote there makes sens.json replaceable by a later run
+    assert sorted(p.name for p in path.parent.iterdir()) == [FILES_RECORD, "sens.json"]
     (tmp_path / "bad.json").write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="not a magic-pl sensitivity ranking"):
         load_sensitivity(tmp_path / "bad.json")

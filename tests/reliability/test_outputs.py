@@ -375,3 +375,17 @@ def test_an_input_whose_index_points_into_the_output_is_refused(inputs, tmp_path
     with pytest.raises(OutputError, match="inside the output location"):
         OutputLocation(out, inputs=[index]).check()
     assert _snapshot(tmp_path) == before
+
+
+def test_the_benchmark_refuses_a_results_dir_holding_the_users_tables_before_any_work(tmp_path, monkeypatch):
+    from magic_pl.zoo import run_benchmark, runner
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the suite's data was read before the results directory was checked")
+
+    monkeypatch.setattr(runner, "load_suite", no_data)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.md").write_text("my notes")
+    with pytest.raises(OutputError, match=r"mine/results\.md exists and was not written by magic-pl"):
+        run_benchmark(suite="tiny", results_dir=str(tmp_path / "mine"), cache_dir=str(tmp_path / "cache"))
+    assert (tmp_path / "mine" / "results.md").read_text() == "my notes"
