@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -52,6 +53,7 @@ __all__ = [
     "tensor_task_vector",
     "LazyTaskVector",
     "task_vector",
+    "align_to_base",
     "iter_task_vectors",
     "compute_dtype",
     "apply_delta",
@@ -899,19 +901,111 @@ def _source_name(source: Source, default: str) -> str:
     return f"{default} {source}" if isinstance(source, (str, os.PathLike)) else default
 
 
-def task_vector(finetuned: Source, base: Source, *, check_finite: bool = True) -> dict[str, Tensor]:
-    """``tau = finetuned - base`` in float32, over the base's floating-point entries only.
+class RenamedView(Mapping[str, Tensor]):
+    """The entries of ``source`` under new names (``names``: new key -> key in ``source``), lazy; shape, dtype and file
+    are forwarded without reading data."""
 
-    Integer/bool buffers are left out; :func:`apply_task_vector` carries them from the base. Raises
-    :class:`CheckpointError` naming the file and key when the key sets differ (missing or extra keys, as
-    :func:`validate_experts`), on a shape mismatch (both shapes), and on NaN/Inf in either checkpoint
-    (``check_finite``, default ``True``, checked on each difference as it is computed).
+    def __init__(self, source: StateDict, names: Mapping[str, str]):
+        self.source, self.names = source, dict(names)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.source[self.names[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names
+
+    def shape(self, key: str) -> torch.Size:
+        return tensor_shape(self.source, self.names[key])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return tensor_dtype(self.source, self.names[key])
+
+    def file_of(self, key: str) -> Optional[Path]:
+        return tensor_file(self.source, self.names[key])
+
+
+def _prefix_candidates(keys: Collection[str]) -> list[str]:
+    """``""`` and every first dotted component of ``keys`` (``"bert."``, ``"model."``, ...), most frequent first."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        head, dot, _ = k.partition(".")
+        if dot:
+            counts[head + "."] = counts.get(head + ".", 0) + 1
+    return ["", *sorted(counts, key=lambda p: -counts[p])]
+
+
+def _strip(keys: Collection[str], prefix: str) -> dict[str, str]:
+    return {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+
+
+def body_prefixes(base_keys: Collection[str], expert_keys: Collection[str], *, base_prefix: Optional[str] = None,
+                  expert_prefix: Optional[str] = None) -> tuple[str, str]:
+    """The key prefixes under which a base and an expert hold the same body: the given ones, else the pair (``""`` or
+    a first dotted component of the keys on each side) whose stripped key sets share the most keys, ``("", "")`` on a
+    tie. It finds ``bert.`` in a ``BertForSequenceClassification`` expert of a ``BertModel`` base, ``model.`` in a
+    Lightning checkpoint, ``vit.`` / ``roberta.`` / ``distilbert.`` and any other architecture's prefix alike."""
+    best, best_score = ("", ""), -1
+    for pb in [base_prefix] if base_prefix is not None else _prefix_candidates(base_keys):
+        stripped = set(_strip(base_keys, pb))
+        for pe in [expert_prefix] if expert_prefix is not None else _prefix_candidates(expert_keys):
+            score = len(stripped & set(_strip(expert_keys, pe)))
+            if score > best_score:
+                best, best_score = (pb, pe), score
+    return best
+
+
+def align_to_base(base: StateDict, expert: StateDict, *, base_prefix: Optional[str] = None,
+                  expert_prefix: Optional[str] = None, name: str = "expert") -> tuple[StateDict, StateDict, list[str]]:
+    """Match an expert's keys to its base's when they are written differently; returns ``(base body, expert, heads)``.
+
+    The rule: each side's body is what lies under its prefix (:func:`body_prefixes`: given, or detected). The
+    expert's body key ``<expert prefix>x`` is the base's ``<base prefix>x``; keys outside a side's prefix are that
+    side's heads (a classifier, ``cls.*``, ``lm_head`` of another task) and are left out of the task vector, and
+    returned by name. A floating-point body key of the base that the expert lacks, or the reverse, is an error naming
+    it (integer buffers such as ``position_ids`` may be absent on either side). Both returned mappings are lazy and
+    keyed like the base.
+    """
+    pb, pe = body_prefixes(list(base.keys()), list(expert.keys()), base_prefix=base_prefix,
+                           expert_prefix=expert_prefix)
+    b, e = _strip(list(base.keys()), pb), _strip(list(expert.keys()), pe)
+    floats = {k for k in set(b) ^ set(e) if is_mergeable(tensor_dtype(base, b[k]) if k in b else
+                                                         tensor_dtype(expert, e[k]))}
+    if floats:
+        missing, extra = sorted(floats & set(b)), sorted(floats & set(e))
+        where = f" (body prefixes: base {pb!r}, {name} {pe!r}; pass base_prefix= / expert_prefix= to choose others)"
+        raise key_mismatch_error(name, [pb + k for k in missing], [pe + k for k in extra], hint=where)
+    shared = [k for k in b if k in e]
+    heads = sorted(k for k in expert.keys() if not k.startswith(pe)) + \
+        sorted(k for k in base.keys() if not k.startswith(pb))
+    return (RenamedView(base, {b[k]: b[k] for k in shared}), RenamedView(expert, {b[k]: e[k] for k in shared}),
+            heads)
+
+
+def task_vector(finetuned: Source, base: Source, *, base_prefix: Optional[str] = None,
+                expert_prefix: Optional[str] = None, check_finite: bool = True) -> dict[str, Tensor]:
+    """``tau = finetuned - base`` in float32, over the base's floating-point entries only, keyed like the base.
+
+    Integer/bool buffers are left out; :func:`apply_task_vector` carries them from the base. Checkpoints whose keys
+    are written differently are matched by :func:`align_to_base`: a ``BertForSequenceClassification`` directory
+    against a ``BertModel`` base (``bert.`` prefix detected, the ``classifier`` head left out), or explicit
+    ``base_prefix`` / ``expert_prefix``. Raises :class:`CheckpointError` naming the file and key when body keys
+    differ, on a shape mismatch (both shapes), and on NaN/Inf in either checkpoint (``check_finite``, default
+    ``True``, checked on each difference as it is computed).
     """
     base_sd, ft_sd = load_state_dict(base), load_state_dict(finetuned)
     name = _source_name(finetuned, "the fine-tuned checkpoint")
-    mismatch = key_mismatch_error(name, base_sd.keys(), ft_sd.keys())
-    if mismatch is not None:
-        raise mismatch
+    if base_prefix is not None or expert_prefix is not None or set(base_sd.keys()) != set(ft_sd.keys()):
+        base_sd, ft_sd, heads = align_to_base(base_sd, ft_sd, base_prefix=base_prefix, expert_prefix=expert_prefix,
+                                              name=name)
+        if heads:
+            logging.getLogger(__name__).info("%s: %d key(s) outside the shared body left out (heads): %s", name,
+                                             len(heads), ", ".join(heads[:8]))
     tv = LazyTaskVector(ft_sd, base_sd, name=name, base_name=_source_name(base, "base"), check_finite=check_finite)
     return {key: tv[key] for key in tv}
 

@@ -13,6 +13,7 @@ from torch import nn
 from magic_pl.statedict import (
     CheckpointError,
     LazyStateDict,
+    align_to_base,
     apply_task_vector,
     atomic_path,
     is_batchnorm_stat,
@@ -269,3 +270,41 @@ def test_task_vector_key_sets_and_finite_checks():
     assert torch.isnan(tau["w"][0, 0]) and torch.equal(tau["b"], ft["b"] - base["b"])
     with pytest.raises(CheckpointError, match=r"expert 0: tensor 'w' has 1 NaN"):
         list(iter_task_vectors(base, [bad]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Keys written differently: body prefixes detected or given, heads left out by rule
+# ---------------------------------------------------------------------------------------------------------------------
+def _classifier_layout() -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    base = {"embeddings.word.weight": torch.randn(5, 4), "encoder.0.weight": torch.randn(4, 4),
+            "encoder.0.bias": torch.randn(4), "embeddings.position_ids": torch.arange(5)}
+    expert = {f"bert.{k}": v + 0.1 for k, v in base.items() if k != "embeddings.position_ids"}
+    expert.update({"classifier.weight": torch.randn(3, 4), "classifier.bias": torch.randn(3)})
+    return base, expert
+
+
+def test_task_vector_matches_a_prefixed_expert_with_a_head_to_a_bare_base():
+    base, expert = _classifier_layout()
+    tau = task_vector(expert, base)
+    assert sorted(tau) == ["embeddings.word.weight", "encoder.0.bias", "encoder.0.weight"]  # keyed like the base
+    for k, v in tau.items():
+        torch.testing.assert_close(v, torch.full_like(v, 0.1), rtol=0, atol=1e-6)
+    # the reverse layout (a prefixed base with its own head, a bare expert) and explicit prefixes give the same
+    rev = task_vector({k[len("bert."):]: v for k, v in expert.items() if k.startswith("bert.")},
+                      {f"bert.{k}": v for k, v in base.items()} | {"cls.weight": torch.ones(2)})
+    assert sorted(rev) == [f"bert.{k}" for k in sorted(tau)]
+    explicit = task_vector(expert, base, base_prefix="", expert_prefix="bert.")
+    assert all(torch.equal(explicit[k], tau[k]) for k in tau)
+
+
+def test_align_to_base_names_body_keys_missing_on_one_side():
+    base, expert = _classifier_layout()
+    del expert["bert.encoder.0.bias"]
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\) of the base, e.g. \['encoder.0.bias'\].*'bert.'"):
+        task_vector(expert, base)
+    base, expert = _classifier_layout()
+    with pytest.raises(CheckpointError, match="does not match the base"):
+        task_vector(expert, base, expert_prefix="roberta.")  # a wrong explicit prefix finds no body
+    heads = align_to_base(base, _classifier_layout()[1])[2]
+    assert heads == ["classifier.bias", "classifier.weight"]
