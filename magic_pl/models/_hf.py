@@ -212,22 +212,6 @@ def meta_from_config(auto_cls: Any, config: Any) -> nn.Module:
         return auto_cls.from_config(config)
 
 
-def materialize_modules(module: nn.Module, device: Union[str, torch.device] = "cpu") -> None:
-    """Give every meta parameter/buffer of ``module`` real (uninitialised) storage on ``device``, in place; tensors
-    already real are untouched."""
-    for sub in module.modules():
-        for pname, p in list(sub.named_parameters(recurse=False)):
-            if p.device.type == "meta":
-                sub._parameters[pname] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-        for bname, b in list(sub.named_buffers(recurse=False)):
-            if b is not None and b.device.type == "meta":
-                sub._buffers[bname] = torch.empty_like(b, device=device)
-
-
 def has_meta(module: nn.Module) -> list[str]:
     """Names of tensors still on the meta device."""
     return [k for k, v in module.state_dict(keep_vars=True).items() if v is not None and v.device.type == "meta"]
-
-
-def is_hf_dir(path: PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()

@@ -22,7 +22,7 @@ import re
 import shutil
 import stat
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -41,13 +41,11 @@ from magic_pl.statedict import (
 __all__ = [
     "parse_size",
     "SafetensorsReader",
-    "open_safetensors",
     "ShardedSafetensorsWriter",
     "save_sharded_safetensors",
     "save_pretrained_atomic",
     "copy_support_files",
     "SUPPORT_FILES",
-    "WEIGHT_FILE_PATTERNS",
     "SAFETENSORS_INDEX",
 ]
 
@@ -75,19 +73,6 @@ SUPPORT_FILES: frozenset[str] = frozenset({
     "vocab-src.json", "vocab-tgt.json", "entity_vocab.json", "emoji.json", "normalizer.json", "byte_maps.json",
     "prophetnet.tokenizer", "word_pronunciation.json", "word_shape.json",
 })
-
-#: Files that hold weights (never support files).
-WEIGHT_FILE_PATTERNS = (
-    r".*\.safetensors$",
-    r".*\.safetensors\.index\.json$",
-    r".*\.bin$",
-    r".*\.bin\.index\.json$",
-    r".*\.pt$",
-    r".*\.pth$",
-    r".*\.ckpt$",
-    r".*\.h5$",
-    r".*\.msgpack$",
-)
 
 #: torch dtype -> safetensors dtype name (the inverse of :data:`magic_pl.statedict.SAFETENSORS_DTYPES`).
 _DTYPE_TO_ST = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -138,11 +123,6 @@ class SafetensorsReader(LazyStateDict):
         if backend != "pread":
             raise ValueError("SafetensorsReader reads with pread; use LazyStateDict for the mmap backend")
         super().__init__(weight_map, backend="pread", drop_page_cache=drop_page_cache, index=index)
-
-
-def open_safetensors(path: PathLike, *, drop_page_cache: bool = False) -> SafetensorsReader:
-    """Shorthand for :meth:`SafetensorsReader.from_path`."""
-    return SafetensorsReader.from_path(path, drop_page_cache=drop_page_cache)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -394,9 +374,3 @@ def save_pretrained_atomic(model: nn.Module, path: PathLike, *, support_from: Op
                 f.write(content)
         out.commit({"content": f"{type(model).__name__}.save_pretrained"})
     return out.path
-
-
-def iter_weight_files(directory: PathLike) -> Iterable[Path]:
-    """The weight files of a model directory (by :data:`WEIGHT_FILE_PATTERNS`)."""
-    patterns = [re.compile(p) for p in WEIGHT_FILE_PATTERNS]
-    return [f for f in sorted(Path(directory).iterdir()) if f.is_file() and any(p.fullmatch(f.name) for p in patterns)]
