@@ -341,12 +341,15 @@ class TensorFileDataset(Dataset):
 
 
 class HFDataset(Dataset):
-    """A Hugging Face dataset (hub name, ``save_to_disk`` folder) or a local ``.jsonl``/``.json``/``.csv`` file,
-    processed for a model.
+    """A Hugging Face dataset (hub name, ``save_to_disk`` folder), a local data file or an image folder, processed for
+    a model.
 
     Args:
         path: hub name (e.g. ``"tanganke/eurosat"``, needs the ``datasets`` package and a network), a folder written by
-            ``Dataset.save_to_disk``, or a local ``.jsonl``/``.json``/``.csv`` file (read without ``datasets``).
+            ``Dataset.save_to_disk``, a local ``.jsonl``/``.json``/``.csv`` file, a ``.txt`` file (one unlabelled text
+            per non-empty line, in ``text_column``), or a folder of images: flat (unlabelled calibration images) or
+            one sub-folder per class (labelled; classes are the sorted folder names unless ``label_names`` says
+            otherwise). Local files and folders are read without ``datasets``.
         split: split to load from the hub (``"test"``).
         name: hub configuration name (None).
         image_processor: a Hugging Face image processor name or folder: images (``image_column``, PIL images or
@@ -387,8 +390,9 @@ class HFDataset(Dataset):
         check_count("max_length", max_length, 1)
         check_count("limit", limit, 1, none="every row")
         self.path, self.split = str(path), split
-        self.label_ids = _label_ids(label_names, self.path)
-        self.rows = _load_rows(path, split, name)
+        self.rows, folder_classes = _load_rows(path, split, name, text_column=text_column,
+                                               image_column=image_column, label_column=label_column)
+        self.label_ids = _label_ids(label_names if label_names is not None else folder_classes, self.path)
         self.limit = min(limit, len(self.rows)) if limit is not None else len(self.rows)
         self.root = Path(path).parent if Path(path).is_file() else Path(path)
         self.text_column, self.image_column, self.label_column = text_column, image_column, label_column
@@ -513,7 +517,15 @@ def _label_ids(label_names: Optional[Union[Sequence[str], Mapping[str, int]]], w
     return {n: i for i, n in enumerate(names)}
 
 
-def _load_rows(path: str, split: str, name: Optional[str]) -> Sequence[Mapping[str, Any]]:
+#: Image files an image folder may hold (what PIL opens).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: Files that mark a folder written by ``datasets.Dataset(Dict).save_to_disk``.
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _load_rows(path: str, split: str, name: Optional[str], *, text_column: str = "text", image_column: str = "image",
+               label_column: Optional[str] = "label") -> tuple[Sequence[Mapping[str, Any]], Optional[list[str]]]:
+    """The rows of a data source and, for an image folder with one sub-folder per class, its class names."""
     p = Path(path)
     if p.is_file():
         if p.suffix == ".jsonl":
@@ -524,7 +536,7 @@ def _load_rows(path: str, split: str, name: Optional[str]) -> Sequence[Mapping[s
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{p}: line {number} is not JSON ({err.msg})") from None
-            return _objects(rows, p)
+            return _objects(rows, p), None
         if p.suffix == ".json":
             try:
                 rows = json.loads(p.read_text())
@@ -532,22 +544,57 @@ def _load_rows(path: str, split: str, name: Optional[str]) -> Sequence[Mapping[s
                 raise ValueError(f"{p} is not JSON ({err.msg}, line {err.lineno})") from None
             if not isinstance(rows, list):
                 raise ValueError(f"{p} must hold a JSON list of rows")
-            return _objects(rows, p)
+            return _objects(rows, p), None
         if p.suffix == ".csv":
             with p.open(newline="") as f:
-                return list(csv.DictReader(f))
-        raise ValueError(f"unsupported data file {p}: use .jsonl, .json or .csv")
+                return list(csv.DictReader(f)), None
+        if p.suffix == ".txt":
+            rows = [{text_column: line} for line in p.read_text().splitlines() if line.strip()]
+            if not rows:
+                raise ValueError(f"{p} has no text: a .txt data file holds one text per non-empty line")
+            return rows, None
+        raise ValueError(f"unsupported data file {p}: use .jsonl, .json, .csv, .txt or a folder of images")
+    if p.is_dir() and not any((p / f).is_file() for f in _SAVED_DATASET_FILES):
+        return _image_folder(p, image_column, label_column)
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as err:
         raise ImportError(
-            f"loading {path!r} needs the `datasets` package (pip install datasets); local .jsonl/.json/.csv files "
-            "work without it"
+            f"loading {path!r} needs the `datasets` package (pip install datasets); local .jsonl/.json/.csv/.txt "
+            "files and image folders work without it"
         ) from err
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(path, name, split=split)
+        return (ds[split] if isinstance(ds, datasets.DatasetDict) else ds), None
+    return datasets.load_dataset(path, name, split=split), None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _image_folder(folder: Path, image_column: str,
+                  label_column: Optional[str]) -> tuple[list[dict[str, Any]], Optional[list[str]]]:
+    """Rows of an image folder: flat (``{image}``, unlabelled) or one sub-folder per class (``{image, label}``, the
+    label being the folder's name); anything else is refused, naming the folder."""
+    images = _images_in(folder)
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if images and classes:
+        raise ValueError(f"{folder} holds both images and sub-folders ({classes[0].name}/): give a flat folder of "
+                         "images (unlabelled) or one sub-folder of images per class (labelled)")
+    if images:
+        return [{image_column: str(f)} for f in images], None
+    if not classes:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no class folders")
+    if label_column is None:
+        raise ValueError(f"{folder} has one folder per class, but label_column is None")
+    rows = []
+    for d in classes:
+        found = _images_in(d)
+        if not found:
+            raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        rows += [{image_column: str(f), label_column: d.name} for f in found]
+    return rows, [d.name for d in classes]
 
 
 def _objects(rows: list, path: Path) -> list:

@@ -398,3 +398,62 @@ def test_evaluation_data_smaller_than_the_process_count_is_refused_at_setup(kwar
         dm.setup(stage)
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0)
     dm.setup(stage)  # one process: enough
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data from the files users have: text lines, image folders (flat or one folder per class)
+# ---------------------------------------------------------------------------------------------------------------------
+def _tokenizer_dir(tmp_path):
+    from transformers import BertTokenizer
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad",
+                                                   "film"]) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "tok")
+    return str(tmp_path / "tok")
+
+
+def _image_processor_dir(tmp_path):
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "proc")
+    return str(tmp_path / "proc")
+
+
+def _png(path, value: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((5, 6, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_a_txt_file_gives_one_unlabelled_text_per_line(tmp_path):
+    (tmp_path / "calib.txt").write_text("good film\n\n  bad film\n")
+    ds = HFDataset(str(tmp_path / "calib.txt"), tokenizer=_tokenizer_dir(tmp_path))
+    assert len(ds) == 2 and ds._labels is None  # unlabelled: calibration data
+    assert ds[0]["input_ids"].tolist() == [2, 5, 7, 3] and "labels" not in ds[0]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match=r"empty\.txt has no text"):
+        HFDataset(str(tmp_path / "empty.txt"), tokenizer=_tokenizer_dir(tmp_path))
+
+
+def test_image_folders_flat_unlabelled_and_one_folder_per_class(tmp_path):
+    proc = _image_processor_dir(tmp_path)
+    _png(tmp_path / "flat" / "x.png", 10)
+    _png(tmp_path / "flat" / "y.jpg", 200)
+    (tmp_path / "flat" / "notes.md").write_text("not an image")
+    flat = HFDataset(str(tmp_path / "flat"), image_processor=proc)
+    assert len(flat) == 2 and flat._labels is None and flat[0]["pixel_values"].shape == (3, 8, 8)
+    for cls, value in (("cat", 0), ("dog", 255), ("ant", 128)):
+        _png(tmp_path / "classes" / cls / "1.png", value)
+    _png(tmp_path / "classes" / "dog" / "2.png", 250)
+    ds = HFDataset(str(tmp_path / "classes"), image_processor=proc)
+    assert ds.labels().tolist() == [0, 1, 2, 2]  # ant, cat, dog, dog: sorted folder names
+    named = HFDataset(str(tmp_path / "classes"), image_processor=proc, label_names={"ant": 2, "cat": 1, "dog": 0})
+    assert named.labels().tolist() == [2, 1, 0, 0]
+    _png(tmp_path / "mixed" / "a.png", 1)
+    _png(tmp_path / "mixed" / "cls" / "b.png", 1)
+    (tmp_path / "classes" / "empty").mkdir()
+    for folder, why in (("mixed", "both images and sub-folders"), ("classes", "class folder .*empty holds no images")):
+        with pytest.raises(ValueError, match=why):
+            HFDataset(str(tmp_path / folder), image_processor=proc)
