@@ -44,7 +44,7 @@ from magic_pl.lightning.report import (
     write_json,
 )
 from magic_pl.lightning.writer import save_module
-from magic_pl.merging import DATA_MERGE_METHODS, merge, validate_merge_options
+from magic_pl.merging import get_method, merge, validate_merge_options
 from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, check_pairing, find_tied_keys
 from magic_pl.output import check_task_names
 from magic_pl.statedict import CheckpointError, apply_delta, load_state_dict
@@ -262,7 +262,7 @@ class MagicCalibration(Callback):
         rec.sources = {"base": sources.base_source, "experts": sources.expert_sources}
         rec.task_names = list(sources.task_names)
         rec.config.update({"merge_method": self.method, "merge_options": self.options, "backbone": self.backbone})
-        if self.method in DATA_MERGE_METHODS:  # merged at the end of predict, from the calibration samples
+        if get_method(self.method).needs_data:  # merged at the end of predict, from the calibration samples
             self.run.bind(body, sources.base_state, sources.task_vectors(), sources.task_names,
                           data_merge=regmean_merge(self.method, self.options, rec))
             return

@@ -35,7 +35,7 @@ from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
-from magic_pl.merging import DATA_MERGE_METHODS, merge, validate_merge_options
+from magic_pl.merging import get_method, merge, validate_merge_options
 from magic_pl.models.base import (KeyView, MergeSetup, ModelAdapter, PrefixView, check_pairing, default_task_names,
                                   find_tied_keys)
 from magic_pl.output import check_task_names
@@ -135,15 +135,12 @@ def regmean_merge(method: str, options: Mapping[str, Any], record: CalibrationRe
     :meth:`CalibrationRun.bind <magic_pl.lightning.pipeline.CalibrationRun.bind>`: merges the body from the kept
     calibration calls (Gram sums reduced over processes) and records the step. Shared by ``MagicModule`` and the
     plug-in callback."""
-    from magic_pl.merging import regmean
-
     def run(body: nn.Module, base_state: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
             calls: list[tuple[int, tuple, dict]], reduce: Callable[[Tensor], Tensor]) -> Mapping[str, Tensor]:
         start = time.perf_counter()
         taus = [NormRecorder(tv) for tv in task_vectors]
         batches = [(t, ModelInputs(a, kw)) for t, a, kw in calls]
-        tau_m = regmean(base_state, body, taus, batches, plus_plus=DATA_MERGE_METHODS[method], reduce=reduce,
-                        **dict(options))
+        tau_m = get_method(method)(base_state, body, taus, batches, reduce=reduce, **dict(options))
         record.add_step("merge", time.perf_counter() - start, method=method, options=dict(options),
                         samples=len(calls))
         record_merge(record, taus, tau_m)
@@ -267,7 +264,7 @@ class MagicModule(LightningModule):
     def needs_calibration_data(self) -> bool:
         """True while a step still needs unlabelled data (``trainer.predict``): a calibration step, or a data-based
         merge."""
-        return self.run.needs_data or (not self.is_built and self.merge_method in DATA_MERGE_METHODS)
+        return self.run.needs_data or (not self.is_built and get_method(self.merge_method).needs_data)
 
     uses_fsc = needs_calibration_data
 
@@ -332,7 +329,7 @@ class MagicModule(LightningModule):
         rec.sources = {"base": setup.metadata.get("base"), "experts": setup.metadata.get("experts") or []}
         rec.add_step("load", time.perf_counter() - start, tasks=len(self.task_names))
 
-        if self.merge_method in DATA_MERGE_METHODS:  # merged at the end of predict, on the calibration samples
+        if get_method(self.merge_method).needs_data:  # merged at the end of predict, on the calibration samples
             self._bind(setup.merged_model({}), setup.task_vectors(), None)
             return
         start = time.perf_counter()
@@ -355,7 +352,7 @@ class MagicModule(LightningModule):
         rec = self.calibration_record
         self.model = merged
         data_merge = (regmean_merge(self.merge_method, self.merge_options, rec)
-                      if self.merge_method in DATA_MERGE_METHODS else None)
+                      if get_method(self.merge_method).needs_data else None)
         self.run.bind(self.model, setup.base_state(), task_vectors, self.task_names, merged_tv=merged_tv,
                       data_merge=data_merge)
         rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)

@@ -1,4 +1,5 @@
-"""Shared helpers for the per-tensor merge methods: input checks, sums, magnitude masks, matrix views, seeds."""
+"""Shared helpers for the per-tensor merge methods: input checks, sums, matrix views, seeds (the sparsify and
+combine steps are in :mod:`magic_pl.merging.steps`)."""
 
 from __future__ import annotations
 
@@ -66,45 +67,6 @@ def check_fraction(value: float, option: str, *, low_open: bool = False, high_op
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"option {option}={value!r} must lie in {lo}0, 1{hi}")
     return v
-
-
-def count_of(fraction: float, n: int) -> int:
-    """``round(fraction * n)``, clipped to [0, n]."""
-    return min(n, max(0, int(round(fraction * n))))
-
-
-def ties_keep_count(density: float, n: int) -> int:
-    """Entries TIES keeps out of ``n``: ``int(density * n) + 1``, at most ``n`` (all of them for density 1).
-
-    This is the TIES authors' reference rule (``k = int(d * density)``, then ``abs >= kthvalue(d - k)``, which keeps
-    ``k + 1`` distinct magnitudes), also FusionBench 0.2.33's. MergeKit 0.1.5 keeps ``max(1, int(density * n))``.
-    """
-    if n == 0:
-        return 0
-    if density >= 1.0:
-        return n
-    return min(n, int(density * n) + 1)
-
-
-def kth_smallest(values: Tensor, k: int) -> Tensor:
-    """The k-th smallest (1-based) entry of a flat tensor, as a 0-d tensor (``torch.kthvalue``; no size limit)."""
-    return torch.kthvalue(values, k).values
-
-
-def top_magnitude_mask(tau: Tensor, density: float) -> Tensor:
-    """Boolean mask of the :func:`ties_keep_count` (``int(density * numel) + 1``) largest-magnitude entries.
-
-    Entries tied with the threshold are kept too, as in the TIES reference code (``abs >= kth value``).
-    """
-    n = tau.numel()
-    keep = ties_keep_count(density, n) if density > 0 else 0
-    if keep == 0 or n == 0:
-        return torch.zeros_like(tau, dtype=torch.bool)
-    if keep >= n:
-        return torch.ones_like(tau, dtype=torch.bool)
-    mag = tau.abs()
-    threshold = kth_smallest(mag.reshape(-1), n - keep + 1)
-    return mag >= threshold
 
 
 def derive_seed(seed: int, name: str, index: int) -> int:

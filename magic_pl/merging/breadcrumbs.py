@@ -3,41 +3,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from ._common import check_fraction, count_of, kth_smallest, prepare
+from ._common import check_fraction, prepare
+from .method import merge_method
+from .options import Fraction, Scale
+from .steps import breadcrumbs_mask, masked_sum
 
 
-def breadcrumbs_mask(tau: Tensor, beta: float, gamma: float) -> Tensor:
-    """Keep the entries whose magnitude rank lies between the ``beta`` and ``gamma`` quantiles of the tensor.
-
-    Drops the ``round(beta * n)`` smallest and the ``round((1 - gamma) * n)`` largest magnitudes (entries tied with a
-    boundary value are dropped with it).
-    """
-    n = tau.numel()
-    n_low, n_high = count_of(beta, n), count_of(1.0 - gamma, n)
-    if n == 0 or n_low + n_high >= n:
-        return torch.zeros_like(tau, dtype=torch.bool)
-    mag = tau.abs()
-    flat = mag.reshape(-1)
-    mask = torch.ones_like(tau, dtype=torch.bool)
-    if n_low > 0:
-        mask &= mag > kth_smallest(flat, n_low)
-    if n_high > 0:
-        mask &= mag < kth_smallest(flat, n - n_high + 1)
-    return mask
+def _band_rule(options: Mapping[str, Any]) -> None:
+    if options["gamma"] < options["beta"]:
+        raise ValueError(
+            f"merge method 'breadcrumbs': gamma={options['gamma']} must be >= beta={options['beta']} "
+            "(the kept band lies between them)"
+        )
 
 
+@merge_method(
+    name="breadcrumbs",
+    paper="Davari & Belilovsky, ECCV 2024, arXiv 2312.06795",
+    check=_band_rule,
+    steps=(breadcrumbs_mask, masked_sum),
+)
 def breadcrumbs(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    beta: float = 0.85,
-    gamma: float = 0.993,
-    scale: float = 0.3,
+    beta: Fraction = 0.85,
+    gamma: Fraction = 0.993,
+    scale: Scale = 0.3,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
     Masks", ECCV 2024): per tensor (the paper's per-layer masks), drop each tau_k's bottom ``beta`` fraction by
@@ -53,7 +50,5 @@ def breadcrumbs(
     if gamma < beta:
         raise ValueError(f"breadcrumbs: gamma={gamma} must be >= beta={beta} (keep the band between them)")
     ts = prepare(taus, name)
-    acc = torch.zeros_like(ts[0])
-    for t in ts:
-        acc.add_(torch.where(breadcrumbs_mask(t, beta, gamma), t, torch.zeros((), dtype=t.dtype, device=t.device)))
-    return acc.mul_(float(scale))
+    # one mask alive at a time
+    return masked_sum(ts, (breadcrumbs_mask(t, beta, gamma) for t in ts)).mul_(float(scale))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from ._common import prepare, tsum
+from .method import merge_method
+from .options import AtLeast, Integer, PerTask, Scale
 
 
 def tall_masks(taus: Sequence[Tensor], tall_lambda: float | Sequence[float] = 0.4) -> list[Tensor]:
@@ -24,13 +27,19 @@ def tall_masks(taus: Sequence[Tensor], tall_lambda: float | Sequence[float] = 0.
     return [t.abs() > lam * (mtl - t).abs() for t, lam in zip(ts, lams)]
 
 
+@merge_method(
+    name="consensus",
+    paper="Wang et al., ICML 2024, arXiv 2405.07813",
+    # elementwise (masks, votes and the sum): any block of rows gives the same bits
+    row_separable=True,
+)
 def consensus(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    tall_lambda: float | Sequence[float] = 0.4,
-    min_tasks: int = 2,
-    scale: float = 0.3,
+    tall_lambda: Annotated[float | Sequence[float], PerTask(AtLeast(0.0))] = 0.4,
+    min_tasks: Annotated[int, Integer(1)] = 2,
+    scale: Scale = 0.3,
 ) -> Tensor:
     """Consensus Task Arithmetic (Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression", ICML 2024): keep the entries of ``tau_MTL = sum_k tau_k`` where at least ``min_tasks`` TALL masks are

@@ -2,36 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Optional
 
-import torch
 from torch import Tensor
 
 from ._common import check_fraction, generator_for, prepare
 from .basic import task_arithmetic
+from .method import Option, get_method, merge_method
+from .options import Interval, OneOf, Seed
+from .steps import dare_drop
 from .ties import ties
 
 #: Methods DARE can hand its sparsified task vectors to (option ``then``).
 DARE_THEN = {"task_arithmetic": task_arithmetic, "ties": ties}
+_THEN = OneOf(tuple(DARE_THEN))
 
 
-def dare_drop(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """Zero each entry independently with probability ``p`` and rescale the survivors by ``1 / (1 - p)``.
+def _then_options(options: Optional[Mapping[str, Any]]) -> dict[str, Option]:
+    """The options of the ``then`` method DARE hands over to (of every choice when ``options`` is ``None``). TIES'
+    ``thresholds`` are not among them: they are magnitudes of the task vectors before the drop."""
+    if options is None:
+        names = list(DARE_THEN)
+    else:
+        names = [_THEN("dare", "then", options.get("then", get_method("dare").options["then"].default))]
+    out: dict[str, Option] = {}
+    for then in names:
+        for k, spec in get_method(then).options.items():
+            if k != "thresholds":
+                out.setdefault(k, spec)
+    return out
 
-    Unbiased: ``E[dare_drop(tau)] = tau``.
-    """
-    keep = torch.rand(tau.shape, generator=generator, device=tau.device, dtype=torch.float32) >= p
-    return torch.where(keep, tau / (1.0 - p), torch.zeros((), dtype=tau.dtype, device=tau.device))
 
-
+@merge_method(
+    name="dare",
+    paper="Yu et al., ICML 2024, arXiv 2311.03099",
+    more_options=_then_options,
+    steps=(dare_drop,),
+)
 def dare(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    p: float = 0.9,
-    then: str = "task_arithmetic",
-    seed: int = 0,
+    p: Annotated[float, Interval(0.0, 1.0, high_open=True)] = 0.9,
+    then: Annotated[str, _THEN] = "task_arithmetic",
+    seed: Seed = 0,
     **then_options: Any,
 ) -> Tensor:
     """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",

@@ -3,69 +3,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
-import torch
 from torch import Tensor
 
 from ._common import generator_for, prepare
+from .method import merge_method
+from .options import Density, Interval, OneOf, Scale, Seed
+from .steps import disjoint_mean, elect_sign, magprune
 
 
-def _rows(t: Tensor) -> Tensor:
-    """The ``[rows, -1]`` view MagPrune ranks within: a scalar or 1-D tensor is one row, a matrix its rows, a conv
-    weight ``[out, in * kh * kw]``."""
-    if t.dim() <= 1:
-        return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
+def _window_rule(options: Mapping[str, Any]) -> None:
+    """MagPrune's keep probabilities ``density +/- epsilon`` must be probabilities (``density`` 1 prunes nothing)."""
+    d, e = options["density"], options["epsilon"]
+    if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+        raise ValueError(
+            f"merge method 'della': keep probabilities density +/- epsilon = [{d - e:g}, {d + e:g}] must lie "
+            "in (0, 1); lower epsilon or move density"
+        )
 
 
-def magprune_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
-    """Keep probabilities of MagPrune, per row: ``density - epsilon + 2 epsilon (rank - 1) / (n - 1)`` where ``rank``
-    (1 = smallest magnitude) orders the row's ``n`` magnitudes; so the row's mean keep rate is ``density`` and the
-    largest entries are the likeliest to survive. Returned in the ``[rows, -1]`` layout of :func:`_rows`."""
-    x = _rows(tau)
-    n = x.shape[1]
-    order = torch.argsort(x.abs(), dim=1, descending=False)
-    ranks = torch.empty_like(x)
-    ranks.scatter_(1, order, torch.arange(1, n + 1, dtype=x.dtype, device=x.device).expand_as(x).contiguous())
-    if n > 1:
-        rank_norm = ((ranks - 1.0) / float(n - 1)).clamp(0, 1)
-    else:
-        rank_norm = torch.zeros_like(x)
-    return (density - epsilon) + rank_norm * 2 * epsilon
-
-
-def magprune(tau: Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: str = "l1") -> Tensor:
-    """MagPrune one task vector: keep each entry with its :func:`magprune_keep_probabilities` probability, then
-    rescale the survivors. ``rescale``: ``"l1"`` multiplies by ``||tau||_1 / ||kept||_1`` (MergeKit 0.1.5's ``della``;
-    skipped when either is below 1e-7), ``"inverse"`` divides each survivor by its keep probability (the paper's
-    ``1 / (1 - p_i)``: unbiased), ``"none"`` leaves them. ``density >= 1`` returns ``tau`` unchanged."""
-    if density >= 1.0:
-        return tau
-    probs = magprune_keep_probabilities(tau, density, epsilon)
-    mask = torch.bernoulli(probs, generator=generator)
-    x = _rows(tau)
-    kept = x * mask
-    if rescale == "inverse":
-        kept = kept / probs
-    elif rescale == "l1":
-        before, after = x.abs().sum(), kept.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            kept = kept * (before / after)
-    elif rescale != "none":
-        raise ValueError(f"della: unknown rescale={rescale!r}; valid: 'l1', 'inverse', 'none'")
-    return kept.reshape(tau.shape)
-
-
+@merge_method(
+    name="della",
+    paper="Deep, Bhardwaj & Poria, 2024, arXiv 2406.11617",
+    check=_window_rule,
+    steps=(magprune, elect_sign, disjoint_mean),
+)
 def della(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    density: float = 0.5,
-    epsilon: float = 0.15,
-    rescale: str = "l1",
-    scale: float = 1.0,
-    seed: int = 0,
+    density: Density = 0.5,
+    epsilon: Annotated[float, Interval(0.0, 0.5, high_open=True)] = 0.15,
+    rescale: Annotated[str, OneOf(("l1", "inverse", "none"))] = "l1",
+    scale: Scale = 1.0,
+    seed: Seed = 0,
 ) -> Tensor:
     """DELLA-Merging (Deep, Bhardwaj & Poria, "DELLA-Merging: Reducing Interference in Model Merging through
     Magnitude-Based Sampling", 2024), per tensor:
@@ -89,16 +62,5 @@ def della(
     ts = prepare(taus, name)
     pruned = [magprune(t, float(density), float(epsilon), generator_for(seed, name, k, t.device), rescale)
               for k, t in enumerate(ts)]
-    total = torch.zeros_like(ts[0])
-    for p in pruned:
-        total += p
-    elected = torch.where(total >= 0, 1.0, -1.0)
-    del total
-    merged = torch.zeros_like(ts[0])
-    count = torch.zeros_like(ts[0])
-    for p in pruned:
-        agree = torch.sign(p) == elected
-        merged += torch.where(agree, p, torch.zeros((), dtype=p.dtype, device=p.device))
-        count += agree
-    count[count == 0] = 1.0
-    return merged.div_(count).mul_(float(scale))
+    elected = elect_sign(pruned, zero="plus")
+    return disjoint_mean(pruned, elected).mul_(float(scale))

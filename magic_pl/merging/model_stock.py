@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ._common import prepare, tmean
+from .method import merge_method
 
 
 def mean_pairwise_cosine(taus: Sequence[Tensor]) -> float:
@@ -27,6 +29,18 @@ def mean_pairwise_cosine(taus: Sequence[Tensor]) -> float:
     return total / pairs
 
 
+def _two_or_more(k: int, options: Mapping[str, Any]) -> Optional[str]:
+    if k < 2:
+        return f"model_stock needs at least two task vectors (their angle sets the ratio), got K = {k}"
+    return None
+
+
+@merge_method(
+    name="model_stock",
+    paper="Jang et al., ECCV 2024, arXiv 2403.19522",
+    min_tasks=2,
+    task_rule=_two_or_more,
+)
 def model_stock(taus: Sequence[Tensor], *, name: str = "") -> Tensor:
     """Model Stock (Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024), per tensor:
     ``tau_m = t * mean_k tau_k`` with ``t = K cos / (1 + (K - 1) cos)`` and ``cos`` the mean pairwise cosine of

@@ -1,7 +1,9 @@
-"""Value rules for merge-method options, in one place: each option name has one checker, and a few methods check
-combinations (breadcrumbs' band, DELLA's probability window). Pure Python: nothing here reads a tensor.
+"""Reusable value rules for merge-method options. Pure Python: nothing here reads a tensor.
 
-:func:`magic_pl.merging.validate_merge_options` (registry) applies these rules after refusing unknown option names.
+A method declares each option's rule next to its parameter, ``density: Annotated[float, Interval(0, 1,
+low_open=True)] = 0.2`` (or one of the aliases below), and :func:`~magic_pl.merging.method.merge_method` reads it
+from the signature. A rule is called as ``rule(method, option, value)``: it returns the value normalised (numbers as
+``float``/``int``) or raises ``ValueError`` naming the method, the option and the value.
 """
 
 from __future__ import annotations
@@ -9,20 +11,15 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
 
 import torch
 
 #: Largest accepted ``|scale|``: a merge coefficient beyond it is a typo (e.g. 30 for 0.3 would already be suspect,
 #: 1e4 surely is), and would amplify a task vector far past anything a method's paper uses.
 SCALE_LIMIT = 1e3
-#: Most optimisation steps WUDI accepts (the reference uses 300-400 per matrix).
-MAX_STEPS = 100_000
-
-#: Values of the string-valued options.
-SLERP_SPACES = ("task", "weights")
-DELLA_RESCALES = ("l1", "inverse", "none")
 
 
 def _fail(method: str, option: str, value: Any, rule: str) -> ValueError:
@@ -39,151 +36,174 @@ def _real(method: str, option: str, value: Any) -> float:
     return v
 
 
-def _integer(method: str, option: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _fail(method, option, value, "must be an integer")
-    v = int(value)
-    if v < low or (high is not None and v > high):
-        raise _fail(method, option, value, f"must lie in [{low}, {high if high is not None else 'inf'}]")
-    return v
+class Rule:
+    """A check of one option value: ``rule(method, option, value) -> normalised value``."""
+
+    def __call__(self, method: str, option: str, value: Any) -> Any:
+        raise NotImplementedError
 
 
-def _interval(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[..., float]:
-    def check(method: str, option: str, value: Any) -> float:
+@dataclass(frozen=True)
+class Interval(Rule):
+    """A finite real number in ``[low, high]`` (either end optionally open)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __call__(self, method: str, option: str, value: Any) -> float:
         v = _real(method, option, value)
-        if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
-            lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-            raise _fail(method, option, value, f"must lie in {lo}{low:g}, {high:g}{hi}")
+        if (v <= self.low if self.low_open else v < self.low) or (v >= self.high if self.high_open else v > self.high):
+            lo, hi = ("(" if self.low_open else "["), (")" if self.high_open else "]")
+            raise _fail(method, option, value, f"must lie in {lo}{self.low:g}, {self.high:g}{hi}")
         return v
 
-    return check
+
+@dataclass(frozen=True)
+class Bounded(Rule):
+    """A finite real number with ``|value| <= limit`` (merge coefficients: default :data:`SCALE_LIMIT`)."""
+
+    limit: float = SCALE_LIMIT
+
+    def __call__(self, method: str, option: str, value: Any) -> float:
+        v = _real(method, option, value)
+        if abs(v) > self.limit:
+            raise _fail(method, option, value, f"is out of range (|{option}| <= {self.limit:g})")
+        return v
 
 
-def _optional(check: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapped(method: str, option: str, value: Any) -> Any:
-        return None if value is None else check(method, option, value)
+@dataclass(frozen=True)
+class AtLeast(Rule):
+    """A finite real number ``>= low``."""
 
-    return wrapped
+    low: float
+
+    def __call__(self, method: str, option: str, value: Any) -> float:
+        v = _real(method, option, value)
+        if v < self.low:
+            raise _fail(method, option, value, f"must be >= {self.low:g}")
+        return v
 
 
-def _choice(choices: Sequence[str]) -> Callable[..., str]:
-    def check(method: str, option: str, value: Any) -> str:
-        if value not in choices:
-            raise _fail(method, option, value, f"must be one of {', '.join(map(repr, choices))}")
+@dataclass(frozen=True)
+class Integer(Rule):
+    """An integer (bools refused) in ``[low, high]``; ``None`` leaves that end open."""
+
+    low: Optional[int] = None
+    high: Optional[int] = None
+
+    def __call__(self, method: str, option: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _fail(method, option, value, "must be an integer")
+        v = int(value)
+        if (self.low is not None and v < self.low) or (self.high is not None and v > self.high):
+            lo = self.low if self.low is not None else "-inf"
+            hi = self.high if self.high is not None else "inf"
+            raise _fail(method, option, value, f"must lie in [{lo}, {hi}]")
+        return v
+
+
+@dataclass(frozen=True)
+class OneOf(Rule):
+    """One of a few values (string options such as SLERP's ``space``)."""
+
+    choices: tuple[Any, ...]
+
+    def __call__(self, method: str, option: str, value: Any) -> Any:
+        if value not in self.choices:
+            raise _fail(method, option, value, f"must be one of {', '.join(map(repr, self.choices))}")
         return value
 
-    return check
+
+@dataclass(frozen=True)
+class Flag(Rule):
+    """``True`` or ``False`` (no truthy stand-ins)."""
+
+    def __call__(self, method: str, option: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _fail(method, option, value, "must be True or False")
+        return value
 
 
-def _scale(method: str, option: str, value: Any) -> float:
-    v = _real(method, option, value)
-    if abs(v) > SCALE_LIMIT:
-        raise _fail(method, option, value, f"is out of range (|{option}| <= {SCALE_LIMIT:g})")
-    return v
+@dataclass(frozen=True)
+class Maybe(Rule):
+    """``None``, or a value of ``rule``."""
+
+    rule: Rule
+
+    def __call__(self, method: str, option: str, value: Any) -> Any:
+        return None if value is None else self.rule(method, option, value)
 
 
-def _bool(method: str, option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(method, option, value, "must be True or False")
-    return value
+@dataclass(frozen=True)
+class PerTask(Rule):
+    """One number or a non-empty sequence of them (one per task), each checked by ``rule`` (an error names the
+    element); a sequence comes back as a list."""
+
+    rule: Rule
+
+    def __call__(self, method: str, option: str, value: Any) -> Any:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, Sequence)):
+            raise _fail(method, option, value, "must be a number or a sequence of numbers (one per task)")
+        if isinstance(value, numbers.Real):
+            return self.rule(method, option, value)
+        if not value:
+            raise _fail(method, option, value, "must not be empty")
+        return [self.rule(method, option, v) for v in value]
 
 
-def _regex(method: str, option: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _fail(method, option, value, "must be a regex string or None")
-    try:
-        re.compile(value)
-    except re.error as err:
-        raise _fail(method, option, value, f"is not a valid regex ({err})") from None
-    return value
+@dataclass(frozen=True)
+class Regex(Rule):
+    """A regular expression string, or ``None``."""
+
+    def __call__(self, method: str, option: str, value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise _fail(method, option, value, "must be a regex string or None")
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise _fail(method, option, value, f"is not a valid regex ({err})") from None
+        return value
 
 
-def _nonneg_values(method: str, option: str, value: Any) -> Any:
-    """One finite value >= 0, or a sequence of them (one per task)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, Sequence)):
-        raise _fail(method, option, value, "must be a number >= 0 or a sequence of them (one per task)")
-    values = [value] if isinstance(value, numbers.Real) else list(value)
-    if not values:
-        raise _fail(method, option, value, "must not be empty")
-    out = [_real(method, option, v) for v in values]
-    if any(v < 0 for v in out):
-        raise _fail(method, option, value, "must be >= 0")
-    return out[0] if isinstance(value, numbers.Real) else out
+@dataclass(frozen=True)
+class Device(Rule):
+    """A ``torch.device`` or a string naming one, or ``None``."""
+
+    def __call__(self, method: str, option: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError) as err:
+            raise _fail(method, option, value, f"is not a torch device ({err})") from None
+        return value
 
 
-def _seed(method: str, option: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _fail(method, option, value, "must be an integer")
-    return int(value)
+@dataclass(frozen=True)
+class Names(Rule):
+    """A list of strings (module names), or ``None``."""
+
+    def __call__(self, method: str, option: str, value: Any) -> Optional[list[str]]:
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+                not all(isinstance(v, str) for v in value):
+            raise _fail(method, option, value, "must be a list of module names")
+        return list(value)
 
 
-def _device(method: str, option: str, value: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        torch.device(value)
-    except (RuntimeError, TypeError) as err:
-        raise _fail(method, option, value, f"is not a torch device ({err})") from None
-    return value
-
-
-_fraction = _interval(0.0, 1.0)
-
-#: option name -> checker ``(method, option, value) -> normalised value``. Every option of every method is here.
-RULES: dict[str, Callable[[str, str, Any], Any]] = {
-    "scale": _scale,
-    "density": _interval(0.0, 1.0, low_open=True),
-    "p": _interval(0.0, 1.0, high_open=True),
-    "beta": _fraction,
-    "gamma": _fraction,
-    "tall_lambda": _nonneg_values,
-    "min_tasks": lambda m, o, v: _integer(m, o, v, 1),
-    "rank_fraction": _optional(_interval(0.0, 1.0, low_open=True)),
-    "common_fraction": _fraction,
-    "matrix_exclude": _regex,
-    "thresholds": _optional(_nonneg_values),
-    "global_topk": _bool,
-    "seed": _seed,
-    "t": _fraction,
-    "space": _choice(SLERP_SPACES),
-    "dot_threshold": _fraction,
-    "eps": _interval(0.0, 1.0, high_open=True),
-    "epsilon": _interval(0.0, 0.5, high_open=True),
-    "rescale": _choice(DELLA_RESCALES),
-    "steps": lambda m, o, v: _integer(m, o, v, 0, MAX_STEPS),
-    "lr": _interval(0.0, 1.0, low_open=True),
-    "device": _device,
-    "then": lambda m, o, v: _choice(_dare_then())(m, o, v),
-}
-
-
-def _dare_then() -> tuple[str, ...]:
-    from .dare import DARE_THEN
-
-    return tuple(DARE_THEN)
-
-
-def check_option(method: str, option: str, value: Any) -> Any:
-    """Validate one option value; returns it normalised (numbers as ``float``/``int``)."""
-    rule = RULES.get(option)
-    if rule is None:  # a method option without a rule is a bug in this package, not in the caller's input
-        raise RuntimeError(f"merge method {method!r}: option {option!r} has no validation rule")
-    return rule(method, option, value)
-
-
-def check_combination(method: str, options: Mapping[str, Any]) -> None:
-    """Rules that involve several options of one method (``options``: the method's defaults updated by the caller's)."""
-    if method == "breadcrumbs" and options["gamma"] < options["beta"]:
-        raise ValueError(
-            f"merge method 'breadcrumbs': gamma={options['gamma']} must be >= beta={options['beta']} "
-            "(the kept band lies between them)"
-        )
-    if method == "della" and options["density"] < 1.0:
-        d, e = options["density"], options["epsilon"]
-        if not (d - e > 0.0 and d + e < 1.0):
-            raise ValueError(
-                f"merge method 'della': keep probabilities density +/- epsilon = [{d - e:g}, {d + e:g}] must lie "
-                "in (0, 1); lower epsilon or move density"
-            )
+# Aliases for the options many methods share.
+#: A merge coefficient (lambda), ``|scale| <= 1000``.
+Scale = Annotated[float, Bounded()]
+#: A fraction in [0, 1].
+Fraction = Annotated[float, Interval(0.0, 1.0)]
+#: A keep fraction in (0, 1].
+Density = Annotated[float, Interval(0.0, 1.0, low_open=True)]
+#: A seed for the random masks (any integer).
+Seed = Annotated[int, Integer()]
+#: A regex of 2-D parameter names that are not treated as matrices, or ``None``.
+MatrixExclude = Annotated[Optional[str], Regex()]

@@ -1,9 +1,9 @@
-"""Method registry and the streaming drivers ``merge`` (task vectors -> merged task vector) and ``merge_models``
-(base + experts -> merged model), both computed key by key (docs/method.md)."""
+"""The streaming drivers ``merge`` (task vectors -> merged task vector) and ``merge_models`` (base + experts -> merged
+model), both computed key by key (docs/method.md), and the option checks front doors call. Everything method-specific
+comes from the registered :class:`~magic_pl.merging.method.MergeMethod`."""
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
@@ -25,148 +25,55 @@ from magic_pl.statedict import (
 )
 
 from ._common import MergeError, prepare, tmean
-from .basic import task_arithmetic, weight_average
-from .breadcrumbs import breadcrumbs
-from .consensus import consensus
-from .dare import DARE_THEN, dare
-from .della import della
-from .model_stock import model_stock
-from .options import check_combination, check_option
-from .slerp import slerp
-from .svd import iso_c, iso_cts, tsv_m
-from .ties import global_magnitude_thresholds, ties
-from .wudi import wudi
+from .method import MergeMethod, get_method
 
 #: ``fn(taus: Sequence[Tensor], *, name: str = "", **options) -> Tensor`` (float32, same shape as each tau). A
 #: method that needs the base model's tensor (SLERP between full weights) also takes ``base: Tensor | None``; the
 #: drivers pass it. ``name`` and ``base`` are context, not options.
 MergeFn = Callable[..., Tensor]
 
-_CONTEXT_ARGS = ("name", "base")
-
-MERGE_METHODS: dict[str, MergeFn] = {
-    "weight_average": weight_average,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "dare": dare,
-    "breadcrumbs": breadcrumbs,
-    "consensus": consensus,
-    "tsv_m": tsv_m,
-    "iso_c": iso_c,
-    "iso_cts": iso_cts,
-    "slerp": slerp,
-    "model_stock": model_stock,
-    "della": della,
-    "wudi": wudi,
-}
-
 BN_STATS_POLICIES = ("average", "base")
-
-# Options handled by ``merge`` itself rather than by the per-tensor function.
-_DRIVER_OPTIONS = {"ties": ("global_topk",)}
-
-
-def _method(method: str) -> MergeFn:
-    try:
-        return MERGE_METHODS[method]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}"
-        ) from None
-
-
-def _own_options(fn: MergeFn) -> dict[str, Any]:
-    params = inspect.signature(fn).parameters
-    return {
-        n: p.default
-        for n, p in params.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _CONTEXT_ARGS
-    }
 
 
 def method_options(method: str) -> dict[str, Any]:
-    """Option names of ``method`` and their defaults (for ``dare``, its own plus those of every ``then`` method)."""
-    fn = _method(method)
-    opts = _own_options(fn)
-    if method == "dare":
-        for then_fn in DARE_THEN.values():
-            for k, v in _own_options(then_fn).items():
-                if k != "thresholds":
-                    opts.setdefault(k, v)
-    return opts
-
-
-def _check_options(method: str, options: Mapping[str, Any], *, driver: bool) -> None:
-    """Raise ``ValueError`` listing the valid options when ``options`` holds one ``method`` does not take."""
-    fn = _method(method)
-    valid = set(_own_options(fn))
-    if method == "dare":
-        then = options.get("then", _own_options(fn)["then"])
-        if then not in DARE_THEN:
-            check_option(method, "then", then)  # raises, naming the valid choices
-        valid |= set(_own_options(DARE_THEN[then])) - {"thresholds"}
-    if driver:
-        valid |= set(_DRIVER_OPTIONS.get(method, ()))
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        hint = ""
-        if not driver and any(u in _DRIVER_OPTIONS.get(method, ()) for u in unknown):
-            hint = " (global_topk needs all tensors: use merge()/merge_models(), not merge_tensor())"
-        raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for merge method {method!r}; "
-            f"valid options: {', '.join(sorted(valid)) or '(none)'}{hint}"
-        )
+    """Option names of ``method`` and their defaults (with options that depend on another option, every possible one:
+    for ``dare``, its own plus those of every ``then`` method)."""
+    return get_method(method).defaults()
 
 
 def validate_merge_options(method: str, options: Mapping[str, Any], *, driver: bool = True) -> dict[str, Any]:
     """Check ``method``'s options before any tensor is read; return them normalised (numbers as float/int).
 
     Refuses, with a message naming the method and the option: unknown option names (listing the valid ones),
-    non-numbers and non-finite numbers, and values outside the option's range (e.g. ``|scale| > 1e3``, ``density``
-    outside (0, 1], ``p`` outside [0, 1), ``t`` outside [0, 1], an invalid ``matrix_exclude`` regex), plus the
-    combinations a method forbids (breadcrumbs' ``gamma < beta``; DELLA's ``density +/- epsilon`` outside (0, 1)).
-    Cheap (no tensor, no file): front doors call it as early as they can.
+    non-numbers and non-finite numbers, and values outside the option's range (each option's rule is declared with
+    the method: e.g. ``|scale| > 1e3``, ``density`` outside (0, 1], ``p`` outside [0, 1), ``t`` outside [0, 1], an
+    invalid ``matrix_exclude`` regex), plus the combinations a method forbids (breadcrumbs' ``gamma < beta``;
+    DELLA's ``density +/- epsilon`` outside (0, 1)). Cheap (no tensor, no file): front doors call it as early as they
+    can. A data-based method (RegMean) takes its own options only.
 
     Args:
-        method: a key of :data:`MERGE_METHODS`.
+        method: a registered method (:data:`~magic_pl.merging.METHODS`).
         options: the caller's options; with ``driver`` they may include the drivers' own ``bn_stats`` and ``seed``
             (as front doors take them in one dict), checked and returned as they are.
-        driver: accept the options only :func:`merge`/:func:`merge_models` handle (``global_topk`` for ``ties``,
-            ``bn_stats``, ``seed``); ``False`` for :func:`merge_tensor`.
+        driver: accept the options only :func:`merge`/:func:`merge_models` handle (the method's driver options,
+            e.g. ``global_topk`` for ``ties``, and ``bn_stats``, ``seed``); ``False`` for :func:`merge_tensor`.
     """
-    from magic_pl.merging.regmean import DATA_MERGE_METHODS, validate_data_merge_options
-
-    if method in DATA_MERGE_METHODS:
+    spec = get_method(method)
+    if spec.needs_data:
         if not driver:
             raise ValueError(f"{method!r} is a data-based merge of whole layers, not a per-tensor rule")
-        return validate_data_merge_options(method, options)
+        return spec.validate(options)
     own = {k: options[k] for k in ("bn_stats", "seed") if driver and k in options}
     if "bn_stats" in own and own["bn_stats"] not in BN_STATS_POLICIES:
         raise ValueError(f"unknown bn_stats={own['bn_stats']!r}; valid: {', '.join(BN_STATS_POLICIES)}")
     if "seed" in own and (isinstance(own["seed"], bool) or not isinstance(own["seed"], int)):
         raise ValueError(f"merge option seed must be an integer, got {own['seed']!r}")
-    options = {k: v for k, v in options.items() if k not in own}
-    _check_options(method, options, driver=driver)
-    out = {k: check_option(method, k, v) for k, v in options.items()}
-    check_combination(method, {**method_options(method), **out})
+    out = spec.validate({k: v for k, v in options.items() if k not in own}, driver=driver)
     return {**out, **own}
 
 
-def _task_count_error(method: str, k: int, options: Mapping[str, Any]) -> str | None:
-    """Why ``method`` cannot merge ``k`` task vectors, or ``None``."""
-    if method == "slerp":
-        space = options.get("space", "task")
-        if space == "task" and k != 2:
-            return f"slerp interpolates two task vectors (space='task'), got K = {k}"
-        if space == "weights" and k not in (1, 2):
-            return f"slerp interpolates two models (space='weights': base and one expert, or two experts), got K = {k}"
-    if method == "model_stock" and k < 2:
-        return f"model_stock needs at least two task vectors (their angle sets the ratio), got K = {k}"
-    return None
-
-
-def _check_task_count(method: str, k: int, options: Mapping[str, Any]) -> None:
-    msg = _task_count_error(method, k, options)
+def _check_task_count(spec: MergeMethod, k: int, options: Mapping[str, Any]) -> None:
+    msg = spec.task_count_error(k, options)
     if msg:
         raise ValueError(msg)
 
@@ -215,34 +122,28 @@ def _run_method(method: str, fn: MergeFn, taus: Sequence[Tensor], key: str, opti
     return _check_output(method, key, out)
 
 
-def _wants_base(method: str, options: Mapping[str, Any]) -> bool:
-    return method == "slerp" and options.get("space", "task") == "weights"
-
-
 def merge_tensor(
     method: str, taus: Sequence[Tensor], *, name: str = "", base: Tensor | None = None, **options: Any
 ) -> Tensor:
     """Merge the K task-vector slices of one parameter with ``method`` (a key of :data:`MERGE_METHODS`).
 
     ``name`` is the parameter's key: it appears in error messages, seeds DARE's and DELLA's masks and selects which
-    2-D tensors the SVD methods treat as matrices. ``base`` is the base model's tensor, needed only by
-    ``slerp(space="weights")``. Returns a new float32 tensor; raises :class:`MergeError` naming the key when the
-    result is not finite.
+    2-D tensors the SVD methods treat as matrices. ``base`` is the base model's tensor, needed only by methods that
+    work on full weights (``slerp(space="weights")``). Returns a new float32 tensor; raises :class:`MergeError`
+    naming the key when the result is not finite.
     """
     options = validate_merge_options(method, options, driver=False)
+    spec = get_method(method)
     if not isinstance(taus, Tensor) and isinstance(taus, Sequence):
-        _check_task_count(method, len(taus), options)
+        _check_task_count(spec, len(taus), options)
         _ensure_finite_inputs(taus, name or "tensor")
-    return _run_method(method, MERGE_METHODS[method], taus, name, options, base)
-
-
-def _accepts_seed(method: str) -> bool:
-    return "seed" in _own_options(_method(method))
+    return _run_method(method, spec.fn, taus, name, options, base)
 
 
 def _base_tensor(base: Mapping[str, Tensor] | None, key: str, method: str) -> Tensor:
     if base is None:
-        raise ValueError(f"merge method {method!r} with space='weights' needs the base model: pass base=")
+        raise ValueError(f"merge method {method!r} works on full weights with these options and needs the base model: "
+                         "pass base=")
     try:
         t = base[key].to(torch.float32)
     except KeyError:
@@ -253,7 +154,7 @@ def _base_tensor(base: Mapping[str, Tensor] | None, key: str, method: str) -> Te
 
 
 def _iter_merged(
-    method: str,
+    spec: MergeMethod,
     items: Iterator[tuple[str, Sequence[Tensor]]],
     *,
     bn_stats: str,
@@ -262,32 +163,31 @@ def _iter_merged(
     base: Mapping[str, Tensor] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(key, tau_m)`` for each ``(key, [tau_1..tau_K])``; BatchNorm statistics bypass the method."""
-    fn = MERGE_METHODS[method]
-    if _accepts_seed(method) and "seed" not in options:
+    method = spec.name
+    if "seed" in spec.options and "seed" not in options:
         options = {**options, "seed": seed}
-    wants_base = _wants_base(method, options)
+    wants_base = spec.uses_base(options)
     for key, taus in items:
         if is_batchnorm_stat(key):
             ts = prepare(taus, key)
             yield key, (_check_output(method, key, tmean(ts)) if bn_stats == "average" else torch.zeros_like(ts[0]))
         else:
             b = _base_tensor(base, key, method) if wants_base else None
-            yield key, _run_method(method, fn, taus, key, options, b)
+            yield key, _run_method(method, spec.fn, taus, key, options, b)
 
 
-def _prepare_driver(method: str, bn_stats: str, options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    from magic_pl.merging.regmean import DATA_MERGE_METHODS
-
-    if method in DATA_MERGE_METHODS:
+def _prepare_driver(method: str, bn_stats: str, options: dict[str, Any]
+                    ) -> tuple[MergeMethod, dict[str, Any], dict[str, Any]]:
+    """The method, its per-tensor options and its driver options (for :attr:`MergeMethod.prepass`), validated."""
+    spec = get_method(method)
+    if spec.needs_data:
         raise ValueError(f"{method!r} is a data-based merge: it needs the model and unlabelled samples per task; use "
-                         "magic_pl.merging.regmean(base, model, task_vectors, batches) or "
+                         f"magic_pl.merging.get_method({method!r})(base, model, task_vectors, batches) or "
                          f"MagicModule(merge_method={method!r}) with calibration data (trainer.predict)")
     options = validate_merge_options(method, {**options, "bn_stats": bn_stats}, driver=True)
     options.pop("bn_stats")
-    global_topk = bool(options.pop("global_topk", False))
-    if global_topk and options.get("thresholds") is not None:
-        raise ValueError("ties: pass either global_topk=True or thresholds, not both")
-    return options, global_topk
+    driver = {k: options.pop(k) for k in list(options) if k in spec.driver_options}
+    return spec, options, driver
 
 
 def merge(
@@ -322,12 +222,12 @@ def merge(
     Raises:
         MergeError: a merged tensor is not finite, or the method's linear algebra failed (the message names the key).
     """
-    options, global_topk = _prepare_driver(method, bn_stats, options)
+    spec, options, driver = _prepare_driver(method, bn_stats, options)
     _seed_ok(seed)
     task_vectors = list(task_vectors)
     if len(task_vectors) == 0:
         raise CheckpointError("need at least one task vector (K >= 1), got none")
-    _check_task_count(method, len(task_vectors), options)
+    _check_task_count(spec, len(task_vectors), options)
     keys = list(task_vectors[0].keys())
     key_set = set(keys)
     for i, tv in enumerate(task_vectors[1:], start=1):
@@ -337,9 +237,8 @@ def merge(
             raise CheckpointError(
                 f"task vector {i} does not match task vector 0: missing keys {missing[:5]}, extra keys {extra[:5]}"
             )
-    if global_topk:
-        method_keys = [k for k in keys if not is_batchnorm_stat(k)]
-        options["thresholds"] = global_magnitude_thresholds(task_vectors, method_keys, options.get("density", 0.2))
+    if driver and spec.prepass is not None:
+        options = spec.prepass(task_vectors, [k for k in keys if not is_batchnorm_stat(k)], options, **driver)
     checked = {i for i, tv in enumerate(task_vectors) if _checks_finite(tv)}
 
     def items() -> Iterator[tuple[str, list[Tensor]]]:
@@ -349,7 +248,7 @@ def merge(
             _ensure_finite_inputs(taus, key, task_vectors, skip=checked)
             yield key, taus
 
-    return dict(_iter_merged(method, items(), bn_stats=bn_stats, seed=seed, options=options, base=base))
+    return dict(_iter_merged(spec, items(), bn_stats=bn_stats, seed=seed, options=options, base=base))
 
 
 def _seed_ok(seed: Any) -> None:
@@ -385,19 +284,19 @@ def merge_models(
         A full state dict: float keys ``base + tau_m`` (float32 arithmetic, float64 for float64 bases), integer/bool
         buffers copied from the base.
     """
-    options, global_topk = _prepare_driver(method, bn_stats, options)
+    spec, options, driver = _prepare_driver(method, bn_stats, options)
     _seed_ok(seed)
-    _check_task_count(method, len(experts), options)
+    _check_task_count(spec, len(experts), options)
     base_sd = load_state_dict(base)
     expert_sds = [load_state_dict(e) for e in experts]
     validate_experts(base_sd, expert_sds, check_finite=False)  # structure; values are checked as they are read
-    if global_topk:
+    if driver and spec.prepass is not None:
         float_keys = [k for k in base_sd if is_mergeable(_dtype_of(base_sd, k)) and not is_batchnorm_stat(k)]
         views = [LazyTaskVector(e, base_sd, check_finite=check_finite) for e in expert_sds]
-        options["thresholds"] = global_magnitude_thresholds(views, float_keys, options.get("density", 0.2))
+        options = spec.prepass(views, float_keys, options, **driver)
     out: dict[str, Tensor] = {}
     merged = _iter_merged(
-        method, iter_task_vectors(base_sd, expert_sds, check_finite=check_finite), bn_stats=bn_stats, seed=seed,
+        spec, iter_task_vectors(base_sd, expert_sds, check_finite=check_finite), bn_stats=bn_stats, seed=seed,
         options=options, base=base_sd
     )
     pending = next(merged, None)

@@ -19,20 +19,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from magic_pl.merging._common import MergeError, check_fraction
+from magic_pl.merging.method import merge_method
+from magic_pl.merging.options import Fraction, Names
 from magic_pl.statedict import CheckpointError, all_finite, compute_dtype
 
-__all__ = ["regmean", "regmean_blocks", "regmean_memory", "DATA_MERGE_METHODS", "validate_data_merge_options"]
+__all__ = ["regmean", "regmean_blocks", "regmean_memory"]
 
-#: The data-based merges the front doors take by name (``MagicModule(merge_method=...)``, ``--merge_method``, the
-#: benchmark): name -> RegMean++ (``plus_plus``). Their statistics come from the calibration samples.
-DATA_MERGE_METHODS: dict[str, bool] = {"regmean": False, "regmean_plusplus": True}
-_DATA_MERGE_OPTIONS = ("reduce_non_diagonal", "blocks")
+#: Arguments of :func:`regmean` that the front doors fill (not options of the registered methods).
+_CONTEXT = ("plus_plus", "reduce", "dtype", "device", "progress", "diagnostics")
+_PAPER = "Jin et al., ICLR 2023, arXiv 2212.09849"
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
 #: ``reduce(tensor) -> tensor``: the sum of a statistic over processes (e.g. an all-reduce); identity by default.
@@ -116,26 +117,6 @@ def regmean_memory(model: nn.Module, num_tasks: int, dtype: torch.dtype = torch.
     if not plus_plus:
         return cost(linears)
     return max((cost(v) for v in regmean_blocks(model, keys, blocks).values()), default=0)
-
-
-def validate_data_merge_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of a data-based merge (:data:`DATA_MERGE_METHODS`) as front doors take them, checked before any
-    tensor is read: ``reduce_non_diagonal`` (in [0, 1]; default 0.95) and ``blocks`` (RegMean++'s module names)."""
-    if method not in DATA_MERGE_METHODS:
-        raise ValueError(f"{method!r} is not a data-based merge; those are {', '.join(DATA_MERGE_METHODS)}")
-    unknown = sorted(set(options) - set(_DATA_MERGE_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for merge method {method!r}; valid "
-                         f"options: {', '.join(_DATA_MERGE_OPTIONS)}")
-    out: dict[str, Any] = {}
-    if "reduce_non_diagonal" in options:
-        out["reduce_non_diagonal"] = check_fraction(options["reduce_non_diagonal"], "reduce_non_diagonal")
-    if options.get("blocks") is not None:
-        blocks = options["blocks"]
-        if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks):
-            raise ValueError(f"option blocks of {method!r} must be a list of module names, got {blocks!r}")
-        out["blocks"] = list(blocks)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,6 +339,7 @@ def _first_calls(model: nn.Module, layers: Mapping[str, nn.Linear], batches: Any
     return order
 
 
+@merge_method(name="regmean", paper=_PAPER, needs_data=True, context=_CONTEXT)
 @torch.no_grad()
 def regmean(
     base: StateSource,
@@ -365,9 +347,9 @@ def regmean(
     task_vectors: Sequence[Mapping[str, Tensor]],
     batches: Any,
     *,
-    reduce_non_diagonal: float = 0.95,
+    reduce_non_diagonal: Fraction = 0.95,
     plus_plus: bool = False,
-    blocks: Optional[Sequence[str]] = None,
+    blocks: Annotated[Optional[Sequence[str]], Names()] = None,
     reduce: Optional[Reduce] = None,
     dtype: torch.dtype = torch.float64,
     device: Optional[Union[str, torch.device]] = None,
@@ -528,3 +510,20 @@ def regmean(
         merge_layers(grams, rows, "RegMean++")
         write(tau_m, block_keys, "RegMean++-merged model")
     return {key: tau_m[key] for key in keys}
+
+
+@merge_method(name="regmean_plusplus", paper="Nguyen et al., 2025, arXiv 2508.03121 (RegMean++)", needs_data=True,
+              context=_CONTEXT)
+def regmean_plusplus(
+    base: StateSource,
+    model: nn.Module,
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    batches: Any,
+    *,
+    reduce_non_diagonal: Fraction = 0.95,
+    blocks: Annotated[Optional[Sequence[str]], Names()] = None,
+    **context: Any,
+) -> dict[str, Tensor]:
+    """RegMean++: :func:`regmean` with ``plus_plus=True`` (same options and arguments)."""
+    return regmean(base, model, task_vectors, batches, reduce_non_diagonal=reduce_non_diagonal, plus_plus=True,
+                   blocks=blocks, **context)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Optional
 
 import torch
 from torch import Tensor
 
 from ._common import prepare
+from .method import merge_method
+from .options import Fraction, Interval, OneOf
 
 
 def slerp_rows(a: Tensor, b: Tensor, t: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
@@ -38,15 +41,33 @@ def slerp_rows(a: Tensor, b: Tensor, t: float, *, dot_threshold: float = 0.9995,
     return (coef_a * x + coef_b * y).reshape(shape)
 
 
+def _two_endpoints(k: int, options: Mapping[str, Any]) -> Optional[str]:
+    """K = 2 task vectors (``space="task"``); K = 1 (base -> expert) or 2 (expert -> expert) models (``"weights"``)."""
+    space = options["space"]
+    if space == "task" and k != 2:
+        return f"slerp interpolates two task vectors (space='task'), got K = {k}"
+    if space == "weights" and k not in (1, 2):
+        return f"slerp interpolates two models (space='weights': base and one expert, or two experts), got K = {k}"
+    return None
+
+
+@merge_method(
+    name="slerp",
+    paper="Shoemake, SIGGRAPH 1985 (spherical interpolation, applied row by row as MergeKit 0.1.5 does)",
+    min_tasks=1,
+    max_tasks=2,
+    task_rule=_two_endpoints,
+    needs_base=lambda options: options["space"] == "weights",
+)
 def slerp(
     taus: Sequence[Tensor],
     *,
     name: str = "",
     base: Tensor | None = None,
-    t: float = 0.5,
-    space: str = "task",
-    dot_threshold: float = 0.9995,
-    eps: float = 1e-8,
+    t: Fraction = 0.5,
+    space: Annotated[str, OneOf(("task", "weights"))] = "task",
+    dot_threshold: Fraction = 0.9995,
+    eps: Annotated[float, Interval(0.0, 1.0, high_open=True)] = 1e-8,
 ) -> Tensor:
     """SLERP merge (Shoemake 1985, as model merging uses it): row-by-row spherical interpolation, see
     :func:`slerp_rows`. Defaults: ``t = 0.5`` (the midpoint, the MAGIC reference code's rule), ``dot_threshold =

@@ -8,11 +8,16 @@ implementations do, and then scaled like the matrices.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Optional
 
 import torch
 from torch import Tensor
 
 from ._common import DEFAULT_MATRIX_EXCLUDE, as_matrix, check_fraction, polar, prepare, svd, tmean, tsum
+from .method import merge_method
+from .options import Fraction, Interval, MatrixExclude, Maybe, Scale
+
+_ISO_PAPER = "Marczak et al., ICML 2025, arXiv 2502.04959"
 
 
 def _support(mat: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,13 +50,14 @@ def tsv_factors(mats: Sequence[Tensor], rank: int) -> tuple[Tensor, Tensor, Tens
     return polar(u_cat), s_cat, polar(vh_cat)
 
 
+@merge_method(name="tsv_m", paper="Gargiulo et al., CVPR 2025, arXiv 2412.00081")
 def tsv_m(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    scale: float = 1.0,
-    rank_fraction: float | None = None,
-    matrix_exclude: str | None = DEFAULT_MATRIX_EXCLUDE,
+    scale: Scale = 1.0,
+    rank_fraction: Annotated[Optional[float], Maybe(Interval(0.0, 1.0, low_open=True))] = None,
+    matrix_exclude: MatrixExclude = DEFAULT_MATRIX_EXCLUDE,
 ) -> Tensor:
     """TSV-Merge (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025).
 
@@ -82,12 +88,13 @@ def tsv_m(
 # --------------------------------------------------------------------------------------------------------------------
 # Iso-C and Iso-CTS
 # --------------------------------------------------------------------------------------------------------------------
+@merge_method(name="iso_c", paper=_ISO_PAPER)
 def iso_c(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    scale: float = 1.0,
-    matrix_exclude: str | None = DEFAULT_MATRIX_EXCLUDE,
+    scale: Scale = 1.0,
+    matrix_exclude: MatrixExclude = DEFAULT_MATRIX_EXCLUDE,
 ) -> Tensor:
     """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
     ICML 2025): SVD of ``sum_k tau_k = U diag(S) V^T``, every singular value replaced by their mean:
@@ -121,13 +128,14 @@ def iso_c(
     return out.reshape(total.shape).mul_(float(scale))
 
 
+@merge_method(name="iso_cts", paper=_ISO_PAPER)
 def iso_cts(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    scale: float = 1.0,
-    common_fraction: float = 0.8,
-    matrix_exclude: str | None = DEFAULT_MATRIX_EXCLUDE,
+    scale: Scale = 1.0,
+    common_fraction: Fraction = 0.8,
+    matrix_exclude: MatrixExclude = DEFAULT_MATRIX_EXCLUDE,
 ) -> Tensor:
     """Iso-CTS (Marczak et al., ICML 2025): isotropic merging in common and task-specific subspaces.
 

@@ -3,21 +3,47 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import check_fraction, prepare, ties_keep_count, top_magnitude_mask
+from ._common import check_fraction, prepare
+from .method import merge_method
+from .options import AtLeast, Density, Flag, Maybe, PerTask, Scale
+from .steps import disjoint_mean, elect_sign, ties_keep_count, top_magnitude_mask
 
 
+def _global_topk(task_vectors: Sequence[Mapping[str, Tensor]], keys: list[str], options: dict[str, Any], *,
+                 global_topk: Annotated[bool, Flag()] = False) -> dict[str, Any]:
+    """``merge(..., global_topk=True)``: one magnitude threshold per task over all ``keys`` together (the paper's code
+    flattens the whole model), given to every per-tensor call as ``thresholds``."""
+    if global_topk:
+        thresholds = global_magnitude_thresholds(task_vectors, keys, options.get("density", 0.2))
+        options = {**options, "thresholds": thresholds}
+    return options
+
+
+def _one_threshold_rule(options: Mapping[str, Any]) -> None:
+    if options.get("global_topk") and options["thresholds"] is not None:
+        raise ValueError("ties: pass either global_topk=True or thresholds, not both")
+
+
+@merge_method(
+    name="ties",
+    paper="Yadav et al., NeurIPS 2023, arXiv 2306.01708",
+    prepass=_global_topk,
+    check=_one_threshold_rule,
+    steps=(top_magnitude_mask, elect_sign, disjoint_mean),
+)
 def ties(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    density: float = 0.2,
-    scale: float = 1.0,
-    thresholds: Sequence[float] | None = None,
+    density: Density = 0.2,
+    scale: Scale = 1.0,
+    thresholds: Annotated[Optional[Sequence[float]], Maybe(PerTask(AtLeast(0.0)))] = None,
 ) -> Tensor:
     """TIES-Merging of one tensor (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", 2023).
 
@@ -45,24 +71,9 @@ def ties(
         if len(thresholds) != len(ts):
             raise ValueError(f"ties: {len(thresholds)} thresholds for {len(ts)} task vectors (key {name!r})")
         masks = [t.abs() >= float(th) for t, th in zip(ts, thresholds)]
-    # Loop over the K slices with running accumulators (no [K, ...] float stacks): memory ~ K bool masks.
-    zero = torch.zeros((), dtype=torch.float32, device=ts[0].device)
-    total = torch.zeros_like(ts[0])
-    for t, m in zip(ts, masks):
-        total += torch.where(m, t, zero)
-    elected = torch.sign(total)
-    del total
-    tied = elected == 0
-    if bool(tied.any()):
-        elected[tied] = torch.sign(elected.sum())
-    merged = torch.zeros_like(ts[0])
-    count = torch.zeros_like(ts[0])
-    for t, m in zip(ts, masks):
-        agree = m & (torch.sign(t) == elected) & (t != 0)
-        merged += torch.where(agree, t, zero)
-        count += agree
-    merged.div_(count.clamp_(min=1.0))
-    return merged.mul_(float(scale))
+    # Running accumulators over the K slices (no [K, ...] float stacks): memory ~ K bool masks.
+    elected = elect_sign(ts, masks, zero="majority")
+    return disjoint_mean(ts, elected, masks).mul_(float(scale))
 
 
 def global_magnitude_thresholds(
@@ -71,7 +82,7 @@ def global_magnitude_thresholds(
     """Per-task magnitude threshold keeping the ``density`` fraction of largest entries over all ``keys`` together.
 
     The global variant of TIES's trim step (the paper's code flattens the whole model); the count kept is
-    :func:`~magic_pl.merging._common.ties_keep_count` of the total size. Holds one task's magnitudes
+    :func:`~magic_pl.merging.steps.ties_keep_count` of the total size. Holds one task's magnitudes
     at a time (one float32 model; numpy's in-place partition, no index tensor).
     """
     density = check_fraction(density, "density", low_open=True)

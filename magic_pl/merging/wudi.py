@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from ._common import DEFAULT_MATRIX_EXCLUDE, as_matrix, prepare, tmean
+from .method import merge_method
+from .options import Device, Integer, Interval, MatrixExclude, Scale
+
+#: Most optimisation steps accepted (the reference uses 300-400 per matrix).
+MAX_STEPS = 100_000
 
 
 def wudi_matrix(mats: Sequence[Tensor], *, steps: int = 300, lr: float = 1e-5) -> Tensor:
@@ -41,15 +47,16 @@ def wudi_matrix(mats: Sequence[Tensor], *, steps: int = 300, lr: float = 1e-5) -
     return x.detach()
 
 
+@merge_method(name="wudi", paper="Cheng et al., 2025, arXiv 2503.08099")
 def wudi(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    steps: int = 300,
-    lr: float = 1e-5,
-    scale: float = 1.0,
-    matrix_exclude: str | None = DEFAULT_MATRIX_EXCLUDE,
-    device: str | None = None,
+    steps: Annotated[int, Integer(0, MAX_STEPS)] = 300,
+    lr: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1e-5,
+    scale: Scale = 1.0,
+    matrix_exclude: MatrixExclude = DEFAULT_MATRIX_EXCLUDE,
+    device: Annotated[str | None, Device()] = None,
 ) -> Tensor:
     """WUDI merging (Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging
     via Task Vectors", arXiv 2503.08099): per linear-layer matrix, ``tau_m = argmin_X sum_k ||(X - tau_k)

@@ -34,7 +34,7 @@ import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,9 @@ from magic_pl.statedict import (
     tensor_shape,
     tensor_task_vector,
 )
+
+if TYPE_CHECKING:
+    from magic_pl.merging.method import Linear
 
 __all__ = [
     "LoRAModule",
@@ -447,9 +450,11 @@ def merge_lora_lowrank(
 
     Args:
         setup: a :class:`LoRAAdapter` setup.
-        method: ``"task_arithmetic"`` (``c_k = scale``) or ``"weight_average"`` (``c_k = 1/K``): the linear merges,
-            whose result is exactly low-rank. Others (TIES, TSV-M, ...) need the dense path.
-        scale: task arithmetic's lambda (default 0.3, as :func:`magic_pl.merging.task_arithmetic`).
+        method: a linear merge (``MergeMethod.linear``: ``"task_arithmetic"``, ``c_k = scale``;
+            ``"weight_average"``, ``c_k = 1/K``; ...), whose result is exactly low-rank, with its default options
+            (``scale`` aside). Others (TIES, TSV-M, ...) need the dense path.
+        scale: the method's ``scale`` when it has one (task arithmetic's lambda, default 0.3 as
+            :func:`magic_pl.merging.task_arithmetic`); ignored otherwise.
         wsc: apply weight space calibration (default ``True``); its row scales go into ``B`` (or ``A`` for
             transposed weights), so the rank is kept.
         sensitive: WSC's magnitude-sensitive set (see :func:`magic_pl.calibration.weight_space_calibration`).
@@ -459,24 +464,30 @@ def merge_lora_lowrank(
         A :class:`LowRankDelta` (write it with :func:`save_lora_adapter`).
     """
     from magic_pl.calibration import weight_space_calibration
+    from magic_pl.merging import METHODS, get_method, validate_merge_options
 
-    if method not in ("task_arithmetic", "weight_average"):
+    spec = get_method(method)
+    if spec.linear is None:
+        linear = ", ".join(n for n, m in METHODS.items() if m.linear is not None)
         raise ValueError(
-            f"low-rank merging supports the linear methods task_arithmetic and weight_average, not {method!r}: "
+            f"low-rank merging supports the linear methods ({linear}), not {method!r}: "
             "use the dense path (setup.task_vectors() + magic_pl.merging.merge) for other methods"
         )
+    options = validate_merge_options(method, {"scale": scale} if "scale" in spec.options else {}, driver=False)
     ckpts: list[LoRACheckpoint] = getattr(setup.adapter, "checkpoints", [])
     if not isinstance(setup.adapter, LoRAAdapter) or len(ckpts) != len(setup.task_names):
         raise ValueError("merge_lora_lowrank needs a setup built by LoRAAdapter.setup()")
     K = len(ckpts)
-    coeff = float(scale) if method == "task_arithmetic" else 1.0 / K
+    combination = spec.linear_weights(K, options)
+    coeffs = combination.coefficients
     base = setup.base_state()
     tvs = setup.task_vectors()
     out = LowRankDelta(modules={})
     lora_keys = [k for k in tvs[0] if any(k in c.modules for c in ckpts)]
     full_keys = [k for k in tvs[0] if any(k in c.full for c in ckpts) and k not in lora_keys]
     for key in lora_keys:
-        parts = [c.modules[key] for c in ckpts if key in c.modules]
+        tasks = [k for k, c in enumerate(ckpts) if key in c.modules]
+        parts = [ckpts[k].modules[key] for k in tasks]
         if any(key in c.full for c in ckpts):
             raise CheckpointError(f"{key!r} is both LoRA-adapted and fully replaced across adapters; use the dense path")
         kinds = {(p.kind, p.fan_in_fan_out) for p in parts}
@@ -485,7 +496,7 @@ def merge_lora_lowrank(
         first = parts[0]
         # Concatenating along the rank sums the per-adapter deltas (for kxk conv LoRA too: A is kxk, B 1x1).
         A = torch.cat([p.A.float() for p in parts], dim=0)
-        B = torch.cat([p.B.float() * (coeff * p.scale) for p in parts], dim=1)
+        B = torch.cat([p.B.float() * (coeffs[k] * p.scale) for k, p in zip(tasks, parts)], dim=1)
         merged = LoRAModule(first.module, first.kind, A, B, 1.0, first.fan_in_fan_out)
         if wsc:
             d = lora_delta(merged)
@@ -502,11 +513,19 @@ def merge_lora_lowrank(
         out.modules[key] = merged
     for key in full_keys:
         taus = [tv[key] for tv in tvs]
-        d = sum(taus) * coeff if method == "task_arithmetic" else sum(taus) / K
+        d = _combine(taus, combination)
         if wsc:
             d = weight_space_calibration({key: d}, [{key: t} for t in taus], sensitive, **wsc_options)[key]
         out.full[key] = apply_delta(base[key], d, key=key)
     return out
+
+
+def _combine(taus: Sequence[Tensor], combination: Linear) -> Tensor:
+    """``sum_k w_k tau_k / divisor`` of dense tensors. Equal weights sum first and multiply once, as the linear
+    methods do (task arithmetic: ``sum * scale``; weight average: ``sum * 1 / K``, the same bits as ``sum / K``)."""
+    w, divisor = combination.weights, combination.divisor
+    total = sum(taus) * w[0] if len(set(w)) == 1 else sum(t * wk for t, wk in zip(taus, w))
+    return total / divisor if divisor != 1.0 else total
 
 
 def save_lora_adapter(delta: LowRankDelta, path: PathLike, *, template: Optional[PathLike] = None,

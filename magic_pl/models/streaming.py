@@ -5,10 +5,11 @@
 (:func:`magic_pl.merging.merge` on that one key), applies WSC to that key
 (:func:`magic_pl.calibration.weight_space_calibration`), writes ``base + tau`` into its planned place in an output
 shard (:class:`~magic_pl.models.io.ShardedSafetensorsWriter`) and frees everything. For the row-separable methods
-(weight average, task arithmetic; WSC is row-wise by definition, docs/method.md, WSC) large tensors are processed in
-blocks of rows bounded by ``chunk_bytes``, so the peak working set does not grow with K or with the largest tensor.
-Other methods (TIES, DARE, TSV-M, ...) need whole tensors: the peak is then the K float32 task-vector slices of the
-largest tensor plus the method's own temporaries (WSC still runs in row blocks).
+(``MergeMethod.row_separable``: weight average, task arithmetic, consensus, ...; WSC is row-wise by definition,
+docs/method.md, WSC) large tensors are processed in blocks of rows bounded by ``chunk_bytes``, so the peak working set
+does not grow with K or with the largest tensor. Other methods (TIES, DARE, TSV-M, ...) need whole tensors: the peak
+is then the K float32 task-vector slices of the largest tensor plus the method's own temporaries (WSC still runs in
+row blocks).
 
 :func:`lazy_calibration_sources` and :func:`streaming_fsc` run FSC on a merged model held in memory while the base
 and expert tensors are read from disk one module at a time (``FeatureSpaceCalibrator`` takes mappings).
@@ -65,9 +66,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-#: Methods whose per-tensor result is computed row by row (elementwise), so tensors may be processed in row blocks.
-ROW_SEPARABLE_METHODS = ("weight_average", "task_arithmetic")
 
 
 def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
@@ -256,6 +254,7 @@ def stream_merge(
     t0 = time.perf_counter()
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}")
+    spec = MERGE_METHODS[method]
     setting = resolve_setting(calibration)
     wsc = setting.uses_wsc
     if wsc and setting.weight_method != "wsc":
@@ -268,9 +267,10 @@ def stream_merge(
     sens = setting.resolve_sensitive(sensitive) if wsc else None
     wopts = setting.wsc_options()
     opts = dict(method_options or {})
-    if opts.get("global_topk"):
-        raise ValueError("global_topk needs every tensor before the first is merged; stream_merge merges per tensor "
-                         "(use magic_pl.merging.merge_models for global thresholds)")
+    whole = [k for k in spec.driver_options if opts.get(k)]
+    if whole:
+        raise ValueError(f"{', '.join(whole)} needs every tensor before the first is merged; stream_merge merges per "
+                         "tensor (use magic_pl.merging.merge_models for a pass over the whole model)")
     if not experts:
         raise CheckpointError("need at least one expert, got none")
     from magic_pl.output import OutputLocation
@@ -296,7 +296,7 @@ def stream_merge(
                           device=str(dev))
     keys = list(base_sd.keys())
     plan = [(k, tuple(tensor_shape(base_sd, k)), tensor_dtype(base_sd, k)) for k in keys]
-    row_separable = method in ROW_SEPARABLE_METHODS
+    row_separable = spec.row_separable
     with out_loc:
         tmp = out_loc.stage()
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_size=max_shard_size)

@@ -336,17 +336,16 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
 
     from magic_pl.calibration import CalibrationSetting, detect_sensitive_layers, resolve_setting
     from magic_pl.calibration.settings import detect_label_free
-    from magic_pl.merging import DATA_MERGE_METHODS, MERGE_METHODS, merge
+    from magic_pl.merging import METHODS, merge
 
     suite = spec.name
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     methods = list(methods) if methods is not None else list(DEFAULT_METHODS)
     calibrations = list(calibrations) if calibrations is not None else list(CALIBRATIONS)
-    unknown = [m for m in methods if m not in MERGE_METHODS and m not in DATA_MERGE_METHODS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown merge method(s) {unknown}; available: {sorted(MERGE_METHODS)} and the data-based "
-                         f"{sorted(DATA_MERGE_METHODS)}")
+        raise ValueError(f"unknown merge method(s) {unknown}; available: {', '.join(METHODS)}")
     if sensitive not in SENSITIVE_CHOICES:
         raise ValueError(f"sensitive must be one of {SENSITIVE_CHOICES}, got {sensitive!r}")
     if sensitive_probe not in SENSITIVE_PROBES:
@@ -412,7 +411,7 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
     timings["prepare_seconds"] = time.perf_counter() - t0
 
     def module(method: str, calibration: Any = "none", **options: Any) -> MagicModule:
-        if method in DATA_MERGE_METHODS:  # RegMean: merged in predict; BatchNorm statistics averaged like the rest
+        if METHODS[method].needs_data:  # RegMean: merged in predict; BatchNorm statistics averaged like the rest
             options.pop("seed", None)
         else:
             options = {"bn_stats": bn_stats, **options}
@@ -429,9 +428,9 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
     reports: dict[str, Any] = {}
     def data_rows(method: str, setting: Any) -> bool:
         """Rows that need calibration samples, one per draw: a data-based setting, or a data-based merge."""
-        return setting.uses_data or method in DATA_MERGE_METHODS
+        return setting.uses_data or METHODS[method].needs_data
 
-    with_bn_rows = [m for m in methods if is_bn and bn_reestimate and m not in DATA_MERGE_METHODS]
+    with_bn_rows = [m for m in methods if is_bn and bn_reestimate and not METHODS[m].needs_data]
     n_configs = (2 + sum(draws if data_rows(m, settings[c]) else 1 for m in methods for c in calibrations)
                  + len(with_bn_rows) * (1 + draws) + (1 if tune_ta else 0) + (1 if tune_lines else 0))
     bar = tqdm(total=n_configs, desc=f"{suite}: evaluate", disable=not (progress and main_process))
@@ -699,14 +698,14 @@ def _gains(rows: Sequence[dict[str, Any]], methods: Sequence[str], raw: Sequence
         return list(bootstrap_ci(diff, samples=bootstrap, seed=seed))
 
     out["mean_over_methods_ci95"] = {c: mean_paired(c, None) for c in per_cal}
-    from magic_pl.merging import DATA_MERGE_METHODS
+    from magic_pl.merging import METHODS
 
     # data-based merges start from no merge of their own: each of their rows against every uncalibrated data-free one
-    data_free = [m for m in methods if m not in DATA_MERGE_METHODS and (m, "none") in table]
+    data_free = [m for m in methods if not METHODS[m].needs_data and (m, "none") in table]
     out["data_merges_over"] = {
         m: {c: {ref: [table[(m, c)] - table[(ref, "none")], paired((m, c), (ref, "none"))] for ref in data_free}
             for c in cals if (m, c) in table}
-        for m in methods if m in DATA_MERGE_METHODS}
+        for m in methods if METHODS[m].needs_data}
     if tuned is not None:
         out["mean_over_tuned_ta"] = {c: float(np.mean([table[(m, c)] - tuned for m in methods if (m, c) in table]))
                                      for c in cals if any((m, c) in table for m in methods)}
