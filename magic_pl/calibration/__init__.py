@@ -1,6 +1,6 @@
-"""MAGIC magnitude calibration (docs/method.md), pure PyTorch: the calibration settings and their driver, WSC, FSC with
-weight folding, DSC, the magnitude-sensitive-layer probe, and the data-free rescalers SVC and LiNeS. Usable without
-Lightning."""
+"""MAGIC magnitude calibration (docs/method.md), pure PyTorch: the calibration settings (pipelines of registered steps)
+and their driver, WSC, FSC with weight folding, DSC, the magnitude-sensitive-layer probe, and the data-free rescalers
+SVC, LiNeS and scale. Usable without Lightning."""
 
 from magic_pl.calibration.dsc import dual_space_calibration
 from magic_pl.calibration.fsc import (
@@ -23,6 +23,7 @@ from magic_pl.calibration.sensitivity import (
 )
 from magic_pl.calibration.lines import layer_index, lines_alpha, lines_keys, lines_scaling
 from magic_pl.calibration.settings import AUTO, PRESETS, SENSITIVE_POLICIES, CalibrationSetting, resolve_setting
+from magic_pl.calibration.steps import STEPS, CalibrationStep, register_step
 from magic_pl.calibration.svc import singular_value_calibration
 from magic_pl.calibration.taskvectors import LazyTaskVector
 from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, WSC_VARIANTS, row_scales, weight_space_calibration, wsc_keys
@@ -36,9 +37,11 @@ __all__ = [
     "FSC_STATISTICS",
     "PRESETS",
     "SENSITIVE_POLICIES",
+    "STEPS",
     "WSC_VARIANTS",
     "CalibratedModule",
     "CalibrationSetting",
+    "CalibrationStep",
     "CalibrationDataError",
     "CalibrationResult",
     "FeatureSpaceCalibrator",
@@ -54,6 +57,7 @@ __all__ = [
     "lines_scaling",
     "load_sensitivity",
     "output_divergence_score",
+    "register_step",
     "resolve_setting",
     "row_scales",
     "save_sensitivity",

@@ -1,5 +1,6 @@
 """Dual space calibration (DSC): WSC on the merged task vector, then FSC measured on the WSC-calibrated model
-(MAGIC, arXiv 2512.19320; docs/method.md), and the shared steps: feeding batches, writing WSC into a model."""
+(MAGIC, arXiv 2512.19320; docs/method.md), and the shared steps: feeding batches, writing a calibrated task vector
+into a model."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from torch import Tensor, nn
 from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator, StateSource, _state_of
 from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.calibration.taskvectors import LazyTaskVector
-from magic_pl.calibration.wsc import weight_space_calibration
 from magic_pl.statedict import apply_delta
 
-__all__ = ["Batches", "apply_weight_space_calibration", "call_with_batch", "dual_space_calibration", "feed",
-           "merged_task_vector", "task_batches", "write_task_vector"]
+__all__ = ["Batches", "call_with_batch", "dual_space_calibration", "feed", "merged_task_vector", "task_batches",
+           "write_task_vector"]
 
 #: Calibration data: ``{task_index: iterable of batches}`` or an iterable of ``(task_index, batch)`` pairs. A batch
 #: that is a tensor is passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``.
@@ -69,26 +69,6 @@ def write_task_vector(base: StateSource, merged: nn.Module, tau: Mapping[str, Te
 def merged_task_vector(base: StateSource, merged: nn.Module) -> Mapping[str, Tensor]:
     """``tau_m = merged - base``, computed per key on access."""
     return LazyTaskVector({k: v.detach() for k, v in merged.state_dict().items()}, _state_of(base))
-
-
-@torch.no_grad()
-def apply_weight_space_calibration(
-    base: StateSource,
-    merged: nn.Module,
-    task_vectors: Sequence[Mapping[str, Tensor]],
-    merged_tv: Optional[Mapping[str, Tensor]] = None,
-    sensitive: Optional[Collection[str]] = None,
-    **wsc_options: Any,
-) -> dict[str, Tensor]:
-    """WSC written into ``merged`` in place: every calibrated tensor becomes ``theta0 + calibrated tau_m`` (summed in
-    float32, or float64 for float64 models). ``merged_tv`` ``None`` computes ``merged - base`` on access;
-    ``wsc_options`` go to :func:`weight_space_calibration`. Returns the per-row scales applied, per tensor."""
-    if merged_tv is None:
-        merged_tv = merged_task_vector(base, merged)
-    calibrated, scales = weight_space_calibration(merged_tv, task_vectors, sensitive, return_scales=True,
-                                                  **wsc_options)
-    write_task_vector(base, merged, calibrated, list(scales), "WSC-calibrated model")
-    return scales
 
 
 def dual_space_calibration(

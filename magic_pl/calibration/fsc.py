@@ -35,7 +35,7 @@ import math
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +44,10 @@ from torch.func import functional_call
 from magic_pl.calibration._names import module_is_sensitive
 from magic_pl.calibration.folding import fold_unit
 from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, fold_kind, primary_tensor
+from magic_pl.calibration.steps import CalibrationStep, register_step
 from magic_pl.statedict import apply_delta
 
-__all__ = ["FSC_MODES", "CalibrationDataError", "CalibrationResult", "FeatureSpaceCalibrator", "StateSource"]
+__all__ = ["FSC_MODES", "CalibrationDataError", "CalibrationResult", "FSCStep", "FeatureSpaceCalibrator", "StateSource"]
 
 #: ``"parallel"``: the paper's measurement, every module on the uncalibrated merged model in one pass (default).
 #: ``"sequential"``: each module measured with the modules executed before it already calibrated (an extension).
@@ -749,3 +750,39 @@ class FeatureSpaceCalibrator:
                     report.uncalibrated.append(key)
         self._folded = True
         return report
+
+
+@register_step
+@dataclass(frozen=True)
+class FSCStep(CalibrationStep):
+    """The calibration step ``fsc``, the feature step: a :class:`FeatureSpaceCalibrator` on the model the weight steps
+    left (MAGIC, arXiv 2512.19320), its sensitive modules capped at xi = 1. The defaults are the paper's.
+
+    Attributes:
+        norm: p of the feature norm: 1 (the paper's), 2 or ``inf``.
+        mode: one of :data:`FSC_MODES` (``"parallel"``, the paper's).
+        statistic: one of :data:`FSC_STATISTICS` (``"mean_of_ratios"``, the paper's).
+        granularity: one of :data:`FSC_GRANULARITIES` (``"module"``, the paper's).
+        gate: one of :data:`FSC_GATES` (``"none"``, the paper's).
+    """
+
+    name: ClassVar[str] = "fsc"
+    kind: ClassVar[str] = "feature"
+    norm: float = 1.0
+    mode: str = "parallel"
+    statistic: str = "mean_of_ratios"
+    granularity: str = "module"
+    gate: str = "none"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", _parse_norm(self.norm))
+        for name, choices in (("mode", FSC_MODES), ("statistic", FSC_STATISTICS), ("granularity", FSC_GRANULARITIES),
+                              ("gate", FSC_GATES)):
+            self._choice(name, choices)
+
+    def calibrator(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
+                   sensitive: Optional[Collection[str]], *, modules: Optional[Sequence[str]] = None,
+                   task_names: Optional[Sequence[str]] = None) -> FeatureSpaceCalibrator:
+        """The calibrator on ``merged`` (statistics are fed by the caller, then :meth:`FeatureSpaceCalibrator.fold`)."""
+        return FeatureSpaceCalibrator(base, merged, task_vectors, sensitive=sensitive, modules=modules,
+                                      task_names=task_names, **self.options())

@@ -11,15 +11,18 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Optional, Union
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 
+from magic_pl.calibration.steps import CalibrationStep, register_step, unset
 from magic_pl.statedict import is_batchnorm_stat
 
-__all__ = ["LAYER_PATTERNS", "layer_index", "lines_alpha", "lines_keys", "lines_scaling", "lines_factors"]
+__all__ = ["LAYER_PATTERNS", "LiNeSStep", "layer_index", "lines_alpha", "lines_keys", "lines_scaling",
+           "lines_factors"]
 
 #: One depth rule per model family: a regex whose first group is the 0-based block index (``re.search``).
 LAYER_PATTERNS: dict[str, str] = {
@@ -122,8 +125,8 @@ def lines_factors(
     found = [i for i in idx.values() if i is not None]
     if not found and beta != 0 and keys:
         warnings.warn(f"LiNeS: no parameter name matches a block rule (e.g. {keys[0]!r}); every tensor is scaled by "
-                      f"alpha and beta={beta:g} has no effect. Give depth= (lines_depth= in a calibration setting): a "
-                      "family of LAYER_PATTERNS or a regex",
+                      f"alpha and beta={beta:g} has no effect. Give depth= (lines.depth= or lines_depth= in a "
+                      "calibration setting): a family of LAYER_PATTERNS or a regex",
                       stacklevel=2)
     if num_layers is None:
         num_layers = max(found) + 1 if found else 1
@@ -186,3 +189,45 @@ def lines_scaling(
         f = factors.get(key)
         out[key] = d if f is None else (d.to(torch.float32) * f).to(d.dtype)
     return out
+
+
+@register_step
+@dataclass(frozen=True)
+class LiNeSStep(CalibrationStep):
+    """The calibration step ``lines``: :func:`lines_scaling` of tau_m (LiNeS, Wang et al., ICLR 2025): block ``l`` of
+    ``L`` scaled by ``alpha + beta (l - 1) / (L - 1)``; it has no use for a sensitive set.
+
+    Attributes:
+        alpha: the factor of the first block and of everything outside the blocks, in [0, 1000]. ``None`` (default):
+            the paper's multi-task merging rule ``||sum_k tau_k||_1 / (K ||tau_m||_1)`` (:func:`lines_alpha`), so the
+            shallowest block gets the plain average of the task vectors (``1 / (lambda K)`` for Task Arithmetic).
+        beta: the increase from the first to the last block, in [0, 1000] (0.5, the middle of the authors' search
+            range [0, 1]; the paper tunes it on labelled validation data).
+        depth: how a parameter name maps to its block: ``None`` (default: every :data:`LAYER_PATTERNS` rule, first
+            match wins), a family of that table (``"hf_encoder"``, ``"timm"``, ...) or a regex whose first group is
+            the 0-based block index (one with a comma needs the dict form of a setting).
+    """
+
+    name: ClassVar[str] = "lines"
+    alpha: Optional[float] = None
+    beta: float = 0.5
+    depth: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self._number("alpha", lambda v: 0 <= v <= 1e3, "a finite number in [0, 1000]", optional=True)
+        self._number("beta", lambda v: 0 <= v <= 1e3, "a finite number in [0, 1000]")
+        if unset(self.depth):
+            object.__setattr__(self, "depth", None)
+            return
+        if not isinstance(self.depth, str):
+            raise self._bad("depth", f"None, a family name ({', '.join(LAYER_PATTERNS)}) or a regex")
+        try:
+            layer_index("", self.depth)
+        except ValueError as err:
+            raise ValueError(f"calibration step 'lines': depth={self.depth!r}: {err}") from None
+
+    def apply(self, merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
+              sensitive: Optional[Collection[str]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        calibrated = lines_scaling(merged_tv, beta=self.beta, alpha=self.alpha, task_vectors=task_vectors,
+                                   depth=self.depth)
+        return {k: calibrated[k] for k in lines_keys(merged_tv)}, {}

@@ -1,18 +1,32 @@
 """Calibration settings: the one options object that says how to calibrate, and the one driver that applies it.
 
-A :class:`CalibrationSetting` says which space to calibrate (``none``/``wsc``/``fsc``/``dsc``), which sensitive-set
-policy to use, and every option of :func:`~magic_pl.calibration.wsc.weight_space_calibration` and
-:class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` that shapes the result. Every front door (Python,
-``MagicModule``, the callbacks, the CLI, the streaming path, the benchmark) takes one, written as
+A :class:`CalibrationSetting` is an ordered list of registered calibration steps (:mod:`magic_pl.calibration.steps`)
+and the sensitive-set policy they share: data-free weight steps (``wsc``: MAGIC's WSC; ``svc``: singular value
+calibration; ``lines``: LiNeS; ``scale``: one constant), each on the merged task vector the one before it left, then
+at most one feature step (``fsc``) measured on their result. Every front door (Python, ``MagicModule``, the callbacks,
+the CLI, the streaming path, the benchmark) takes one, written as
 
-- a preset name of :data:`PRESETS` (``"fsc"``, ``"dsc"``, ``"auto"``, ...),
-- a ``"space:key=value,..."`` string (``"fsc:statistic=ratio_of_means,granularity=channel"``),
-- a dict of fields (YAML: ``calibration: {space: fsc, sensitive: detect}``), or the object itself;
+- a preset name of :data:`PRESETS` (``"fsc"``, ``"dsc"``, ``"auto"``, ...);
+- the *space form* ``"space:key=value,..."``: ``space`` is ``none`` (no step), ``wsc`` (a data-free weight step),
+  ``fsc`` (FSC) or ``dsc`` (the weight step, then FSC); ``weight_method`` picks the weight step (``wsc``, ``svc`` or
+  ``lines``) and the flat keys ``wsc_variant``, ``eps``, ``svc_alpha``, ``lines_alpha``, ``lines_beta``,
+  ``lines_depth``, ``norm``, ``mode``, ``statistic``, ``granularity``, ``gate`` set their steps' options
+  (``"fsc:statistic=ratio_of_means,granularity=channel"``, ``"wsc:weight_method=svc,svc_alpha=0.2"``);
+- the *step form* ``"step+step:step.option=value,..."``: the steps in order, each option named by its step
+  (``"svc+fsc:svc.alpha=0.2,fsc.norm=2"``, ``"scale:scale.factor=0.8"``, ``"wsc+fsc:sensitive=detect"``);
+- a dict of the space form's fields (YAML: ``calibration: {space: fsc, sensitive: detect}``) or of the step form's
+  (``{steps: [{step: svc, alpha: 0.2}, fsc], sensitive: detect}``: a step is its name or ``{step: name, **options}``);
+- or the object: ``CalibrationSetting(steps=[...], sensitive=..., alpha=...)``, or by the space form's fields
+  ``CalibrationSetting(space="dsc", weight_method="svc")``.
 
-:func:`resolve_setting` turns each into a setting. :meth:`CalibrationSetting.calibrate` runs it on a merged model and
-returns one :class:`~magic_pl.calibration.fsc.CalibrationResult` for every space; the Lightning layer runs the same
-steps (:meth:`~CalibrationSetting.weight_space`, :meth:`~CalibrationSetting.feature_calibrator`,
-:meth:`~CalibrationSetting.resolve_sensitive`) with statistics collected in its predict loop.
+In every form ``sensitive`` and ``alpha`` are the setting's own: the sensitive-set policy (:data:`SENSITIVE_POLICIES`,
+used by WSC's gating and FSC's cap) and the size of a detected set. A value holding a comma (a LiNeS depth regex)
+needs a dict. :meth:`CalibrationSetting.to_string` writes the space form when the steps fit it (the form every record
+has used) and the step form otherwise, :meth:`~CalibrationSetting.to_dict` the step form's dict; :func:`resolve_setting`
+reads each back to an equal setting. :meth:`CalibrationSetting.calibrate` runs the steps on a merged model and returns
+one :class:`~magic_pl.calibration.fsc.CalibrationResult`; the Lightning layer runs the same steps
+(:func:`run_weight_step`, :meth:`~CalibrationSetting.feature_calibrator`, :meth:`~CalibrationSetting.resolve_sensitive`)
+with statistics collected in its predict loop.
 
 Presets (the paper's behaviour is ``"wsc"``/``"fsc"``/``"dsc"``, exactly as in MAGIC, arXiv 2512.19320):
 
@@ -34,41 +48,26 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.dsc import (
-    Batches,
-    apply_weight_space_calibration,
-    feed,
-    merged_task_vector,
-    write_task_vector,
-)
-from magic_pl.calibration.fsc import (
-    FSC_GATES,
-    FSC_GRANULARITIES,
-    FSC_MODES,
-    FSC_STATISTICS,
-    CalibrationResult,
-    FeatureSpaceCalibrator,
-    StateSource,
-    _parse_norm,
-    _state_of,
-)
-from magic_pl.calibration.lines import LAYER_PATTERNS, layer_index, lines_keys, lines_scaling
-from magic_pl.calibration.wsc import WSC_VARIANTS, wsc_keys
+# each of these modules registers its step (steps.register_step) when imported
+from magic_pl.calibration import lines, scale, svc, wsc  # noqa: F401
+from magic_pl.calibration.dsc import Batches, feed, merged_task_vector, write_task_vector
+from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator, FSCStep, StateSource, _state_of
+from magic_pl.calibration.steps import STEPS, CalibrationStep, as_float, make_step
 from magic_pl.statedict import apply_delta
 
 __all__ = ["SPACES", "SENSITIVE_POLICIES", "CalibrationSetting", "PRESETS", "AUTO", "resolve_setting",
-           "detect_label_free", "SensitiveSet"]
+           "run_weight_step", "detect_label_free", "SensitiveSet"]
 
-#: Calibration spaces: nothing, weight space (data-free), feature space, both (the weight step then FSC).
+#: The space form's heads: no step, a data-free weight step, FSC, or both (the weight step, then FSC).
 SPACES: tuple[str, ...] = ("none", "wsc", "fsc", "dsc")
-#: Data-free weight steps: MAGIC's WSC, SVC (singular value calibration) or LiNeS (layer-increasing scaling).
+#: The weight steps the space form's ``weight_method`` can pick (any step fits the step form).
 WEIGHT_METHODS: tuple[str, ...] = ("wsc", "svc", "lines")
 #: Sensitive-set policies, the one meaning of "sensitive": ``none`` (WSC ungated, FSC uncapped; the default),
 #: ``empty`` (the paper's gating with no sensitive tensor: WSC rows only grow), ``given`` (a set the caller passes: a
@@ -77,125 +76,165 @@ WEIGHT_METHODS: tuple[str, ...] = ("wsc", "svc", "lines")
 #: and ``detect_labelled`` (the paper's labelled probe; the caller runs it and passes the set). A given set also
 #: serves ``detect``/``detect_labelled`` (a saved ranking is reused instead of probing again).
 SENSITIVE_POLICIES: tuple[str, ...] = ("none", "empty", "given", "detect", "detect_labelled")
+#: The space form's option keys, in the order it writes them: ``key -> (step, option)``; step ``""``: the setting's.
+_FLAT: dict[str, tuple[str, str]] = {
+    "svc_alpha": ("svc", "alpha"), "lines_alpha": ("lines", "alpha"), "lines_beta": ("lines", "beta"),
+    "lines_depth": ("lines", "depth"), "wsc_variant": ("wsc", "variant"), "sensitive": ("", "sensitive"),
+    "alpha": ("", "alpha"), "eps": ("wsc", "eps"), "norm": ("fsc", "norm"), "mode": ("fsc", "mode"),
+    "statistic": ("fsc", "statistic"), "granularity": ("fsc", "granularity"), "gate": ("fsc", "gate"),
+}
+_POLICY_DEFAULTS: dict[str, Any] = {"sensitive": "none", "alpha": 10}
 
 #: A sensitive set as callers give it: names, a ranking JSON path, or ``{policy: names}`` (several probes at once).
 SensitiveSet = Union[Sequence[str], str, os.PathLike, Mapping[str, Sequence[str]], None]
+#: A step as a setting takes it: the step, its registered name, or ``{"step": name, **options}``.
+StepSpec = Union[CalibrationStep, str, Mapping[str, Any]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class CalibrationSetting:
-    """One calibration recipe. Defaults are the paper's (MAGIC, arXiv 2512.19320).
+    """One calibration recipe: its steps, in order, and the sensitive-set policy they share. Defaults are the paper's
+    (MAGIC, arXiv 2512.19320); ``CalibrationSetting()`` is FSC.
 
-    Attributes:
-        space: ``"none"``, ``"wsc"``, ``"fsc"`` or ``"dsc"`` (``wsc``/``dsc``: the data-free weight step, then for
-            ``dsc`` FSC on its result).
-        weight_method: the data-free weight step: ``"wsc"`` (MAGIC's, default), ``"svc"`` (singular value
-            calibration, arXiv 2602.05536 by MAGIC's authors;
-            :func:`~magic_pl.calibration.svc.singular_value_calibration`) or ``"lines"`` (LiNeS, Wang et al.,
-            ICLR 2025; :func:`~magic_pl.calibration.lines.lines_scaling`: the merged task vector of block ``l`` of
-            ``L`` scaled by ``lines_alpha + lines_beta (l - 1) / (L - 1)``).
-        svc_alpha: SVC's floor of each task's coefficient (0.1, FusionBench's setting for TA/TIES/averages).
-        lines_alpha: LiNeS's factor of the first block and of everything outside the blocks. ``None`` (default): the
-            paper's multi-task merging rule ``||sum_k tau_k||_1 / (K ||tau_m||_1)``
-            (:func:`~magic_pl.calibration.lines.lines_alpha`), so the shallowest block gets the plain average of the
-            task vectors (``1 / (lambda K)`` for Task Arithmetic with coefficient lambda). A number in [0, 1000] sets
-            it.
-        lines_beta: LiNeS's increase of the factor from the first to the last block, in [0, 1000] (default 0.5, the
-            middle of the authors' search range [0, 1]; the paper tunes beta on labelled validation data, which the
-            benchmark's ``lines_tuned`` row does).
-        lines_depth: how a parameter name maps to its block: ``None`` (default: every
-            :data:`~magic_pl.calibration.lines.LAYER_PATTERNS` rule, first match wins), a family name of that table
-            (``"hf_encoder"``, ``"timm"``, ``"llama"``, ...) or a regex whose first group is the 0-based block index
-            (a regex with a comma needs the dict form of the setting).
-        wsc_variant: :data:`~magic_pl.calibration.wsc.WSC_VARIANTS` (``"paper"``).
+    Args:
+        steps: the steps (:class:`~magic_pl.calibration.steps.CalibrationStep` objects, registered names, or
+            ``{"step": name, **options}``): data-free weight steps, then at most one feature step; each name once.
+            ``None``: built from ``space_form``.
         sensitive: :data:`SENSITIVE_POLICIES` (``"none"``).
-        alpha: size of a detected sensitive set (paper: 10).
-        eps: WSC's eps under the square root (1e-8).
-        norm: FSC feature norm p (1).
-        mode: FSC ``"parallel"`` (paper) or ``"sequential"``.
-        statistic: FSC ``"mean_of_ratios"`` (paper) or ``"ratio_of_means"``.
-        granularity: FSC ``"module"`` (paper) or ``"channel"``.
-        gate: FSC ``"none"`` (paper) or ``"paper"`` (WSC's gating rule on xi).
+        alpha: the size of a detected sensitive set, a whole number in [0, 10000] (10, the paper's).
+        space_form: instead of ``steps``, the space form's fields (module docstring): ``space`` (``"fsc"``),
+            ``weight_method`` (``"wsc"``) and the flat option keys. Options of steps the space lacks are checked,
+            then dropped (a stored setting lists them all).
+
+    The flat option keys read as attributes too (``setting.norm``, ``setting.lines_beta``, ...): the option of this
+    setting's step, or its default when the setting has no such step.
     """
 
-    space: str = "fsc"
-    weight_method: str = "wsc"
-    svc_alpha: float = 0.1
-    lines_alpha: Optional[float] = None
-    lines_beta: float = 0.5
-    lines_depth: Optional[str] = None
-    wsc_variant: str = "paper"
+    steps: tuple[CalibrationStep, ...]
     sensitive: str = "none"
     alpha: int = 10
-    eps: float = 1e-8
-    norm: float = 1.0
-    mode: str = "parallel"
-    statistic: str = "mean_of_ratios"
-    granularity: str = "module"
-    gate: str = "none"
 
-    def __post_init__(self) -> None:
-        for name, value, choices in (("space", self.space, SPACES), ("weight_method", self.weight_method, WEIGHT_METHODS),
-                                     ("wsc_variant", self.wsc_variant, WSC_VARIANTS),
-                                     ("sensitive", self.sensitive, SENSITIVE_POLICIES), ("mode", self.mode, FSC_MODES),
-                                     ("statistic", self.statistic, FSC_STATISTICS),
-                                     ("granularity", self.granularity, FSC_GRANULARITIES),
-                                     ("gate", self.gate, FSC_GATES)):
-            if value not in choices:
-                raise ValueError(f"calibration setting: {name}={value!r} is not one of {choices}")
-        object.__setattr__(self, "norm", _parse_norm(self.norm))
-        alpha = _number("alpha", self.alpha, lambda v: v.is_integer() and 0 <= v <= 10_000,
-                        "a whole number of tensors in [0, 10000]")
-        object.__setattr__(self, "alpha", int(alpha))
-        object.__setattr__(self, "eps", _number("eps", self.eps, lambda v: 0 < v <= 1.0, "a finite number in (0, 1]"))
-        object.__setattr__(self, "svc_alpha", _number("svc_alpha", self.svc_alpha, lambda v: 0 < v <= 1e3,
-                                                      "a finite number in (0, 1000]"))
-        lines_rule = "a finite number in [0, 1000]"
-        if not _unset(self.lines_alpha):
-            object.__setattr__(self, "lines_alpha", _number("lines_alpha", self.lines_alpha,
-                                                            lambda v: 0 <= v <= 1e3, lines_rule + " or None"))
-        else:
-            object.__setattr__(self, "lines_alpha", None)
-        object.__setattr__(self, "lines_beta", _number("lines_beta", self.lines_beta, lambda v: 0 <= v <= 1e3,
-                                                       lines_rule))
-        object.__setattr__(self, "lines_depth", _depth_rule(self.lines_depth))
+    def __init__(self, steps: Optional[Iterable[StepSpec]] = None, sensitive: str = "none", alpha: int = 10,
+                 **space_form: Any) -> None:
+        if steps is None:
+            steps = _space_steps(**space_form)
+        elif space_form:
+            raise TypeError(f"CalibrationSetting: give steps or the space form's fields ({', '.join(space_form)}), "
+                            "not both")
+        if isinstance(steps, (str, Mapping)) or not isinstance(steps, Iterable):
+            raise TypeError(f"CalibrationSetting: steps must be a sequence of steps, got {steps!r}")
+        built = tuple(_step_of(s) for s in steps)
+        names = [s.name for s in built]
+        for i, s in enumerate(built):
+            if names.count(s.name) > 1:
+                raise ValueError(f"calibration setting: step {s.name!r} appears {names.count(s.name)} times")
+            if s.kind == "feature" and i != len(built) - 1:
+                raise ValueError(f"calibration setting: the feature step {s.name!r} must come last (it measures the "
+                                 f"model the weight steps leave), got {'+'.join(names)}")
+        if sensitive not in SENSITIVE_POLICIES:
+            raise ValueError(f"calibration setting: sensitive={sensitive!r} is not one of {SENSITIVE_POLICIES}")
+        size = as_float(alpha)
+        if not (math.isfinite(size) and size.is_integer() and 0 <= size <= 10_000):
+            raise ValueError(f"calibration setting: alpha={alpha!r} must be a whole number of tensors in [0, 10000]")
+        object.__setattr__(self, "steps", built)
+        object.__setattr__(self, "sensitive", sensitive)
+        object.__setattr__(self, "alpha", int(size))
+
+    # --- what the setting holds -------------------------------------------------------------------------------------
+    def step(self, name: str) -> Optional[CalibrationStep]:
+        """The step called ``name``, or ``None``."""
+        return next((s for s in self.steps if s.name == name), None)
+
+    @property
+    def weight_steps(self) -> tuple[CalibrationStep, ...]:
+        """The data-free weight steps, in order."""
+        return tuple(s for s in self.steps if s.kind == "weight")
+
+    @property
+    def feature_step(self) -> Optional[CalibrationStep]:
+        """The feature step (the last), or ``None``."""
+        return self.steps[-1] if self.steps and self.steps[-1].kind == "feature" else None
+
+    @property
+    def space(self) -> str:
+        """``"none"`` (no step), ``"wsc"`` (weight steps only), ``"fsc"`` (the feature step only) or ``"dsc"``."""
+        if not self.steps:
+            return "none"
+        if self.feature_step is None:
+            return "wsc"
+        return "dsc" if len(self.steps) > 1 else "fsc"
+
+    @property
+    def weight_method(self) -> str:
+        """The weight steps' names joined by ``+``; ``"wsc"`` (the space form's default) when there is none."""
+        return "+".join(s.name for s in self.weight_steps) or "wsc"
 
     @property
     def uses_data(self) -> bool:
-        """True for FSC and DSC (they need unlabelled samples)."""
-        return self.space in ("fsc", "dsc")
+        """True with a feature step (it needs unlabelled samples)."""
+        return self.feature_step is not None
 
     @property
     def uses_wsc(self) -> bool:
-        return self.space in ("wsc", "dsc")
+        """True with a data-free weight step (any, not only WSC)."""
+        return bool(self.weight_steps)
 
     @property
     def detects(self) -> bool:
         """True when the label-free probe must run (``sensitive="detect"``) unless a set is given."""
-        return self.sensitive == "detect" and self.space != "none"
+        return self.sensitive == "detect" and bool(self.steps)
+
+    def __getattr__(self, name: str) -> Any:
+        # the space form's flat option keys: this setting's option, or the default of a step it lacks
+        step, option = _FLAT.get(name, ("", ""))
+        if not step:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.step(step) or STEPS[step](), option)
 
     def fsc_options(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator`."""
-        return {"norm": self.norm, "mode": self.mode, "statistic": self.statistic, "granularity": self.granularity,
-                "gate": self.gate}
+        """Keyword arguments of :class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` (FSC's defaults without
+        it)."""
+        return (self.step("fsc") or FSCStep()).options()
 
     def wsc_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~magic_pl.calibration.wsc.weight_space_calibration`."""
-        return {"variant": self.wsc_variant, "eps": self.eps}
+        """Keyword arguments of :func:`~magic_pl.calibration.wsc.weight_space_calibration` (WSC's defaults without
+        it)."""
+        return (self.step("wsc") or wsc.WSCStep()).options()
 
+    # --- its forms --------------------------------------------------------------------------------------------------
     def to_string(self) -> str:
-        """The shortest string that :func:`resolve_setting` maps back to this setting."""
-        default = CalibrationSetting(space=self.space)
-        diff = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)
-                if f.name != "space" and getattr(self, f.name) != getattr(default, f.name)]
-        return self.space + (":" + ",".join(diff) if diff else "")
+        """The shortest string of its form that :func:`resolve_setting` maps back to this setting: the space form when
+        the steps fit it (``"dsc:gate=paper"``, as records have always written it), else the step form
+        (``"svc+fsc:svc.alpha=0.2"``). Options at their defaults are left out."""
+        return self._space_form() or self._step_form()
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["norm"] = _fmt(self.norm)
-        return out
+        """The step form's dict: ``{"steps": [{"step": name, **options}, ...], "sensitive": ..., "alpha": ...}``."""
+        return {"steps": [s.to_dict() for s in self.steps], "sensitive": self.sensitive, "alpha": self.alpha}
 
-    # --- the steps ----------------------------------------------------------------------------------------------
+    def _policy_changed(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k, default in _POLICY_DEFAULTS.items() if getattr(self, k) != default}
+
+    def _space_form(self) -> Optional[str]:
+        """The space form, or ``None`` when the steps do not fit it."""
+        weight, feature = self.weight_steps, self.feature_step
+        if (len(weight) > 1 or any(s.name not in WEIGHT_METHODS for s in weight)
+                or (feature is not None and feature.name != "fsc")):
+            return None
+        changed = {"": self._policy_changed(), **{s.name: s.changed() for s in self.steps}}
+        if any((step, option) not in _FLAT.values() for step, options in changed.items() for option in options):
+            return None  # an option without a flat key
+        items = [f"weight_method={weight[0].name}"] if weight and weight[0].name != "wsc" else []
+        items += [f"{key}={_fmt(changed[step][option])}" for key, (step, option) in _FLAT.items()
+                  if option in changed.get(step, {})]
+        return self.space + (":" + ",".join(items) if items else "")
+
+    def _step_form(self) -> str:
+        items = [f"{s.name}.{k}={_fmt(v)}" for s in self.steps for k, v in s.changed().items()]
+        items += [f"{k}={_fmt(v)}" for k, v in self._policy_changed().items()]
+        return "+".join(s.name for s in self.steps) + (":" + ",".join(items) if items else "")
+
+    # --- the steps --------------------------------------------------------------------------------------------------
     def resolve_sensitive(self, given: SensitiveSet = None, detected: Optional[Sequence[str]] = None
                           ) -> Optional[list[str]]:
         """The sensitive collection WSC/FSC use under this setting's policy.
@@ -228,39 +267,28 @@ class CalibrationSetting:
     def weight_space(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                      merged_tv: Optional[Mapping[str, Tensor]], sensitive: Optional[Collection[str]]
                      ) -> dict[str, Tensor]:
-        """The data-free weight step written into ``merged`` (for ``wsc``/``dsc``; nothing otherwise): WSC (returns its
-        row scales per tensor), SVC or LiNeS (return ``{}``: they rescale singular values or whole blocks, not rows;
-        neither uses the sensitive set)."""
-        if not self.uses_wsc:
-            return {}
-        if self.weight_method in ("svc", "lines"):
-            tau = merged_tv if merged_tv is not None else merged_task_vector(base, merged)
-            if self.weight_method == "svc":
-                from magic_pl.calibration.svc import singular_value_calibration
-
-                calibrated = singular_value_calibration(tau, task_vectors, alpha=self.svc_alpha)
-                write_task_vector(base, merged, calibrated, wsc_keys(tau), "SVC-calibrated model")
-            else:
-                calibrated = lines_scaling(tau, beta=self.lines_beta, alpha=self.lines_alpha,
-                                           task_vectors=task_vectors, depth=self.lines_depth)
-                write_task_vector(base, merged, calibrated, lines_keys(tau), "LiNeS-scaled model")
-            return {}
-        return apply_weight_space_calibration(base, merged, task_vectors, merged_tv, sensitive, **self.wsc_options())
+        """The weight steps, in order, written into ``merged`` (nothing without one; see :func:`run_weight_step`):
+        ``merged_tv`` is tau_m before the first, each later step reads what the one before wrote. Returns the per-row
+        scales applied (WSC's), per tensor."""
+        scales: dict[str, Tensor] = {}
+        for i, step in enumerate(self.weight_steps):
+            scales.update(run_weight_step(step, base, merged, task_vectors, merged_tv if i == 0 else None,
+                                          sensitive)[1])
+        return scales
 
     def feature_calibrator(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                            sensitive: Optional[Collection[str]], *, modules: Optional[Sequence[str]] = None,
                            task_names: Optional[Sequence[str]] = None) -> FeatureSpaceCalibrator:
-        """The FSC calibration core for this setting, on ``merged`` (statistics are fed by the caller)."""
-        if not self.uses_data:
+        """The feature step's calibration core on ``merged`` (statistics are fed by the caller)."""
+        step = self.feature_step
+        if step is None:
             raise ValueError(f"calibration {self.to_string()!r} does not use feature statistics")
-        return FeatureSpaceCalibrator(base, merged, task_vectors, sensitive=sensitive, modules=modules,
-                                      task_names=task_names, **self.fsc_options())
+        return step.calibrator(base, merged, task_vectors, sensitive, modules=modules, task_names=task_names)
 
     def result(self, fold: Optional[CalibrationResult] = None, row_scales: Optional[Mapping[str, Tensor]] = None
                ) -> CalibrationResult:
         """The :class:`CalibrationResult` of this setting from its steps' outputs (an FSC fold and/or WSC scales)."""
-        out = fold if fold is not None else CalibrationResult(norm=self.norm, mode=self.mode, statistic=self.statistic,
-                                                              granularity=self.granularity, gate=self.gate, rounds=0)
+        out = fold if fold is not None else CalibrationResult(rounds=0, **self.fsc_options())
         out.space, out.setting = self.space, self.to_string()
         if row_scales:
             out.row_scales = {k: v.detach().float().cpu() for k, v in row_scales.items()}
@@ -286,9 +314,9 @@ class CalibrationSetting:
             base: the base model or its state dict.
             merged: the merged model theta0 + tau_m; modified in place.
             task_vectors: the K task vectors (mappings, read one key at a time).
-            merged_tv: tau_m for WSC/DSC (``None`` computes ``merged - base`` per key).
-            batches: unlabelled batches per task (FSC/DSC; :data:`~magic_pl.calibration.dsc.Batches`); every task
-                must have at least one.
+            merged_tv: tau_m for the weight steps (``None`` computes ``merged - base`` per key).
+            batches: unlabelled batches per task (a feature step; :data:`~magic_pl.calibration.dsc.Batches`); every
+                task must have at least one.
             sensitive_set: see :meth:`resolve_sensitive`. With ``sensitive="detect"`` and no set, the label-free
                 probe runs here on ``probe_batches`` (default: the calibration batches): the ``alpha`` tensors whose
                 tau scaled by 1.1 on the weight average theta0 + mean_k tau_k moves the model's outputs most (L2).
@@ -297,7 +325,7 @@ class CalibrationSetting:
         """
         if self.uses_data and batches is None:
             raise ValueError(f"calibration {self.to_string()!r} needs unlabelled batches per task")
-        if self.space == "none":
+        if not self.steps:
             return self.result()
         base_state = _state_of(base)
         detected = None
@@ -318,35 +346,48 @@ class CalibrationSetting:
         return self.result(fold, scales)
 
 
-def _number(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> float:
-    """``value`` as a finite float satisfying ``ok``, else a ValueError naming the field and the rule."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not (math.isfinite(v) and ok(v)):
-        raise ValueError(f"calibration setting: {name}={value!r} must be {rule}")
-    return v
+def run_weight_step(step: CalibrationStep, base: StateSource, merged: nn.Module,
+                    task_vectors: Sequence[Mapping[str, Tensor]], merged_tv: Optional[Mapping[str, Tensor]],
+                    sensitive: Optional[Collection[str]]) -> tuple[list[str], dict[str, Tensor]]:
+    """One data-free weight step written into ``merged`` in place: each tensor it changes becomes ``theta0 +`` its
+    calibrated tau_m (summed in float32, float64 in float64). ``merged_tv``: tau_m (``None``: ``merged - base`` per
+    key on access). Returns the keys written and the per-row scales applied (empty unless the step scales rows)."""
+    base_state = _state_of(base)
+    tau = merged_tv if merged_tv is not None else merged_task_vector(base_state, merged)
+    calibrated, scales = step.apply(tau, task_vectors, sensitive)
+    write_task_vector(base_state, merged, calibrated, calibrated, f"{step.name}-calibrated model")
+    return list(calibrated), scales
 
 
-def _unset(value: Any) -> bool:
-    """``None`` or its spelling in a ``"space:key=value"`` string."""
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+def _space_steps(space: str = "fsc", weight_method: str = "wsc", **options: Any) -> tuple[CalibrationStep, ...]:
+    """The steps of the space form's fields; every option is checked, those of steps the space lacks are dropped."""
+    if space not in SPACES:
+        raise ValueError(f"calibration setting: space={space!r} is not one of {SPACES}")
+    if weight_method not in WEIGHT_METHODS:
+        raise ValueError(f"calibration setting: weight_method={weight_method!r} is not one of {WEIGHT_METHODS}")
+    per_step: dict[str, dict[str, Any]] = {step: {} for step, _ in _FLAT.values() if step}
+    for key, value in options.items():
+        step, option = _FLAT.get(key, ("", ""))
+        if not step:
+            raise TypeError(f"CalibrationSetting got an unexpected keyword argument {key!r}")
+        per_step[step][option] = value
+    built = {name: make_step(name, **kw) for name, kw in per_step.items()}
+    order = {"none": (), "wsc": (weight_method,), "fsc": ("fsc",), "dsc": (weight_method, "fsc")}[space]
+    return tuple(built[name] for name in order)
 
 
-def _depth_rule(depth: Any) -> Optional[str]:
-    """``lines_depth`` checked by LiNeS's own rule: ``None``, a family of :data:`LAYER_PATTERNS` or a regex whose
-    first group is the block index."""
-    if _unset(depth):
-        return None
-    if not isinstance(depth, str):
-        raise ValueError(f"calibration setting: lines_depth={depth!r} must be None, a family name "
-                         f"({', '.join(LAYER_PATTERNS)}) or a regex")
-    try:
-        layer_index("", depth)
-    except ValueError as err:
-        raise ValueError(f"calibration setting: lines_depth={depth!r}: {err}") from None
-    return depth
+def _step_of(spec: StepSpec) -> CalibrationStep:
+    if isinstance(spec, CalibrationStep):
+        if STEPS.get(spec.name) is not type(spec):
+            raise ValueError(f"calibration setting: {type(spec).__name__} is not the registered step {spec.name!r}")
+        return spec
+    if isinstance(spec, str):
+        return make_step(spec)
+    if isinstance(spec, Mapping) and "step" in spec:
+        options = dict(spec)
+        return make_step(options.pop("step"), **options)
+    raise ValueError(f"calibration setting: a step is a step name ({', '.join(STEPS)}), {{'step': name, **options}} "
+                     f"or a CalibrationStep, got {spec!r}")
 
 
 def _pick(given: SensitiveSet, policy: str) -> Any:
@@ -425,8 +466,12 @@ def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequen
 
 
 def _fmt(v: Any) -> str:
+    """A value as a setting string writes it: floats short (``0.1``, ``1e-08``, ``inf``) yet exact."""
     if isinstance(v, float):
-        return "inf" if v == float("inf") else f"{v:g}"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
     return str(v)
 
 
@@ -435,64 +480,89 @@ def _fmt(v: Any) -> str:
 #: it is the only one that no merge method of any case finds significantly worse than the uncalibrated merge (mean
 #: gains +1.6, +1.4, +0.4 points). Ungated FSC/DSC gain more on text (up to +3.9) but lower weight averaging, task
 #: arithmetic and TIES on the BatchNorm vision suite. README "Beyond the paper" has the tables.
-AUTO = CalibrationSetting(space="fsc", sensitive="detect")
+AUTO = CalibrationSetting(["fsc"], sensitive="detect")
 
 #: Named settings; the first four are the paper's.
 PRESETS: dict[str, CalibrationSetting] = {
-    "none": CalibrationSetting(space="none"),
-    "wsc": CalibrationSetting(space="wsc"),
-    "fsc": CalibrationSetting(space="fsc"),
-    "dsc": CalibrationSetting(space="dsc"),
-    "wsc_gated": CalibrationSetting(space="wsc", sensitive="empty"),
-    "wsc_gated_detect": CalibrationSetting(space="wsc", sensitive="detect"),
-    "wsc_gated_detect_labelled": CalibrationSetting(space="wsc", sensitive="detect_labelled"),
-    "wsc_norm_match": CalibrationSetting(space="wsc", wsc_variant="norm_match"),
-    "wsc_joint": CalibrationSetting(space="wsc", wsc_variant="joint"),
-    "fsc_sequential": CalibrationSetting(space="fsc", mode="sequential"),
-    "fsc_channel": CalibrationSetting(space="fsc", granularity="channel", statistic="ratio_of_means"),
-    "fsc_rom": CalibrationSetting(space="fsc", statistic="ratio_of_means"),
-    "fsc_p2": CalibrationSetting(space="fsc", norm=2.0),
-    "fsc_cap_detect": CalibrationSetting(space="fsc", sensitive="detect"),
-    "fsc_gated": CalibrationSetting(space="fsc", gate="paper"),
-    "fsc_rom_gated": CalibrationSetting(space="fsc", statistic="ratio_of_means", gate="paper"),
-    "svc": CalibrationSetting(space="wsc", weight_method="svc"),
-    "svc_fsc": CalibrationSetting(space="dsc", weight_method="svc"),
-    "lines": CalibrationSetting(space="wsc", weight_method="lines"),
-    "lines_fsc": CalibrationSetting(space="dsc", weight_method="lines"),
+    "none": CalibrationSetting([]),
+    "wsc": CalibrationSetting(["wsc"]),
+    "fsc": CalibrationSetting(["fsc"]),
+    "dsc": CalibrationSetting(["wsc", "fsc"]),
+    "wsc_gated": CalibrationSetting(["wsc"], sensitive="empty"),
+    "wsc_gated_detect": CalibrationSetting(["wsc"], sensitive="detect"),
+    "wsc_gated_detect_labelled": CalibrationSetting(["wsc"], sensitive="detect_labelled"),
+    "wsc_norm_match": CalibrationSetting([wsc.WSCStep(variant="norm_match")]),
+    "wsc_joint": CalibrationSetting([wsc.WSCStep(variant="joint")]),
+    "fsc_sequential": CalibrationSetting([FSCStep(mode="sequential")]),
+    "fsc_channel": CalibrationSetting([FSCStep(granularity="channel", statistic="ratio_of_means")]),
+    "fsc_rom": CalibrationSetting([FSCStep(statistic="ratio_of_means")]),
+    "fsc_p2": CalibrationSetting([FSCStep(norm=2.0)]),
+    "fsc_cap_detect": CalibrationSetting(["fsc"], sensitive="detect"),
+    "fsc_gated": CalibrationSetting([FSCStep(gate="paper")]),
+    "fsc_rom_gated": CalibrationSetting([FSCStep(statistic="ratio_of_means", gate="paper")]),
+    "svc": CalibrationSetting(["svc"]),
+    "svc_fsc": CalibrationSetting(["svc", "fsc"]),
+    "lines": CalibrationSetting(["lines"]),
+    "lines_fsc": CalibrationSetting(["lines", "fsc"]),
     "auto": AUTO,
 }
 
 
 def resolve_setting(spec: "str | CalibrationSetting | Mapping[str, Any]", **defaults: Any) -> CalibrationSetting:
-    """A :class:`CalibrationSetting` from a preset name (:data:`PRESETS`), a ``"space:key=value,..."`` string, a dict
-    of fields or a setting.
+    """A :class:`CalibrationSetting` from a preset name (:data:`PRESETS`), a space-form or step-form string, a dict
+    of either form's fields, or a setting (see the module docstring).
 
-    ``defaults`` (e.g. ``wsc_variant="norm_match"``) fill fields that the plain paper names (``"wsc"``, ``"fsc"``,
-    ``"dsc"``) leave at their defaults, so a run-wide option applies to them; presets and explicit strings win.
+    ``defaults`` (space-form fields, e.g. ``wsc_variant="norm_match"``; ``None`` values are ignored) fill the fields
+    that the plain paper names (``"wsc"``, ``"fsc"``, ``"dsc"``) leave at their defaults, so a run-wide option applies
+    to them; presets and explicit strings win.
     """
     if isinstance(spec, CalibrationSetting):
         return spec
     if isinstance(spec, Mapping):
-        names = {f.name for f in fields(CalibrationSetting)}
-        unknown = sorted(set(spec) - names)
+        known = ("steps", "sensitive", "alpha") if "steps" in spec else ("space", "weight_method", *_FLAT)
+        unknown = sorted(set(spec) - set(known))
         if unknown:
-            raise ValueError(f"calibration setting: unknown option(s) {unknown}; options: {sorted(names)}")
+            raise ValueError(f"calibration setting: unknown option(s) {unknown}; options: {sorted(known)}")
         return CalibrationSetting(**dict(spec))
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"calibration setting must be a name or 'space:key=value,...', got {spec!r}")
+        raise ValueError("calibration setting must be a name, 'space:key=value,...' or "
+                         f"'step+step:step.option=value,...', got {spec!r}")
     if spec in ("wsc", "fsc", "dsc"):
-        return replace(PRESETS[spec], **{k: v for k, v in defaults.items() if v is not None})
+        return CalibrationSetting(space=spec, **{k: v for k, v in defaults.items() if v is not None})
     if spec in PRESETS:
         return PRESETS[spec]
-    space, _, rest = spec.partition(":")
-    if space not in SPACES:
-        raise ValueError(f"unknown calibration {spec!r}: not a preset ({', '.join(PRESETS)}) and {space!r} is not "
-                         f"one of {SPACES}")
-    kwargs: dict[str, Any] = {}
-    names = {f.name for f in fields(CalibrationSetting)}
+    return _parse(spec)
+
+
+def _parse(spec: str) -> CalibrationSetting:
+    """A space-form (``"dsc:gate=paper"``) or step-form (``"svc+fsc:svc.alpha=0.2"``) string; a space form may name
+    options by their step too (``"dsc:fsc.gate=paper"``)."""
+    head, _, rest = spec.partition(":")
+    names = head.split("+")
+    space_form = head in SPACES
+    if not space_form and not all(n in STEPS for n in names):
+        raise ValueError(f"unknown calibration {spec!r}: not a preset ({', '.join(PRESETS)}), a space "
+                         f"({', '.join(SPACES)}) or steps joined by '+' ({', '.join(sorted(STEPS))})")
+    policy: dict[str, str] = {}
+    flat: dict[str, str] = {}
+    per_step: dict[str, dict[str, str]] = {}
     for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key.strip() not in names or key.strip() == "space":
-            raise ValueError(f"calibration {spec!r}: bad option {item!r}; options: {sorted(names - {'space'})}")
-        kwargs[key.strip()] = value.strip()
-    return CalibrationSetting(space=space, **kwargs)
+        key, eq, value = (part.strip() for part in item.partition("="))
+        step, dot, option = key.partition(".")
+        if eq and key in _POLICY_DEFAULTS:
+            policy[key] = value
+        elif eq and space_form and (key == "weight_method" or key in _FLAT):
+            flat[key] = value
+        elif eq and dot and step in STEPS:
+            per_step.setdefault(step, {})[option] = value
+        else:
+            known = (["weight_method", *_FLAT, "or step.option (e.g. fsc.norm)"] if space_form else
+                     [f"{n}.{option}" for n in names for option in STEPS[n]().options()] + [*_POLICY_DEFAULTS])
+            raise ValueError(f"calibration {spec!r}: bad option {item!r}; options: {', '.join(known)}")
+    steps = list(_space_steps(head, **flat)) if space_form else [make_step(n) for n in names]
+    for name, options in per_step.items():
+        i = next((i for i, s in enumerate(steps) if s.name == name), None)
+        if i is None:
+            raise ValueError(f"calibration {spec!r}: options for step {name!r}, which it does not have")
+        steps[i] = make_step(name, **{**steps[i].options(), **options})
+    return CalibrationSetting(steps, **policy)

@@ -15,16 +15,18 @@ over-count; ``alpha`` floors each task's coefficient, so tasks that barely touch
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Optional, Union
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 
 from magic_pl.calibration._names import Patterns
+from magic_pl.calibration.steps import CalibrationStep, register_step
 from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, task_slices, wsc_keys
 
-__all__ = ["DEFAULT_SVC_ALPHA", "singular_value_calibration", "svc_matrix"]
+__all__ = ["DEFAULT_SVC_ALPHA", "SVCStep", "singular_value_calibration", "svc_matrix"]
 
 #: FusionBench 0.2.33's SVC setting for Task Arithmetic, TIES, DARE, weight averaging and Iso-C (its configs use 0.2
 #: after Iso-CTS and 1.0 after TSV-M and WUDI).
@@ -109,3 +111,26 @@ def singular_value_calibration(
             raise ValueError(f"singular_value_calibration produced non-finite values for {key!r}; check its inputs")
         out[key] = cal.reshape(d.shape).to(device=d.device, dtype=d.dtype)
     return out
+
+
+@register_step
+@dataclass(frozen=True)
+class SVCStep(CalibrationStep):
+    """The calibration step ``svc``: :func:`singular_value_calibration` of tau_m (arXiv 2602.05536), on the matrices
+    WSC calibrates (:func:`~magic_pl.calibration.wsc.wsc_keys`); it has no use for a sensitive set.
+
+    Attributes:
+        alpha: the floor of each task's coefficient, in (0, 1000] (:data:`DEFAULT_SVC_ALPHA` = 0.1, FusionBench's
+            setting after Task Arithmetic, TIES and averages).
+    """
+
+    name: ClassVar[str] = "svc"
+    alpha: float = DEFAULT_SVC_ALPHA
+
+    def __post_init__(self) -> None:
+        self._number("alpha", lambda v: 0 < v <= 1e3, "a finite number in (0, 1000]")
+
+    def apply(self, merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
+              sensitive: Optional[Collection[str]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        calibrated = singular_value_calibration(merged_tv, task_vectors, alpha=self.alpha)
+        return {k: calibrated[k] for k in wsc_keys(merged_tv)}, {}

@@ -16,14 +16,16 @@ rows of a magnitude-sensitive tensor take ``lambda_i`` only where it is < 1, row
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 
 from magic_pl.calibration._names import Patterns, compile_patterns, matches_any, tensor_is_sensitive
+from magic_pl.calibration.steps import CalibrationStep, register_step
 
-__all__ = ["DEFAULT_WSC_EXCLUDE", "WSC_VARIANTS", "row_scales", "weight_space_calibration", "wsc_keys"]
+__all__ = ["DEFAULT_WSC_EXCLUDE", "WSC_VARIANTS", "WSCStep", "row_scales", "weight_space_calibration", "wsc_keys"]
 
 #: Keys WSC leaves alone by default (regexes, ``re.search``): norms, biases, embeddings (docs/method.md, WSC; the paper
 #: calibrates the 2-D weights of linear/conv layers). 1-D tensors are never calibrated whatever the patterns say.
@@ -171,3 +173,29 @@ def weight_space_calibration(
         out[key] = (d32 * lam[:, None]).reshape(d.shape).to(d.dtype)
         scales[key] = lam
     return (out, scales) if return_scales else out
+
+
+@register_step
+@dataclass(frozen=True)
+class WSCStep(CalibrationStep):
+    """The calibration step ``wsc``: :func:`weight_space_calibration` of tau_m (MAGIC, arXiv 2512.19320), gated by
+    the setting's sensitive set (``None``: every row takes its lambda).
+
+    Attributes:
+        variant: one of :data:`WSC_VARIANTS` (``"paper"``, the paper's formula).
+        eps: the stabiliser under the square root, in (0, 1] (1e-8, the paper's).
+    """
+
+    name: ClassVar[str] = "wsc"
+    variant: str = "paper"
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        self._choice("variant", WSC_VARIANTS)
+        self._number("eps", lambda v: 0 < v <= 1.0, "a finite number in (0, 1]")
+
+    def apply(self, merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
+              sensitive: Optional[Collection[str]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        calibrated, scales = weight_space_calibration(merged_tv, task_vectors, sensitive, eps=self.eps,
+                                                      variant=self.variant, return_scales=True)
+        return {k: calibrated[k] for k in scales}, scales

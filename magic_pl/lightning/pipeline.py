@@ -5,8 +5,9 @@
 paths run the same code:
 
 1. :meth:`CalibrationRun.bind` after the merge: the merged body, the base weights and the task vectors; the
-   data-free step (WSC for ``wsc``/``dsc``) runs here unless the setting must first detect its sensitive set or the
-   merge itself needs data (RegMean: ``data_merge``, run at :meth:`finish` on the calibration samples).
+   setting's data-free weight steps (WSC for ``wsc``/``dsc``) run here unless the setting must first detect its
+   sensitive set or the merge itself needs data (RegMean: ``data_merge``, run at :meth:`finish` on the calibration
+   samples).
 2. :meth:`CalibrationRun.begin` at the start of ``trainer.predict``: the FSC statistics component (a
    :class:`~magic_pl.lightning.statistics.FeatureStatisticsCollector`, torchmetrics states reduced with one ``sum``
    at the end); when the sensitive set must be detected first (``sensitive="detect"``) or the merge is data-based,
@@ -15,10 +16,11 @@ paths run the same code:
    on the foreign module's backbone: :meth:`attach`).
 4. :meth:`CalibrationRun.finish` at the end of the predict epoch: the data-based merge on the kept samples (its
    statistics summed over processes), the label-free probe (its per-tensor scores summed over processes), the
-   deferred WSC, and the FSC statistics measured on the kept samples; then one all-reduce, the same xi on every rank,
-   the fold.
+   deferred weight steps, and the FSC statistics measured on the kept samples; then one all-reduce, the same xi on
+   every rank, the fold.
 
-Everything a step does is written into a :class:`~magic_pl.lightning.report.CalibrationRecord`.
+Everything a step does is written into a :class:`~magic_pl.lightning.report.CalibrationRecord`, under the step's
+own name (``"wsc"``, ``"svc"``, ``"lines"``, ``"fsc"``, ...).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from magic_pl.calibration import CalibrationResult, CalibrationSetting
 from magic_pl.calibration.sensitivity import ModelInputs
-from magic_pl.calibration.settings import SensitiveSet, detect_label_free
+from magic_pl.calibration.settings import SensitiveSet, detect_label_free, run_weight_step
 from magic_pl.lightning.report import CalibrationRecord, delta_norms, relative_deviation
 from magic_pl.lightning.statistics import FeatureStatisticsCollector, task_calls
 
@@ -136,16 +138,21 @@ class CalibrationRun:
                 self.result = self.setting.result(None, self.row_scales)
 
     def _weight_space(self, merged_tv: Optional[Mapping[str, Tensor]] = None) -> None:
+        """The setting's weight steps, in order, each recorded under its own name (``merged_tv``: tau_m before the
+        first; each later step reads the body the one before wrote)."""
         if not self.setting.uses_wsc:
             return
         assert self.body is not None
-        start = time.perf_counter()
-        self.row_scales = self.setting.weight_space(self.base_state, self.body, self.task_vectors, merged_tv,
-                                                    self.sensitive_set)
         rec = self.record
+        self.row_scales = {}
+        for i, step in enumerate(self.setting.weight_steps):
+            start = time.perf_counter()
+            written, scales = run_weight_step(step, self.base_state, self.body, self.task_vectors,
+                                              merged_tv if i == 0 else None, self.sensitive_set)
+            self.row_scales.update(scales)
+            rec.add_step(step.name, time.perf_counter() - start, tensors=len(written),
+                         gated=self.sensitive_set is not None)
         rec.wsc_scales = {k: float(v.float().mean()) for k, v in self.row_scales.items()}
-        rec.add_step("wsc", time.perf_counter() - start, tensors=len(self.row_scales),
-                     gated=self.sensitive_set is not None)
         self._update_deviation()
 
     # --- 2. start of predict -----------------------------------------------------------------------------------------
@@ -210,7 +217,8 @@ class CalibrationRun:
     # --- 4. end of predict ------------------------------------------------------------------------------------------
     def finish(self, reduce: Reduce) -> CalibrationResult:
         """Detect the sensitive set if needed (probe scores summed over processes with ``reduce``), apply the deferred
-        WSC, sum the FSC statistics over processes (once), fold the same xi on every rank, and record the result."""
+        weight steps, sum the FSC statistics over processes (once), fold the same xi on every rank, and record the
+        result."""
         self.detach()
         if self._pending is not None:
             calls, self._pending = self._pending, None
@@ -235,7 +243,7 @@ class CalibrationRun:
             if not self.setting.uses_data:
                 self.result = self.setting.result(None, self.row_scales)
                 return self.result
-            self._start_statistics()  # measured on the (merged, WSC-calibrated) model, on the same samples
+            self._start_statistics()  # measured on the model the weight steps left, on the same samples
             for task, args, kwargs in calls:
                 self.collector.update(task, *args, **kwargs)
         collector = self.collector
