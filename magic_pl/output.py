@@ -332,6 +332,12 @@ def clean_leftovers(path: PathLike) -> list[Path]:
     return done
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -510,7 +516,9 @@ class OutputLocation:
         return f".{self.path.name}.magic-pl-{kind}-{os.getpid()}-"
 
     def _make_staged(self) -> Path:
-        return Path(tempfile.mkdtemp(prefix=self._prefix("tmp"), dir=self.path.parent))
+        staged = Path(tempfile.mkdtemp(prefix=self._prefix("tmp"), dir=self.path.parent))
+        os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual permissions
+        return staged
 
     def stage(self) -> Path:
         """Create (once) and return the hidden temporary sibling to write into; parents are created here."""
@@ -623,6 +631,7 @@ class OutputFile(OutputLocation):
     def _make_staged(self) -> Path:
         fd, name = tempfile.mkstemp(prefix=self._prefix("tmp"), dir=self.path.parent)
         os.close(fd)
+        os.chmod(name, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual permissions
         return Path(name)
 
     def commit(self, manifest: Optional[Mapping[str, Any]] = None) -> Path:

@@ -245,3 +245,16 @@ def test_sigkill_during_a_save_then_the_next_save_cleans_up(tmp_path: Path):
     save_sharded_safetensors({"a": torch.ones(3)}, out_dir)
     assert _names(tmp_path) == ["m.safetensors", "out"]
     assert torch.equal(load_state_dict(out_dir)["a"], torch.ones(3))
+
+
+def test_outputs_get_the_usual_permissions_not_the_temporaries_private_ones(tmp_path: Path):
+    from magic_pl.models.io import save_sharded_safetensors
+
+    old = os.umask(0o022)
+    try:
+        save_sharded_safetensors({"a": torch.zeros(3)}, tmp_path / "out")
+        save_state_dict({"x": torch.ones(1)}, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
