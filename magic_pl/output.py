@@ -631,7 +631,6 @@ class OutputFile(OutputLocation):
     def _make_staged(self) -> Path:
         fd, name = tempfile.mkstemp(prefix=self._prefix("tmp"), dir=self.path.parent)
         os.close(fd)
-        os.chmod(name, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual permissions
         return Path(name)
 
     def commit(self, manifest: Optional[Mapping[str, Any]] = None) -> Path:
@@ -645,6 +644,7 @@ class OutputFile(OutputLocation):
         return None
 
     def _swap(self, staged: Path) -> None:
+        os.chmod(staged, 0o666 & ~_umask())  # its writer may have made it private (mkstemp does)
         os.replace(staged, self.path)
         _fsync_dir(self.path.parent)
 
