@@ -165,9 +165,9 @@ _CALIBRATE_USAGE = (
 
 def _calibrate_summary_help() -> str:
     from magic_pl.calibration import PRESETS
-    from magic_pl.merging import MERGE_METHODS
+    from magic_pl.merging.method import METHODS
 
-    methods = ", ".join(MERGE_METHODS)
+    methods = ", ".join(METHODS)
     presets = ", ".join(PRESETS)
     rows = [
         ("-c, --config FILE", "a YAML config naming the model, its adapter and the data (e.g. configs/tiny.yaml);"
