@@ -209,6 +209,8 @@ class LiNeSStep(CalibrationStep):
     """
 
     name: ClassVar[str] = "lines"
+    # the default alpha is a norm ratio over the whole model and L its deepest block: no key's rows stand alone
+    row_separable: ClassVar[bool] = False
     alpha: Optional[float] = None
     beta: float = 0.5
     depth: Optional[str] = None

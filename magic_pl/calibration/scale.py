@@ -32,6 +32,7 @@ class ScaleStep(CalibrationStep):
     """
 
     name: ClassVar[str] = "scale"
+    row_separable: ClassVar[bool] = True
     factor: float = 1.0
 
     def __post_init__(self) -> None:

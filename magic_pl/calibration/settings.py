@@ -25,7 +25,8 @@ needs a dict. :meth:`CalibrationSetting.to_string` writes the space form when th
 has used) and the step form otherwise, :meth:`~CalibrationSetting.to_dict` the step form's dict; :func:`resolve_setting`
 reads each back to an equal setting. :meth:`CalibrationSetting.calibrate` runs the steps on a merged model and returns
 one :class:`~magic_pl.calibration.fsc.CalibrationResult`; the Lightning layer runs the same steps
-(:func:`run_weight_step`, :meth:`~CalibrationSetting.feature_calibrator`, :meth:`~CalibrationSetting.resolve_sensitive`)
+(:meth:`~CalibrationSetting.weight_space`, :meth:`~CalibrationSetting.feature_calibrator`,
+:meth:`~CalibrationSetting.resolve_sensitive`)
 with statistics collected in its predict loop.
 
 Presets (the paper's behaviour is ``"wsc"``/``"fsc"``/``"dsc"``, exactly as in MAGIC, arXiv 2512.19320):
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import ChainMap
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -63,7 +65,7 @@ from magic_pl.calibration.steps import STEPS, CalibrationStep, as_float, make_st
 from magic_pl.statedict import apply_delta
 
 __all__ = ["SPACES", "SENSITIVE_POLICIES", "CalibrationSetting", "PRESETS", "AUTO", "resolve_setting",
-           "run_weight_step", "detect_label_free", "SensitiveSet"]
+           "apply_weight_steps", "detect_label_free", "SensitiveSet"]
 
 #: The space form's heads: no step, a data-free weight step, FSC, or both (the weight step, then FSC).
 SPACES: tuple[str, ...] = ("none", "wsc", "fsc", "dsc")
@@ -265,16 +267,22 @@ class CalibrationSetting:
                             "give unlabelled probe batches, or a set (names or a ranking JSON)"))
 
     def weight_space(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
-                     merged_tv: Optional[Mapping[str, Tensor]], sensitive: Optional[Collection[str]]
-                     ) -> dict[str, Tensor]:
-        """The weight steps, in order, written into ``merged`` (nothing without one; see :func:`run_weight_step`):
-        ``merged_tv`` is tau_m before the first, each later step reads what the one before wrote. Returns the per-row
-        scales applied (WSC's), per tensor."""
-        scales: dict[str, Tensor] = {}
-        for i, step in enumerate(self.weight_steps):
-            scales.update(run_weight_step(step, base, merged, task_vectors, merged_tv if i == 0 else None,
-                                          sensitive)[1])
-        return scales
+                     merged_tv: Optional[Mapping[str, Tensor]], sensitive: Optional[Collection[str]],
+                     on_step: Optional[Callable[[CalibrationStep, list[str]], None]] = None) -> dict[str, Tensor]:
+        """The weight steps (:func:`apply_weight_steps`) written into ``merged`` in place: each tensor a step changes
+        becomes ``theta0 +`` its calibrated tau_m in the tensor's dtype, and the next step reads ``merged - theta0``.
+        ``merged_tv``: tau_m before the first (``None``: ``merged - base`` per key); ``on_step(step, keys written)``
+        runs after each. Returns the per-row scales applied, per tensor."""
+        base_state = _state_of(base)
+
+        def write(step: CalibrationStep, calibrated: dict[str, Tensor]) -> Mapping[str, Tensor]:
+            write_task_vector(base_state, merged, calibrated, calibrated, f"{step.name}-calibrated model")
+            if on_step is not None:
+                on_step(step, list(calibrated))
+            return merged_task_vector(base_state, merged)
+
+        tau = merged_tv if merged_tv is not None else merged_task_vector(base_state, merged)
+        return apply_weight_steps(self.weight_steps, tau, task_vectors, sensitive, write)[1]
 
     def feature_calibrator(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                            sensitive: Optional[Collection[str]], *, modules: Optional[Sequence[str]] = None,
@@ -346,17 +354,23 @@ class CalibrationSetting:
         return self.result(fold, scales)
 
 
-def run_weight_step(step: CalibrationStep, base: StateSource, merged: nn.Module,
-                    task_vectors: Sequence[Mapping[str, Tensor]], merged_tv: Optional[Mapping[str, Tensor]],
-                    sensitive: Optional[Collection[str]]) -> tuple[list[str], dict[str, Tensor]]:
-    """One data-free weight step written into ``merged`` in place: each tensor it changes becomes ``theta0 +`` its
-    calibrated tau_m (summed in float32, float64 in float64). ``merged_tv``: tau_m (``None``: ``merged - base`` per
-    key on access). Returns the keys written and the per-row scales applied (empty unless the step scales rows)."""
-    base_state = _state_of(base)
-    tau = merged_tv if merged_tv is not None else merged_task_vector(base_state, merged)
-    calibrated, scales = step.apply(tau, task_vectors, sensitive)
-    write_task_vector(base_state, merged, calibrated, calibrated, f"{step.name}-calibrated model")
-    return list(calibrated), scales
+def apply_weight_steps(steps: Sequence[CalibrationStep], merged_tv: Mapping[str, Tensor],
+                       task_vectors: Sequence[Mapping[str, Tensor]], sensitive: Optional[Collection[str]],
+                       write: Optional[Callable[[CalibrationStep, dict[str, Tensor]], Mapping[str, Tensor]]] = None
+                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Data-free weight steps, in order, on the merged task vector ``merged_tv``: the one application every front
+    door uses (in memory, Lightning, streamed row blocks, LoRA factors).
+
+    Each step reads what the one before left: ``write(step, calibrated)`` stores a step's tensors and returns tau_m
+    as stored (a model rounds ``theta0 + tau`` to its dtype); without it, ``merged_tv`` overlaid with them. Returns the
+    last calibrated tensor of every key a step changed, and the per-row scales applied, per tensor."""
+    tau, out, scales = merged_tv, {}, {}
+    for step in steps:
+        calibrated, step_scales = step.apply(tau, task_vectors, sensitive)
+        out.update(calibrated)
+        scales.update(step_scales)
+        tau = write(step, calibrated) if write is not None else ChainMap(calibrated, tau)
+    return out, scales
 
 
 def _space_steps(space: str = "fsc", weight_method: str = "wsc", **options: Any) -> tuple[CalibrationStep, ...]:

@@ -46,6 +46,9 @@ class CalibrationStep:
     name: ClassVar[str] = ""
     #: ``"weight"``: data-free, runs on tau_m (:meth:`apply`); ``"feature"``: measured on unlabelled samples, last.
     kind: ClassVar[str] = "weight"
+    #: A weight step whose result on a block of a tensor's rows is that block of its result on the whole model, so a
+    #: streamed merge can apply it one key's row block at a time.
+    row_separable: ClassVar[bool] = False
 
     def apply(self, merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
               sensitive: Optional[Collection[str]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -187,6 +187,7 @@ class WSCStep(CalibrationStep):
     """
 
     name: ClassVar[str] = "wsc"
+    row_separable: ClassVar[bool] = True
     variant: str = "paper"
     eps: float = 1e-8
 

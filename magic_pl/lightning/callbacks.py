@@ -34,17 +34,11 @@ from torch import Tensor, nn
 
 from magic_pl.calibration import resolve_setting
 from magic_pl.lightning.data import TASK_KEY, check_calibration_size, count_predict_samples
-from magic_pl.lightning.module import Calibration, NormRecorder, _module_means, regmean_merge
+from magic_pl.lightning.module import Calibration, merge_and_bind
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
-from magic_pl.lightning.report import (
-    CalibrationRecord,
-    delta_norms,
-    plot_record,
-    relative_deviation,
-    write_json,
-)
+from magic_pl.lightning.report import CalibrationRecord, write_report
 from magic_pl.lightning.writer import save_module
-from magic_pl.merging import get_method, merge, validate_merge_options
+from magic_pl.merging import validate_merge_options
 from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, check_pairing, find_tied_keys
 from magic_pl.output import check_task_names
 from magic_pl.statedict import CheckpointError, apply_delta, load_state_dict
@@ -262,19 +256,15 @@ class MagicCalibration(Callback):
         rec.sources = {"base": sources.base_source, "experts": sources.expert_sources}
         rec.task_names = list(sources.task_names)
         rec.config.update({"merge_method": self.method, "merge_options": self.options, "backbone": self.backbone})
-        if get_method(self.method).needs_data:  # merged at the end of predict, from the calibration samples
-            self.run.bind(body, sources.base_state, sources.task_vectors(), sources.task_names,
-                          data_merge=regmean_merge(self.method, self.options, rec))
-            return
-        taus = [NormRecorder(tv) for tv in sources.task_vectors()]
-        tau_m = merge(self.method, taus, **self.options)
-        sources.load_into(body, tau_m)
-        rec.expert_norms = _module_means([t.sq_norms for t in taus])
-        current = {k: v for k, v in body.state_dict().items() if k in sources.base_state and v.dtype.is_floating_point}
-        rec.deviation_before = relative_deviation(delta_norms(current, sources.base_state), rec.expert_norms)
-        rec.deviation_after = dict(rec.deviation_before)
-        rec.add_step("merge", time.perf_counter() - start, method=self.method, options=self.options)
-        self.run.bind(body, sources.base_state, [t.source for t in taus], sources.task_names, merged_tv=tau_m)
+        rec.add_step("load", time.perf_counter() - start, tasks=len(sources.task_names))
+
+        def load(tau_m: Optional[Mapping[str, Tensor]]) -> nn.Module:
+            if tau_m is not None:
+                sources.load_into(body, tau_m)
+            return body
+
+        merge_and_bind(self.run, self.method, self.options, sources.task_vectors(), sources.task_names,
+                       sources.base_state, load)
 
     # --- predict: the statistics -------------------------------------------------------------------------------------
     def _batch_task(self, batch: Any, dataloader_idx: int) -> Any:
@@ -314,7 +304,7 @@ class MagicCalibration(Callback):
 
 def _fsc_units(body: nn.Module, sources: WeightSources) -> Optional[list[str]]:
     """Automatic FSC units restricted to those whose tensors are all in the base weights (no tied aliases)."""
-    from magic_pl.calibration import find_units
+    from magic_pl.calibration.modules import find_units
 
     units = find_units(body)
     keys = sources.base_state.keys()
@@ -425,19 +415,10 @@ class CalibrationReport(Callback):
         rec = record_of(pl_module) or self.calibration_record
         if not trainer.is_global_zero:
             return None
-        doc = rec.to_dict(hash_inputs=self.hash_inputs)
-        doc["config"] = {**doc.get("config", {}), **self.config,
-                         "trainer": {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
-                                     "strategy": type(trainer.strategy).__name__,
-                                     "accelerator": type(trainer.accelerator).__name__,
-                                     "precision": str(trainer.precision)}}
-        doc["timings"]["wall_since_report_created"] = round(time.perf_counter() - self._start, 3)
-        out = self._dir(trainer) / self.filename
-        write_json(doc, out)
-        if self.plot:
-            plot_record(rec, out.with_suffix(".png"))
-        self.path = out
-        return out
+        self.path = write_report(rec, trainer, self._dir(trainer) / self.filename, hash_inputs=self.hash_inputs,
+                                 plot=self.plot, config=self.config,
+                                 timings={"wall_since_report_created": round(time.perf_counter() - self._start, 3)})
+        return self.path
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.write(trainer, pl_module)

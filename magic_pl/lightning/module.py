@@ -27,19 +27,33 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from magic_pl.calibration import CalibrationSetting, load_sensitivity, resolve_setting
-from magic_pl.calibration.sensitivity import ModelInputs
-from magic_pl.lightning.data import (INDEX_KEY, INPUTS_KEY, LABELS_KEY, TASK_KEY, check_calibration_size,
-                                     check_label_range, count_predict_samples)
+from magic_pl.calibration import CalibrationSetting, resolve_setting
+from magic_pl.calibration.sensitivity import ModelInputs, load_sensitivity
+from magic_pl.lightning.data import (
+    INDEX_KEY,
+    INPUTS_KEY,
+    LABELS_KEY,
+    TASK_KEY,
+    check_calibration_size,
+    check_label_range,
+    count_predict_samples,
+)
 from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
 from magic_pl.merging import get_method, merge, validate_merge_options
-from magic_pl.models.base import (KeyView, MergeSetup, ModelAdapter, PrefixView, check_pairing, default_task_names,
-                                  find_tied_keys)
-from magic_pl.output import check_task_names
+from magic_pl.models.base import (
+    KeyView,
+    MergeSetup,
+    ModelAdapter,
+    PrefixView,
+    check_pairing,
+    default_task_names,
+    find_tied_keys,
+)
 from magic_pl.models.heads import TaskModel, logits_of
+from magic_pl.output import check_task_names
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
 __all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder", "task_calls",
@@ -128,6 +142,31 @@ def record_merge(record: CalibrationRecord, taus: Sequence[NormRecorder], tau_m:
     """The merge's magnitudes in ``record``: mean expert update norm per module and the merged model's deviation."""
     record.expert_norms = _module_means([t.sq_norms for t in taus])
     record.deviation_before = relative_deviation(_sqrt(module_sq_norms(tau_m.items())), record.expert_norms)
+
+
+def merge_and_bind(run: CalibrationRun, method: str, options: Mapping[str, Any],
+                   task_vectors: Sequence[Mapping[str, Tensor]], task_names: Sequence[str],
+                   base_state: Mapping[str, Tensor], load: Callable[[Optional[Mapping[str, Tensor]]], nn.Module]
+                   ) -> nn.Module:
+    """The merge of every Lightning front door (``MagicModule``, the plug-in ``MagicCalibration``): merge the task
+    vectors with ``method``, record the step and the magnitudes, put ``theta0 + tau_m`` into a body with ``load(tau_m)``
+    and bind ``run`` to it; returns the body. A data-based method (RegMean) gets the base (``load(None)``) and is
+    merged at the end of predict from the calibration samples."""
+    record = run.record
+    if get_method(method).needs_data:
+        body = load(None)
+        run.bind(body, base_state, list(task_vectors), list(task_names),
+                 data_merge=regmean_merge(method, options, record))
+    else:
+        start = time.perf_counter()
+        taus = [NormRecorder(tv) for tv in task_vectors]
+        tau_m = merge(method, taus, **dict(options))
+        record.add_step("merge", time.perf_counter() - start, method=method, options=dict(options))
+        record_merge(record, taus, tau_m)
+        body = load(tau_m)
+        run.bind(body, base_state, [t.source for t in taus], list(task_names), merged_tv=tau_m)
+    record.deviation_after = record.deviation_after or dict(record.deviation_before)
+    return body
 
 
 def regmean_merge(method: str, options: Mapping[str, Any], record: CalibrationRecord) -> Callable[..., Any]:
@@ -266,8 +305,6 @@ class MagicModule(LightningModule):
         merge."""
         return self.run.needs_data or (not self.is_built and get_method(self.merge_method).needs_data)
 
-    uses_fsc = needs_calibration_data
-
     @property
     def is_built(self) -> bool:
         return self.model is not None
@@ -329,33 +366,16 @@ class MagicModule(LightningModule):
         rec.sources = {"base": setup.metadata.get("base"), "experts": setup.metadata.get("experts") or []}
         rec.add_step("load", time.perf_counter() - start, tasks=len(self.task_names))
 
-        if get_method(self.merge_method).needs_data:  # merged at the end of predict, on the calibration samples
-            self._bind(setup.merged_model({}), setup.task_vectors(), None)
-            return
-        start = time.perf_counter()
-        taus = [NormRecorder(tv) for tv in setup.task_vectors()]
-        options = dict(self.merge_options)
-        tau_m = merge(self.merge_method, taus, **options)
-        rec.add_step("merge", time.perf_counter() - start, method=self.merge_method, options=options)
-        self._record_merge(taus, tau_m)
-        self._bind(setup.merged_model(tau_m), [t.source for t in taus], tau_m)
+        body = merge_and_bind(self.run, self.merge_method, self.merge_options, setup.task_vectors(),
+                              self.task_names, setup.base_state(), lambda tau_m: setup.merged_model(tau_m or {}))
+        self._install(body)
 
-    def _record_merge(self, taus: Sequence[NormRecorder], tau_m: Mapping[str, Tensor]) -> None:
-        record_merge(self.calibration_record, taus, tau_m)
-
-    def _bind(self, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
-              merged_tv: Optional[Mapping[str, Tensor]]) -> None:
-        """Install the merged body (the base, for a data-based merge), its heads and task models, and start the
-        calibration run on it."""
+    def _install(self, merged: nn.Module) -> None:
+        """Install the merged body (the base, for a data-based merge; the run is bound to it already), its heads and
+        task models."""
         setup = self.merge_setup
         assert setup is not None
-        rec = self.calibration_record
         self.model = merged
-        data_merge = (regmean_merge(self.merge_method, self.merge_options, rec)
-                      if get_method(self.merge_method).needs_data else None)
-        self.run.bind(self.model, setup.base_state(), task_vectors, self.task_names, merged_tv=merged_tv,
-                      data_merge=data_merge)
-        rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)
         self.model.requires_grad_(False)
         if setup.heads is not None:
             self.heads = nn.ModuleDict({_safe(t): h for t, h in setup.heads.items()})
@@ -390,7 +410,12 @@ class MagicModule(LightningModule):
         rec.config.update(other.describe())
         rec.steps = [dict(step) for step in mine.steps if step["step"] in ("load", "merge")]
         rec.expert_norms, rec.deviation_before = dict(mine.expert_norms), dict(mine.deviation_before)
-        other._bind(copy.deepcopy(self.model), setup.task_vectors(), None)
+        body = copy.deepcopy(self.model)
+        data_merge = (regmean_merge(self.merge_method, self.merge_options, rec)
+                      if get_method(self.merge_method).needs_data else None)
+        other.run.bind(body, setup.base_state(), setup.task_vectors(), other.task_names, data_merge=data_merge)
+        rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)
+        other._install(body)
         return other
 
     def _make_task_model(self, setup: MergeSetup, task: str) -> nn.Module:

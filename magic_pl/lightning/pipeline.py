@@ -32,9 +32,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration import CalibrationResult, CalibrationSetting
+from magic_pl.calibration.fsc import CalibrationResult
 from magic_pl.calibration.sensitivity import ModelInputs
-from magic_pl.calibration.settings import SensitiveSet, detect_label_free, run_weight_step
+from magic_pl.calibration.settings import CalibrationSetting, SensitiveSet, detect_label_free
+from magic_pl.calibration.steps import CalibrationStep
 from magic_pl.lightning.report import CalibrationRecord, delta_norms, relative_deviation
 from magic_pl.lightning.statistics import FeatureStatisticsCollector, task_calls
 
@@ -144,14 +145,16 @@ class CalibrationRun:
             return
         assert self.body is not None
         rec = self.record
-        self.row_scales = {}
-        for i, step in enumerate(self.setting.weight_steps):
-            start = time.perf_counter()
-            written, scales = run_weight_step(step, self.base_state, self.body, self.task_vectors,
-                                              merged_tv if i == 0 else None, self.sensitive_set)
-            self.row_scales.update(scales)
+        start = time.perf_counter()
+
+        def on_step(step: CalibrationStep, written: list[str]) -> None:
+            nonlocal start
             rec.add_step(step.name, time.perf_counter() - start, tensors=len(written),
                          gated=self.sensitive_set is not None)
+            start = time.perf_counter()
+
+        self.row_scales = self.setting.weight_space(self.base_state, self.body, self.task_vectors, merged_tv,
+                                                    self.sensitive_set, on_step)
         rec.wsc_scales = {k: float(v.float().mean()) for k, v in self.row_scales.items()}
         self._update_deviation()
 

@@ -275,6 +275,26 @@ class CalibrationRecord:
         return _jsonable(doc)
 
 
+def write_report(record: CalibrationRecord, trainer: Any, path: Union[str, os.PathLike], *, hash_inputs: bool = True,
+                 plot: bool = True, config: Optional[Mapping[str, Any]] = None,
+                 timings: Optional[Mapping[str, float]] = None) -> Path:
+    """Write the calibration report of ``record``: ``path`` (JSON: the record, ``config`` merged into its
+    configuration, the trainer's processes, strategy, accelerator and precision, and extra ``timings``) and, with
+    ``plot``, the PNG beside it. The one report writer of ``MagicTrainer.calibrate`` and the ``CalibrationReport``
+    callback. Returns ``path``."""
+    doc = record.to_dict(hash_inputs=hash_inputs)
+    doc["config"] = {**doc.get("config", {}), **dict(config or {}),
+                     "trainer": {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
+                                 "strategy": type(trainer.strategy).__name__,
+                                 "accelerator": type(trainer.accelerator).__name__,
+                                 "precision": str(trainer.precision)}}
+    doc["timings"].update(timings or {})
+    path = write_json(doc, path)
+    if plot:
+        plot_record(record, path.with_suffix(".png"))
+    return path
+
+
 def write_json(doc: Mapping[str, Any], path: Union[str, os.PathLike]) -> Path:
     """Write ``doc`` as indented JSON, atomically."""
     path = Path(path)

@@ -67,7 +67,7 @@ class MagicTrainer(Trainer):
             ``{"metrics", "model", "report", "result"}``: test metrics, the model and report paths (``None`` when not
             written) and the :class:`~magic_pl.calibration.CalibrationResult` (``None`` if no calibration ran).
         """
-        from magic_pl.lightning.report import plot_record, write_json
+        from magic_pl.lightning.report import write_report
         from magic_pl.output import OutputLocation
 
         launcher = getattr(self.strategy, "launcher", None)
@@ -109,13 +109,7 @@ class MagicTrainer(Trainer):
                 rec.outputs["model"] = str((final / "model").resolve())
                 rec.add_step("write", time.perf_counter() - start)
             if staged is not None and report:
-                doc = rec.to_dict(hash_inputs=hash_inputs)
-                doc["config"]["trainer"] = {"world_size": self.world_size, "num_nodes": self.num_nodes,
-                                            "strategy": type(self.strategy).__name__,
-                                            "accelerator": type(self.accelerator).__name__,
-                                            "precision": str(self.precision)}
-                write_json(doc, staged / "calibration_report.json")
-                plot_record(rec, staged / "calibration_report.png")
+                write_report(rec, self, staged / "calibration_report.json", hash_inputs=hash_inputs)
             if out is not None:
                 if logs is not None:
                     out.adopt(logs, "logs")

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,41 +440,60 @@ class LowRankDelta:
 
 def merge_lora_lowrank(
     setup: MergeSetup,
-    method: str = "task_arithmetic",
+    merge_method: str = "task_arithmetic",
     *,
     scale: float = 0.3,
-    wsc: bool = True,
+    calibration: Any = "wsc",
     sensitive: Optional[Collection[str]] = None,
+    wsc: Optional[bool] = None,
+    method: Optional[str] = None,
     **wsc_options: Any,
 ) -> LowRankDelta:
-    """Merge LoRA adapters without densifying the result: ``tau_m`` as concatenated factors, WSC as row scales.
+    """Merge LoRA adapters without densifying the result: ``tau_m`` as concatenated factors, the calibration's weight
+    steps as row scales.
 
     Args:
         setup: a :class:`LoRAAdapter` setup.
-        method: a linear merge (``MergeMethod.linear``: ``"task_arithmetic"``, ``c_k = scale``;
+        merge_method: a linear merge (``MergeMethod.linear``: ``"task_arithmetic"``, ``c_k = scale``;
             ``"weight_average"``, ``c_k = 1/K``; ...), whose result is exactly low-rank, with its default options
             (``scale`` aside). Others (TIES, TSV-M, ...) need the dense path.
         scale: the method's ``scale`` when it has one (task arithmetic's lambda, default 0.3 as
-            :func:`magic_pl.merging.task_arithmetic`); ignored otherwise.
-        wsc: apply weight space calibration (default ``True``); its row scales go into ``B`` (or ``A`` for
-            transposed weights), so the rank is kept.
-        sensitive: WSC's magnitude-sensitive set (see :func:`magic_pl.calibration.weight_space_calibration`).
-        **wsc_options: ``include``, ``exclude``, ``eps``, ``variant`` for WSC.
+            :func:`magic_pl.merging.basic.task_arithmetic`); ignored otherwise.
+        calibration: a calibration setting (:func:`~magic_pl.calibration.settings.resolve_setting`; default
+            ``"wsc"``) whose data-free weight steps are applied per tensor
+            (:func:`~magic_pl.calibration.settings.apply_weight_steps`). On an adapted tensor a step must change it
+            by row scales only (WSC's): they go into ``B`` (or ``A`` for transposed weights), so the rank is kept.
+        sensitive: the magnitude-sensitive set of the steps (see
+            :func:`magic_pl.calibration.weight_space_calibration`).
+        wsc, method, **wsc_options: deprecated spellings: ``wsc=True/False`` is ``calibration="wsc"``/``"none"``,
+            ``method`` is ``merge_method``; ``wsc_options`` (``include``, ``exclude``, ``eps``, ``variant``) are
+            keyword options of :func:`~magic_pl.calibration.weight_space_calibration`, which then is the one step.
 
     Returns:
         A :class:`LowRankDelta` (write it with :func:`save_lora_adapter`).
     """
-    from magic_pl.calibration import weight_space_calibration
+    from magic_pl.calibration.settings import apply_weight_steps, resolve_setting
     from magic_pl.merging import METHODS, get_method, validate_merge_options
 
-    spec = get_method(method)
+    if method is not None:
+        warnings.warn("merge_lora_lowrank(method=...) is deprecated; use merge_method=", DeprecationWarning,
+                      stacklevel=2)
+        merge_method = method
+    if wsc is not None or wsc_options:
+        warnings.warn("merge_lora_lowrank(wsc=..., **wsc_options) is deprecated; use calibration= (a setting)",
+                      DeprecationWarning, stacklevel=2)
+        calibration = "none" if wsc is False else calibration
+    steps: Sequence[Any] = resolve_setting(calibration).weight_steps
+    if wsc_options and steps:
+        steps = [_KeywordWSC(wsc_options)]
+    spec = get_method(merge_method)
     if spec.linear is None:
         linear = ", ".join(n for n, m in METHODS.items() if m.linear is not None)
         raise ValueError(
-            f"low-rank merging supports the linear methods ({linear}), not {method!r}: "
+            f"low-rank merging supports the linear methods ({linear}), not {merge_method!r}: "
             "use the dense path (setup.task_vectors() + magic_pl.merging.merge) for other methods"
         )
-    options = validate_merge_options(method, {"scale": scale} if "scale" in spec.options else {}, driver=False)
+    options = validate_merge_options(merge_method, {"scale": scale} if "scale" in spec.options else {}, driver=False)
     ckpts: list[LoRACheckpoint] = getattr(setup.adapter, "checkpoints", [])
     if not isinstance(setup.adapter, LoRAAdapter) or len(ckpts) != len(setup.task_names):
         raise ValueError("merge_lora_lowrank needs a setup built by LoRAAdapter.setup()")
@@ -498,10 +518,12 @@ def merge_lora_lowrank(
         A = torch.cat([p.A.float() for p in parts], dim=0)
         B = torch.cat([p.B.float() * (coeffs[k] * p.scale) for k, p in zip(tasks, parts)], dim=1)
         merged = LoRAModule(first.module, first.kind, A, B, 1.0, first.fan_in_fan_out)
-        if wsc:
-            d = lora_delta(merged)
-            cal, scales = weight_space_calibration({key: d}, [{key: tv[key]} for tv in tvs], sensitive,
-                                                   return_scales=True, **wsc_options)
+        if steps:
+            cal, scales = apply_weight_steps(steps, {key: lora_delta(merged)}, [{key: tv[key]} for tv in tvs],
+                                             sensitive)
+            if key in cal and key not in scales:
+                raise ValueError(f"merge_lora_lowrank: calibration {calibration!r} changes {key!r} by more than row "
+                                 "scales, which a low-rank delta cannot keep; use the dense path")
             if key in scales:
                 lam = scales[key]
                 if merged.transposed:
@@ -514,10 +536,26 @@ def merge_lora_lowrank(
     for key in full_keys:
         taus = [tv[key] for tv in tvs]
         d = _combine(taus, combination)
-        if wsc:
-            d = weight_space_calibration({key: d}, [{key: t} for t in taus], sensitive, **wsc_options)[key]
+        if steps:
+            d = apply_weight_steps(steps, {key: d}, [{key: t} for t in taus], sensitive)[0].get(key, d)
         out.full[key] = apply_delta(base[key], d, key=key)
     return out
+
+
+@dataclass(frozen=True)
+class _KeywordWSC:
+    """WSC with :func:`~magic_pl.calibration.weight_space_calibration`'s keyword options (the deprecated
+    ``wsc_options``: key patterns no setting step takes)."""
+
+    options: Mapping[str, Any]
+
+    def apply(self, merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
+              sensitive: Optional[Collection[str]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        from magic_pl.calibration.wsc import weight_space_calibration
+
+        calibrated, scales = weight_space_calibration(merged_tv, task_vectors, sensitive, return_scales=True,
+                                                      **self.options)
+        return {k: calibrated[k] for k in scales}, scales
 
 
 def _combine(taus: Sequence[Tensor], combination: Linear) -> Tensor:

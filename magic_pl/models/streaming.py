@@ -2,14 +2,14 @@
 
 :func:`stream_merge` never holds a model: for each key it reads the base tensor and the K expert tensors (with
 ``pread``, no memory map, see :class:`~magic_pl.models.io.SafetensorsReader`), merges them
-(:func:`magic_pl.merging.merge` on that one key), applies WSC to that key
-(:func:`magic_pl.calibration.weight_space_calibration`), writes ``base + tau`` into its planned place in an output
-shard (:class:`~magic_pl.models.io.ShardedSafetensorsWriter`) and frees everything. For the row-separable methods
-(``MergeMethod.row_separable``: weight average, task arithmetic, consensus, ...; WSC is row-wise by definition,
-docs/method.md, WSC) large tensors are processed in blocks of rows bounded by ``chunk_bytes``, so the peak working set
-does not grow with K or with the largest tensor. Other methods (TIES, DARE, TSV-M, ...) need whole tensors: the peak
-is then the K float32 task-vector slices of the largest tensor plus the method's own temporaries (WSC still runs in
-row blocks).
+(:func:`magic_pl.merging.merge` on that one key), applies the calibration setting's data-free weight steps to that
+key (:func:`magic_pl.calibration.settings.apply_weight_steps`; each must be ``row_separable``), writes
+``base + tau`` into its planned place in an output shard (:class:`~magic_pl.models.io.ShardedSafetensorsWriter`)
+and frees everything. For the row-separable methods (``MergeMethod.row_separable``: weight average, task arithmetic,
+consensus, ...; WSC is row-wise by definition, docs/method.md, WSC) large tensors are processed in blocks of rows
+bounded by ``chunk_bytes``, so the peak working set does not grow with K or with the largest tensor. Other methods
+(TIES, DARE, TSV-M, ...) need whole tensors: the peak is then the K float32 task-vector slices of the largest tensor
+plus the method's own temporaries (the weight steps still run in row blocks).
 
 :func:`lazy_calibration_sources` and :func:`streaming_fsc` run FSC on a merged model held in memory while the base
 and expert tensors are read from disk one module at a time (``FeatureSpaceCalibrator`` takes mappings).
@@ -21,6 +21,7 @@ import json
 import os
 import time
 import types
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,8 +199,8 @@ def stream_merge(
     experts: Sequence[PathLike],
     output: PathLike,
     *,
-    method: str = "task_arithmetic",
-    method_options: Optional[Mapping[str, Any]] = None,
+    merge_method: str = "task_arithmetic",
+    merge_options: Optional[Mapping[str, Any]] = None,
     calibration: Any = "wsc",
     sensitive: Optional[Union[str, PathLike, Collection[str]]] = None,
     bn_stats: str = "average",
@@ -213,6 +214,8 @@ def stream_merge(
     reader: str = "pread",
     progress: bool = False,
     overwrite: bool = False,
+    method: Optional[str] = None,
+    method_options: Optional[Mapping[str, Any]] = None,
 ) -> StreamReport:
     """Merge K experts of one base and apply WSC, streaming tensor by tensor, into a sharded safetensors directory.
 
@@ -222,12 +225,13 @@ def stream_merge(
         experts: the K expert checkpoints, same layout and keys as the base.
         output: the output directory (written to a temporary directory and renamed into place). It is replaced only
             when empty, a previous magic-pl output, or with ``overwrite``; it may not hold the base or an expert.
-        method: a merge method of :data:`magic_pl.merging.MERGE_METHODS` (default ``"task_arithmetic"``).
-        method_options: the method's options (e.g. ``{"scale": 0.3}``); ``global_topk`` (needs every tensor before
+        merge_method: a merge method of :data:`magic_pl.merging.MERGE_METHODS` (default ``"task_arithmetic"``).
+        merge_options: the method's options (e.g. ``{"scale": 0.3}``); ``global_topk`` (needs every tensor before
             the first) is not available here.
         calibration: a calibration setting (a preset, a ``"space:key=value"`` string, a dict or a
-            :class:`~magic_pl.calibration.CalibrationSetting`; default ``"wsc"``): its data-free step (WSC, for
-            ``wsc``/``dsc``) is applied per tensor here; the feature step of ``fsc``/``dsc`` is
+            :class:`~magic_pl.calibration.settings.CalibrationSetting`; default ``"wsc"``). Only its data-free part
+            runs here: its weight steps, per key and row block, which must all be ``row_separable`` (``wsc``,
+            ``scale``; ``svc`` and ``lines`` need the whole model); the feature step of ``fsc``/``dsc`` is
             :func:`streaming_fsc`'s, on the written model. A setting that detects its sensitive set needs it given
             (``sensitive``): the probe runs on data.
         sensitive: a given magnitude-sensitive set (names or a ranking JSON); default none.
@@ -244,29 +248,38 @@ def stream_merge(
             (``safe_open`` via :func:`~magic_pl.statedict.load_state_dict`; for comparison, see :func:`open_checkpoint`).
         progress: print one line per 10% of tensors (default ``False``).
         overwrite: replace an existing ``output`` that magic-pl did not write (default ``False``).
+        method, method_options: deprecated spellings of ``merge_method``, ``merge_options``.
 
     Returns:
         A :class:`StreamReport`.
     """
-    from magic_pl.calibration import resolve_setting, weight_space_calibration
+    from magic_pl.calibration.settings import apply_weight_steps, resolve_setting
     from magic_pl.merging import MERGE_METHODS, merge
 
     t0 = time.perf_counter()
+    if method is not None or method_options is not None:
+        warnings.warn("stream_merge(method=, method_options=) are deprecated; use merge_method=, merge_options=",
+                      DeprecationWarning, stacklevel=2)
+        merge_method = method if method is not None else merge_method
+        merge_options = method_options if method_options is not None else merge_options
+    method = merge_method
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}")
     spec = MERGE_METHODS[method]
     setting = resolve_setting(calibration)
     wsc = setting.uses_wsc
-    if wsc and setting.weight_method != "wsc":
-        raise ValueError(f"stream_merge: calibration {setting.to_string()!r}: only WSC's row-wise weight step streams "
-                         "block by block; merge with calibration='none' and calibrate the loaded model instead")
+    whole_model = [s.name for s in setting.weight_steps if not s.row_separable]
+    if whole_model:
+        raise ValueError(f"stream_merge: calibration {setting.to_string()!r}: the weight step(s) {whole_model} need "
+                         "the whole model, not one key's row block at a time; merge with calibration='none' and "
+                         "calibrate the loaded model instead")
     if wsc and setting.detects and sensitive is None:
         raise ValueError(f"stream_merge: calibration {setting.to_string()!r} detects its sensitive set on data, which "
                          "a streamed merge does not see; give sensitive= (names or a ranking JSON of "
                          "magic_pl.calibration.save_sensitivity)")
     sens = setting.resolve_sensitive(sensitive) if wsc else None
     wopts = setting.wsc_options()
-    opts = dict(method_options or {})
+    opts = dict(merge_options or {})
     whole = [k for k in spec.driver_options if opts.get(k)]
     if whole:
         raise ValueError(f"{', '.join(whole)} needs every tensor before the first is merged; stream_merge merges per "
@@ -333,18 +346,22 @@ def stream_merge(
                             for j, (rd, e) in enumerate(zip(expert_rds, expert_sds))]
                     merged = merge(method, [{key: t} for t in taus], bn_stats=bn_stats, seed=seed, **opts)[key]
                     if wsc:
-                        # WSC is row-wise: run it on row sub-blocks of the held slices (views, no copies), so its
-                        # [K, rows, in] stack stays within chunk_bytes even when the method needed whole tensors.
+                        # the steps are row-separable: run them on row sub-blocks of the held slices (views, no
+                        # copies), so WSC's [K, rows, in] stack stays within chunk_bytes even when the method needed
+                        # whole tensors
                         n = merged.shape[0] if merged.dim() >= 2 else 1
-                        wsc_step = n if merged.dim() < 2 else max(1, chunk_limit // max(1, numel_row * 4 * (2 * K + 2)))
-                        for r0 in range(0, n, wsc_step):
-                            sl = slice(r0, min(n, r0 + wsc_step)) if merged.dim() >= 2 else slice(None)
-                            cal, scales = weight_space_calibration({key: merged[sl]}, [{key: t[sl]} for t in taus],
-                                                                   sens, return_scales=True, **wopts)
+                        sub = n if merged.dim() < 2 else max(1, chunk_limit // max(1, numel_row * 4 * (2 * K + 2)))
+                        for r0 in range(0, n, sub):
+                            sl = slice(r0, min(n, r0 + sub)) if merged.dim() >= 2 else slice(None)
+                            cal, scales = apply_weight_steps(setting.weight_steps, {key: merged[sl]},
+                                                             [{key: t[sl]} for t in taus], sens)
                             if key in scales:
                                 lam = scales[key]
                                 scale_sum += float(lam.sum())
                                 changed = changed or bool((lam != 1).any())
+                            elif key in cal:
+                                changed = changed or not torch.equal(cal[key], merged[sl])
+                            if key in cal:
                                 merged[sl] = cal[key]
                     del taus
                     out = apply_delta(bc, merged, key=key, name=f"merged model {output}", out_dtype=dtype).cpu()

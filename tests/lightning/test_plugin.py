@@ -22,11 +22,11 @@ import json
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning_helpers import TIMM_KWARGS, TIMM_NAME
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_helpers import TIMM_KWARGS, TIMM_NAME
 from magic_pl.lightning import CalibratedModelWriter, CalibrationReport, MagicCalibration, MagicModule, TaskDataModule
 from magic_pl.models import TimmAdapter
 
@@ -117,8 +117,9 @@ def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, method, option
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.backbone.state_dict().items())
     steps = [s["step"] for s in report["steps"]]
-    want_steps = {"dsc": ["merge", "wsc", "fsc", "write"], "fsc": ["merge", "fsc", "write"],
-                  "detect": ["merge", "probe", "fsc", "write"]}
+    # the same steps as MagicModule records: the plug-in merges through the same function
+    want_steps = {"dsc": ["load", "merge", "wsc", "fsc", "write"], "fsc": ["load", "merge", "fsc", "write"],
+                  "detect": ["load", "merge", "probe", "fsc", "write"]}
     assert steps == want_steps[calibration if isinstance(calibration, str) else "detect"]
     assert report["magnitude_deviation"]["before"] and report["magnitude_deviation"]["after"]
     assert report["inputs"]["base"]["path"].endswith("base.safetensors")

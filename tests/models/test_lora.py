@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from magic_pl.models import CausalLMAdapter, LoRAAdapter, LoRACheckpoint, merge_lora_lowrank, save_lora_adapter
-from magic_pl.models.lora import LoRAModule, lora_delta
-from magic_pl.statedict import CheckpointError
-
 from model_fixtures import calibrate
+
+from magic_pl.models import CausalLMAdapter, LoRAAdapter, merge_lora_lowrank, save_lora_adapter
+from magic_pl.models.lora import LoRACheckpoint, LoRAModule, lora_delta
+from magic_pl.statedict import CheckpointError
 
 
 def write_lora(path, base_model, *, targets=("q_proj", "v_proj"), r=4, alpha=8, seed=0, rslora=False,
@@ -112,7 +111,8 @@ def test_lora_lowrank_output_equals_dense_wsc(make_llama, tmp_path):
     adapters = [write_lora(tmp_path / "a0", model, seed=1, embed=True),
                 write_lora(tmp_path / "a1", model, seed=2, r=4, rank_pattern={"v_proj": 2}, embed=True)]
     setup = LoRAAdapter(str(base), [str(a) for a in adapters]).setup()
-    low = merge_lora_lowrank(setup, "task_arithmetic", scale=0.4, wsc=True, exclude=())
+    with pytest.warns(DeprecationWarning, match="calibration="):
+        low = merge_lora_lowrank(setup, "task_arithmetic", scale=0.4, wsc=True, exclude=())
     # the dense path: task arithmetic then WSC (embeddings included here through exclude=())
     from magic_pl.calibration import weight_space_calibration
     from magic_pl.merging import merge
@@ -189,3 +189,32 @@ def test_lora_errors(make_llama, tmp_path):
     setup = LoRAAdapter(str(base), [str(ok)]).setup()
     with pytest.raises(ValueError, match="linear methods"):
         merge_lora_lowrank(setup, "ties")
+
+
+def test_lora_lowrank_calibration_setting_and_deprecated_spellings_agree(make_llama, tmp_path):
+    """wsc=True/False and method= still work (with a DeprecationWarning) and give the bits of calibration= and
+    merge_method=; a step that changes an adapted tensor by more than row scales is refused."""
+    from transformers import AutoModelForCausalLM
+
+    base = make_llama("base", tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    adapters = [write_lora(tmp_path / f"a{i}", model, seed=i + 1) for i in range(2)]
+    setup = LoRAAdapter(str(base), [str(a) for a in adapters]).setup()
+
+    def bits(delta):
+        return {**{k + ".B": m.B for k, m in delta.modules.items()},
+                **{k + ".A": m.A for k, m in delta.modules.items()},
+                **{k + ".s": v for k, v in delta.scales.items()}, **delta.full}
+
+    for wsc, calibration in ((True, "wsc"), (False, "none")):
+        with pytest.warns(DeprecationWarning, match="calibration="):
+            old = bits(merge_lora_lowrank(setup, "task_arithmetic", wsc=wsc))
+        new = bits(merge_lora_lowrank(setup, merge_method="task_arithmetic", calibration=calibration))
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in new)
+        assert bool(new.keys() - {k for k in new if not k.endswith(".s")}) == wsc
+    with pytest.warns(DeprecationWarning, match="merge_method="):
+        old = bits(merge_lora_lowrank(setup, method="weight_average"))
+    new = bits(merge_lora_lowrank(setup, merge_method="weight_average"))
+    assert all(torch.equal(old[k], new[k]) for k in new)
+    with pytest.raises(ValueError, match="more than row scales"):
+        merge_lora_lowrank(setup, calibration="scale:scale.factor=0.5")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_fixtures import llama_config, perturb, save_tiny_tokenizer
 
 from magic_pl.calibration import FeatureSpaceCalibrator, weight_space_calibration
 from magic_pl.merging import merge
-from magic_pl.models import LazyTaskVector, save_sharded_safetensors, stream_merge, streaming_fsc
+from magic_pl.models import stream_merge, streaming_fsc
+from magic_pl.models.io import save_sharded_safetensors
 from magic_pl.models.streaming import AliasView, lazy_calibration_sources
-from magic_pl.statedict import CheckpointError, load_state_dict
-
-from model_fixtures import llama_config, perturb, save_tiny_tokenizer
+from magic_pl.statedict import CheckpointError, LazyTaskVector, load_state_dict
 
 
 def _write_family(tmp_path, k=3, dtype=torch.bfloat16, **config):
@@ -54,8 +54,8 @@ def _reference(base, experts, method, **options):
                                                    ("ties", {}, "4KB")])
 def test_stream_merge_equals_in_memory(tmp_path, method, options, chunk):
     base, experts = _write_family(tmp_path)
-    report = stream_merge(base, experts, tmp_path / "out", method=method, method_options=options, chunk_bytes=chunk,
-                          max_shard_size="40KB", device="cpu")
+    report = stream_merge(base, experts, tmp_path / "out", merge_method=method, merge_options=options,
+                          chunk_bytes=chunk, max_shard_size="40KB", device="cpu")
     assert report.copied == 1 and report.merged == report.tensors - 1 and len(report.shards) > 1
     assert report.calibrated > 0 and (report.chunked > 0) == (method == "task_arithmetic")
     got = load_state_dict(tmp_path / "out")
@@ -78,7 +78,7 @@ def test_streamed_model_loads_and_streaming_fsc_matches_in_memory(tmp_path):
         sd = {k: v for k, v in load_state_dict(d).items() if k != "extra.counter"}
         save_sharded_safetensors(sd, d, max_shard_size="30KB", support_from=tmp_path / "cfg")
     save_tiny_tokenizer(base)
-    stream_merge(base, experts, tmp_path / "out", method="task_arithmetic", device="cpu")
+    stream_merge(base, experts, tmp_path / "out", merge_method="task_arithmetic", device="cpu")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ids = {k: torch.randint(6, 40, (1, 5), generator=torch.Generator().manual_seed(k)) for k in range(2)}
     batches = {k: [(ids[k],)] for k in range(2)}
@@ -114,7 +114,7 @@ def test_lazy_sources_resolve_tied_aliases(tmp_path):
 def test_stream_merge_errors(tmp_path):
     base, experts = _write_family(tmp_path, k=1)
     with pytest.raises(ValueError, match="global_topk"):
-        stream_merge(base, experts, tmp_path / "o", method="ties", method_options={"global_topk": True})
+        stream_merge(base, experts, tmp_path / "o", merge_method="ties", merge_options={"global_topk": True})
     (tmp_path / "big").mkdir()
     big_base, big = _write_family(tmp_path / "big", k=1, vocab_size=60)
     with pytest.raises(CheckpointError, match=r"vocab_size=60.*vocabularies differ"):
@@ -137,8 +137,8 @@ def test_streamed_dsc_equals_the_python_driver(tmp_path):
 
     base, experts = _write_family(tmp_path, k=2, dtype=torch.float32)
     setting = "dsc:gate=paper"
-    stream_merge(base, experts, tmp_path / "m", method="task_arithmetic", calibration=setting, device="cpu")
-    stream_merge(base, experts, tmp_path / "ta", method="task_arithmetic", calibration="none", device="cpu")
+    stream_merge(base, experts, tmp_path / "m", merge_method="task_arithmetic", calibration=setting, device="cpu")
+    stream_merge(base, experts, tmp_path / "ta", merge_method="task_arithmetic", calibration="none", device="cpu")
     ids = {k: torch.randint(6, 40, (1, 5), generator=torch.Generator().manual_seed(k)) for k in range(2)}
     batches = {k: [(ids[k],)] for k in range(2)}
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
@@ -206,3 +206,45 @@ def test_streaming_fsc_nonfinite_or_missing_data_is_an_error_naming_task_and_mod
     else:
         assert "task 'b'" in msg and "module '0'" in msg and "check the calibration inputs" in msg, msg
     assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())
+
+
+@pytest.mark.parametrize("setting", ["scale:scale.factor=0.8", "wsc:gate=paper"])
+def test_streamed_weight_steps_equal_setting_calibrate_bit_for_bit(tmp_path, setting):
+    """Each row-separable weight step, given one key's row block at a time, writes what CalibrationSetting.calibrate
+    writes on the whole in-memory model."""
+    from transformers import AutoModelForCausalLM
+
+    from magic_pl.calibration.dsc import write_task_vector
+    from magic_pl.calibration.settings import resolve_setting
+
+    base, experts = _write_family(tmp_path, k=2, dtype=torch.float32)
+    report = stream_merge(base, experts, tmp_path / "m", merge_method="task_arithmetic", calibration=setting,
+                          chunk_bytes="4KB", device="cpu")
+    assert report.chunked > 0 and report.calibrated > 0
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    base_sd = {k: v for k, v in load_state_dict(base).items() if v.dtype.is_floating_point}
+    tvs = [{k: v - base_sd[k] for k, v in load_state_dict(e).items() if k in base_sd} for e in experts]
+    tau_m = merge("task_arithmetic", tvs)
+    write_task_vector(base_sd, model, tau_m, tau_m)  # theta0 + tau_m, what the calibration starts from
+    resolve_setting(setting).calibrate(base_sd, model, tvs, tau_m)
+    got = load_state_dict(tmp_path / "m")
+    for k, v in model.state_dict().items():
+        if k in got:
+            assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("setting", ["svc", "lines"])
+def test_stream_merge_refuses_whole_model_weight_steps(tmp_path, setting):
+    base, experts = _write_family(tmp_path, k=1)
+    with pytest.raises(ValueError, match=rf"\['{setting}'\] need the whole model"):
+        stream_merge(base, experts, tmp_path / "o", calibration=setting, device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stream_merge_deprecated_option_names_warn_and_agree(tmp_path):
+    base, experts = _write_family(tmp_path, k=2)
+    with pytest.warns(DeprecationWarning, match="merge_method"):
+        stream_merge(base, experts, tmp_path / "old", method="ties", method_options={"density": 0.5}, device="cpu")
+    stream_merge(base, experts, tmp_path / "new", merge_method="ties", merge_options={"density": 0.5}, device="cpu")
+    old, new = load_state_dict(tmp_path / "old"), load_state_dict(tmp_path / "new")
+    assert all(torch.equal(old[k], new[k]) for k in new)
