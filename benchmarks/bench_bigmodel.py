@@ -146,7 +146,8 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     report = stream_merge(
         args.base, args.experts, args.out, method=args.method, method_options=json.loads(args.method_options),
-        calibration="none" if args.no_wsc else "wsc", device=args.device, max_shard_size=args.max_shard_size, chunk_bytes=args.chunk_bytes,
+        calibration="none" if args.no_wsc else "wsc", device=args.device, max_shard_size=args.max_shard_size,
+        chunk_bytes=args.chunk_bytes,
         drop_page_cache=args.drop_page_cache, reader=args.reader,
     )
     wall = time.perf_counter() - t0
@@ -199,7 +200,8 @@ def main(argv=None) -> dict:
     need = (max(ks) + 2) * model_bytes
     if free < need * 1.1:
         raise SystemExit(f"not enough disk in {root}: need about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
-    result = {"params_per_model": n_params, "model_bytes_bf16": model_bytes, "model_gib": round(model_bytes / 2**30, 3), "config": cfg, "method": args.method,
+    result = {"params_per_model": n_params, "model_bytes_bf16": model_bytes, "model_gib": round(model_bytes / 2**30, 3),
+              "config": cfg, "method": args.method,
               "wsc": not args.no_wsc, "reader": args.reader, "chunk_bytes": args.chunk_bytes, "threads": args.threads,
               "cpu_count": os.cpu_count(), "runs": []}
     try:

@@ -81,13 +81,14 @@ def main() -> None:
 
     for method in args.methods:
         for _ in range(args.repeats):
-            tau_m = timed(f"{method}/merge", "plain", lambda: merge(method, taus, seed=0))
+            tau_m = timed(f"{method}/merge", "plain", lambda method=method: merge(method, taus, seed=0))
             merged = timed(f"{method}/merge", "lightning",
-                           lambda: _built(suite_module(template, experts, es.heads, names, method, {"seed": 0})))
+                           lambda method=method: _built(suite_module(template, experts, es.heads, names, method,
+                                                                     {"seed": 0})))
         for calib in args.calibrations:
             setting = resolve_setting(calib)
             for _ in range(args.repeats):
-                def plain():
+                def plain(setting=setting, tau_m=tau_m):
                     model = copy.deepcopy(template)
                     model.load_state_dict(apply_task_vector(base_state, tau_m))
                     model.eval()
@@ -96,7 +97,7 @@ def main() -> None:
                     setting.calibrate(base_state, model, taus, tau_m, batches)
                     return plain_eval(model)
 
-                def lightning():
+                def lightning(setting=setting, merged=merged):
                     m = merged.with_calibration(setting)
                     if setting.uses_data:
                         trainer.predict(m, datamodule=data.datamodule(picks), return_predictions=False)

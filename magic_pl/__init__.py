@@ -5,7 +5,8 @@ The pure-PyTorch core is importable without Lightning::
     from magic_pl import load_state_dict, task_vector, merge, weight_space_calibration, FeatureSpaceCalibrator
 
 The Lightning layer lives in :mod:`magic_pl.lightning`, model adapters in :mod:`magic_pl.models` and the offline
-benchmark in :mod:`magic_pl.zoo`.
+benchmark in :mod:`magic_pl.zoo`. The packages export what a user calls; everything else is imported from its module
+(e.g. ``from magic_pl.statedict import LazyStateDict``, ``from magic_pl.merging.ties import ties``).
 
 Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already has a policy: busy-waiting
 OpenMP threads made runs 5-10x slower on shared cores (passive waiting costs little on an idle machine). OpenMP reads
@@ -27,22 +28,16 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FeatureSpaceCalibrator": "magic_pl.calibration",
     "CalibrationSetting": "magic_pl.calibration",
-    "detect_sensitive_layers": "magic_pl.calibration",
-    "dual_space_calibration": "magic_pl.calibration",
     "weight_space_calibration": "magic_pl.calibration",
     "resolve_setting": "magic_pl.calibration",
     "MERGE_METHODS": "magic_pl.merging",
     "merge": "magic_pl.merging",
     "merge_models": "magic_pl.merging",
-    "merge_tensor": "magic_pl.merging",
     "CheckpointError": "magic_pl.statedict",
-    "LazyStateDict": "magic_pl.statedict",
     "apply_task_vector": "magic_pl.statedict",
-    "iter_task_vectors": "magic_pl.statedict",
     "load_state_dict": "magic_pl.statedict",
     "save_state_dict": "magic_pl.statedict",
     "task_vector": "magic_pl.statedict",
-    "validate_experts": "magic_pl.statedict",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -51,21 +46,16 @@ if TYPE_CHECKING:  # static analysers see the real names
     from magic_pl.calibration import (  # noqa: F401
         CalibrationSetting,
         FeatureSpaceCalibrator,
-        detect_sensitive_layers,
-        dual_space_calibration,
         resolve_setting,
         weight_space_calibration,
     )
-    from magic_pl.merging import MERGE_METHODS, merge, merge_models, merge_tensor  # noqa: F401
+    from magic_pl.merging import MERGE_METHODS, merge, merge_models  # noqa: F401
     from magic_pl.statedict import (  # noqa: F401
         CheckpointError,
-        LazyStateDict,
         apply_task_vector,
-        iter_task_vectors,
         load_state_dict,
         save_state_dict,
         task_vector,
-        validate_experts,
     )
 
 

@@ -82,7 +82,7 @@ class OutputError(ValueError):
     """An output location cannot be written as asked; the message names the path and what to do."""
 
 
-# -- names are data -----------------------------------------------------------------------------------------------------
+# -- names are data ----------------------------------------------------------------------------------------------------
 def check_task_names(names: Sequence[Any], *, reserved: Sequence[str] = (), what: str = "task name") -> list[str]:
     """Return ``names`` as strings after checking each can name files safely, before any tensor is read.
 

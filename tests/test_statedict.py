@@ -288,7 +288,7 @@ def test_task_vector_matches_a_prefixed_expert_with_a_head_to_a_bare_base():
     base, expert = _classifier_layout()
     tau = task_vector(expert, base)
     assert sorted(tau) == ["embeddings.word.weight", "encoder.0.bias", "encoder.0.weight"]  # keyed like the base
-    for k, v in tau.items():
+    for v in tau.values():
         torch.testing.assert_close(v, torch.full_like(v, 0.1), rtol=0, atol=1e-6)
     # the reverse layout (a prefixed base with its own head, a bare expert) and explicit prefixes give the same
     rev = task_vector({k[len("bert."):]: v for k, v in expert.items() if k.startswith("bert.")},

@@ -51,8 +51,8 @@ from magic_pl.lightning.cli_errors import (
 )
 from magic_pl.lightning.trainer import MagicTrainer
 
-__all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "benchmark_parser", "calibrate_summary",
-           "xi_summary", "apply_shortcuts", "with_demo_config"]
+__all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "benchmark_parser",
+           "calibrate_summary", "xi_summary", "apply_shortcuts", "with_demo_config"]
 
 PROG = "magic-pl"
 DEBUG_ENV = "MAGIC_PL_DEBUG"

@@ -106,7 +106,10 @@ class PerTaskAccuracy(Metric):
             if target.numel() % task.numel() != 0:
                 raise ValueError(f"{task.numel()} task ids for {target.numel()} targets")
             task = task.repeat_interleave(target.numel() // task.numel())
-        keep = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+        else:
+            keep = torch.ones_like(target, dtype=torch.bool)
         if bool((task[keep] >= self.num_tasks).any()) or bool((task[keep] < 0).any()):
             raise ValueError(f"task index out of range [0, {self.num_tasks})")
         hits = (preds == target) & keep

@@ -48,7 +48,7 @@ def linear(
 ) -> Tensor:
     """``tau_m = sum_k w_k tau_k / (sum_k w_k if normalize else 1)``: MergeKit 0.1.5's ``linear`` merge in task-vector
     space. With normalised weights it equals MergeKit's ``linear`` on full weights, ``theta0 + tau_m``, since the
-    weights then sum to 1; equal weights with ``normalize`` give :func:`~magic_pl.merging.weight_average`, bit for
+    weights then sum to 1; equal weights with ``normalize`` give :func:`~magic_pl.merging.basic.weight_average`, bit for
     bit.
 
     Args:

@@ -55,7 +55,8 @@ def model_stock(taus: Sequence[Tensor], *, name: str = "") -> Tensor:
     k = len(ts)
     if k < 2:
         where = f" for {name!r}" if name else ""
-        raise ValueError(f"model_stock needs at least two task vectors (their angle sets the ratio), got K = {k}{where}")
+        raise ValueError(f"model_stock needs at least two task vectors (their angle sets the ratio), "
+                         f"got K = {k}{where}")
     cos = mean_pairwise_cosine(ts)
     denom = 1.0 + (k - 1) * cos
     ratio = 0.0 if abs(denom) < 1e-6 else k * cos / denom

@@ -464,7 +464,7 @@ def regmean(
                 continue
             out_dtype = compute_dtype(task_vectors[0][key].dtype)
             layer = {} if diagnostics is not None else None
-            merged = _solve(grams.sums[name], rows[:, i], lambda k: task_vectors[k][key], alpha, key, layer)
+            merged = _solve(grams.sums[name], rows[:, i], lambda k, key=key: task_vectors[k][key], alpha, key, layer)
             tau_m[key] = _check_finite(merged.to(out_dtype).contiguous(), key, what)
             if layer is not None:
                 avg = _mean(task_vectors, key).to(merged.dtype)
@@ -505,7 +505,8 @@ def regmean(
     for block, names in it:
         block_keys = [key for key in keys if _under(key.rpartition(".")[0], block)]
         grams = _Grams({n: linears[n] for n in names}, K, dtype, device)
-        _run(model, batches, grams, lambda k: write(task_vectors[k], block_keys, f"expert {k}"), K, None, complete)
+        _run(model, batches, grams, lambda k, block_keys=block_keys: write(task_vectors[k], block_keys, f"expert {k}"),
+             K, None, complete)
         rows = _reduced_rows(grams, fn, K, complete)
         merge_layers(grams, rows, "RegMean++")
         write(tau_m, block_keys, "RegMean++-merged model")

@@ -100,7 +100,8 @@ def slerp(
         raise ValueError(f"slerp(space='weights') needs the base model's tensor{where}: pass base=")
     b = base.to(device=ts[0].device, dtype=torch.float32)
     if b.shape != ts[0].shape:
-        raise ValueError(f"slerp: base shape {tuple(b.shape)} differs from the task vectors' {tuple(ts[0].shape)}{where}")
+        raise ValueError(f"slerp: base shape {tuple(b.shape)} differs from the task vectors' "
+                         f"{tuple(ts[0].shape)}{where}")
     if len(ts) == 1:
         v0, v1 = b, b + ts[0]
     elif len(ts) == 2:

@@ -49,9 +49,10 @@ def ties(
 
     1. Trim: keep each tau_k's ``density`` fraction of largest-magnitude entries (paper: top-k with k = 20%), the rest
        set to 0. The count is the TIES authors' reference rule, ``int(density * n) + 1`` out of ``n`` entries (their
-       ``kthvalue`` threshold with ``>=``; FusionBench 0.2.33 keeps the same; MergeKit 0.1.5 keeps ``int(density * n)``),
-       plus any entry tied with the threshold. Per tensor by default; ``merge(..., global_topk=True)`` computes one threshold per task over all
-       tensors, as the paper's code does, and passes it here as ``thresholds``.
+       ``kthvalue`` threshold with ``>=``; FusionBench 0.2.33 keeps the same; MergeKit 0.1.5 keeps
+       ``int(density * n)``), plus any entry tied with the threshold. Per tensor by default;
+       ``merge(..., global_topk=True)`` computes one threshold per task over all tensors, as the paper's code does, and
+       passes it here as ``thresholds``.
     2. Elect: the sign of ``sum_k trimmed_k`` per entry; an entry whose sum is exactly 0 takes the majority sign of the
        tensor's elected signs (the reference code's rule; there over the whole model).
     3. Disjoint merge: the mean over the tasks whose trimmed entry is nonzero and has the elected sign (0 if none).

@@ -1,4 +1,5 @@
-"""The adapter interface: a user's checkpoints -> (base body, expert bodies, per-task heads) for merging and calibration.
+"""The adapter interface: a user's checkpoints -> (base body, expert bodies, per-task heads) for merging and
+calibration.
 
 Every model family (timm, Hugging Face CLIP / classifiers / causal LMs, LoRA) has a :class:`ModelAdapter` whose
 :meth:`~ModelAdapter.setup` returns a :class:`MergeSetup`:

@@ -21,10 +21,10 @@ from torch import nn
 
 from magic_pl.models._hf import (
     check_config,
+    dtype_kwargs,
     expert_body_state,
     from_pretrained_checked,
     load_config,
-    dtype_kwargs,
     resolve_dtype,
 )
 from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys

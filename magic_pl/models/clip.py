@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from magic_pl.models._hf import (
     check_config,
+    dtype_kwargs,
     expert_body_state,
     from_pretrained_checked,
     load_config,
     quiet_transformers,
-    dtype_kwargs,
 )
 from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys
 from magic_pl.models.clip_tasks import load_classnames, task_prompts

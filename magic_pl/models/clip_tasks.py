@@ -185,7 +185,8 @@ def get_templates(task: str) -> list[str]:
     """Prompt templates of a benchmark task (``str.format`` patterns); ``ValueError`` for an unknown task."""
     t = canonical_task(task)
     if t not in TEMPLATES:
-        raise ValueError(f"no prompt templates for task {task!r}; known: {sorted(TEMPLATES)} (pass templates= yourself)")
+        raise ValueError(f"no prompt templates for task {task!r}; known: {sorted(TEMPLATES)} "
+                         "(pass templates= yourself)")
     return list(TEMPLATES[t])
 
 

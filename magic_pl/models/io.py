@@ -182,7 +182,8 @@ class ShardedSafetensorsWriter:
             header: dict[str, Any] = {"__metadata__": self.metadata}
             offset = 0
             for key, shape, dtype, nb in shard:
-                header[key] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nb]}
+                header[key] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape),
+                               "data_offsets": [offset, offset + nb]}
                 offset += nb
             raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
             raw += b" " * ((8 - len(raw) % 8) % 8)  # align the data section to 8 bytes, as the reference writer
@@ -192,7 +193,7 @@ class ShardedSafetensorsWriter:
             os.ftruncate(fd, data_start + offset)
             self._fds[path] = fd
             self.shard_files.append(path)
-            for key, shape, dtype, nb in shard:
+            for key, shape, dtype, _nb in shard:
                 self._where[key] = (path, data_start + int(header[key]["data_offsets"][0]), shape, dtype)
                 self.weight_map[key] = fname
             self.total_size += offset

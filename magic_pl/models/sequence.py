@@ -24,13 +24,13 @@ from torch import nn
 
 from magic_pl.models._hf import (
     check_config,
+    dtype_kwargs,
     expert_body_state,
     from_pretrained_checked,
     has_meta,
     load_config,
     meta_from_config,
     quiet_transformers,
-    dtype_kwargs,
 )
 from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys
 from magic_pl.models.io import copy_support_files

@@ -128,7 +128,8 @@ class TimmAdapter(ModelAdapter):
 
         try:
             with torch.device("meta"):
-                full = timm.create_model(self.model_name, pretrained=False, num_classes=num_classes, **self.model_kwargs)
+                full = timm.create_model(self.model_name, pretrained=False, num_classes=num_classes,
+                                         **self.model_kwargs)
         except Exception:  # some timm models do real work at init; fall back to CPU
             full = timm.create_model(self.model_name, pretrained=False, num_classes=num_classes, **self.model_kwargs)
         names = classifier_names(full)
@@ -158,7 +159,8 @@ class TimmAdapter(ModelAdapter):
             raise CheckpointError(f"{name}: classifier tensor {weight_key!r} missing (head keys: {sorted(head_sd)})")
         head = self._head_module(int(head_sd[weight_key].shape[0]))
         if isinstance(head, DistilledHead):
-            local = {f"heads.{k.split('.', 1)[0].replace('.', '_')}.{k.split('.', 1)[1]}": v for k, v in head_sd.items()}
+            local = {f"heads.{k.split('.', 1)[0].replace('.', '_')}.{k.split('.', 1)[1]}": v
+                     for k, v in head_sd.items()}
         else:
             local = {k[len(classifiers[0]) + 1:]: v for k, v in head_sd.items()}
         try:

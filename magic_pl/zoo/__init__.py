@@ -4,7 +4,9 @@
 method, calibrates with MAGIC's WSC / FSC / DSC and writes per-task tables, CSV, JSON, a chart and the calibration
 reports. From a shell: ``python -m magic_pl.zoo --suite text`` (or ``magic-pl benchmark``).
 
-Names are imported lazily, so ``python -m magic_pl.zoo`` can configure OpenMP before torch loads.
+Names are imported lazily, so ``python -m magic_pl.zoo`` can configure OpenMP before torch loads. The package
+exports :func:`run_benchmark`; the rest is imported from its module (``magic_pl.zoo.suites.SUITES``,
+``magic_pl.zoo.experts.build_experts``, ``magic_pl.zoo.data.Task``, ...).
 """
 
 from __future__ import annotations
@@ -13,19 +15,6 @@ from magic_pl._lazy import lazy_exports
 
 _EXPORTS = {
     "run_benchmark": "magic_pl.zoo.runner",
-    "DEFAULT_METHODS": "magic_pl.zoo.runner",
-    "CALIBRATIONS": "magic_pl.zoo.runner",
-    "BN_CALIBRATIONS": "magic_pl.zoo.runner",
-    "SENSITIVE_CHOICES": "magic_pl.zoo.runner",
-    "SUITES": "magic_pl.zoo.suites",
-    "Suite": "magic_pl.zoo.suites",
-    "get_suite": "magic_pl.zoo.suites",
-    "Task": "magic_pl.zoo.data",
-    "DataUnavailableError": "magic_pl.zoo.data",
-    "FinetuneConfig": "magic_pl.zoo.experts",
-    "ExpertSet": "magic_pl.zoo.experts",
-    "build_experts": "magic_pl.zoo.experts",
-    "default_cache_dir": "magic_pl.zoo.experts",
 }
 
 __all__ = list(_EXPORTS)

@@ -355,8 +355,9 @@ class TinyCNNBackbone(_ImageBackbone):
                 "image_size": self.image_size}
 
     def pretrain(self, encoder: nn.Module, seed: int, progress: bool = True) -> dict[str, Any]:
-        from magic_pl.zoo.vision_data import load_mnist_images
         from tqdm.auto import tqdm
+
+        from magic_pl.zoo.vision_data import load_mnist_images
 
         images, _ = load_mnist_images()  # labels unused: the pretext is self-supervised
         x = self.prepare(images)

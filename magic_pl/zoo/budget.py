@@ -90,10 +90,11 @@ def statistics_memory(encoder: Any, num_tasks: int) -> dict[str, int]:
     ``fsc`` / ``fsc_channel``: the float32 ``[K, N]`` numerator and denominator of
     :class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` (N: calibrated modules, or all their channels) plus the
     float64 reduce-able copy of :class:`~magic_pl.lightning.metrics.FSCStatistics`; ``regmean`` /
-    ``regmean_plusplus``: :func:`~magic_pl.merging.regmean_memory` (float64 Gram sums; RegMean++ one block at a time).
+    ``regmean_plusplus``: :func:`~magic_pl.merging.regmean.regmean_memory` (float64 Gram sums; RegMean++ one block at
+    a time).
     """
     from magic_pl.calibration.fsc import FeatureSpaceCalibrator
-    from magic_pl.merging import regmean_memory
+    from magic_pl.merging.regmean import regmean_memory
 
     state = encoder.state_dict()
     out: dict[str, int] = {}
@@ -294,8 +295,8 @@ def budget_markdown(summary: dict[str, Any]) -> str:
     out = ["# magic-pl: unlabelled samples per task, best use", "",
            f"Mean test accuracy (%) over {summary['draws']} draws of n unlabelled samples per task (the same draws for "
            "every recipe at a given n); in brackets the gain in points over the uncalibrated merge the recipe starts "
-           f"from (RegMean rows: over uncalibrated `{summary['reference']}`), * where its paired 95% bootstrap interval "
-           "excludes zero. Test examples per task: "
+           f"from (RegMean rows: over uncalibrated `{summary['reference']}`), * where its paired 95% bootstrap "
+           "interval excludes zero. Test examples per task: "
            f"{summary['max_test'] or 'the suite split'}.", ""]
     for suite, entry in summary["suites"].items():
         runs = entry["runs"]

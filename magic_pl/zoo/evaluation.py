@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
 __all__ = ["log_likelihood", "bootstrap_ci"]
 
+_CPU = torch.device("cpu")  # the default device (a module-level value: torch.device is immutable)
+
 
 @torch.inference_mode()
 def log_likelihood(encoder: nn.Module, data: "SuiteData", heads: Mapping[str, nn.Module], *,
-                   limit: int | None = None, device: torch.device = torch.device("cpu")) -> float:
+                   limit: int | None = None, device: torch.device = _CPU) -> float:
     """Mean over tasks of the mean log-probability of the true label on the first ``limit`` validation examples
     of each task: a smooth labelled score for the labelled magnitude-sensitivity probe (accuracy on a few examples
     moves in steps and ties most tensors). Plain torch: the probe calls it once per perturbed tensor."""

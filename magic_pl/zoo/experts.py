@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 HEAD_MODES = ("probe_frozen", "probe_tuned", "scratch")
+_CPU = torch.device("cpu")  # the default device (a module-level value: torch.device is immutable)
 
 
 def default_cache_dir() -> Path:
@@ -418,7 +419,7 @@ def build_experts(
     *,
     cache_dir: str | os.PathLike | None = None,
     split_config: dict[str, Any] | None = None,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = _CPU,
     rebuild: bool = False,
     progress: bool = True,
 ) -> ExpertSet:

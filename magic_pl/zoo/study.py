@@ -32,7 +32,7 @@ STUDY_CALIBRATIONS: list[str] = [
     "none", "wsc", "fsc", "dsc",
     "wsc_gated", "wsc_gated_detect", "wsc_gated_detect_labelled", "wsc_norm_match", "wsc_joint",
     "fsc_sequential", "fsc_channel", "fsc_rom", "fsc_p2", "fsc_cap_detect", "fsc_gated", "fsc_rom_gated",
-]  # "auto" is fsc_cap_detect (magic_pl.calibration.AUTO), measured once
+]  # "auto" is fsc_cap_detect (magic_pl.calibration.settings.AUTO), measured once
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _setting_string(options: dict[str, Any]) -> str:
 
 def study_markdown(summary: dict[str, Any]) -> str:
     """The study's tables: per case, every setting's mean gain over the uncalibrated merges and over tuned TA."""
-    from magic_pl.calibration import AUTO
+    from magic_pl.calibration.settings import AUTO
 
     cases = summary["cases"]
     first = next(iter(cases.values()), {"settings": {}})
@@ -120,7 +120,7 @@ def study_markdown(summary: dict[str, Any]) -> str:
            "intervals. *Worse* lists the methods whose own paired interval lies below zero (a setting with none is "
            "safe on that case). Calibration samples: "
            f"{summary['n_calib']} unlabelled per task, {summary['draws']} draws. The recommended setting `auto` "
-           f"(`magic_pl.calibration.AUTO`) is `{AUTO.to_string()}`"
+           f"(`magic_pl.calibration.settings.AUTO`) is `{AUTO.to_string()}`"
            + (f" (row {', '.join(names_of_auto)})." if names_of_auto else "."), ""]
     for label, case in cases.items():
         out += [f"## {label}: {len(case['tasks'])} tasks ({', '.join(case['tasks'])}; {case['test_examples']} test "

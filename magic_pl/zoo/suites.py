@@ -70,7 +70,8 @@ class Suite:
             try:
                 builder = self.task_table[name]
             except KeyError:
-                raise ValueError(f"suite {self.name!r} has no task {name!r}; available: {sorted(self.task_table)}")
+                raise ValueError(f"suite {self.name!r} has no task {name!r}; "
+                                 f"available: {sorted(self.task_table)}") from None
             task = builder(cache_dir, seed=self.split_seed)
             out.append(task.make_splits(self.fractions, self.caps, self.split_seed))
         return out

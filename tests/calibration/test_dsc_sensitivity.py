@@ -7,21 +7,23 @@ import json
 
 import pytest
 import torch
+from calib_helpers import make_task_vectors, merged_model, weight_average
 from torch import nn
 
-from calib_helpers import make_task_vectors, merged_model, weight_average
-from magic_pl.output import FILES_RECORD
 from magic_pl.calibration import (
     FeatureSpaceCalibrator,
-    accuracy_score,
     detect_sensitive_layers,
     dual_space_calibration,
-    load_sensitivity,
-    output_divergence_score,
     save_sensitivity,
-    sensitivity_scores,
     weight_space_calibration,
 )
+from magic_pl.calibration.sensitivity import (
+    accuracy_score,
+    load_sensitivity,
+    output_divergence_score,
+    sensitivity_scores,
+)
+from magic_pl.output import FILES_RECORD
 
 
 def _mlp():

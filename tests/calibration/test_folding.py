@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
+from calib_helpers import make_task_vectors, merged_model, reference_model, run_update, weight_average
 from torch import nn
 
-from calib_helpers import make_task_vectors, merged_model, reference_model, run_update, weight_average
-from magic_pl.calibration import CalibratedModule, FeatureSpaceCalibrator, find_units, fold_kind
+from magic_pl.calibration import FeatureSpaceCalibrator
 from magic_pl.calibration.folding import fold_batchnorm
+from magic_pl.calibration.modules import CalibratedModule, find_units, fold_kind
 
 
 def _calibrate_and_compare(build, inputs, *, dtype=torch.float32, atol=1e-5, k=3, scale=0.05, outputs=None):

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from calib_helpers import make_task_vectors, merged_model, weight_average
 from torch import nn
 
-from calib_helpers import make_task_vectors, merged_model, weight_average
-from magic_pl.calibration import FeatureSpaceCalibrator, LazyTaskVector
+from magic_pl.calibration import FeatureSpaceCalibrator
+from magic_pl.calibration.taskvectors import LazyTaskVector
 
 
 def _linear_setup(c: float, k: int = 3, seed: int = 0):
@@ -402,7 +403,7 @@ def _feed_calibrator(cal, xs):
 
 
 def _feed_collector(cal, xs, deferred):
-    from magic_pl.lightning import FeatureStatisticsCollector
+    from magic_pl.lightning.statistics import FeatureStatisticsCollector
 
     collector = FeatureStatisticsCollector(cal)
     assert cal.raise_at_update  # one process: raise at the update that meets the NaN

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calib_helpers import make_task_vectors, merged_model
 from torch import nn
 
-from calib_helpers import make_task_vectors, merged_model
 from magic_pl.calibration import PRESETS, CalibrationSetting, FeatureSpaceCalibrator, resolve_setting
 from magic_pl.calibration.lines import layer_index, lines_alpha, lines_factors, lines_scaling
 

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from calib_helpers import make_task_vectors, merged_model, weight_average
 from torch import nn
 
-from calib_helpers import make_task_vectors, merged_model, weight_average
 from magic_pl.calibration import FeatureSpaceCalibrator, resolve_setting
 
 

@@ -10,19 +10,19 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from calib_helpers import make_task_vectors, merged_model, weight_average
 from torch import Tensor, nn
 
-from calib_helpers import make_task_vectors, merged_model, weight_average
 from magic_pl.calibration import (
-    AUTO,
     PRESETS,
     CalibrationSetting,
     FeatureSpaceCalibrator,
     detect_sensitive_layers,
-    output_divergence_score,
     resolve_setting,
     weight_space_calibration,
 )
+from magic_pl.calibration.sensitivity import output_divergence_score
+from magic_pl.calibration.settings import AUTO
 
 
 def test_strings_presets_and_round_trip():

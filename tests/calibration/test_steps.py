@@ -10,9 +10,9 @@ from typing import ClassVar
 
 import pytest
 import torch
+from calib_helpers import make_task_vectors, merged_model, weight_average
 from torch import Tensor, nn
 
-from calib_helpers import make_task_vectors, merged_model, weight_average
 from magic_pl.calibration import PRESETS, STEPS, CalibrationSetting, CalibrationStep, register_step, resolve_setting
 from magic_pl.calibration.lines import lines_scaling
 from magic_pl.calibration.svc import singular_value_calibration

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from magic_pl.calibration import DEFAULT_WSC_EXCLUDE, row_scales, weight_space_calibration, wsc_keys
+from magic_pl.calibration import weight_space_calibration
+from magic_pl.calibration.wsc import DEFAULT_WSC_EXCLUDE, row_scales, wsc_keys
 
 
 def _loop_lambda(d: torch.Tensor, rows: list[torch.Tensor], eps: float) -> float:

@@ -8,12 +8,13 @@ from typing import Optional
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
-
-from tiny_models import WORDS  # noqa: F401 (re-exported)
+from tiny_models import (
+    WORDS,  # noqa: F401 (re-exported)
+    save_tiny_tokenizer,
+)
 from tiny_models import perturb as _perturb
 from tiny_models import save_clip_tokenizer as clip_tokenizer  # noqa: F401 (re-exported)
-from tiny_models import save_tiny_tokenizer
+from torch import nn
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning_helpers import TIMM_KWARGS, TIMM_NAME
 from torch import nn
 
-from lightning_helpers import TIMM_KWARGS, TIMM_NAME
 from magic_pl.lightning import CalibratedModelWriter, CalibrationReport, MagicModule, RandomTaskDataset, TaskDataModule
 from magic_pl.lightning.report import CalibrationRecord, plot_record, sha256_path
 from magic_pl.lightning.writer import save_module

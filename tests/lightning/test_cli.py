@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning_helpers import CONFIGS
 from safetensors.torch import load_file
 
-from lightning_helpers import CONFIGS
 from magic_pl.lightning.cli import main
 
 REPO = CONFIGS.parent

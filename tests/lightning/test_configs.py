@@ -11,7 +11,6 @@ from typing import Any, Callable
 import pytest
 import torch
 import yaml
-
 from lightning_helpers import (
     CONFIGS,
     clip_tokenizer,
@@ -21,6 +20,7 @@ from lightning_helpers import (
     tiny_tokenizer,
     write_jsonl,
 )
+
 from magic_pl.lightning.cli import main
 
 
@@ -108,7 +108,8 @@ def test_clip_vit_b32_8task_config(tmp_path):
     assert report["coefficients"] and not report["modules"]["wrapped"]
     saved = CLIPModel.from_pretrained(tmp_path / "out" / "model")  # a full CLIP directory
     assert (tmp_path / "out" / "model" / "zeroshot_heads.safetensors").is_file()
-    assert not torch.equal(saved.vision_model.encoder.layers[0].mlp.fc1.weight, clip.vision_model.encoder.layers[0].mlp.fc1.weight)
+    assert not torch.equal(saved.vision_model.encoder.layers[0].mlp.fc1.weight,
+                           clip.vision_model.encoder.layers[0].mlp.fc1.weight)
 
 
 def test_bert_sequence_classification_config(tmp_path):

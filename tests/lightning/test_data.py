@@ -53,7 +53,8 @@ def test_draw_indices_seeded_distinct_and_bounded():
     assert a == draw_indices(50, 5, seed=3, task=1)
     assert a != draw_indices(50, 5, seed=3, task=2)
     assert len(set(a)) == 5 and all(0 <= i < 50 for i in a)
-    with pytest.raises(ValueError, match="cannot draw 6 calibration samples \(samples_per_task\) from task 0: its dataset has 5"):
+    with pytest.raises(ValueError,
+                       match=r"cannot draw 6 calibration samples \(samples_per_task\) from task 0: its dataset has 5"):
         draw_indices(5, 6)
 
 
@@ -118,9 +119,8 @@ def test_unknown_task_names_are_rejected():
 
 
 def test_tensor_file_and_jsonl_datasets(tmp_path):
-    from safetensors.torch import save_file
-
     from lightning_helpers import tiny_tokenizer, write_jsonl
+    from safetensors.torch import save_file
 
     save_file({"inputs": torch.randn(5, 3), "label": torch.arange(5)}, str(tmp_path / "d.safetensors"))
     ds = TensorFileDataset(tmp_path / "d.safetensors")

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from lightning_helpers import CONFIGS
+from safetensors.torch import load_file
 
 
 def _run(workdir: Path, out: str, *extra: str, devices: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
     env["PYTHONWARNINGS"] = "ignore"
     # Lightning gives each of N local processes cores/N intra-op threads; a different thread count changes the float
     # summation order inside matmuls (1 ulp). One thread everywhere makes the comparison exact.
@@ -107,7 +107,7 @@ rank, store, mode, statistic = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.a
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 from magic_pl.calibration import FeatureSpaceCalibrator
 from magic_pl.calibration.fsc import CalibrationDataError
-from magic_pl.lightning import FeatureStatisticsCollector
+from magic_pl.lightning.statistics import FeatureStatisticsCollector
 
 torch.manual_seed(0)  # the same model and task vectors on both ranks
 base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()

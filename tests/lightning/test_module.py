@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from magic_pl.calibration import FeatureSpaceCalibrator, lines_scaling, save_sensitivity, weight_space_calibration
+from magic_pl.calibration import FeatureSpaceCalibrator, save_sensitivity, weight_space_calibration
+from magic_pl.calibration.lines import lines_scaling
 from magic_pl.lightning import MagicModule, RandomTaskDataset, TaskDataModule
 from magic_pl.merging import merge, merge_models
 from magic_pl.statedict import apply_task_vector, task_vector
@@ -181,8 +182,7 @@ def test_auto_setting_predict_equals_core(setup3):
     loop) equals the core driver's, set and weights."""
     from dataclasses import replace
 
-    from magic_pl.calibration import AUTO
-    from magic_pl.calibration.settings import detect_label_free
+    from magic_pl.calibration.settings import AUTO, detect_label_free
 
     base, experts, heads, data = setup3
     dm = TaskDataModule(list("xyz"), test=data, samples_per_task=2, seed=5, batch_size=4)

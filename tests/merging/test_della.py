@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magic_pl.merging import della, magprune, magprune_keep_probabilities, merge_tensor
+from magic_pl.merging import merge_tensor
 from magic_pl.merging._common import generator_for
+from magic_pl.merging.della import della
+from magic_pl.merging.steps import magprune, magprune_keep_probabilities
 
 
 def test_keep_probabilities_rise_linearly_with_the_magnitude_rank_per_row():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magic_pl.merging import MERGE_METHODS, get_method, merge, merge_tensor, validate_merge_options, weight_average
+from magic_pl.merging import MERGE_METHODS, get_method, merge, merge_tensor, validate_merge_options
+from magic_pl.merging.basic import weight_average
 from magic_pl.merging.linear import linear
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from magic_pl.merging import MERGE_METHODS, merge, merge_models, merge_tensor, method_options, ties
-from magic_pl.merging import registry
+from magic_pl.merging import MERGE_METHODS, merge, merge_models, merge_tensor, registry
+from magic_pl.merging.registry import method_options
+from magic_pl.merging.ties import ties
 from magic_pl.statedict import (
     CheckpointError,
     LazyStateDict,

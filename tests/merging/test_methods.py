@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from magic_pl.merging import (
-    MERGE_METHODS,
-    breadcrumbs,
-    consensus,
-    dare,
-    iso_c,
-    iso_cts,
-    merge_tensor,
-    tall_masks,
-    task_arithmetic,
-    ties,
-    tsv_factors,
-    tsv_m,
-    weight_average,
-)
+from magic_pl.merging import MERGE_METHODS, merge_tensor
+from magic_pl.merging.basic import task_arithmetic, weight_average
+from magic_pl.merging.breadcrumbs import breadcrumbs
+from magic_pl.merging.consensus import consensus, tall_masks
+from magic_pl.merging.dare import dare
+from magic_pl.merging.svd import iso_c, iso_cts, tsv_factors, tsv_m
+from magic_pl.merging.ties import ties
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
@@ -248,7 +240,8 @@ def _long_tail_deltas(m: int, n: int, k: int, seed: int) -> list[torch.Tensor]:
     v, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
     out = []
     for _ in range(k):
-        s = 1e-2 * torch.logspace(0, -5.5, r, dtype=torch.float64) * (1 + 0.1 * torch.rand(r, generator=g, dtype=torch.float64))
+        s = (1e-2 * torch.logspace(0, -5.5, r, dtype=torch.float64)
+             * (1 + 0.1 * torch.rand(r, generator=g, dtype=torch.float64)))
         out.append(((u * s) @ v.T).float())
     return out
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from magic_pl.merging import mean_pairwise_cosine, merge, model_stock
+from magic_pl.merging import merge
+from magic_pl.merging.model_stock import mean_pairwise_cosine, model_stock
 
 
 def test_equal_angle_closed_form():

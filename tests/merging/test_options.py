@@ -9,7 +9,8 @@ from collections.abc import Iterator, Mapping
 import pytest
 import torch
 
-from magic_pl.merging import MERGE_METHODS, MergeError, merge, merge_models, method_options, validate_merge_options
+from magic_pl.merging import MERGE_METHODS, MergeError, merge, merge_models, validate_merge_options
+from magic_pl.merging.registry import method_options
 from magic_pl.statedict import CheckpointError
 
 

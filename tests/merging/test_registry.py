@@ -19,14 +19,14 @@ from magic_pl.merging import (
     merge_method,
     merge_models,
     merge_tensor,
-    method_options,
-    ties,
     validate_merge_options,
 )
 from magic_pl.merging import method as method_module
 from magic_pl.merging import steps as steps_module
 from magic_pl.merging.method import Linear
 from magic_pl.merging.options import Flag, Interval, Rule, Scale
+from magic_pl.merging.registry import method_options
+from magic_pl.merging.ties import ties
 
 
 def _taus(k: int, *shape: int, seed: int = 0) -> list[torch.Tensor]:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from magic_pl.merging import MergeError, regmean, regmean_blocks, regmean_memory
+from magic_pl.merging import MergeError, regmean
+from magic_pl.merging.regmean import regmean_blocks, regmean_memory
 
 K = 3
 

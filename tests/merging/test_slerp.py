@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from magic_pl.merging import merge, merge_models, merge_tensor, slerp, slerp_rows
+from magic_pl.merging import merge, merge_models, merge_tensor
+from magic_pl.merging.slerp import slerp, slerp_rows
 
 
 def _np_slerp_row(a: np.ndarray, b: np.ndarray, t: float, threshold: float = 0.9995) -> np.ndarray:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magic_pl.merging import merge_tensor, wudi, wudi_matrix
+from magic_pl.merging import merge_tensor
+from magic_pl.merging.wudi import wudi, wudi_matrix
 
 
 def _taus(k: int, m: int, n: int, seed: int) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # make model_fixtures importable under any pytest import mode
     sys.path.insert(0, _HERE)
 
-from model_fixtures import llama_config, perturb, save_tiny_tokenizer
+from model_fixtures import llama_config, perturb, save_tiny_tokenizer  # noqa: E402  (needs the sys.path entry above)
 
 
 @pytest.fixture

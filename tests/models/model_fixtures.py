@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-from torch import nn
+from tiny_models import WORDS, perturb, save_clip_tokenizer, save_tiny_tokenizer  # noqa: F401 (re-exported)
 
 from magic_pl.calibration import FeatureSpaceCalibrator, weight_space_calibration
 from magic_pl.merging import merge
 from magic_pl.models.base import MergeSetup
-
-from tiny_models import WORDS, perturb, save_clip_tokenizer, save_tiny_tokenizer  # noqa: F401 (re-exported)
 
 
 def llama_config(**overrides):

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from model_fixtures import calibrate
 
 from magic_pl.models import CausalLMAdapter
 from magic_pl.statedict import CheckpointError
-
-from model_fixtures import calibrate
 
 
 def _ids(seed: int) -> torch.Tensor:
@@ -62,7 +61,8 @@ def test_merged_values_are_base_plus_tau(make_llama):
     e0 = load_file(str(experts[0] / "model.safetensors"))
     torch.testing.assert_close(tvs[0][key], e0[key] - setup.base.state_dict()[key])
     model, tau, _ = calibrate(setup, wsc=False, scale=0.5)
-    torch.testing.assert_close(model.state_dict()[key], setup.base.state_dict()[key] + 0.5 * (tvs[0][key] + tvs[1][key]))
+    torch.testing.assert_close(model.state_dict()[key],
+                               setup.base.state_dict()[key] + 0.5 * (tvs[0][key] + tvs[1][key]))
 
 
 def test_bf16_save_dtype_keeps_caller_model(make_llama, tmp_path):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from magic_pl.models import CLIPAdapter, load_zeroshot_heads, zeroshot_weights
-from magic_pl.models.clip_tasks import CLASSNAMES, TEMPLATES, get_classnames, load_classnames, register_classnames
-from magic_pl.statedict import CheckpointError
-
 from model_fixtures import calibrate, clip_config, perturb, save_clip_tokenizer
+
+from magic_pl.models import CLIPAdapter
+from magic_pl.models.clip import load_zeroshot_heads
+from magic_pl.models.clip_tasks import CLASSNAMES, TEMPLATES, get_classnames, load_classnames, register_classnames
+from magic_pl.models.heads import zeroshot_weights
+from magic_pl.statedict import CheckpointError
 
 
 def _emb(out):

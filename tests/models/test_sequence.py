@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_fixtures import WORDS, bert_config, calibrate, perturb, save_tiny_tokenizer
 
 from magic_pl.models import HFClassifierAdapter, ImageClassificationAdapter, SequenceClassificationAdapter
 from magic_pl.statedict import CheckpointError
-
-from model_fixtures import WORDS, bert_config, calibrate, perturb, save_tiny_tokenizer
 
 
 def _write(tmp_path, encoder_cls, cls_cls, config, labels, *, tokenizer=True):
@@ -40,8 +39,15 @@ def _tokens(seed):
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_sequence_classification_roundtrip(tmp_path, family):
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification,
-                              BertModel, RobertaConfig, RobertaForSequenceClassification, RobertaModel)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertForSequenceClassification,
+        BertModel,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+        RobertaModel,
+    )
 
     if family == "bert":
         enc, cls, cfg = BertModel, BertForSequenceClassification, bert_config()
@@ -71,7 +77,8 @@ def test_sequence_classification_roundtrip(tmp_path, family):
     torch.testing.assert_close(setup.heads["topic"].state_dict()[head_key], e1.state_dict()[head_key])
     mt = setup.multitask_model(model)
     with torch.no_grad():
-        torch.testing.assert_close(mt(**_tokens(3), task="topic"), setup.task_model("topic", model)(**_tokens(3)).logits)
+        torch.testing.assert_close(mt(**_tokens(3), task="topic"),
+                                   setup.task_model("topic", model)(**_tokens(3)).logits)
 
 
 def test_vit_image_classification_roundtrip(tmp_path):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
-from magic_pl.models import TimmAdapter, load_timm_saved
-from magic_pl.statedict import CheckpointError, load_state_dict, save_state_dict
-
 from model_fixtures import calibrate, perturb
+
+from magic_pl.models import TimmAdapter
+from magic_pl.models.timm import load_timm_saved
+from magic_pl.statedict import CheckpointError, load_state_dict, save_state_dict
 
 
 def _write_experts(tmp_path, arch, classes, *, suffix=".pth", **kw):

@@ -117,7 +117,7 @@ def missing_hf_expert(d: Path) -> Callable:
 
 
 def missing_lora_adapter(d: Path) -> Callable:
-    from magic_pl.models import LoRACheckpoint
+    from magic_pl.models.lora import LoRACheckpoint
 
     return lambda: LoRACheckpoint(d / "adapter")
 
@@ -237,7 +237,7 @@ def nan_in_merge_setup(d: Path) -> Callable:
 
 
 def nan_in_lora_adapter(d: Path) -> Callable:
-    from magic_pl.models import LoRACheckpoint
+    from magic_pl.models.lora import LoRACheckpoint
 
     a = d / "adapter"
     a.mkdir()

