@@ -930,14 +930,20 @@ class RenamedView(Mapping[str, Tensor]):
         return tensor_file(self.source, self.names[key])
 
 
-def _prefix_candidates(keys: Collection[str]) -> list[str]:
-    """``""`` and every first dotted component of ``keys`` (``"bert."``, ``"model."``, ...), most frequent first."""
+def key_prefixes(keys: Collection[str], depth: int = 1) -> list[str]:
+    """The dotted key prefixes of ``keys`` up to ``depth`` parts (``"bert."``; with depth 2 also ``"model.bert."``),
+    most frequent first: the candidates when a checkpoint's body must be found under some prefix."""
     counts: dict[str, int] = {}
     for k in keys:
-        head, dot, _ = k.partition(".")
-        if dot:
-            counts[head + "."] = counts.get(head + ".", 0) + 1
-    return ["", *sorted(counts, key=lambda p: -counts[p])]
+        parts = k.split(".")[:-1]
+        for n in range(1, min(depth, len(parts)) + 1):
+            prefix = ".".join(parts[:n]) + "."
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return sorted(counts, key=lambda p: -counts[p])
+
+
+def _prefix_candidates(keys: Collection[str]) -> list[str]:
+    return ["", *key_prefixes(keys)]
 
 
 def _strip(keys: Collection[str], prefix: str) -> dict[str, str]:

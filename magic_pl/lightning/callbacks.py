@@ -39,9 +39,9 @@ from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, write_report
 from magic_pl.lightning.writer import save_module
 from magic_pl.merging import validate_merge_options
-from magic_pl.models.base import KeyView, LazyTaskVector, PrefixView, check_experts, check_pairing, find_tied_keys
+from magic_pl.models.base import LazyTaskVector, body_view, check_experts, check_pairing, find_tied_keys
 from magic_pl.output import check_task_names
-from magic_pl.statedict import CheckpointError, apply_delta, load_state_dict
+from magic_pl.statedict import apply_delta, load_state_dict
 
 __all__ = [
     "MagicCalibration",
@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 Source = Union[str, os.PathLike, Mapping[str, Tensor], nn.Module]
-_PREFIX_GUESSES = ("model.", "module.", "backbone.", "_orig_mod.", "state_dict.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -87,29 +86,6 @@ def _ensure_built(pl_module: nn.Module) -> None:
         pl_module.build()
 
 
-def _weights_view(sd: Mapping[str, Tensor], keys: Sequence[str], prefix: Optional[str], what: str,
-                  backbone_path: str) -> Mapping[str, Tensor]:
-    """``sd`` restricted to ``keys`` after removing ``prefix`` (``None``: found automatically)."""
-    wanted = set(keys)
-    candidates = [prefix] if prefix is not None else ["", f"{backbone_path}." if backbone_path else "", *_PREFIX_GUESSES]
-    best, best_hits = None, -1
-    for cand in dict.fromkeys(candidates):
-        view = PrefixView(sd, cand) if cand else sd
-        hits = sum(1 for k in view.keys() if k in wanted)
-        if hits > best_hits:
-            best, best_hits = view, hits
-        if hits == len(wanted):
-            break
-    assert best is not None
-    present = [k for k in keys if k in best]
-    missing = [k for k in keys if k not in best]
-    if missing:
-        hint = f" with key_prefix={prefix!r}" if prefix is not None else " (tried prefixes '', " + ", ".join(
-            repr(c) for c in candidates if c) + ")"
-        raise CheckpointError(f"{what} lacks {len(missing)} key(s) of the backbone{hint}, e.g. {missing[:5]}")
-    return KeyView(best, present)
-
-
 class WeightSources:
     """Base and expert weights for one backbone: state dicts keyed like ``backbone.state_dict()``, lazy when the
     files are safetensors.
@@ -118,13 +94,16 @@ class WeightSources:
         backbone: the module that is merged / calibrated.
         experts: one checkpoint per task (path, state dict or module).
         base: the base checkpoint; ``None`` snapshots the backbone's current weights as the base.
-        key_prefix: prefix to strip from checkpoint keys (``None``: tried automatically).
+        key_prefix: prefix to strip from the experts' keys, and from the base's unless ``base_key_prefix`` is given
+            (``None``: found automatically, see :func:`_weights_view`).
+        base_key_prefix: prefix to strip from the base's keys (default: ``key_prefix``).
         backbone_path: the backbone's attribute path (a prefix guess for full-module checkpoints).
         trust_pickle: allow full pickle for torch checkpoint files (default ``False``).
     """
 
     def __init__(self, backbone: nn.Module, experts: Sequence[Source], base: Optional[Source] = None, *,
-                 key_prefix: Optional[str] = None, backbone_path: str = "", trust_pickle: bool = False,
+                 key_prefix: Optional[str] = None, base_key_prefix: Optional[str] = None, backbone_path: str = "",
+                 trust_pickle: bool = False,
                  task_names: Optional[Sequence[str]] = None) -> None:
         if not experts:
             raise ValueError("need at least one expert checkpoint")
@@ -139,10 +118,11 @@ class WeightSources:
         if base is None:
             self.base_state: Mapping[str, Tensor] = {k: state[k].detach().cpu().clone() for k in keys}
         else:
-            self.base_state = _weights_view(load_state_dict(base, trust_pickle=trust_pickle), keys, key_prefix,
+            base_prefix = base_key_prefix if base_key_prefix is not None else key_prefix
+            self.base_state = body_view(load_state_dict(base, trust_pickle=trust_pickle), keys, base_prefix,
                                             f"base {_name(base)}", backbone_path)
         self.experts = [
-            _weights_view(load_state_dict(e, trust_pickle=trust_pickle), keys, key_prefix, f"expert {_name(e)}",
+            body_view(load_state_dict(e, trust_pickle=trust_pickle), keys, key_prefix, f"expert {_name(e)}",
                           backbone_path)
             for e in experts
         ]
@@ -199,7 +179,11 @@ class MagicCalibration(Callback):
         per_sample: feed FSC one sample at a time (default ``True``; independent of the process count).
         task_key: batch key of the task index (default ``"task"``).
         task_fn: ``(batch, dataloader_idx) -> int or LongTensor[B]`` overriding the rules above.
-        key_prefix: prefix to strip from checkpoint keys (default ``None``: found automatically).
+        key_prefix: prefix to strip from the experts' checkpoint keys, and from the base's unless ``base_key_prefix``
+            is given (default ``None``: found automatically: the backbone's attribute path or the checkpoint's own
+            prefix, e.g. ``bert.`` in a ``BertForSequenceClassification`` expert of a ``BertModel`` backbone; keys
+            outside it, such as a classifier head, are left out).
+        base_key_prefix: prefix to strip from the base's keys (default: ``key_prefix``, or found automatically).
         task_names: names of the experts' tasks (for reports and errors).
         trust_pickle: allow full pickle for torch checkpoint files (default ``False``).
     """
@@ -209,6 +193,7 @@ class MagicCalibration(Callback):
                  sensitive: Optional[Union[str, Sequence[str]]] = None, backbone: str = "backbone",
                  modules: Optional[Sequence[str]] = None, per_sample: bool = True, task_key: str = TASK_KEY,
                  task_fn: Optional[Callable[[Any, int], Any]] = None, key_prefix: Optional[str] = None,
+                 base_key_prefix: Optional[str] = None,
                  task_names: Optional[Sequence[str]] = None, trust_pickle: bool = False) -> None:
         if not experts:
             raise ValueError("MagicCalibration needs at least one expert checkpoint")
@@ -221,7 +206,7 @@ class MagicCalibration(Callback):
         self.backbone = backbone
         self.task_key = task_key
         self.task_fn = task_fn
-        self.key_prefix = key_prefix
+        self.key_prefix, self.base_key_prefix = key_prefix, base_key_prefix
         self.task_names = list(task_names) if task_names is not None else None
         if self.task_names is not None:  # at construction: before the Trainer starts or any checkpoint is read
             if len(self.task_names) != len(self.experts):
@@ -250,6 +235,7 @@ class MagicCalibration(Callback):
         start = time.perf_counter()
         body = get_backbone(pl_module, self.backbone)
         self.sources = sources = WeightSources(body, self.experts, self.base, key_prefix=self.key_prefix,
+                                               base_key_prefix=self.base_key_prefix,
                                                backbone_path=self.backbone, trust_pickle=self.trust_pickle,
                                                task_names=self.task_names)
         rec = self.record

@@ -47,7 +47,7 @@ from magic_pl.models.base import (
     KeyView,
     MergeSetup,
     ModelAdapter,
-    PrefixView,
+    body_view,
     check_pairing,
     default_task_names,
     find_tied_keys,
@@ -205,7 +205,10 @@ class MagicModule(LightningModule):
         heads: per-task heads (task name -> module, or a list in task order) applied to the body's output; default
             none (the body's output is the prediction).
         output_key: field of the body's output the heads read (e.g. ``"image_embeds"``; default: a tensor output).
-        key_prefix: prefix to strip from checkpoint keys (e.g. ``"bert."`` or ``"model.backbone."``); default ``""``.
+        key_prefix: prefix to strip from the experts' keys, and from the base's unless ``base_key_prefix`` is given
+            (e.g. ``"bert."`` or ``"model.backbone."``); default ``None``: found per checkpoint
+            (:func:`~magic_pl.models.base.body_view`; keys outside it, such as a classifier head, are left out).
+        base_key_prefix: prefix to strip from the base's keys (default: ``key_prefix``, or found automatically).
         merge_method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3), or
             a data-based merge of :data:`magic_pl.merging.DATA_MERGE_METHODS` (``"regmean"``, ``"regmean_plusplus"``:
             merged at the end of ``trainer.predict`` from the calibration samples' Gram matrices, summed over
@@ -237,7 +240,8 @@ class MagicModule(LightningModule):
         task_names: Optional[Sequence[str]] = None,
         heads: Optional[Union[Mapping[str, nn.Module], Sequence[nn.Module]]] = None,
         output_key: Optional[str] = None,
-        key_prefix: str = "",
+        key_prefix: Optional[str] = None,
+        base_key_prefix: Optional[str] = None,
         merge_method: str = "task_arithmetic",
         merge_options: Optional[dict[str, Any]] = None,
         calibration: Calibration = "dsc",
@@ -269,7 +273,7 @@ class MagicModule(LightningModule):
         self._heads_arg = heads
         self._task_names_arg = list(task_names) if task_names is not None else None
         self.output_key = output_key
-        self.key_prefix = key_prefix
+        self.key_prefix, self.base_key_prefix = key_prefix, base_key_prefix
         self.merge_method = merge_method
         self.merge_options = dict(merge_options or {})
         self.calibration: CalibrationSetting = setting
@@ -315,17 +319,21 @@ class MagicModule(LightningModule):
             model = model()  # a builder
             if not isinstance(model, nn.Module):
                 raise TypeError(f"the model builder returned a {type(model).__name__}, not an nn.Module")
+        keys = list(model.state_dict().keys())
         if self._base_source is not None:
-            base_sd = self._load(self._base_source, "base")
+            prefix = self.base_key_prefix if self.base_key_prefix is not None else self.key_prefix
+            base_sd = self._load(self._base_source, "base", keys, prefix)
             try:
                 model.load_state_dict({k: base_sd[k] for k in base_sd}, strict=True)
             except RuntimeError as err:
-                raise CheckpointError(f"base {_name(self._base_source)} does not fit {type(model).__name__}: {err}") from err
+                raise CheckpointError(
+                    f"base {_name(self._base_source)} does not fit {type(model).__name__}: {err}"
+                ) from err
         model.eval()
         tied = find_tied_keys(model)
         experts = []
         for src in self._expert_sources:
-            sd = self._load(src, f"expert {_name(src)}")
+            sd = self._load(src, f"expert {_name(src)}", keys, self.key_prefix)
             experts.append(KeyView(sd, [k for k in sd if k not in tied]) if tied else sd)
         paths = [s if isinstance(s, (str, os.PathLike)) else f"task{i}" for i, s in enumerate(self._expert_sources)]
         names = default_task_names(paths, self._task_names_arg)
@@ -342,14 +350,8 @@ class MagicModule(LightningModule):
                       "experts": list(self._expert_sources)},
         )
 
-    def _load(self, source: Source, what: str) -> Mapping[str, Tensor]:
-        sd = load_state_dict(source, trust_pickle=self.trust_pickle)
-        if self.key_prefix:
-            view = PrefixView(sd, self.key_prefix)
-            if len(view) == 0:
-                raise CheckpointError(f"{what} has no key starting with key_prefix {self.key_prefix!r}")
-            return view
-        return sd
+    def _load(self, source: Source, what: str, keys: Sequence[str], prefix: Optional[str]) -> Mapping[str, Tensor]:
+        return body_view(load_state_dict(source, trust_pickle=self.trust_pickle), keys, prefix, what)
 
     def build(self) -> None:
         """Load, validate, merge and (``wsc``/``dsc``) weight-space calibrate; idempotent. Called by ``setup``."""
@@ -397,7 +399,8 @@ class MagicModule(LightningModule):
         other = MagicModule(
             adapter=self.adapter, model=self._model_source, experts=self._expert_sources, base=self._base_source,
             task_names=self._task_names_arg, heads=self._heads_arg, output_key=self.output_key,
-            key_prefix=self.key_prefix, merge_method=self.merge_method, merge_options=self.merge_options,
+            key_prefix=self.key_prefix, base_key_prefix=self.base_key_prefix, merge_method=self.merge_method,
+            merge_options=self.merge_options,
             calibration=calibration, sensitive=self.sensitive if isinstance(sensitive, _Same) else sensitive,
             fsc_modules=self.fsc_modules, fsc_per_sample=self.fsc_per_sample, check_finite=self.check_finite,
             trust_pickle=self.trust_pickle,

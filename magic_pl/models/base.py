@@ -36,6 +36,7 @@ from magic_pl.statedict import (
     StateDict,
     apply_delta,
     is_mergeable,
+    key_prefixes,
     shape_error,
     tensor_dtype,
     tensor_file,
@@ -49,6 +50,7 @@ __all__ = [
     "LazyTaskVector",
     "PrefixView",
     "KeyView",
+    "body_view",
     "find_tied_keys",
     "tensor_shape",
     "tensor_dtype",
@@ -144,6 +146,34 @@ class KeyView(KeyedMapping):
 # --------------------------------------------------------------------------------------------------------------------
 # Tied parameters and validation
 # --------------------------------------------------------------------------------------------------------------------
+def body_view(sd: Mapping[str, Tensor], keys: Sequence[str], prefix: Optional[str], what: str,
+              backbone_path: str = "") -> Mapping[str, Tensor]:
+    """``sd`` as a lazy view keyed by ``keys`` (a module's state-dict keys) after removing ``prefix``; the rest of
+    ``sd`` (a classifier head, other submodules) is left out. ``None`` finds the prefix: none, the module's attribute
+    path ``backbone_path``, or the one- or two-part key prefix (``bert.``, ``roberta.``, ``vit.``, ``model.``,
+    ``model.backbone.``, ...) under which ``sd`` holds most of ``keys``. A key of ``keys`` that ``sd`` lacks there is
+    a :class:`~magic_pl.statedict.CheckpointError` naming ``what``, the prefixes tried and the missing keys."""
+    wanted = set(keys)
+    candidates = [prefix] if prefix is not None else [
+        "", f"{backbone_path}." if backbone_path else "", *key_prefixes(sd.keys(), depth=2)]
+    best, best_hits = None, -1
+    for cand in dict.fromkeys(candidates):
+        view = PrefixView(sd, cand) if cand else sd
+        hits = sum(1 for k in view.keys() if k in wanted)
+        if hits > best_hits:
+            best, best_hits = view, hits
+        if hits == len(wanted):
+            break
+    assert best is not None
+    present = [k for k in keys if k in best]
+    missing = [k for k in keys if k not in best]
+    if missing:
+        hint = f" with key prefix {prefix!r}" if prefix is not None else " (tried prefixes '', " + ", ".join(
+            repr(c) for c in candidates[:8] if c) + ("..." if len(candidates) > 8 else "") + ")"
+        raise CheckpointError(f"{what} lacks {len(missing)} key(s) of the model{hint}, e.g. {missing[:5]}")
+    return KeyView(best, present)
+
+
 def find_tied_keys(module: nn.Module) -> dict[str, str]:
     """Alias -> canonical key for state-dict entries that share storage (tied weights, e.g. ``lm_head.weight`` and
     ``model.embed_tokens.weight`` under ``tie_word_embeddings``). The canonical key is the first in state-dict order."""

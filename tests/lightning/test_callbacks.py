@@ -133,3 +133,23 @@ def test_report_plot_and_hash(tmp_path):
     assert doc["coefficient_summary"]["max"] == 1.2 and doc["magnitude_deviation"]["mean_after"] == pytest.approx(1.05)
     assert doc["modules"]["wrapped"] == ["b"] and doc["fsc_settings"]["statistic"] == "ratio_of_means"
     json.dumps(doc, allow_nan=False)
+
+
+def test_the_plug_in_finds_each_checkpoints_body_under_its_own_prefix_and_leaves_heads_out():
+    from magic_pl.lightning.callbacks import WeightSources
+    from magic_pl.statedict import CheckpointError
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    body = {k: v.clone() for k, v in backbone.state_dict().items()}
+    # a classifier expert of a bare body ("bert." + a head), a Lightning checkpoint base ("model.backbone." + a head)
+    expert = {**{f"bert.{k}": v + 0.5 for k, v in body.items()}, "classifier.weight": torch.ones(2, 4)}
+    base = {**{f"model.backbone.{k}": v for k, v in body.items()}, "model.head.weight": torch.ones(2, 4)}
+    sources = WeightSources(backbone, [expert], base)
+    assert sorted(sources.experts[0]) == sorted(body) == sorted(sources.base_state)
+    for tau in sources.task_vectors()[0].values():
+        torch.testing.assert_close(tau, torch.full_like(tau, 0.5), rtol=0, atol=1e-6)
+    explicit = WeightSources(backbone, [expert], base, key_prefix="bert.", base_key_prefix="model.backbone.")
+    assert all(torch.equal(explicit.experts[0][k], sources.experts[0][k]) for k in body)
+    with pytest.raises(CheckpointError, match=r"lacks 4 key\(s\) of the model with key prefix 'roberta\.'"):
+        WeightSources(backbone, [expert], base, key_prefix="roberta.", base_key_prefix="model.backbone.")

@@ -331,3 +331,16 @@ def test_nonfinite_calibration_data_fails_predict_naming_task_and_module(setup3,
     msg = str(info.value)
     assert "task 'y'" in msg and "module 'fc1'" in msg and "check the calibration inputs" in msg, msg
     assert not mod.run.done
+
+
+def test_magic_module_matches_prefixed_classifier_experts_to_a_bare_model():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    base = {k: v.clone() for k, v in body.state_dict().items()}
+    experts = [{**{f"bert.{k}": v + d for k, v in base.items()}, "classifier.weight": torch.ones(2, 4)}
+               for d in (0.1, 0.3)]
+    mod = MagicModule(model=body, experts=experts, merge_method="task_arithmetic", merge_options={"scale": 1.0},
+                      calibration="none")
+    mod.build()
+    for k, v in mod.model.state_dict().items():  # base + (0.1 + 0.3), the heads left out
+        torch.testing.assert_close(v, base[k] + 0.4, rtol=0, atol=1e-6)
