@@ -1,4 +1,6 @@
-"""The README's Python example runs as written (on tiny checkpoints made here) and equals the step-by-step calls."""
+"""The README's Python example runs as written on a real ``BertForSequenceClassification`` layout (tiny, random, made
+here: a ``BertModel`` base with its tokenizer and two classifier experts saved with ``save_pretrained``), and equals an
+independent step-by-step computation."""
 
 from __future__ import annotations
 
@@ -6,48 +8,70 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
-from magic_pl import apply_task_vector, merge, save_state_dict, task_vector
-from magic_pl.calibration import FeatureSpaceCalibrator
+from magic_pl import merge
+from magic_pl.calibration import FeatureSpaceCalibrator, weight_space_calibration
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "fine", "film", "stocks", "fell", "today", "##s"]
 
 
-def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def _python_block(marker: str) -> str:
+    return next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if marker in b)
 
 
-def _net() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 3))
-
-
-def test_readme_python_example_runs_and_matches_the_steps(tmp_path, monkeypatch):
-    block = next(b for b in _python_blocks() if 'resolve_setting("auto")' in b)
+def _build(root: Path) -> BertConfig:
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
     torch.manual_seed(0)
-    base_net = _net()
-    save_state_dict(base_net.state_dict(), tmp_path / "base.safetensors")
-    for k in range(4):
-        expert = _net()
-        expert.load_state_dict({n: v + 0.05 * torch.randn_like(v) for n, v in base_net.state_dict().items()})
-        save_state_dict(expert.state_dict(), tmp_path / f"expert_{k}.safetensors")
-    batches = [torch.randn(2, 6, generator=torch.Generator().manual_seed(k)) for k in range(4)]
-    monkeypatch.chdir(tmp_path)
-    scope = {"model": _net(), "one_unlabelled_batch": batches, "print": lambda *a: None}
-    exec(compile(block, "README.md", "exec"), scope)
-    result = scope["result"]
-    assert result.setting == "fsc:sensitive=detect" and len(result.sensitive) > 0
+    base = BertModel(config)
+    base.save_pretrained(root / "bert-base")
+    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "bert-base")
+    for i, task in enumerate(("sentiment", "topic")):
+        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": 2 + i}))
+        expert.bert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        expert.save_pretrained(root / "experts" / task)
+    return config
 
-    # the same by hand: merge, then FSC capped on the set the probe found
-    base = {k: v for k, v in base_net.state_dict().items()}
-    taus = [task_vector(tmp_path / f"expert_{k}.safetensors", base) for k in range(4)]
-    ref = _net()
-    ref.load_state_dict(apply_task_vector(base, merge("task_arithmetic", taus, scale=0.3)))
+
+def test_readme_python_example_runs_on_bert_classifiers_and_matches_the_steps(tmp_path, monkeypatch):
+    _build(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"print": lambda *a: None}
+    exec(compile(_python_block("task_vector("), "README.md", "exec"), scope)
+
+    # the task vectors by hand: the expert's "bert." keys minus the base's, the classifier left out
+    base = load_file(str(tmp_path / "bert-base" / "model.safetensors"))
+    taus = []
+    for task in ("sentiment", "topic"):
+        expert = load_file(str(tmp_path / "experts" / task / "model.safetensors"))
+        assert any(k.startswith("classifier.") for k in expert)
+        taus.append({k: expert[f"bert.{k}"].float() - v.float() for k, v in base.items() if v.is_floating_point()})
+    for got, want in zip(scope["taus"], taus):
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+    # DSC by hand: WSC on the TIES task vector, then FSC on one sample per task, folded
+    tau_m = merge("ties", taus)
+    wsc = weight_space_calibration(tau_m, taus)
+    ref = BertModel.from_pretrained(tmp_path / "bert-base")
+    ref.load_state_dict({k: v + wsc[k] if k in wsc else v for k, v in base.items()})
     ref.eval()
-    cal = FeatureSpaceCalibrator(base, ref, taus, sensitive=result.sensitive)
-    for k, b in enumerate(batches):
-        cal.update(k, b)
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "bert-base")
+    cal = FeatureSpaceCalibrator(base, ref, taus)
+    for k, text in enumerate(["a fine film", "stocks fell today"]):
+        cal.update(k, **tokenizer([text], return_tensors="pt"))
     want = cal.fold()
-    assert result.coefficients == want.coefficients
+    assert scope["result"].coefficients == want.coefficients and len(want.coefficients) > 10
+
+    # the saved model reloads in plain transformers with the calibrated weights
+    merged = BertModel.from_pretrained(tmp_path / "merged")
     for key, v in ref.state_dict().items():
-        torch.testing.assert_close(scope["model"].state_dict()[key], v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged.state_dict()[key], v, rtol=0, atol=1e-6)

@@ -26,7 +26,9 @@ from magic_pl.calibration.modules import CalibratedModule, CalibrationUnit, fold
 __all__ = ["batchnorm_affine", "fold_batchnorm", "fold_unit"]
 
 
-def batchnorm_affine(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def batchnorm_affine(
+    weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """Eval-mode BatchNorm as ``y = a x + b`` (float64): ``a = w / sqrt(var + eps)``, ``b = bias - mean * a``."""
     inv = (var.double() + eps).rsqrt()
     a = inv * (weight.double() if weight is not None else 1.0)
@@ -43,7 +45,9 @@ def fold_batchnorm(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], eps
     the statistics are rewritten, which needs ``a_c > 0`` (else :class:`ValueError`).
     """
     a0, b0 = batchnorm_affine(base.get("weight"), base.get("bias"), base["running_mean"], base["running_var"], eps)
-    am, bm = batchnorm_affine(merged.get("weight"), merged.get("bias"), merged["running_mean"], merged["running_var"], eps)
+    am, bm = batchnorm_affine(
+        merged.get("weight"), merged.get("bias"), merged["running_mean"], merged["running_var"], eps
+    )
     if isinstance(xi, Tensor):
         xi = xi.to(device=a0.device, dtype=torch.float64)
     ac = a0 + xi * (am - a0)

@@ -327,7 +327,8 @@ class FeatureSpaceCalibrator:
         k = int(task_index)
         if not 0 <= k < self.num_tasks:
             raise IndexError(
-                f"task_index {k} is out of range: the calibrator has {self.num_tasks} task vectors (0..{self.num_tasks - 1})"
+                f"task_index {k} is out of range: the calibrator has {self.num_tasks} task vectors "
+                f"(0..{self.num_tasks - 1})"
             )
         return k
 
@@ -421,7 +422,8 @@ class FeatureSpaceCalibrator:
                 tau = self.task_vectors[k][key]
                 if tau.shape != like.shape:
                     raise ValueError(
-                        f"task vector {k}: shape {tuple(tau.shape)} of {key!r} does not match the model's {tuple(like.shape)}"
+                        f"task vector {k}: shape {tuple(tau.shape)} of {key!r} does not match the model's "
+                        f"{tuple(like.shape)}"
                     )
                 # task vectors are checked finite where they are read
                 out[local] = apply_delta(theta0.to(like.device), tau, key=key, check_finite=False, out_dtype=like.dtype)
@@ -438,7 +440,8 @@ class FeatureSpaceCalibrator:
                 d = self.task_vectors[k][key]
                 if d.shape != like.shape:
                     raise ValueError(
-                        f"task vector {k}: shape {tuple(d.shape)} of {key!r} does not match the model's {tuple(like.shape)}"
+                        f"task vector {k}: shape {tuple(d.shape)} of {key!r} does not match the model's "
+                        f"{tuple(like.shape)}"
                     )
             out[local] = d.to(device=like.device, dtype=like.dtype)
         return out
@@ -608,7 +611,9 @@ class FeatureSpaceCalibrator:
         r = self.task_ratios()
         seen = ~torch.isnan(r)
         n = seen.sum(0)
-        xi = torch.where(n > 0, torch.where(seen, r, torch.zeros_like(r)).sum(0) / n.clamp_min(1), torch.ones(r.shape[1]))
+        xi = torch.where(
+            n > 0, torch.where(seen, r, torch.zeros_like(r)).sum(0) / n.clamp_min(1), torch.ones(r.shape[1])
+        )
         xi = torch.where(self._sensitive_mask, xi.clamp(max=1.0), xi)
         if self.gate == "paper":
             xi = torch.where(self._sensitive_mask, xi, xi.clamp(min=1.0))
@@ -704,8 +709,9 @@ class FeatureSpaceCalibrator:
         """Write the calibration into ``merged`` and return the report.
 
         Affine modules get ``theta0 + xi * tau_m``; BatchNorm (eval, running statistics) the rewrite in
-        docs/method.md (FSC, folding); other modules (e.g. ``nn.MultiheadAttention``) and modules sharing a tensor with another unit are wrapped
-        in a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`. The calibrator is closed afterwards.
+        docs/method.md (FSC, folding); other modules (e.g. ``nn.MultiheadAttention``) and modules sharing a tensor
+        with another unit are wrapped in a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`. The
+        calibrator is closed afterwards.
         """
         self._check_open()
         self.check_coverage()

@@ -53,7 +53,9 @@ def _depth_fn(depth: Depth) -> Callable[[str], Optional[int]]:
         if patterns[0].groups < 1:
             raise ValueError(f"lines_scaling: depth regex {depth!r} needs a group capturing the block index")
     else:
-        raise TypeError(f"lines_scaling: depth must be None, a family name, a regex or a callable, not {type(depth).__name__}")
+        raise TypeError(
+            f"lines_scaling: depth must be None, a family name, a regex or a callable, not {type(depth).__name__}"
+        )
 
     def fn(key: str) -> Optional[int]:
         for p in patterns:
@@ -109,7 +111,9 @@ def lines_alpha(merged_tv: Mapping[str, Tensor], task_vectors: Sequence[Mapping[
         summed += float(torch.linalg.vector_norm(acc, ord=p)) ** p
         merged += float(torch.linalg.vector_norm(d.to(torch.float64), ord=p)) ** p
     if merged == 0.0:
-        raise ValueError("lines_alpha: the merged task vector is zero; alpha = ||sum tau|| / (K ||tau_m||) is undefined")
+        raise ValueError(
+            "lines_alpha: the merged task vector is zero; alpha = ||sum tau|| / (K ||tau_m||) is undefined"
+        )
     return (summed / merged) ** (1.0 / p) / len(task_vectors)
 
 

@@ -34,7 +34,8 @@ __all__ = [
     "replace_submodule",
 ]
 
-#: Composite modules calibrated as one unit (their parameters cannot be separated; docs/method.md, FSC). Extend to add more.
+#: Composite modules calibrated as one unit (their parameters cannot be separated; docs/method.md, FSC). Extend to
+#: add more.
 INSEPARABLE_MODULE_TYPES: list[type] = [nn.MultiheadAttention]
 
 #: Module types whose output is affine in their own parameters, so ``f(theta0 + xi * tau)`` equals
@@ -148,7 +149,9 @@ def find_units(
                 raise KeyError(f"module {name!r} given in modules= is not a submodule of {type(model).__name__}")
             mod = named[name]
             units.append(
-                CalibrationUnit(name, mod, _unit_tensors(name, mod, state_keys), feature_dim(mod), is_linear_in_params(mod))
+                CalibrationUnit(
+                    name, mod, _unit_tensors(name, mod, state_keys), feature_dim(mod), is_linear_in_params(mod)
+                )
             )
         return [u for u in units if u.tensors]
     inseparable = tuple(INSEPARABLE_MODULE_TYPES)

@@ -258,7 +258,8 @@ def save_sensitivity(
 
 
 def load_sensitivity(path: Union[str, os.PathLike], alpha: Optional[int] = None) -> list[str]:
-    """Read a file written by :func:`save_sensitivity`: the stored sensitive set, or the top ``alpha`` of the ranking."""
+    """Read a file written by :func:`save_sensitivity`: the stored sensitive set, or the top ``alpha`` of the
+    ranking."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())

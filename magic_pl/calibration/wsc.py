@@ -61,7 +61,9 @@ def row_scales(merged: Tensor, tasks: Tensor, *, eps: float = 1e-8, variant: str
     if variant not in WSC_VARIANTS:
         raise ValueError(f"unknown WSC variant {variant!r}; choose one of {WSC_VARIANTS}")
     if tasks.dim() != 3 or merged.dim() != 2 or tasks.shape[1:] != merged.shape:
-        raise ValueError(f"expected merged [out, in] and tasks [K, out, in], got {tuple(merged.shape)} and {tuple(tasks.shape)}")
+        raise ValueError(
+            f"expected merged [out, in] and tasks [K, out, in], got {tuple(merged.shape)} and {tuple(tasks.shape)}"
+        )
     d = merged.to(torch.float32)
     a = tasks.to(torch.float32)
     task_sq = (a * a).sum(-1)  # [K, out]
@@ -128,7 +130,8 @@ def weight_space_calibration(
     variant: str = "paper",
     return_scales: bool = False,
 ) -> Union[dict[str, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]:
-    """Calibrate the merged task vector ``tau_m`` row by row from the task vectors alone (MAGIC WSC, docs/method.md, WSC).
+    """Calibrate the merged task vector ``tau_m`` row by row from the task vectors alone (MAGIC WSC,
+    docs/method.md, WSC).
 
     Args:
         merged_tv: the merged task vector ``tau_m`` (key -> tensor; lazily loaded mappings are fine).

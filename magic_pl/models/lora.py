@@ -193,7 +193,9 @@ class LoRACheckpoint:
         parts: dict[str, dict[str, Tensor]] = {}
         for key in sd:
             if any(u in key for u in _UNSUPPORTED):
-                raise CheckpointError(f"{weights}: tensor {key!r} belongs to an unsupported LoRA variant (DoRA/AdaLoRA)")
+                raise CheckpointError(
+                    f"{weights}: tensor {key!r} belongs to an unsupported LoRA variant (DoRA/AdaLoRA)"
+                )
             local = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
             m = _LORA_RE.match(local)
             if m:
@@ -365,8 +367,8 @@ class LoRAAdapter(ModelAdapter):
             for key in ckpt.touched_keys():
                 if key in tied:
                     raise CheckpointError(
-                        f"adapter {task!r} ({ckpt.path}) changes {key!r}, which the base ties to {tied[key]!r}: merging "
-                        "it densely would change both; untie the weights (tie_word_embeddings=False) first"
+                        f"adapter {task!r} ({ckpt.path}) changes {key!r}, which the base ties to {tied[key]!r}: "
+                        "merging it densely would change both; untie the weights (tie_word_embeddings=False) first"
                     )
                 if key not in base_state:
                     near = [k for k in base_state if k.endswith(key.split(".", 1)[-1])][:3]
@@ -509,7 +511,9 @@ def merge_lora_lowrank(
         tasks = [k for k, c in enumerate(ckpts) if key in c.modules]
         parts = [ckpts[k].modules[key] for k in tasks]
         if any(key in c.full for c in ckpts):
-            raise CheckpointError(f"{key!r} is both LoRA-adapted and fully replaced across adapters; use the dense path")
+            raise CheckpointError(
+                f"{key!r} is both LoRA-adapted and fully replaced across adapters; use the dense path"
+            )
         kinds = {(p.kind, p.fan_in_fan_out) for p in parts}
         if len(kinds) != 1:
             raise CheckpointError(f"adapters disagree on the layer type of {key!r}: {sorted(kinds)}")
@@ -605,7 +609,9 @@ def save_lora_adapter(delta: LowRankDelta, path: PathLike, *, template: Optional
     bias_mode = "none"
     if full_modules & lora_modules:
         if not all(k.endswith("bias") for k in delta.full if k.rpartition(".")[0] in lora_modules):
-            raise ValueError("full tensors of LoRA-adapted modules other than biases cannot be stored in a PEFT adapter")
+            raise ValueError(
+                "full tensors of LoRA-adapted modules other than biases cannot be stored in a PEFT adapter"
+            )
         bias_mode = "lora_only"
     cfg.update({
         "peft_type": "LORA",

@@ -245,7 +245,8 @@ def stream_merge(
         check_config: compare ``config.json`` architecture fields of base and experts when present (default
             ``True``).
         reader: ``"pread"`` (default, no memory map: resident memory stays at the tensors in use) or ``"mmap"``
-            (``safe_open`` via :func:`~magic_pl.statedict.load_state_dict`; for comparison, see :func:`open_checkpoint`).
+            (``safe_open`` via :func:`~magic_pl.statedict.load_state_dict`; for comparison, see
+            :func:`open_checkpoint`).
         progress: print one line per 10% of tensors (default ``False``).
         overwrite: replace an existing ``output`` that magic-pl did not write (default ``False``).
         method, method_options: deprecated spellings of ``merge_method``, ``merge_options``.

@@ -58,7 +58,8 @@ CALIBRATIONS = ("none", "wsc", "fsc", "dsc")
 #: Extra rows of BatchNorm suites.
 BN_CALIBRATIONS = ("bn", "bn+fsc")
 #: The run-wide sensitive-set policy given to the paper's plain settings: the calibration settings' own policies
-#: (:data:`magic_pl.calibration.settings.SENSITIVE_POLICIES`) that the benchmark can supply a set for (it runs both probes).
+#: (:data:`magic_pl.calibration.settings.SENSITIVE_POLICIES`) that the benchmark can supply a set for (it runs both
+#: probes).
 SENSITIVE_CHOICES = ("none", "empty", "detect", "detect_labelled")
 #: How ``detect`` scores a perturbed model: ``label_free`` (L2 change of the encoder features on 8 unlabelled
 #: calibration samples per task) or ``labelled`` (mean log-likelihood of the true labels on 64 validation examples

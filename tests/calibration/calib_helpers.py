@@ -48,7 +48,9 @@ def _combine(f0, fm, xi):
     return fm
 
 
-def reference_model(merged: nn.Module, base_state: Mapping[str, Tensor], coefficients: Mapping[str, float]) -> nn.Module:
+def reference_model(
+    merged: nn.Module, base_state: Mapping[str, Tensor], coefficients: Mapping[str, float]
+) -> nn.Module:
     """A copy of the uncalibrated merged model whose every calibrated module computes f0 + xi (fm - f0) at once
     (forward hooks; f0 from the module run with the base tensors)."""
     ref = copy.deepcopy(merged)
@@ -60,8 +62,9 @@ def reference_model(merged: nn.Module, base_state: Mapping[str, Tensor], coeffic
         for n, t in list(mod.named_parameters()) + list(mod.named_buffers()):
             if t.dtype.is_floating_point and prefix + n in base_state:
                 local[n] = base_state[prefix + n].clone()
+        state = {"busy": False}  # per-hook re-entrancy guard (functional_call re-runs the hooked module)
 
-        def hook(m, args, kwargs, out, local=local, xi=xi, state={"busy": False}):
+        def hook(m, args, kwargs, out, local=local, xi=xi, state=state):
             if state["busy"]:
                 return None
             state["busy"] = True

@@ -41,7 +41,9 @@ def test_known_answer_single_linear(norm):
 def test_tau_m_scaled_gives_inverse_scale_everywhere_on_affine_units():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=3).eval()
+    base = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=3
+    ).eval()
     tau = make_task_vectors(base, 1, scale=0.02)[0]
     merged = merged_model(base, {k: 1.2 * v for k, v in tau.items()}).eval()
     cal = FeatureSpaceCalibrator(base, merged, [tau, tau])
@@ -272,7 +274,7 @@ def test_sequential_mode_definition():
     names = [u for u in par.module_names]
     model = copy.deepcopy(merged)
     want = {}
-    for i, name in enumerate(names):
+    for name in names:
         cal = FeatureSpaceCalibrator(base, model, tvs, modules=[name])
         for k, x in enumerate(xs):
             cal.update(k, x)
@@ -331,7 +333,9 @@ def test_fold_closes_the_calibrator_and_root_wrap_error():
 
 def test_linear_shortcut_equals_general_path_float64():
     torch.manual_seed(10)
-    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.LayerNorm(5)).double()
+    base = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.LayerNorm(5)
+    ).double()
     tvs = make_task_vectors(base, 3, scale=0.2, seed=10)
     merged = merged_model(base, {k: 0.3 * sum(tv[k] for tv in tvs) for k in tvs[0]})
     xs = [torch.randn(2, 3, 6, 6, dtype=torch.float64) for _ in range(3)]

@@ -74,7 +74,9 @@ def test_per_channel_coefficients_and_fold():
 
 def test_per_channel_conv_batchnorm_embedding_fold_exact():
     torch.manual_seed(4)
-    base = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1)).double().eval()
+    base = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1)
+    ).double().eval()
     with torch.no_grad():
         base[1].running_mean.uniform_(-0.5, 0.5)
         base[1].running_var.uniform_(0.5, 2.0)

@@ -65,7 +65,8 @@ def test_lines_scaling_scales_each_tensor_and_leaves_bn_stats_and_ints():
     assert out["model.layers.2.mlp.up_proj.weight"].dtype == torch.bfloat16
     assert torch.equal(out["model.layers.2.mlp.up_proj.weight"].float(), torch.full((2, 2), 1.5))
     assert torch.equal(out["model.embed_tokens.weight"], torch.full((3, 2), 0.5))
-    assert out["bn.running_var"] is tau["bn.running_var"] and out["bn.num_batches_tracked"] is tau["bn.num_batches_tracked"]
+    assert out["bn.running_var"] is tau["bn.running_var"]
+    assert out["bn.num_batches_tracked"] is tau["bn.num_batches_tracked"]
 
 
 def test_paper_alpha_for_task_arithmetic_is_one_over_lambda_k():

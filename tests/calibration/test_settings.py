@@ -117,7 +117,9 @@ def test_missing_inputs_are_errors():
     with pytest.raises(ValueError, match="detects sensitive layers"):
         PRESETS["wsc_gated_detect"].calibrate(base, merged_model(base, tau_m), tvs, tau_m)
     # a mapping policy -> set picks the policy's set
-    got = PRESETS["wsc_gated_detect_labelled"].resolve_sensitive({"detect": ["0.weight"], "detect_labelled": ["2.weight"]})
+    got = PRESETS["wsc_gated_detect_labelled"].resolve_sensitive(
+        {"detect": ["0.weight"], "detect_labelled": ["2.weight"]}
+    )
     assert got == ["2.weight"]
     # a task without calibration samples is an error naming it, not xi from the other tasks
     with pytest.raises(ValueError, match="too few for: b"):
@@ -126,7 +128,8 @@ def test_missing_inputs_are_errors():
 
 
 @pytest.mark.parametrize("spec, match", [({"space": "fsc", "alpha": -1}, "alpha"), ("fsc:eps=nan", "eps"),
-                                         ("dsc:eps=0", "eps"), ({"space": "fsc", "sensitivity": "x"}, "unknown option")])
+                                         ("dsc:eps=0", "eps"),
+                                         ({"space": "fsc", "sensitivity": "x"}, "unknown option")])
 def test_non_finite_or_absurd_options_are_refused_by_name(spec, match):
     with pytest.raises(ValueError, match=match):
         resolve_setting(spec)

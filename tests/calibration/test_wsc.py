@@ -1,4 +1,5 @@
-"""WSC (docs/method.md, WSC): known answers, scale invariance, gating, an independent row loop, key selection, edge cases."""
+"""WSC (docs/method.md, WSC): known answers, scale invariance, gating, an independent row loop, key selection, edge
+cases."""
 
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def test_matches_independent_row_loop_random_and_conv():
     out, scales = weight_space_calibration(merged, tvs, eps=1e-8, return_scales=True)
     for key, shape in shapes.items():
         d = merged[key].reshape(shape[0], -1)
-        want = torch.tensor([_loop_lambda(d[i], [tv[key].reshape(shape[0], -1)[i] for tv in tvs], 1e-8) for i in range(shape[0])])
+        want = torch.tensor(
+            [_loop_lambda(d[i], [tv[key].reshape(shape[0], -1)[i] for tv in tvs], 1e-8) for i in range(shape[0])]
+        )
         torch.testing.assert_close(scales[key].double(), want.double(), rtol=1e-5, atol=0)
         torch.testing.assert_close(out[key], (d * want[:, None].float()).reshape(shape), rtol=1e-5, atol=1e-6)
 
@@ -109,7 +112,9 @@ def test_norm_match_equals_paper_for_orthogonal_equal_norm_rows():
     K, dim = 3, 12
     tasks = _orthogonal_rows(K, dim, 1.7)[:, None, :]  # [K, 1, dim]
     d = (0.3 * tasks.sum(0))
-    torch.testing.assert_close(row_scales(d, tasks, eps=0.0), row_scales(d, tasks, variant="norm_match"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        row_scales(d, tasks, eps=0.0), row_scales(d, tasks, variant="norm_match"), rtol=1e-5, atol=0
+    )
 
 
 def test_single_task_and_zero_vectors():
@@ -124,7 +129,8 @@ def test_single_task_and_zero_vectors():
 def test_key_selection_dtype_and_passthrough():
     g = torch.Generator().manual_seed(6)
     shapes = {
-        "blocks.0.fc.weight": (4, 4), "blocks.0.fc.bias": (4,), "norm.weight": (4,), "embeddings.word_embeddings.weight": (9, 4),
+        "blocks.0.fc.weight": (4, 4), "blocks.0.fc.bias": (4,), "norm.weight": (4,),
+        "embeddings.word_embeddings.weight": (9, 4),
         "pos_embed": (1, 5, 4), "cls_token": (1, 1, 4), "head.weight": (3, 4), "bn.running_mean": (4,),
     }
     tvs = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(2)]
