@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
 
 from torch import Tensor, nn
 
+from magic_pl.jsonable import jsonable
+
 if TYPE_CHECKING:  # the feature step's types; fsc.py imports this module
     from magic_pl.calibration.fsc import FeatureSpaceCalibrator, StateSource
 
@@ -76,7 +78,7 @@ class CalibrationStep:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"step": name, **options}``; an infinite number is written ``"inf"`` (JSON has no infinity)."""
-        return {"step": self.name, **{k: _jsonable(v) for k, v in self.options().items()}}
+        return {"step": self.name, **{k: jsonable(v) for k, v in self.options().items()}}
 
     # --- checks for __post_init__: each normalises one field or raises a ValueError naming the step and field ------
     def _choice(self, field: str, choices: Sequence[str]) -> None:
@@ -145,7 +147,3 @@ def as_float(value: Any) -> float:
 def unset(value: Any) -> bool:
     """``None`` or its spelling in a setting string."""
     return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
-
-
-def _jsonable(v: Any) -> Any:
-    return str(v) if isinstance(v, float) and math.isinf(v) else v

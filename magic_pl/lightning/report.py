@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from magic_pl.calibration._names import module_of as _owner
 from magic_pl.calibration.fsc import CalibrationResult
+from magic_pl.jsonable import jsonable
 from magic_pl.statedict import atomic_path, is_mergeable
 
 __all__ = [
@@ -145,24 +146,6 @@ def describe_source(source: Any, *, hash_contents: bool = True) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------------------------
 # The record
 # --------------------------------------------------------------------------------------------------------------------
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, os.PathLike):
-        return str(obj)
-    if hasattr(obj, "to_dict"):
-        return _jsonable(obj.to_dict())
-    return repr(obj)
-
-
 @dataclass
 class CalibrationRecord:
     """What the merge and calibration steps did, filled in by them as they run (one per calibrated model).
@@ -272,7 +255,7 @@ class CalibrationRecord:
             "metrics": self.metrics,
             "outputs": self.outputs,
         }
-        return _jsonable(doc)
+        return jsonable(doc)
 
 
 def write_report(record: CalibrationRecord, trainer: Any, path: Union[str, os.PathLike], *, hash_inputs: bool = True,

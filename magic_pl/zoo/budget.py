@@ -204,10 +204,11 @@ def add_run(summary: dict[str, Any], suite: str, n: int, result: dict[str, Any])
 
 def write_budget_report(summary: dict[str, Any], out_dir: Path) -> None:
     """``budget.md``, ``budget.json`` and ``budget.png`` of a summary, under ``out_dir`` (atomic writes)."""
-    from magic_pl.zoo.report import _jsonable, write_texts
+    from magic_pl.jsonable import jsonable
+    from magic_pl.zoo.report import write_texts
 
     write_texts(out_dir, {"budget.md": budget_markdown(summary),
-                          "budget.json": json.dumps(_jsonable(summary), indent=1)})
+                          "budget.json": json.dumps(jsonable(summary), indent=1)})
     budget_chart(summary, out_dir / "budget.png")
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from magic_pl.jsonable import jsonable
 from magic_pl.statedict import atomic_path
 
 __all__ = ["write_reports", "markdown_report", "csv_report", "chart"]
@@ -249,20 +250,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    return obj
-
-
 #: The files :func:`write_reports` writes at the top of a results directory.
 REPORT_FILES = {"markdown": "results.md", "csv": "results.csv", "json": "results.json", "chart": "results.png"}
 
@@ -284,12 +271,12 @@ def write_reports(result: dict[str, Any], reports: Mapping[str, Any], out_dir: P
     cal_dir = files["calibration"]
     cal_dir.mkdir(exist_ok=True)
     for key, rep in reports.items():
-        _write_text(cal_dir / f"{_safe(key.replace('/', '__'))}.json", json.dumps(_jsonable(rep), indent=1))
+        _write_text(cal_dir / f"{_safe(key.replace('/', '__'))}.json", json.dumps(jsonable(rep), indent=1))
     _write_text(files["markdown"], markdown_report(result))
     _write_text(files["csv"], csv_report(result))
     chart(result, files["chart"])
     result["files"] = {k: str(v) for k, v in files.items()}
-    _write_text(files["json"], json.dumps(_jsonable(result), indent=1))
+    _write_text(files["json"], json.dumps(jsonable(result), indent=1))
     return result["files"]
 
 

@@ -202,7 +202,8 @@ def run_study(
     """Run every case (default :data:`DEFAULT_CASES`) with every setting (default :data:`STUDY_CALIBRATIONS`) and
     write the study report. Returns the summary (also ``study.json``). ``trainer``: Lightning ``Trainer`` options
     of every case's benchmark run (see :func:`~magic_pl.zoo.runner.run_benchmark`)."""
-    from magic_pl.zoo.report import _jsonable, write_texts
+    from magic_pl.jsonable import jsonable
+    from magic_pl.zoo.report import write_texts
     from magic_pl.zoo.runner import run_benchmark
 
     cases = list(cases) if cases is not None else list(DEFAULT_CASES)
@@ -223,7 +224,7 @@ def run_study(
         summary.setdefault("versions", result["versions"])
         # after every case, so an interrupted study keeps the finished cases' summary
         write_texts(out_dir, {"study.md": study_markdown(summary),
-                              "study.json": json.dumps(_jsonable(summary), indent=1)})
+                              "study.json": json.dumps(jsonable(summary), indent=1)})
         study_chart(summary, out_dir / "study.png")
     return summary
 
