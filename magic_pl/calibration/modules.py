@@ -191,6 +191,18 @@ def fold_kind(module: nn.Module) -> str:
     return "runtime"
 
 
+def logits_of(output: Any) -> Tensor:
+    """Logits from a model output: the tensor itself, or its ``.logits`` field (Hugging Face outputs)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None:
+        raise TypeError(f"cannot find logits in a {type(output).__name__}")
+    return logits
+
+
 def primary_tensor(output: Any) -> Optional[Tensor]:
     """The feature tensor of a module output: the tensor itself, or the first tensor of a tuple/list/dict."""
     if isinstance(output, Tensor):
@@ -274,3 +286,14 @@ def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
+
+def prediction_tensor(output: Any) -> Tensor:
+    """The prediction of a model output where a probe needs one: its logits (:func:`logits_of`) when it has them,
+    else its first tensor (:func:`primary_tensor`)."""
+    if isinstance(output, Tensor) or isinstance(getattr(output, "logits", None), Tensor) or (
+            isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor)):
+        return logits_of(output)
+    found = primary_tensor(output)
+    if found is None:
+        raise TypeError(f"cannot find a prediction tensor in a model output of type {type(output).__name__}")
+    return found

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magic_pl.calibration.modules import prediction_tensor
+
 __all__ = [
     "ModelInputs",
     "ScoreFn",
@@ -50,22 +52,6 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return call_with_batch(model, inputs)
 
 
-def _logits(output: Any) -> Tensor:
-    """The prediction tensor of a model output: a tensor, ``.logits`` / ``["logits"]``, or the first tensor."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, Tensor):
-                return item
-    raise TypeError(f"cannot find a prediction tensor in a model output of type {type(output).__name__}")
-
-
 def accuracy_score(batches: Iterable[tuple[Any, Tensor]]) -> ScoreFn:
     """Labelled accuracy (the paper's score): ``batches`` of ``(inputs, labels)``; the argmax of the last dim of the
     model's logits is compared with ``labels``. The batches are materialised once (a list)."""
@@ -77,7 +63,7 @@ def accuracy_score(batches: Iterable[tuple[Any, Tensor]]) -> ScoreFn:
     def score(model: nn.Module) -> float:
         correct = total = 0
         for inputs, labels in data:
-            pred = _logits(_call(model, inputs)).argmax(-1)
+            pred = prediction_tensor(_call(model, inputs)).argmax(-1)
             labels = labels.to(pred.device)
             correct += int((pred == labels).sum())
             total += labels.numel()
@@ -87,16 +73,18 @@ def accuracy_score(batches: Iterable[tuple[Any, Tensor]]) -> ScoreFn:
 
 
 class _OutputDivergence:
-    """Label-free score: minus the mean divergence of the model's outputs from the reference outputs, which are
-    recorded on the first call (the unperturbed model in :func:`sensitivity_scores`)."""
+    """Label-free score: minus the mean (or summed) divergence of the model's outputs from the reference outputs,
+    which are recorded on the first call (the unperturbed model in :func:`sensitivity_scores`)."""
 
-    def __init__(self, batches: Iterable[Any], metric: str):
+    def __init__(self, batches: Iterable[Any], metric: str, reduction: str = "mean"):
         if metric not in ("kl", "l2"):
             raise ValueError(f"output divergence metric must be 'kl' or 'l2', got {metric!r}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"output divergence reduction must be 'mean' or 'sum', got {reduction!r}")
         self.data = list(batches)
         if not self.data:
             raise ValueError("output_divergence_score needs at least one batch")
-        self.metric = metric
+        self.metric, self.reduction = metric, reduction
         self.reference: Optional[list[Tensor]] = None
 
     def reset(self) -> None:
@@ -105,7 +93,7 @@ class _OutputDivergence:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> float:
-        outs = [_logits(_call(model, inputs)).float() for inputs in self.data]
+        outs = [prediction_tensor(_call(model, inputs)).float() for inputs in self.data]
         if self.reference is None:
             self.reference = [o.detach().cpu() for o in outs]
             return 0.0
@@ -116,17 +104,20 @@ class _OutputDivergence:
                 div = F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
             else:
                 div = (out - ref).pow(2).mean(-1)
-            total += float(div.sum())
+            # a sum is accumulated in float64: per-process sums must add up to the one-process score
+            total += float(div.double().sum()) if self.reduction == "sum" else float(div.sum())
             n += div.numel()
-        return -total / max(n, 1)
+        return -total if self.reduction == "sum" else -total / max(n, 1)
 
 
-def output_divergence_score(batches: Iterable[Any], metric: str = "kl") -> ScoreFn:
+def output_divergence_score(batches: Iterable[Any], metric: str = "kl", reduction: str = "mean") -> ScoreFn:
     """Label-free score (docs/method.md): minus the divergence of the model's outputs on unlabelled ``batches`` from
     the outputs recorded on the first call (the unperturbed model). ``metric``: ``"kl"`` (default; KL of the reference
-    softmax to the perturbed one, per position) or ``"l2"`` (mean squared difference). Call ``.reset()`` on the
-    returned object to reuse it for another model."""
-    return _OutputDivergence(batches, metric)
+    softmax to the perturbed one, per position) or ``"l2"`` (mean squared difference over the last dim).
+    ``reduction``: ``"mean"`` over samples and positions (default) or ``"sum"`` (adds up across processes, as the
+    probe of :func:`~magic_pl.calibration.settings.detect_label_free` needs). Call ``.reset()`` on the returned object
+    to reuse it for another model."""
+    return _OutputDivergence(batches, metric, reduction)
 
 
 def _build(model_builder_or_model: ModelOrBuilder) -> nn.Module:

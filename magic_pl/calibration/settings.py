@@ -416,25 +416,6 @@ def _flat(batches: Optional[Batches]) -> list[Any]:
     return [b for _, b in batches]
 
 
-class _SummedL2:
-    """Label-free probe score: minus the summed squared change of the outputs (mean over the last dim, summed over
-    samples and positions) from the outputs recorded on the first call. A sum, so per-process scores add up."""
-
-    def __init__(self, batches: Sequence[Any]):
-        self.data = list(batches)
-        self.reference: Optional[list[Tensor]] = None
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> float:
-        from magic_pl.calibration.sensitivity import _call, _logits
-
-        outs = [_logits(_call(model, inputs)).float() for inputs in self.data]
-        if self.reference is None:
-            self.reference = [o.detach() for o in outs]
-            return 0.0
-        return -sum(float((o - r).pow(2).mean(-1).double().sum()) for o, r in zip(outs, self.reference))
-
-
 def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                       probe_batches: Sequence[Any], alpha: int = 10,
                       weight_average: Optional[Mapping[str, Tensor]] = None,
@@ -448,7 +429,7 @@ def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequen
     set as one process with all the samples. Ties keep model order."""
     import copy
 
-    from magic_pl.calibration.sensitivity import sensitivity_scores
+    from magic_pl.calibration.sensitivity import output_divergence_score, sensitivity_scores
 
     base_state = _state_of(base)
     probe = copy.deepcopy(merged).eval()
@@ -466,7 +447,8 @@ def detect_label_free(base: StateSource, merged: nn.Module, task_vectors: Sequen
                                        out_dtype=state[k].dtype))
     params = [k for k, p in probe.named_parameters() if p.dtype.is_floating_point and k in wa]
     if probe_batches:
-        drops = sensitivity_scores(probe, wa, _SummedL2(probe_batches), keys=params)
+        drops = sensitivity_scores(probe, wa, output_divergence_score(probe_batches, "l2", reduction="sum"),
+                                   keys=params)
     else:  # this process has no probe samples; others do (reduce adds their scores)
         drops = {k: 0.0 for k in params}
     scores = torch.tensor([drops[k] for k in params], dtype=torch.float64)

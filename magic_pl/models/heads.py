@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magic_pl.calibration.modules import logits_of
+
 __all__ = ["TaskModel", "MultiTaskModel", "ZeroShotHead", "zeroshot_weights", "extract_features", "logits_of"]
 
 
@@ -32,18 +34,6 @@ def extract_features(output: Any, key: Optional[str] = None) -> Tensor:
     if value is None:
         raise KeyError(f"the body's output ({type(output).__name__}) has no field {key!r}")
     return value
-
-
-def logits_of(output: Any) -> Tensor:
-    """Logits from a model output: the tensor itself, or its ``.logits`` field (Hugging Face outputs)."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if logits is None:
-        raise TypeError(f"cannot find logits in a {type(output).__name__}")
-    return logits
 
 
 class TaskModel(nn.Module):
