@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -167,10 +168,10 @@ class MagicCalibration(Callback):
         experts: one fine-tuned checkpoint per task (path, state dict or module), keyed like the backbone (a
             ``"backbone."``-style prefix and extra keys such as classifier heads are handled).
         base: the pretrained checkpoint; default ``None``: the backbone's weights at setup are the base.
-        method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3), or a
-            data-based merge (``"regmean"``, ``"regmean_plusplus"``: the backbone is merged at the end of predict from
-            the calibration batches, then calibrated on them).
-        options: the method's options, plus ``bn_stats`` / ``seed`` (default none).
+        merge_method: a registered merge method (:data:`magic_pl.merging.METHODS`; default ``"task_arithmetic"``,
+            lambda 0.3); a data-based one (``"regmean"``, ``"regmean_plusplus"``) merges the backbone at the end of
+            predict from the calibration batches, then calibrates it on them. The names ``MagicModule`` uses.
+        merge_options: the method's options, plus ``bn_stats`` / ``seed`` (default none).
         calibration: the calibration setting (a preset such as ``"dsc"`` or ``"auto"``, a ``"space:key=value"``
             string or a dict; default ``"dsc"``), as in :class:`~magic_pl.lightning.module.MagicModule`.
         sensitive: a given sensitive set (names or a ranking JSON); default none.
@@ -186,23 +187,31 @@ class MagicCalibration(Callback):
         base_key_prefix: prefix to strip from the base's keys (default: ``key_prefix``, or found automatically).
         task_names: names of the experts' tasks (for reports and errors).
         trust_pickle: allow full pickle for torch checkpoint files (default ``False``).
+        method, options: deprecated spellings of ``merge_method`` / ``merge_options`` (a ``DeprecationWarning``).
     """
 
-    def __init__(self, experts: Sequence[Source], base: Optional[Source] = None, method: str = "task_arithmetic",
-                 options: Optional[dict[str, Any]] = None, calibration: Calibration = "dsc",
+    def __init__(self, experts: Sequence[Source], base: Optional[Source] = None,
+                 merge_method: str = "task_arithmetic", merge_options: Optional[dict[str, Any]] = None,
+                 calibration: Calibration = "dsc",
                  sensitive: Optional[Union[str, Sequence[str]]] = None, backbone: str = "backbone",
                  modules: Optional[Sequence[str]] = None, per_sample: bool = True, task_key: str = TASK_KEY,
                  task_fn: Optional[Callable[[Any, int], Any]] = None, key_prefix: Optional[str] = None,
                  base_key_prefix: Optional[str] = None,
-                 task_names: Optional[Sequence[str]] = None, trust_pickle: bool = False) -> None:
+                 task_names: Optional[Sequence[str]] = None, trust_pickle: bool = False,
+                 method: Optional[str] = None, options: Optional[dict[str, Any]] = None) -> None:
+        if method is not None or options is not None:
+            warnings.warn("MagicCalibration(method=, options=) are deprecated; use merge_method=, merge_options=",
+                          DeprecationWarning, stacklevel=2)
+            merge_method = method if method is not None else merge_method
+            merge_options = options if options is not None else merge_options
         if not experts:
             raise ValueError("MagicCalibration needs at least one expert checkpoint")
         setting = resolve_setting(calibration)  # options checked before any checkpoint is read
-        validate_merge_options(method, dict(options or {}))
+        validate_merge_options(merge_method, dict(merge_options or {}))
         self.experts = list(experts)
         self.base = base
-        self.method = method
-        self.options = dict(options or {})
+        self.merge_method = merge_method
+        self.merge_options = dict(merge_options or {})
         self.backbone = backbone
         self.task_key = task_key
         self.task_fn = task_fn
@@ -241,7 +250,8 @@ class MagicCalibration(Callback):
         rec = self.record
         rec.sources = {"base": sources.base_source, "experts": sources.expert_sources}
         rec.task_names = list(sources.task_names)
-        rec.config.update({"merge_method": self.method, "merge_options": self.options, "backbone": self.backbone})
+        rec.config.update({"merge_method": self.merge_method, "merge_options": self.merge_options,
+                           "backbone": self.backbone})
         rec.add_step("load", time.perf_counter() - start, tasks=len(sources.task_names))
 
         def load(tau_m: Optional[Mapping[str, Tensor]]) -> nn.Module:
@@ -249,7 +259,7 @@ class MagicCalibration(Callback):
                 sources.load_into(body, tau_m)
             return body
 
-        merge_and_bind(self.run, self.method, self.options, sources.task_vectors(), sources.task_names,
+        merge_and_bind(self.run, self.merge_method, self.merge_options, sources.task_vectors(), sources.task_names,
                        sources.base_state, load)
 
     # --- predict: the statistics -------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def test_plugin_callback_equals_magic_module(tiny_timm, tmp_path, method, option
             CalibratedModelWriter(tmp_path / "model", backbone="backbone"),
             CalibrationReport(tmp_path),
             MagicCalibration(experts=experts, base=str(tiny_timm["base"]), backbone="backbone",
-                             method=method, options=options, calibration=calibration, task_names=["a", "b"]),
+                             merge_method=method, merge_options=options, calibration=calibration,
+                             task_names=["a", "b"]),
         ],
     )
     trainer.predict(model, datamodule=data, return_predictions=False)
@@ -130,7 +131,7 @@ def test_plugin_options_are_checked_before_any_work(tiny_timm):
     with pytest.raises(ValueError, match="unknown calibration 'dcs'"):
         MagicCalibration(experts=[str(tiny_timm["a"])], calibration="dcs")
     with pytest.raises(ValueError, match="merge method"):
-        MagicCalibration(experts=[str(tiny_timm["a"])], method="tie")
+        MagicCalibration(experts=[str(tiny_timm["a"])], merge_method="tie")
 
 
 def test_wrong_backbone_path_lists_children(tiny_timm):
@@ -138,3 +139,10 @@ def test_wrong_backbone_path_lists_children(tiny_timm):
                       callbacks=[MagicCalibration(experts=[str(tiny_timm["a"])], backbone="encoder")])
     with pytest.raises(AttributeError, match=r"no submodule 'encoder' \(its children: \['backbone', 'heads'\]\)"):
         trainer.predict(LitMultiTask(), datamodule=LitData(_datasets(1, 2), []), return_predictions=False)
+
+
+def test_the_plug_ins_old_option_names_warn_and_mean_the_same(tiny_timm):
+    with pytest.warns(DeprecationWarning, match="merge_method=, merge_options="):
+        old = MagicCalibration(experts=[str(tiny_timm["a"])], method="ties", options={"density": 0.5})
+    new = MagicCalibration(experts=[str(tiny_timm["a"])], merge_method="ties", merge_options={"density": 0.5})
+    assert (old.merge_method, old.merge_options) == (new.merge_method, new.merge_options) == ("ties", {"density": 0.5})
