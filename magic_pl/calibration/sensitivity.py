@@ -248,6 +248,17 @@ def save_sensitivity(
     return path
 
 
+def sensitive_names(given: Union[str, os.PathLike, Sequence[str], None],
+                    alpha: Optional[int] = None) -> Optional[list[str]]:
+    """A given sensitive set as names: a list of tensor/module names, or a ranking JSON written by
+    :func:`save_sensitivity` (its stored set, or its top ``alpha``); ``None`` stays ``None``."""
+    if given is None:
+        return None
+    if isinstance(given, (str, os.PathLike)):
+        return load_sensitivity(given, alpha=alpha)
+    return [str(s) for s in given]
+
+
 def load_sensitivity(path: Union[str, os.PathLike], alpha: Optional[int] = None) -> list[str]:
     """Read a file written by :func:`save_sensitivity`: the stored sensitive set, or the top ``alpha`` of the
     ranking."""

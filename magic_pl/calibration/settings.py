@@ -247,19 +247,18 @@ class CalibrationSetting:
         policy = self.sensitive
         if isinstance(given, Mapping):
             given = given.get(policy)
-        if isinstance(given, (str, os.PathLike)):
-            from magic_pl.calibration.sensitivity import load_sensitivity
+        from magic_pl.calibration.sensitivity import sensitive_names
 
-            given = load_sensitivity(given)  # the set stored with the ranking
+        given = sensitive_names(given)  # names, or the set stored with a ranking JSON
         if policy == "none":  # a given set turns the paper's gating and cap on
-            return [str(s) for s in given] if given is not None else None
+            return given
         if policy == "empty":
             if given is not None:
                 raise ValueError(f"calibration {self.to_string()!r} has an empty sensitive set (sensitive='empty'); "
                                  "a given set contradicts it")
             return []
         if given is not None:
-            return [str(s) for s in given]
+            return given
         if policy == "detect" and detected is not None:
             return list(detected)
         raise ValueError(f"calibration {self.to_string()!r} needs a sensitive set: "

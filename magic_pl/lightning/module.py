@@ -28,7 +28,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from magic_pl.calibration import CalibrationSetting, resolve_setting
-from magic_pl.calibration.sensitivity import ModelInputs, load_sensitivity
+from magic_pl.calibration.sensitivity import ModelInputs, sensitive_names
 from magic_pl.lightning.data import (
     INDEX_KEY,
     INPUTS_KEY,
@@ -56,7 +56,7 @@ from magic_pl.models.heads import TaskModel, logits_of
 from magic_pl.output import check_task_names
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
-__all__ = ["MagicModule", "Calibration", "split_inputs", "resolve_sensitive", "NormRecorder", "task_calls",
+__all__ = ["MagicModule", "Calibration", "split_inputs", "NormRecorder", "task_calls",
            "record_merge", "regmean_merge"]
 
 #: A calibration setting as every front door takes it: a preset name (``"dsc"``, ``"auto"``, ...), a
@@ -70,17 +70,6 @@ class _Same:
 
 
 _SAME = _Same()
-
-
-def resolve_sensitive(sensitive: Union[str, os.PathLike, Sequence[str], None], alpha: Optional[int] = None
-                      ) -> Optional[list[str]]:
-    """A sensitive set from a list of names or a ranking JSON written by
-    :func:`magic_pl.calibration.save_sensitivity` (its stored set, or its top ``alpha``). ``None``: no set."""
-    if sensitive is None:
-        return None
-    if isinstance(sensitive, (str, os.PathLike)):
-        return load_sensitivity(sensitive, alpha=alpha)
-    return [str(s) for s in sensitive]
 
 
 def split_inputs(batch: Any) -> tuple[Any, tuple, dict, Optional[Tensor]]:
@@ -277,7 +266,7 @@ class MagicModule(LightningModule):
         self.merge_method = merge_method
         self.merge_options = dict(merge_options or {})
         self.calibration: CalibrationSetting = setting
-        self.sensitive = resolve_sensitive(sensitive)
+        self.sensitive = sensitive_names(sensitive)
         self.fsc_modules = list(fsc_modules) if fsc_modules is not None else None
         self.fsc_per_sample = fsc_per_sample
         self.check_finite = check_finite
