@@ -24,7 +24,7 @@ import re
 import stat
 import struct
 import zipfile
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional, Protocol, Union, runtime_checkable
 
@@ -901,24 +901,37 @@ def _source_name(source: Source, default: str) -> str:
     return f"{default} {source}" if isinstance(source, (str, os.PathLike)) else default
 
 
-class RenamedView(Mapping[str, Tensor]):
-    """The entries of ``source`` under new names (``names``: new key -> key in ``source``), lazy; shape, dtype and file
-    are forwarded without reading data."""
+class KeyedMapping(Mapping[str, Tensor]):
+    """A lazy mapping over a fixed, ordered key list (``self._keys``, with ``self._set`` for membership): subclasses
+    set them through :meth:`_set_keys` and implement ``__getitem__``."""
+
+    _keys: list[str]
+    _set: set[str]
+
+    def _set_keys(self, keys: Iterable[str]) -> None:
+        self._keys = list(keys)
+        self._set = set(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+
+class RenamedView(KeyedMapping):
+    """The entries of ``source`` under new names (``names``: new key -> key in ``source``, in order), lazy; shape,
+    dtype and file are forwarded without reading data. A key not in ``names`` raises ``KeyError``."""
 
     def __init__(self, source: StateDict, names: Mapping[str, str]):
         self.source, self.names = source, dict(names)
+        self._set_keys(self.names)
 
     def __getitem__(self, key: str) -> Tensor:
         return self.source[self.names[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.names
 
     def shape(self, key: str) -> torch.Size:
         return tensor_shape(self.source, self.names[key])

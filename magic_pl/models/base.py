@@ -22,7 +22,7 @@ import copy
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from magic_pl.statedict import (
     CheckpointError,
     LazyTaskVector,
+    RenamedView,
     StateDict,
     apply_delta,
     is_mergeable,
@@ -64,28 +65,7 @@ PathLike = Union[str, os.PathLike]
 # --------------------------------------------------------------------------------------------------------------------
 # Lazy mapping views (shape/dtype/file forwarded through the tensor-source protocol of magic_pl.statedict)
 # --------------------------------------------------------------------------------------------------------------------
-class KeyedMapping(Mapping[str, Tensor]):
-    """A lazy mapping over a fixed, ordered key list (``self._keys``, with ``self._set`` for membership): subclasses
-    set them through :meth:`_set_keys` and implement ``__getitem__``."""
-
-    _keys: list[str]
-    _set: set[str]
-
-    def _set_keys(self, keys: Iterable[str]) -> None:
-        self._keys = list(keys)
-        self._set = set(self._keys)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
-
-
-class PrefixView(KeyedMapping):
+class PrefixView(RenamedView):
     """The entries of ``source`` under ``prefix`` with the prefix removed (``"bert.x.w"`` -> ``"x.w"``); lazy.
 
     Args:
@@ -95,52 +75,18 @@ class PrefixView(KeyedMapping):
     """
 
     def __init__(self, source: StateDict, prefix: str, add: str = ""):
-        self.source, self.prefix, self.add = source, prefix, add
-        self._set_keys(add + k[len(prefix):] for k in source.keys() if k.startswith(prefix))
-
-    def _src(self, key: str) -> str:
-        if key not in self._set:
-            raise KeyError(key)
-        return self.prefix + key[len(self.add):]
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self.source[self._src(key)]
-
-    def shape(self, key: str) -> torch.Size:
-        return tensor_shape(self.source, self._src(key))
-
-    def dtype(self, key: str) -> torch.dtype:
-        return tensor_dtype(self.source, self._src(key))
-
-    def file_of(self, key: str) -> Optional[Path]:
-        return tensor_file(self.source, self._src(key))
+        super().__init__(source, {add + k[len(prefix):]: k for k in source.keys() if k.startswith(prefix)})
+        self.prefix, self.add = prefix, add
 
     def __repr__(self) -> str:
         return f"PrefixView({self.prefix!r} of {self.source!r})"
 
 
-class KeyView(KeyedMapping):
-    """The entries of ``source`` restricted to ``keys`` (in that order); lazy. Missing keys raise ``KeyError``."""
+class KeyView(RenamedView):
+    """The entries of ``source`` restricted to ``keys`` (in that order); lazy. Other keys raise ``KeyError``."""
 
     def __init__(self, source: StateDict, keys: Sequence[str]):
-        self.source = source
-        self._set_keys(keys)
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key not in self._set:
-            raise KeyError(key)
-        return self.source[key]
-
-    def shape(self, key: str) -> torch.Size:
-        return tensor_shape(self.source, key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return tensor_dtype(self.source, key)
-
-    def file_of(self, key: str) -> Optional[Path]:
-        if key not in self._set:
-            raise KeyError(key)
-        return tensor_file(self.source, key)
+        super().__init__(source, {k: k for k in keys})
 
 
 # --------------------------------------------------------------------------------------------------------------------

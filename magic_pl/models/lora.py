@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from magic_pl.models._hf import dtype_kwargs, from_pretrained_checked
 from magic_pl.models.base import (
-    KeyedMapping,
     MergeSetup,
     ModelAdapter,
     default_task_names,
@@ -53,6 +52,7 @@ from magic_pl.models.io import copy_support_files, save_pretrained_atomic
 from magic_pl.output import OutputLocation
 from magic_pl.statedict import (
     CheckpointError,
+    KeyedMapping,
     StateDict,
     all_finite,
     apply_delta,
