@@ -241,6 +241,8 @@ class MagicModule(LightningModule):
         trust_pickle: bool = False,
     ) -> None:
         super().__init__()
+        # the constructor's arguments as given, so with_calibration builds the same module with another setting
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if (adapter is None) == (model is None):
             raise ValueError("give exactly one of `adapter` (a magic_pl.models adapter) or `model` (+ `experts`)")
         if adapter is not None and trust_pickle:
@@ -385,15 +387,8 @@ class MagicModule(LightningModule):
         if self.run.collecting or (self.run.done and self.calibration.space != "none"):
             raise RuntimeError("with_calibration copies the merged weights: call it before this module is calibrated "
                                f"(its setting {self.calibration.to_string()!r} has already run)")
-        other = MagicModule(
-            adapter=self.adapter, model=self._model_source, experts=self._expert_sources, base=self._base_source,
-            task_names=self._task_names_arg, heads=self._heads_arg, output_key=self.output_key,
-            key_prefix=self.key_prefix, base_key_prefix=self.base_key_prefix, merge_method=self.merge_method,
-            merge_options=self.merge_options,
-            calibration=calibration, sensitive=self.sensitive if isinstance(sensitive, _Same) else sensitive,
-            fsc_modules=self.fsc_modules, fsc_per_sample=self.fsc_per_sample, check_finite=self.check_finite,
-            trust_pickle=self.trust_pickle,
-        )
+        other = MagicModule(**{**self._init_args, "calibration": calibration,
+                               "sensitive": self.sensitive if isinstance(sensitive, _Same) else sensitive})
         setup = self.merge_setup
         assert setup is not None and self.model is not None
         other.merge_setup, other.task_names = setup, list(self.task_names)
