@@ -47,8 +47,10 @@ Presets (the paper's behaviour is ``"wsc"``/``"fsc"``/``"dsc"``, exactly as in M
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import pkgutil
 from collections import ChainMap
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,12 +59,23 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-# each of these modules registers its step (steps.register_step) when imported
-from magic_pl.calibration import lines, scale, svc, wsc  # noqa: F401
+from magic_pl.calibration import wsc
 from magic_pl.calibration.dsc import Batches, feed, merged_task_vector, write_task_vector
 from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator, FSCStep, StateSource, _state_of
 from magic_pl.calibration.steps import STEPS, CalibrationStep, as_float, make_step
 from magic_pl.statedict import apply_delta
+
+
+def _register_steps() -> None:
+    """Import every module of the calibration package: each registers its steps (``@register_step``) on import, so a
+    new step's file needs no line anywhere else."""
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if module.name != "settings":
+            importlib.import_module(f"{package}.{module.name}")
+
+
+_register_steps()
 
 __all__ = ["SPACES", "SENSITIVE_POLICIES", "CalibrationSetting", "PRESETS", "AUTO", "resolve_setting",
            "apply_weight_steps", "detect_label_free", "SensitiveSet"]
