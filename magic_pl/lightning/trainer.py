@@ -81,6 +81,13 @@ class MagicTrainer(Trainer):
                 raise TypeError(f"calibrate needs a MagicModule (or a module with {attr!r}), got "
                                 f"{type(model).__name__}; add magic_pl.lightning.MagicCalibration to your Trainer "
                                 "and call predict/test yourself")
+        if model.needs_calibration_data and not _has_predict_data(model, datamodule):
+            setting = getattr(getattr(model, "calibration", None), "to_string", lambda: "?")()
+            raise ValueError(
+                f"calibration {setting!r} (merge method {getattr(model, 'merge_method', '?')!r}) needs unlabelled "
+                "calibration samples, and no data was given: pass a data module with calibration or test sets "
+                "(--data ..., datamodule=), or choose a data-free setting (e.g. --calibration wsc)"
+            )
         logs = _logs_for(self, output_dir) if output_dir is not None else None
         writes = output_dir is not None and (save_model or report or logs is not None)
         out = (OutputLocation(output_dir, overwrite=overwrite, inputs=input_paths(model)).check()
@@ -164,6 +171,11 @@ def _logs_for(trainer: Trainer, output_dir: Any) -> Optional[Path]:
                 "magic-pl CLI's default logger already ends up in <output_dir>/logs)"
             )
     return found
+
+
+def _has_predict_data(model: LightningModule, datamodule: Optional[LightningDataModule]) -> bool:
+    source = datamodule if datamodule is not None else model
+    return is_overridden("predict_dataloader", source)
 
 
 def _has_test_data(model: LightningModule, datamodule: Optional[LightningDataModule]) -> bool:

@@ -203,3 +203,13 @@ def test_benchmark_usage_error_is_one_line(monkeypatch, tmp_path, capsys):
     (tmp_path / "empty.yaml").write_text("{}\n")
     code, lines = _fail(["-c", "empty.yaml", "benchmark"], capsys)  # benchmark's options are its own: it comes first
     assert code == 2 and "magic-pl benchmark [options]" in lines[0], lines
+
+
+@pytest.mark.parametrize("calibration", ["dsc", "fsc", "auto"])
+def test_a_setting_that_needs_data_without_data_is_a_clear_error_before_any_work(calibration, capsys, tmp_path):
+    code, lines = _fail(["calibrate", "-c", TINY, "--data", "null", "--calibration", calibration,
+                         "--output_dir", "out"], capsys)
+    assert code == 1 and len(lines) <= 2
+    assert re.search(r"calibration '.*' .*needs unlabelled calibration samples, and no data was given.*--calibration "
+                     "wsc", lines[0]), lines
+    assert not (tmp_path / "out").exists()
