@@ -169,23 +169,30 @@ class TaskTaggedDataset(Dataset):
         task: the task index (position of the expert).
         indices: optional subset of ``dataset`` indices (default: all).
         drop_labels: remove ``"labels"`` (calibration is label-free).
+        with_index: add ``"index"``, the sample's position in ``dataset`` (evaluation keeps per-example correctness by
+            it, for paired comparisons of two models on the same examples).
     """
 
     def __init__(
-        self, dataset: Dataset, task: int, indices: Optional[Sequence[int]] = None, *, drop_labels: bool = False
+        self, dataset: Dataset, task: int, indices: Optional[Sequence[int]] = None, *, drop_labels: bool = False,
+        with_index: bool = False,
     ) -> None:
         self.dataset = dataset
         self.task = int(task)
         self.indices = list(indices) if indices is not None else None
         self.drop_labels = drop_labels
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = as_sample(self.dataset[self.indices[i] if self.indices is not None else i])
+        j = self.indices[i] if self.indices is not None else i
+        sample = as_sample(self.dataset[j])
         if self.drop_labels:
             sample.pop(LABELS_KEY, None)
+        if self.with_index:
+            sample.setdefault(INDEX_KEY, torch.tensor(j))
         sample[TASK_KEY] = self.task
         return sample
 
@@ -771,7 +778,7 @@ class TaskDataModule(LightningDataModule):
             ds = sets.get(name)
             if ds is None:
                 continue
-            parts.append(TaskTaggedDataset(ds, k, range(self._kept(ds))))
+            parts.append(TaskTaggedDataset(ds, k, range(self._kept(ds)), with_index=True))
         return torch.utils.data.ConcatDataset(parts) if parts else _EmptyDataset()
 
     def test_dataset(self) -> Dataset:

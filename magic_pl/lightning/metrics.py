@@ -7,14 +7,15 @@ rank (docs/method.md): ranks may run different numbers of batches, so nothing is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["FSCStatistics", "PerTaskAccuracy", "ExampleCorrectness", "accumulation_dtype"]
+__all__ = ["FSCStatistics", "PerTaskAccuracy", "ExampleCorrectness", "accumulation_dtype", "bootstrap_ci"]
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -178,3 +179,28 @@ def _cat(state: "Tensor | list[Tensor]") -> Tensor:
     if isinstance(state, Tensor):  # already concatenated by a sync
         return state
     return torch.cat(state) if state else torch.zeros(0, dtype=torch.long)
+
+
+def bootstrap_ci(per_task: Mapping[str, np.ndarray], *, samples: int = 1000, seed: int = 0,
+                 weights: Mapping[str, float] | None = None) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the task-averaged accuracy (test examples resampled within each task).
+
+    Args:
+        per_task: task -> per-example score in [0, 1] (correctness, or its mean over calibration draws).
+        samples: bootstrap resamples (1000).
+        weights: optional per-task divisor (e.g. the expert's accuracy, for the normalised average).
+    """
+    if samples <= 0 or not per_task:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    total = np.zeros(samples)
+    for name, c in per_task.items():
+        c = np.asarray(c, dtype=np.float64)
+        idx = rng.integers(0, len(c), size=(samples, len(c)))
+        acc = c[idx].mean(1)
+        if weights is not None:
+            acc = acc / weights[name]
+        total += acc
+    total /= len(per_task)
+    lo, hi = np.percentile(total, [2.5, 97.5])
+    return float(lo), float(hi)

@@ -375,6 +375,21 @@ class MagicModule(LightningModule):
             self.heads.requires_grad_(False)
         self._task_models = {t: self._make_task_model(setup, t) for t in self.task_names}
 
+    def uncalibrated(self) -> "MagicModule":
+        """A new module with this one's inputs and merge and no calibration (built from the same constructor
+        arguments: it loads and merges again), to measure what the calibration changed."""
+        return MagicModule(**{**self._init_args, "calibration": "none", "sensitive": None})
+
+    def use_expert(self, task: str) -> None:
+        """Make the body expert ``task``'s own weights, theta0 + tau_task (heads unchanged), to evaluate the expert
+        through the same test loop; the module must be built."""
+        if self.merge_setup is None:
+            raise RuntimeError("use_expert needs a built module (call build() first)")
+        if task not in self.task_names:
+            raise KeyError(f"unknown task {task!r}; tasks: {self.task_names}")
+        setup = self.merge_setup
+        self._install(setup.merged_model(setup.task_vectors()[self.task_names.index(task)]))
+
     def with_calibration(self, calibration: Calibration, *,
                          sensitive: Union[str, Sequence[str], None, _Same] = _SAME) -> "MagicModule":
         """A new module holding this module's merge, to be calibrated with another setting; the merge is not repeated.

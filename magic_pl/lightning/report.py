@@ -168,6 +168,7 @@ class CalibrationRecord:
     deviation_after: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    comparison: Optional[dict[str, Any]] = None
 
     def add_step(self, step: str, seconds: float, **details: Any) -> None:
         self.steps.append({"step": step, "seconds": round(float(seconds), 6), **details})
@@ -253,6 +254,7 @@ class CalibrationRecord:
                 "mean_before": summary(before), "mean_after": summary(after),
             },
             "metrics": self.metrics,
+            "comparison": jsonable(self.comparison) if self.comparison is not None else None,
             "outputs": self.outputs,
         }
         return jsonable(doc)

@@ -48,6 +48,7 @@ class MagicTrainer(Trainer):
         evaluate: bool = True,
         hash_inputs: bool = True,
         overwrite: bool = False,
+        compare: bool = True,
     ) -> dict[str, Any]:
         """Merge, calibrate (WSC / FSC via ``predict``), save and evaluate (``test``) a ``MagicModule`` in one call.
 
@@ -62,10 +63,14 @@ class MagicTrainer(Trainer):
             evaluate: run ``trainer.test`` after calibration when there is test data (default ``True``).
             hash_inputs: store sha256 hashes of the input checkpoints in the report (default ``True``).
             overwrite: replace ``output_dir`` even if magic-pl did not write it (default ``False``).
+            compare: when it evaluates, also evaluate on the same test data the uncalibrated merge and each expert on
+                its own task, and give the calibration's gain with a paired 95% bootstrap interval (default ``True``;
+                it merges once more and runs ``trainer.test`` K + 1 more times).
 
         Returns:
-            ``{"metrics", "model", "report", "result"}``: test metrics, the model and report paths (``None`` when not
-            written) and the :class:`~magic_pl.calibration.CalibrationResult` (``None`` if no calibration ran).
+            ``{"metrics", "model", "report", "result", "comparison"}``: test metrics, the model and report paths
+            (``None`` when not written), the :class:`~magic_pl.calibration.CalibrationResult` (``None`` if no
+            calibration ran) and the comparison (``None`` without it; also in the report).
         """
         from magic_pl.lightning.report import write_report
         from magic_pl.output import OutputLocation
@@ -104,9 +109,12 @@ class MagicTrainer(Trainer):
                 model.build()
             rec = model.calibration_record
             metrics: dict[str, float] = {}
+            comparison: Optional[dict[str, Any]] = None
             if evaluate and _has_test_data(model, datamodule):
-                for d in self.test(model, datamodule=datamodule):
-                    metrics.update({k: float(v) for k, v in d.items()})
+                metrics = self._accuracies(model, datamodule)
+                if compare and callable(getattr(model, "uncalibrated", None)):
+                    comparison = self._compare(model, datamodule, metrics)
+                    rec.comparison = comparison
             elif evaluate:
                 rank_zero_info("calibrate: no test data, skipping evaluation")
             final = Path(output_dir) if output_dir is not None else None
@@ -128,6 +136,42 @@ class MagicTrainer(Trainer):
             "model": str(final / "model") if final is not None and save_model else None,
             "report": str(final / "calibration_report.json") if final is not None and report else None,
             "result": result,
+            "comparison": comparison,
+        }
+
+    def _accuracies(self, model: LightningModule, datamodule: Optional[LightningDataModule],
+                    verbose: bool = True) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for d in self.test(model, datamodule=datamodule, verbose=verbose):
+            metrics.update({k: float(v) for k, v in d.items()})
+        return metrics
+
+    def _compare(self, model: LightningModule, datamodule: Optional[LightningDataModule],
+                 calibrated: dict[str, float]) -> dict[str, Any]:
+        """The uncalibrated merge and each expert (on its own task) on the test data ``model`` was evaluated on, and
+        the calibration's gain in average accuracy with a paired bootstrap interval (the same test examples
+        resampled for both models)."""
+        from magic_pl.lightning.metrics import bootstrap_ci
+
+        reference = model.uncalibrated()
+        if reference.needs_calibration_data:  # a data-based merge is merged from the calibration samples
+            self.predict(reference, datamodule=datamodule, return_predictions=False)
+        else:
+            reference.build()
+        merged = self._accuracies(reference, datamodule, verbose=False)
+        mine, theirs = model.example_correctness, reference.example_correctness
+        interval = None
+        if mine and mine.keys() == theirs.keys():
+            diff = {t: mine[t].double().numpy() - theirs[t].double().numpy() for t in mine}
+            interval = [float(x) for x in bootstrap_ci(diff, samples=1000, seed=0)]
+        experts = {}
+        for task in model.task_names:
+            reference.use_expert(task)
+            experts[task] = self._accuracies(reference, datamodule, verbose=False).get(f"test/acc/{task}")
+        avg = "test/acc/avg"
+        return {
+            "calibrated": calibrated, "uncalibrated": merged, "experts_on_own_task": experts,
+            "gain": calibrated.get(avg, float("nan")) - merged.get(avg, float("nan")), "gain_ci95": interval,
         }
 
 

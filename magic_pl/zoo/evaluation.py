@@ -18,7 +18,7 @@ from torch import nn
 if TYPE_CHECKING:
     from magic_pl.zoo.pipeline import SuiteData
 
-__all__ = ["log_likelihood", "bootstrap_ci"]
+__all__ = ["log_likelihood"]
 
 _CPU = torch.device("cpu")  # the default device (a module-level value: torch.device is immutable)
 
@@ -45,26 +45,3 @@ def log_likelihood(encoder: nn.Module, data: "SuiteData", heads: Mapping[str, nn
     return float(np.mean(scores))
 
 
-def bootstrap_ci(per_task: Mapping[str, np.ndarray], *, samples: int = 1000, seed: int = 0,
-                 weights: Mapping[str, float] | None = None) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the task-averaged accuracy (test examples resampled within each task).
-
-    Args:
-        per_task: task -> per-example score in [0, 1] (correctness, or its mean over calibration draws).
-        samples: bootstrap resamples (1000).
-        weights: optional per-task divisor (e.g. the expert's accuracy, for the normalised average).
-    """
-    if samples <= 0 or not per_task:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    total = np.zeros(samples)
-    for name, c in per_task.items():
-        c = np.asarray(c, dtype=np.float64)
-        idx = rng.integers(0, len(c), size=(samples, len(c)))
-        acc = c[idx].mean(1)
-        if weights is not None:
-            acc = acc / weights[name]
-        total += acc
-    total /= len(per_task)
-    lo, hi = np.percentile(total, [2.5, 97.5])
-    return float(lo), float(hi)

@@ -38,10 +38,11 @@ import torch
 from torch import Tensor
 
 from magic_pl.lightning.data import check_count
+from magic_pl.lightning.metrics import bootstrap_ci
 from magic_pl.lightning.module import MagicModule
 from magic_pl.statedict import apply_task_vector, task_vector
 from magic_pl.zoo.data import Task
-from magic_pl.zoo.evaluation import bootstrap_ci, log_likelihood
+from magic_pl.zoo.evaluation import log_likelihood
 from magic_pl.zoo.experts import default_cache_dir, has_batchnorm, library_versions, reestimate_batchnorm
 from magic_pl.zoo.pipeline import SuiteData, load_suite, suite_module
 from magic_pl.zoo.suites import get_suite

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from magic_pl.lightning.metrics import bootstrap_ci
 from magic_pl.zoo.backbones import MeanPoolTextEncoder, TinyCNN, TinyCNNBackbone
-from magic_pl.zoo.evaluation import bootstrap_ci
 from magic_pl.zoo.experts import FinetuneConfig, fit_probe_head, reestimate_batchnorm
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
