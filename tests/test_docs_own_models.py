@@ -1,0 +1,68 @@
+"""docs/own_models.md followed literally: its file layout built here with tiny random BERT models (a BertModel base with
+its tokenizer, two classifier experts) and local data files, its YAML run as written by ``magic-pl calibrate``, and the
+output it describes loads in plain transformers."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from magic_pl.lightning.cli import main
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "own_models.md"
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film", "stocks", "fell", "rose", "today"]
+
+
+def _block(lang: str, marker: str) -> str:
+    return next(b for b in re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), re.S) if marker in b)
+
+
+def _layout(root: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = BertModel(config)
+    base.save_pretrained(root / "models" / "base")
+    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "models" / "base")
+    texts = {"sentiment": ["a good film", "a bad film", "good", "bad film"],
+             "topic": ["stocks fell today", "stocks rose", "a film today", "good stocks"]}
+    (root / "data").mkdir()
+    for i, task in enumerate(("sentiment", "topic")):
+        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": 2 + i}))
+        expert.bert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        expert.save_pretrained(root / "models" / task)
+        rows = [{"text": t, "label": j % (2 + i)} for j, t in enumerate(texts[task])]
+        (root / "data" / f"{task}_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / "data" / f"{task}_calib.txt").write_text("\n".join(texts[task][:2]) + "\n")
+
+
+def test_the_guide_runs_as_written(tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["magic-pl"])
+    (tmp_path / "my_models.yaml").write_text(_block("yaml", "# my_models.yaml"))
+    command = _block("bash", "magic-pl calibrate").split()
+    assert command[0] == "magic-pl"
+    main(command[1:])
+    out = capsys.readouterr().out
+    assert "tasks: sentiment <- models/sentiment, topic <- models/topic" in out
+    assert re.search(r"accuracy: calibrated [0-9.]+, uncalibrated merge [0-9.]+ \(gain [-+][0-9.]+, 95% CI", out)
+    for task, classes in (("sentiment", 2), ("topic", 3)):  # the layout the guide describes
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged" / "model" / task)
+        assert model.config.num_labels == classes
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged" / "model" / task)  # the tokenizer came along
+        assert tokenizer("a good film")["input_ids"] == [2, 5, 6, 8, 3]
+    report = json.loads((tmp_path / "merged" / "calibration_report.json").read_text())
+    assert report["config"]["merge_method"] == "ties" and report["coefficients"]
