@@ -127,9 +127,37 @@ def apply_shortcuts(cfg: Namespace) -> Namespace:
     return cfg
 
 
+#: How many subclasses outside magic_pl a help line names before it says how many more there are.
+_OTHER_SUBCLASSES_SHOWN = 3
+
+
+class _ShortSubclassesFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with each "known subclasses" list cut to magic-pl's classes and a few others: for an
+    ``nn.Module`` argument it lists every module class torch defines (``--model.help MagicModule`` ran to 2,800
+    lines)."""
+
+    def _expand_help(self, action: Any) -> str:
+        text = super()._expand_help(action)
+        head, sep, tail = text.partition(", known subclasses: ")
+        if not sep:
+            return text
+        names, close = (tail[:-1], ")") if tail.endswith(")") else (tail, "")
+        names = [n.strip() for n in names.split(",")]
+        ours = [n for n in names if n.startswith("magic_pl.")]
+        others = [n for n in names if not n.startswith("magic_pl.")]
+        shown = ours + others[:_OTHER_SUBCLASSES_SHOWN]
+        more = len(names) - len(shown)
+        return head + sep + ", ".join(shown) + (f", and {more} more" if more > 0 else "") + close
+
+
 class MagicArgumentParser(LightningArgumentParser):
     """LightningArgumentParser whose dumps (``--print_config``, the saved ``config.yaml``) have the shortcut flags
-    folded into the model's init args, so a printed config reads as it runs."""
+    folded into the model's init args, so a printed config reads as it runs, and whose help keeps subclass lists
+    short."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _ShortSubclassesFormatter)
+        super().__init__(*args, **kwargs)
 
     #: set on the subcommand parsers that have the shortcut flags (the parsers jsonargparse builds for nested
     #: classes, e.g. MagicModule's init args, share this class but hold the real init args under the same names)
@@ -149,7 +177,7 @@ class MagicArgumentParser(LightningArgumentParser):
 # --------------------------------------------------------------------------------------------------------------------
 # calibrate --help: the options that matter first, then the full list
 # --------------------------------------------------------------------------------------------------------------------
-class _SummaryFirstFormatter(DefaultHelpFormatter):
+class _SummaryFirstFormatter(_ShortSubclassesFormatter):
     """Keeps the curated summary's layout (argparse would re-wrap it)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:

@@ -232,3 +232,13 @@ def test_console_script_on_a_fresh_clone(tmp_path, tiny_cache):
     assert all(p == "out" or p.startswith("out/") for p in new), sorted(new)
     assert (clone / "out" / "model" / "model.safetensors").is_file()
     assert re.search(r"^xi: 14 modules, mean [\d.]+, min [\d.]+, max [\d.]+$", proc.stdout, re.M)
+
+
+def test_class_help_keeps_subclass_lists_short(fresh, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "-c", "configs/tiny.yaml", "--model.help", "MagicModule"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 300  # 2,800 lines when every torch module class was listed for `model`
+    assert "magic_pl.models.SequenceClassificationAdapter" in out  # magic-pl's own classes are all named
+    assert re.search(r"torch\.nn\.Module,\s+[\w.]+,\s+[\w.]+,\s+and\s+\d+\s+more", out)
