@@ -382,6 +382,7 @@ class OutputLocation:
         self._staged: Optional[Path] = None
         self._scratch: list[Path] = []
         self._lock: Optional[Path] = None
+        self._share: Optional[weakref.finalize] = None
         self._checked = False
         self._committed = False
 
@@ -480,7 +481,7 @@ class OutputLocation:
         if key in _HELD:  # another writer of this process holds it (e.g. an early check): share it
             _HELD[key] += 1
             self._lock = lock
-            weakref.finalize(self, _drop_lock, key, lock)
+            self._share = weakref.finalize(self, _drop_lock, key, lock)
             return
         doc = json.dumps({"pid": os.getpid(), "started": _process_start(os.getpid())})
         for _ in range(2):
@@ -503,13 +504,16 @@ class OutputLocation:
             _HELD[key] = 1
             self._lock = lock
             # a location checked early and then dropped (no commit or abort) releases its share when collected
-            weakref.finalize(self, _drop_lock, key, lock)
+            self._share = weakref.finalize(self, _drop_lock, key, lock)
             return
 
     def _release(self) -> None:
-        if self._lock is not None:
-            _drop_lock(str(_real(self._lock)), self._lock)
-            self._lock = None
+        """Release this location's share of the lock, once (a finalizer runs at most once: calling it here also
+        keeps garbage collection from releasing a share a second time)."""
+        if self._share is not None:
+            self._share()
+            self._share = None
+        self._lock = None
 
     # -- writing ------------------------------------------------------------------------------------------------------
     def _prefix(self, kind: str) -> str:

@@ -258,3 +258,19 @@ def test_outputs_get_the_usual_permissions_not_the_temporaries_private_ones(tmp_
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_lock_shared_in_one_process_stays_until_its_last_holder_lets_go(tmp_path: Path):
+    import gc
+
+    out = tmp_path / "out"
+    first = OutputLocation(out).check()
+    second = OutputLocation(out).check()  # e.g. an adapter's own check while the trainer holds the location
+    lock = tmp_path / ".out.magic-pl-lock"
+    first.abort()
+    del first
+    gc.collect()  # the first holder's finalizer must not release the second's share
+    assert lock.is_file()
+    second.stage()
+    second.commit()
+    assert not lock.exists() and (out / MANIFEST).is_file()
