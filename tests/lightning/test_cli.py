@@ -241,4 +241,4 @@ def test_class_help_keeps_subclass_lists_short(fresh, capsys):
     out = capsys.readouterr().out
     assert len(out.splitlines()) < 300  # 2,800 lines when every torch module class was listed for `model`
     assert "magic_pl.models.SequenceClassificationAdapter" in out  # magic-pl's own classes are all named
-    assert re.search(r"torch\.nn\.Module,\s+[\w.]+,\s+[\w.]+,\s+and\s+\d+\s+more", out)
+    assert re.search(r",\s+and\s+\d+\s+more\)", out)  # the others: three named (which depends on imports)
