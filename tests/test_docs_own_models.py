@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-import torch
+from tiny_models import save_bert_classifiers
 
 from magic_pl.lightning.cli import main
 
@@ -22,25 +22,12 @@ def _block(lang: str, marker: str) -> str:
 
 
 def _layout(root: Path) -> None:
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
-
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = BertModel(config)
-    base.save_pretrained(root / "models" / "base")
-    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "models" / "base")
+    models = root / "models"
+    save_bert_classifiers(models / "base", {models / "sentiment": 2, models / "topic": 3}, VOCAB)
     texts = {"sentiment": ["a good film", "a bad film", "good", "bad film"],
              "topic": ["stocks fell today", "stocks rose", "a film today", "good stocks"]}
     (root / "data").mkdir()
     for i, task in enumerate(("sentiment", "topic")):
-        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": 2 + i}))
-        expert.bert.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        expert.save_pretrained(root / "models" / task)
         rows = [{"text": t, "label": j % (2 + i)} for j, t in enumerate(texts[task])]
         (root / "data" / f"{task}_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (root / "data" / f"{task}_calib.txt").write_text("\n".join(texts[task][:2]) + "\n")

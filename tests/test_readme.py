@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+from tiny_models import save_bert_classifiers
+from transformers import BertModel, BertTokenizer
 
 from magic_pl import merge
 from magic_pl.calibration import FeatureSpaceCalibrator, weight_space_calibration
@@ -22,22 +23,8 @@ def _python_block(marker: str) -> str:
     return next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if marker in b)
 
 
-def _build(root: Path) -> BertConfig:
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = BertModel(config)
-    base.save_pretrained(root / "bert-base")
-    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "bert-base")
-    for i, task in enumerate(("sentiment", "topic")):
-        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": 2 + i}))
-        expert.bert.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        expert.save_pretrained(root / "experts" / task)
-    return config
+def _build(root: Path) -> None:
+    save_bert_classifiers(root / "bert-base", {root / "experts" / "sentiment": 2, root / "experts" / "topic": 3}, VOCAB)
 
 
 def test_readme_python_example_runs_on_bert_classifiers_and_matches_the_steps(tmp_path, monkeypatch):

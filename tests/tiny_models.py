@@ -51,3 +51,26 @@ def perturb(model: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
     for p in model.parameters():
         p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
     return model
+
+
+def save_bert_classifiers(base_dir: Path, experts: dict[Path, int], vocab: list[str], seed: int = 0) -> None:
+    """A tiny random ``BertModel`` base (with a WordPiece tokenizer over ``vocab``) saved at ``base_dir``, and one
+    ``BertForSequenceClassification`` expert per ``{directory: number of labels}``: the base's encoder plus seeded
+    noise (0.02) and its own classifier head, each saved with ``save_pretrained``."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    base = BertModel(config)
+    base.save_pretrained(base_dir)
+    (base_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(base_dir / "vocab.txt")).save_pretrained(base_dir)
+    (base_dir / "vocab.txt").unlink()  # the fast tokenizer's files are what a save_pretrained folder holds
+    for directory, num_labels in experts.items():
+        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": num_labels}))
+        expert.bert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        expert.save_pretrained(directory)
