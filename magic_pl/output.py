@@ -60,6 +60,7 @@ __all__ = [
     "child_path",
     "scratch_path",
     "check_files",
+    "sha256_path",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -574,9 +575,7 @@ class OutputLocation:
             raise
         self._staged = None
         self._committed = True
-        for path in self._scratch:
-            _remove(path)
-        self._release()
+        self._let_go()
         return self.path
 
     def _swap(self, staged: Path) -> None:
@@ -600,6 +599,10 @@ class OutputLocation:
         if self._staged is not None:
             _remove(self._staged)
             self._staged = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Remove the scratch directories not adopted into the output and release the lock."""
         for path in self._scratch:
             _remove(path)
         self._release()
@@ -653,11 +656,17 @@ class OutputFile(OutputLocation):
         _fsync_dir(self.path.parent)
 
 
-def _sha256(path: Path) -> str:
+def sha256_path(path: PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, or of a directory's regular files (relative names and contents, in sorted order)."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -677,7 +686,7 @@ def _written_here(path: Path) -> bool:
     """True when the file ``path`` is still exactly what magic-pl wrote there (its sha256 is in the directory's
     :data:`FILES_RECORD`), or a safetensors file carrying magic-pl's marker."""
     recorded = _read_record(path.parent).get(path.name)
-    if recorded is not None and path.is_file() and recorded == _sha256(path):
+    if recorded is not None and path.is_file() and recorded == sha256_path(path):
         return True
     return is_previous_output(path)
 
@@ -700,7 +709,7 @@ def check_files(paths: Sequence[PathLike]) -> None:
 def _record_written(path: Path) -> None:
     """Add ``path``'s sha256 to its directory's :data:`FILES_RECORD` (itself replaced atomically)."""
     record = _read_record(path.parent)
-    record[path.name] = _sha256(path)
+    record[path.name] = sha256_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{FILES_RECORD}.magic-pl-tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from magic_pl.calibration._names import module_of as _owner
 from magic_pl.calibration.fsc import CalibrationResult
 from magic_pl.jsonable import jsonable
+from magic_pl.output import sha256_path
 from magic_pl.statedict import atomic_path, is_mergeable
 
 __all__ = [
@@ -98,20 +99,6 @@ def relative_deviation(norms: Mapping[str, float], reference: Mapping[str, float
 # --------------------------------------------------------------------------------------------------------------------
 # Inputs and hashes
 # --------------------------------------------------------------------------------------------------------------------
-def sha256_path(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
-    """sha256 of a file, or of a directory's regular files (relative names and contents, in sorted order)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with f.open("rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
 def sha256_state(state: Mapping[str, Tensor]) -> str:
     """sha256 of a state dict's keys, dtypes, shapes and bytes (in key order)."""
     h = hashlib.sha256()
