@@ -971,12 +971,25 @@ def body_prefixes(base_keys: Collection[str], expert_keys: Collection[str], *, b
     Lightning checkpoint, ``vit.`` / ``roberta.`` / ``distilbert.`` and any other architecture's prefix alike."""
     best, best_score = ("", ""), -1
     for pb in [base_prefix] if base_prefix is not None else _prefix_candidates(base_keys):
-        stripped = set(_strip(base_keys, pb))
-        for pe in [expert_prefix] if expert_prefix is not None else _prefix_candidates(expert_keys):
-            score = len(stripped & set(_strip(expert_keys, pe)))
-            if score > best_score:
-                best, best_score = (pb, pe), score
+        pe, score = best_prefix(_strip(base_keys, pb), expert_keys,
+                                [expert_prefix] if expert_prefix is not None else _prefix_candidates(expert_keys))
+        if score > best_score:
+            best, best_score = (pb, pe), score
     return best
+
+
+def best_prefix(wanted: Collection[str], keys: Collection[str], candidates: Iterable[str]) -> tuple[str, int]:
+    """The candidate prefix under which ``keys`` hold the most of ``wanted`` once it is stripped (the first such
+    candidate), and how many they hold."""
+    wanted = set(wanted)
+    best, best_hits = "", -1
+    for cand in dict.fromkeys(candidates):
+        hits = len(wanted.intersection(_strip(keys, cand)))
+        if hits > best_hits:
+            best, best_hits = cand, hits
+        if hits == len(wanted):
+            break
+    return best, best_hits
 
 
 def align_to_base(base: StateDict, expert: StateDict, *, base_prefix: Optional[str] = None,

@@ -36,6 +36,7 @@ from magic_pl.statedict import (
     RenamedView,
     StateDict,
     apply_delta,
+    best_prefix,
     is_mergeable,
     key_prefixes,
     shape_error,
@@ -99,18 +100,10 @@ def body_view(sd: Mapping[str, Tensor], keys: Sequence[str], prefix: Optional[st
     path ``backbone_path``, or the one- or two-part key prefix (``bert.``, ``roberta.``, ``vit.``, ``model.``,
     ``model.backbone.``, ...) under which ``sd`` holds most of ``keys``. A key of ``keys`` that ``sd`` lacks there is
     a :class:`~magic_pl.statedict.CheckpointError` naming ``what``, the prefixes tried and the missing keys."""
-    wanted = set(keys)
     candidates = [prefix] if prefix is not None else [
         "", f"{backbone_path}." if backbone_path else "", *key_prefixes(sd.keys(), depth=2)]
-    best, best_hits = None, -1
-    for cand in dict.fromkeys(candidates):
-        view = PrefixView(sd, cand) if cand else sd
-        hits = sum(1 for k in view.keys() if k in wanted)
-        if hits > best_hits:
-            best, best_hits = view, hits
-        if hits == len(wanted):
-            break
-    assert best is not None
+    found, _ = best_prefix(keys, list(sd.keys()), candidates)
+    best = PrefixView(sd, found) if found else sd
     present = [k for k in keys if k in best]
     missing = [k for k in keys if k not in best]
     if missing:
