@@ -40,8 +40,7 @@ from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, write_report
 from magic_pl.lightning.writer import save_module
 from magic_pl.merging import validate_merge_options
-from magic_pl.models.base import LazyTaskVector, body_view, check_experts, check_pairing, find_tied_keys
-from magic_pl.output import check_task_names
+from magic_pl.models.base import LazyTaskVector, body_view, check_experts, default_task_names, find_tied_keys
 from magic_pl.statedict import apply_delta, load_state_dict
 
 __all__ = [
@@ -108,11 +107,9 @@ class WeightSources:
                  task_names: Optional[Sequence[str]] = None) -> None:
         if not experts:
             raise ValueError("need at least one expert checkpoint")
-        names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(experts))]
-        if len(names) != len(experts):
-            raise ValueError(f"{len(names)} task names for {len(experts)} experts")
-        self.task_names = check_task_names(names)  # before any checkpoint is read
-        check_pairing(experts, self.task_names)
+        # checked (file-safe names, pairing) before any checkpoint is read
+        self.task_names = (default_task_names(experts, task_names) if task_names is not None
+                           else [f"task{i}" for i in range(len(experts))])
         state = backbone.state_dict()
         self.tied = find_tied_keys(backbone)
         keys = [k for k in state if k not in self.tied]
@@ -216,12 +213,8 @@ class MagicCalibration(Callback):
         self.task_key = task_key
         self.task_fn = task_fn
         self.key_prefix, self.base_key_prefix = key_prefix, base_key_prefix
-        self.task_names = list(task_names) if task_names is not None else None
-        if self.task_names is not None:  # at construction: before the Trainer starts or any checkpoint is read
-            if len(self.task_names) != len(self.experts):
-                raise ValueError(f"{len(self.task_names)} task names for {len(self.experts)} experts")
-            self.task_names = check_task_names(self.task_names)
-            check_pairing(self.experts, self.task_names)
+        # checked at construction, before the Trainer starts or any checkpoint is read
+        self.task_names = default_task_names(self.experts, task_names) if task_names is not None else None
         self.trust_pickle = trust_pickle
         self.run = CalibrationRun(setting, sensitive=sensitive, modules=modules, per_sample=per_sample)
         self.sources: Optional[WeightSources] = None

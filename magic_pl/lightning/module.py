@@ -48,12 +48,10 @@ from magic_pl.models.base import (
     MergeSetup,
     ModelAdapter,
     body_view,
-    check_pairing,
     default_task_names,
     find_tied_keys,
 )
 from magic_pl.models.heads import TaskModel, logits_of
-from magic_pl.output import check_task_names
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
 __all__ = ["MagicModule", "Calibration", "split_inputs", "NormRecorder", "task_calls",
@@ -252,9 +250,7 @@ class MagicModule(LightningModule):
             raise ValueError("`model` needs `experts`: one fine-tuned checkpoint per task")
         setting = resolve_setting(calibration)  # every option checked before any checkpoint is read
         if model is not None and task_names is not None:
-            if len(task_names) != len(experts):
-                raise ValueError(f"{len(task_names)} task names for {len(experts)} experts")
-            check_pairing(experts, check_task_names(task_names))  # names, never paths; checked before any read
+            default_task_names(experts, task_names)  # names, never paths, paired by name: checked before any read
         validate_merge_options(merge_method, dict(merge_options or {}))
         self.save_hyperparameters(ignore=["adapter", "model", "experts", "base", "heads"])
         self.adapter = adapter

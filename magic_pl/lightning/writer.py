@@ -42,8 +42,7 @@ def save_module(
     output or ``overwrite``, and only once the new one is complete.
     """
     path = Path(path)
-    if heads:
-        check_task_names(list(heads))  # before anything is written
+    names = check_task_names(list(heads or {}))  # before anything is written
     validate_state_dict(module.state_dict(), name=f"the model to write to {path}")  # no NaN/Inf is ever written
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
@@ -54,8 +53,8 @@ def save_module(
             save_state_dict(state, tmp / filename, metadata=metadata)
         if heads:
             (tmp / "heads").mkdir()
-            for task, head in zip(check_task_names(list(heads)), heads.values()):
+            for task, head in zip(names, heads.values()):
                 save_state_dict({k: v.detach().cpu() for k, v in head.state_dict().items()},
                                 child_path(tmp, "heads", f"{task}.safetensors"))
-            (tmp / "heads" / "tasks.json").write_text(json.dumps(list(heads), indent=2) + "\n")
+            (tmp / "heads" / "tasks.json").write_text(json.dumps(names, indent=2) + "\n")
     return path
