@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from magic_pl.lightning.data import IGNORE_INDEX
+
 __all__ = ["FSCStatistics", "PerTaskAccuracy", "ExampleCorrectness", "accumulation_dtype", "bootstrap_ci"]
 
 
@@ -88,7 +90,7 @@ class PerTaskAccuracy(Metric):
     correct: Tensor
     total: Tensor
 
-    def __init__(self, num_tasks: int, ignore_index: Optional[int] = -100, **kwargs) -> None:
+    def __init__(self, num_tasks: int, ignore_index: Optional[int] = IGNORE_INDEX, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_tasks = int(num_tasks)
         self.ignore_index = ignore_index
