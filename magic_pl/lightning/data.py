@@ -361,6 +361,8 @@ class HFDataset(Dataset):
         name: hub configuration name (None).
         image_processor: a Hugging Face image processor name or folder: images (``image_column``, PIL images or
             file paths) become ``pixel_values``.
+        image_key: the batch key of the processed images (``"pixel_values"``, a Hugging Face model's keyword;
+            ``"inputs"`` passes them positionally, as timm models take them).
         tokenizer: a tokenizer name or folder: texts (``text_column``) become ``input_ids``/``attention_mask``.
         text_column, image_column, label_column: column names (``"text"``, ``"image"``, ``"label"``).
         text_pair_column: second text column for sentence-pair tasks (None).
@@ -393,9 +395,13 @@ class HFDataset(Dataset):
         limit: Optional[int] = None,
         lm_labels: bool = False,
         label_names: Optional[Union[Sequence[str], Mapping[str, int]]] = None,
+        image_key: str = "pixel_values",
     ) -> None:
         check_count("max_length", max_length, 1)
         check_count("limit", limit, 1, none="every row")
+        if not isinstance(image_key, str) or not image_key:
+            raise ValueError(f"image_key must be a batch key such as 'pixel_values' or 'inputs', got {image_key!r}")
+        self.image_key = image_key
         self.path, self.split = str(path), split
         self.rows, folder_classes = _load_rows(path, split, name, text_column=text_column,
                                                image_column=image_column, label_column=label_column)
@@ -491,7 +497,7 @@ class HFDataset(Dataset):
                 p = Path(image)
                 image = Image.open(p if p.is_absolute() else self.root / p)
             image = image.convert("RGB")
-            out["pixel_values"] = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            out[self.image_key] = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         if tokenizer is not None:
             text = self.text_template.format(**row) if self.text_template else str(row[self.text_column])
             pair = str(row[self.text_pair_column]) if self.text_pair_column else None
@@ -590,7 +596,7 @@ def _image_folder(folder: Path, image_column: str,
         raise ValueError(f"{folder} holds both images and sub-folders ({classes[0].name}/): give a flat folder of "
                          "images (unlabelled) or one sub-folder of images per class (labelled)")
     if images:
-        return [{image_column: str(f)} for f in images], None
+        return [{image_column: str(f.resolve())} for f in images], None  # rows' relative paths mean the root's
     if not classes:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no class folders")
     if label_column is None:
@@ -600,7 +606,7 @@ def _image_folder(folder: Path, image_column: str,
         found = _images_in(d)
         if not found:
             raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        rows += [{image_column: str(f), label_column: d.name} for f in found]
+        rows += [{image_column: str(f.resolve()), label_column: d.name} for f in found]
     return rows, [d.name for d in classes]
 
 

@@ -216,6 +216,8 @@ class MagicModule(LightningModule):
             the number of processes.
         check_finite: scan experts for NaN/Inf during validation (reads every tensor once more; default ``False``).
         trust_pickle: allow full pickle for torch checkpoints given as ``model``/``experts`` paths (default ``False``).
+        save_options: options of the adapter's ``save`` for :meth:`save_calibrated` (e.g. ``{"dtype": "bfloat16"}``,
+            ``{"layout": "shared"}`` for Hugging Face classifiers); default none.
     """
 
     def __init__(
@@ -237,6 +239,7 @@ class MagicModule(LightningModule):
         fsc_per_sample: bool = True,
         check_finite: bool = False,
         trust_pickle: bool = False,
+        save_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         # the constructor's arguments as given, so with_calibration builds the same module with another setting
@@ -269,6 +272,9 @@ class MagicModule(LightningModule):
         self.fsc_per_sample = fsc_per_sample
         self.check_finite = check_finite
         self.trust_pickle = trust_pickle
+        self.save_options = dict(save_options or {})
+        if self.save_options and adapter is None:
+            raise ValueError("save_options are options of an adapter's save (layout, dtype, ...): give an adapter")
 
         self.merge_setup: Optional[MergeSetup] = None
         self.model: Optional[nn.Module] = None
@@ -627,7 +633,8 @@ class MagicModule(LightningModule):
             raise RuntimeError("nothing to save: the module is not built")
         if self.merge_setup.adapter is not None:
             validate_state_dict(self.model.state_dict(), name="the calibrated model")  # no NaN/Inf is ever written
-            return Path(self.merge_setup.save(self.model, path, **({"overwrite": True} if overwrite else {})))
+            options = {**self.save_options, **({"overwrite": True} if overwrite else {})}
+            return Path(self.merge_setup.save(self.model, path, **options))
         return save_module(self.model, path, heads=dict(self.heads.items()) if self.heads is not None else None,
                            overwrite=overwrite)
 

@@ -40,6 +40,9 @@ __all__ = [
     "sha256_state",
     "write_json",
     "plot_record",
+    "xi_summary",
+    "comparison_line",
+    "pairing_line",
 ]
 
 
@@ -328,3 +331,39 @@ def _ticks(ax: Any, names: Sequence[str], max_labels: int = 48) -> None:
     else:
         ax.set_xlabel(f"module index (0..{len(names) - 1}, forward registration order)")
 
+
+def comparison_line(comparison: dict[str, Any]) -> str:
+    """``"accuracy: calibrated 0.681, uncalibrated merge 0.622 (gain +0.059, 95% CI [+0.031, +0.087]); experts on
+    their own tasks 0.912"``: what the calibration did, next to what the run started from."""
+    def avg(metrics: Any) -> str:
+        value = (metrics or {}).get("test/acc/avg")
+        return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+    experts = [v for v in (comparison.get("experts_on_own_task") or {}).values() if isinstance(v, (int, float))]
+    ci = comparison.get("gain_ci95")
+    interval = f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
+    gain = comparison.get("gain")
+    gain_text = f"gain {gain:+.3f}{interval}" if isinstance(gain, (int, float)) else "gain n/a"
+    expert_text = f"{sum(experts) / len(experts):.3f}" if experts else "n/a"
+    return (f"accuracy: calibrated {avg(comparison.get('calibrated'))}, uncalibrated merge "
+            f"{avg(comparison.get('uncalibrated'))} ({gain_text}); experts on their own tasks {expert_text}")
+
+
+def pairing_line(pairing: Sequence[dict[str, str]]) -> str:
+    """``"tasks: a <- experts/a.safetensors, b <- experts/b.safetensors"``: experts pair with tasks by position, so the
+    run says which it took for which."""
+    return "tasks: " + ", ".join(f"{p['task']} <- {p['expert']}" for p in pairing)
+
+
+def xi_summary(doc: dict[str, Any]) -> str:
+    """``"xi: 24 modules, mean 1.31, min 0.92, max 1.84"`` from a calibration report's coefficients (or what was done
+    instead when there are none)."""
+    xi = [float(v) for v in (doc.get("coefficients") or {}).values()]
+    if xi:
+        return (f"xi: {len(xi)} modules, mean {sum(xi) / len(xi):.3g}, min {min(xi):.3g}, max {max(xi):.3g}")
+    scales = doc.get("wsc_scales") or {}
+    if scales:
+        vals = [float(v) for v in scales.values()]
+        return (f"xi: none (no feature space calibration); WSC rescaled {len(vals)} tensors, mean row scale "
+                f"{sum(vals) / len(vals):.3g}")
+    return "xi: none (no calibration applied)"

@@ -49,6 +49,8 @@ class MagicTrainer(Trainer):
         hash_inputs: bool = True,
         overwrite: bool = False,
         compare: bool = True,
+        model_card: bool = True,
+        recipe: Optional[str] = None,
     ) -> dict[str, Any]:
         """Merge, calibrate (WSC / FSC via ``predict``), save and evaluate (``test``) a ``MagicModule`` in one call.
 
@@ -66,6 +68,9 @@ class MagicTrainer(Trainer):
             compare: when it evaluates, also evaluate on the same test data the uncalibrated merge and each expert on
                 its own task, and give the calibration's gain with a paired 95% bootstrap interval (default ``True``;
                 it merges once more and runs ``trainer.test`` K + 1 more times).
+            model_card: write ``README.md`` into the saved model's directory (:func:`~magic_pl.lightning.card
+                .model_card`: the merge, the calibration, xi and the accuracies measured here); default ``True``.
+            recipe: the recipe file's text, quoted in the model card (``magic-pl merge`` passes it).
 
         Returns:
             ``{"metrics", "model", "report", "result", "comparison"}``: test metrics, the model and report paths
@@ -120,7 +125,9 @@ class MagicTrainer(Trainer):
             final = Path(output_dir) if output_dir is not None else None
             if staged is not None and save_model:
                 start = time.perf_counter()
-                model.save_calibrated(staged / "model")
+                saved = model.save_calibrated(staged / "model")
+                if model_card:
+                    _write_card(saved, rec, metrics, recipe, model)
                 rec.outputs["model"] = str((final / "model").resolve())
                 rec.add_step("write", time.perf_counter() - start)
             if staged is not None and report:
@@ -173,6 +180,20 @@ class MagicTrainer(Trainer):
             "calibrated": calibrated, "uncalibrated": merged, "experts_on_own_task": experts,
             "gain": calibrated.get(avg, float("nan")) - merged.get(avg, float("nan")), "gain_ci95": interval,
         }
+
+
+def _write_card(directory: Path, record: Any, metrics: dict[str, float], recipe: Optional[str],
+                model: LightningModule) -> None:
+    """``directory/README.md``: the model card, unless the saved model brought its own (e.g. copied support files)."""
+    from magic_pl.lightning.card import model_card
+
+    target = Path(directory) / "README.md"
+    if not Path(directory).is_dir() or target.exists():
+        return
+    family = str((getattr(getattr(model, "merge_setup", None), "metadata", None) or {}).get("family", ""))
+    library = "transformers" if family.startswith(("hf", "causal", "clip", "lora")) else (
+        "timm" if family == "timm" else None)
+    target.write_text(model_card(record, metrics=metrics, recipe=recipe, library=library))
 
 
 class _Maybe:

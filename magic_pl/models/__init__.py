@@ -20,7 +20,12 @@ from magic_pl.models.base import MergeSetup, ModelAdapter
 from magic_pl.models.causal_lm import CausalLMAdapter
 from magic_pl.models.clip import CLIPAdapter
 from magic_pl.models.lora import LoRAAdapter, merge_lora_lowrank, save_lora_adapter
-from magic_pl.models.sequence import HFClassifierAdapter, ImageClassificationAdapter, SequenceClassificationAdapter
+from magic_pl.models.sequence import (
+    HFClassifierAdapter,
+    ImageClassificationAdapter,
+    SequenceClassificationAdapter,
+    load_classifier,
+)
 from magic_pl.models.streaming import stream_merge, streaming_fsc
 from magic_pl.models.timm import TimmAdapter
 
@@ -32,6 +37,7 @@ __all__ = [
     "HFClassifierAdapter",
     "SequenceClassificationAdapter",
     "ImageClassificationAdapter",
+    "load_classifier",
     "CausalLMAdapter",
     "LoRAAdapter",
     "merge_lora_lowrank",

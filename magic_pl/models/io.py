@@ -353,12 +353,13 @@ def save_pretrained_atomic(model: nn.Module, path: PathLike, *, support_from: Op
         tokenizer: optionally an object with ``save_pretrained`` (tokenizer or processor) to save as well.
         max_shard_size: largest shard (default ``"5GB"``, ``transformers``' default); larger models get
             ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
-        extra_files: name -> text/bytes written into the directory too (e.g. a calibration report).
+        extra_files: relative name -> text/bytes written into the directory too (e.g. a calibration report, or
+            ``heads/<task>/model.safetensors``); a name that would leave the directory is refused.
         inputs: files and directories the run read, which may not lie inside ``path``.
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; use save_sharded_safetensors")
-    from magic_pl.output import OutputLocation
+    from magic_pl.output import OutputLocation, child_path
 
     out = OutputLocation(path, overwrite=overwrite,
                          inputs=[*inputs, *([support_from] if support_from is not None else [])]).check()
@@ -370,8 +371,10 @@ def save_pretrained_atomic(model: nn.Module, path: PathLike, *, support_from: Op
         if support_from is not None:
             copy_support_files(support_from, tmp)
         for name, content in (extra_files or {}).items():
+            target = child_path(tmp, *Path(name).parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
             mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / name, mode) as f:
+            with open(target, mode) as f:
                 f.write(content)
         out.commit({"content": f"{type(model).__name__}.save_pretrained"})
     return out.path

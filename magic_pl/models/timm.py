@@ -232,15 +232,24 @@ class TimmAdapter(ModelAdapter):
         return {f"{classifiers[0]}.{k}": v for k, v in head.state_dict().items()}
 
     def save(self, setup: MergeSetup, body: nn.Module, path: PathLike, *, full_checkpoints: bool = True,
-             overwrite: bool = False, **options: Any) -> Path:
+             dtype: Optional[str] = None, overwrite: bool = False, **options: Any) -> Path:
         """Write the calibrated body, the heads and (``full_checkpoints``, default ``True``) one ordinary timm
-        checkpoint per task; see the module docstring for the layout. ``path`` is replaced only when empty, a
-        previous magic-pl output, or with ``overwrite``. Returns ``path``."""
+        checkpoint per task; see the module docstring for the layout. ``dtype``: cast floating tensors as they are
+        written (e.g. ``"bfloat16"``; default: as held). ``path`` is replaced only when empty, a previous magic-pl
+        output, or with ``overwrite``. Returns ``path``."""
+        from magic_pl.models._hf import resolve_dtype
+
         if options:
             raise TypeError(f"unknown save option(s) for timm: {sorted(options)}")
+        target = resolve_dtype(dtype)
+
+        def cpu(v: Tensor) -> Tensor:
+            v = v.detach().cpu()
+            return v.to(target) if isinstance(target, torch.dtype) and v.is_floating_point() else v
+
         inputs = [*self.expert_paths, *([self.base_path] if self.base_path else [])]
         out = OutputLocation(path, overwrite=overwrite, inputs=inputs).check()
-        body_sd = {k: v.detach().cpu() for k, v in body.state_dict().items()}
+        body_sd = {k: cpu(v) for k, v in body.state_dict().items()}
         torch_format = all(Path(p).suffix in {".pth", ".pt", ".bin", ".ckpt"} for p in self.expert_paths)
         ext = ".pth" if torch_format else ".safetensors"
         config = {
@@ -255,7 +264,7 @@ class TimmAdapter(ModelAdapter):
             save_state_dict(body_sd, tmp / "model.safetensors")
             (tmp / "heads").mkdir()
             for task in check_task_names(setup.task_names, reserved=TIMM_OUTPUT_NAMES):
-                head_sd = {k: v.detach().cpu() for k, v in self._head_state(setup, task).items()}
+                head_sd = {k: cpu(v) for k, v in self._head_state(setup, task).items()}
                 wkey = f"{config['classifier'][0]}.weight" if config["classifier"] else None
                 n = int(head_sd[wkey].shape[0]) if wkey in head_sd else 0
                 config["tasks"][task] = {"num_classes": n}
