@@ -7,6 +7,8 @@ Subcommands:
   (:meth:`magic_pl.lightning.trainer.MagicTrainer.calibrate`); ends by printing where the model and the report went
   and a summary of xi.
 - ``benchmark``: the offline real-data benchmark, forwarded to ``magic_pl.zoo.run_benchmark``.
+- ``merge RECIPE OUTPUT_DIR``: a recipe file in MergeKit's vocabulary plus calibration keys
+  (:mod:`magic_pl.lightning.recipe`); the adapter is picked from the checkpoints.
 
 With no config the subcommands run a tiny synthetic demo (:mod:`magic_pl.lightning.demo`). ``--base``,
 ``--experts``, ``--task_names``, ``--merge_method``, ``--merge_options`` and ``--calibration`` are shortcuts for the
@@ -23,6 +25,7 @@ Examples::
     magic-pl calibrate -c configs/tiny.yaml --print_config > my.yaml && magic-pl calibrate -c my.yaml
     magic-pl test -c configs/tiny.yaml
     magic-pl benchmark --suite text
+    magic-pl merge recipe.yaml merged
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ from magic_pl.lightning.cli_errors import (
     one_line,
     short_parse_error,
 )
+from magic_pl.lightning.report import comparison_line, pairing_line, xi_summary
 from magic_pl.lightning.trainer import MagicTrainer
 
-__all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "benchmark_parser",
+__all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "benchmark_parser", "merge_main",
            "calibrate_summary", "xi_summary", "apply_shortcuts", "with_demo_config"]
 
 PROG = "magic-pl"
@@ -65,6 +69,9 @@ _DESCRIPTION = (
     "Errors print in one line; --debug (or MAGIC_PL_DEBUG=1) shows the traceback."
 )
 _BENCHMARK_HELP = "Run the offline real-data benchmark (magic_pl.zoo.run_benchmark; magic-pl benchmark --help)."
+_MERGE_HELP = ("Merge and calibrate as a recipe file says (MergeKit's vocabulary plus calibration keys): the "
+               "adapter is picked from the checkpoints; writes one model with its card (magic-pl merge RECIPE "
+               "OUTPUT_DIR).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,6 +288,7 @@ class MagicCLI(LightningCLI):
         # listed with the others; `main` runs it (it has its own options, from run_benchmark's signature)
         placeholder = self.init_parser(description=_BENCHMARK_HELP)
         parser._subcommands_action.add_subcommand("benchmark", placeholder, help=_BENCHMARK_HELP)
+        parser._subcommands_action.add_subcommand("merge", self.init_parser(description=_MERGE_HELP), help=_MERGE_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         if isinstance(parser, MagicArgumentParser):
@@ -296,9 +304,11 @@ class MagicCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise CLIError(short_parse_error(str(err)), hint=_usage_hint(args)) from err
-        if self.config.get("subcommand") == "benchmark":
-            raise CLIError("benchmark takes its own options: run it as `magic-pl benchmark [options]` (first "
-                           "argument; see magic-pl benchmark --help)")
+        if self.config.get("subcommand") in ("benchmark", "merge"):
+            sub = self.config.get("subcommand")
+            usage = "benchmark [options]" if sub == "benchmark" else "merge RECIPE OUTPUT_DIR [options]"
+            raise CLIError(f"{sub} takes its own options: run it as `magic-pl {usage}` (first argument; see "
+                           f"magic-pl {sub} --help)")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(str(self.subcommand), self.config)
@@ -383,43 +393,6 @@ def calibrate_summary(result: dict[str, Any], output_dir: Any = None, save_model
     return lines
 
 
-def comparison_line(comparison: dict[str, Any]) -> str:
-    """``"accuracy: calibrated 0.681, uncalibrated merge 0.622 (gain +0.059, 95% CI [+0.031, +0.087]); experts on
-    their own tasks 0.912"``: what the calibration did, next to what the run started from."""
-    def avg(metrics: Any) -> str:
-        value = (metrics or {}).get("test/acc/avg")
-        return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
-
-    experts = [v for v in (comparison.get("experts_on_own_task") or {}).values() if isinstance(v, (int, float))]
-    ci = comparison.get("gain_ci95")
-    interval = f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
-    gain = comparison.get("gain")
-    gain_text = f"gain {gain:+.3f}{interval}" if isinstance(gain, (int, float)) else "gain n/a"
-    expert_text = f"{sum(experts) / len(experts):.3f}" if experts else "n/a"
-    return (f"accuracy: calibrated {avg(comparison.get('calibrated'))}, uncalibrated merge "
-            f"{avg(comparison.get('uncalibrated'))} ({gain_text}); experts on their own tasks {expert_text}")
-
-
-def pairing_line(pairing: Sequence[dict[str, str]]) -> str:
-    """``"tasks: a <- experts/a.safetensors, b <- experts/b.safetensors"``: experts pair with tasks by position, so the
-    run says which it took for which."""
-    return "tasks: " + ", ".join(f"{p['task']} <- {p['expert']}" for p in pairing)
-
-
-def xi_summary(doc: dict[str, Any]) -> str:
-    """``"xi: 24 modules, mean 1.31, min 0.92, max 1.84"`` from a calibration report's coefficients (or what was done
-    instead when there are none)."""
-    xi = [float(v) for v in (doc.get("coefficients") or {}).values()]
-    if xi:
-        return (f"xi: {len(xi)} modules, mean {sum(xi) / len(xi):.3g}, min {min(xi):.3g}, max {max(xi):.3g}")
-    scales = doc.get("wsc_scales") or {}
-    if scales:
-        vals = [float(v) for v in scales.values()]
-        return (f"xi: none (no feature space calibration); WSC rescaled {len(vals)} tensors, mean row scale "
-                f"{sum(vals) / len(vals):.3g}")
-    return "xi: none (no calibration applied)"
-
-
 def _usage_hint(args: Any, subcommand: Optional[str] = None) -> str:
     if subcommand is None and isinstance(args, (list, tuple)):
         subcommand = next((a for a in args if a in MagicCLI.subcommands()), None)
@@ -433,7 +406,8 @@ def _usage_hint(args: Any, subcommand: Optional[str] = None) -> str:
 def benchmark_parser(run_benchmark: Any = None) -> Any:
     """The parser of ``magic-pl benchmark`` (and ``python -m magic_pl.zoo``): ``run_benchmark``'s keywords plus
     ``--trainer.*`` (the Lightning ``Trainer`` options, as ``calibrate`` takes them; defaults:
-    :data:`magic_pl.zoo.runner.TRAINER_DEFAULTS`) and ``-c/--config`` for a YAML file of them."""
+    :data:`magic_pl.zoo.runner.TRAINER_DEFAULTS`), ``--model``/``--data``/``--merge_options`` for a run on your own
+    experts (:func:`magic_pl.zoo.own.add_own_arguments`) and ``-c/--config`` for a YAML file of them."""
     from jsonargparse import ActionConfigFile, ArgumentParser
     from lightning.pytorch import Trainer
 
@@ -449,12 +423,17 @@ def benchmark_parser(run_benchmark: Any = None) -> Any:
 
         parser.add_class_arguments(Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True)
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+    from magic_pl.zoo.own import add_own_arguments
+
+    add_own_arguments(parser)
     return parser
 
 
 def benchmark_main(args: Sequence[str]) -> Any:
     """``magic-pl benchmark [options]``: parse :func:`benchmark_parser`'s options and call
-    ``magic_pl.zoo.run_benchmark``; only the Trainer options that differ from Lightning's defaults are passed."""
+    ``magic_pl.zoo.run_benchmark``, or with ``model``/``data`` (your own experts)
+    :func:`magic_pl.zoo.own.run_own_benchmark`; only the Trainer options that differ from Lightning's defaults are
+    passed."""
     try:
         from magic_pl.zoo import run_benchmark
     except ImportError as err:
@@ -467,7 +446,17 @@ def benchmark_main(args: Sequence[str]) -> Any:
         cfg = parser.parse_args(list(args))
     except ArgumentError as err:
         raise CLIError(short_parse_error(str(err)), hint=f"{PROG} benchmark --help lists the options") from err
-    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__", "trainer")}
+    from magic_pl.zoo.own import OWN_ONLY, own_arguments, run_own_benchmark
+
+    run = run_benchmark
+    if any(cfg.get(k) is not None for k in ("model", "data")):  # your own experts instead of a suite
+        run, kwargs = run_own_benchmark, own_arguments(parser, cfg)
+    else:
+        given = [k for k in OWN_ONLY if cfg.get(k) is not None]
+        if given:
+            raise CLIError(f"{given[0]}: applies to a benchmark on your own experts (with model: and data:), not to "
+                           "a built-in suite", hint=f"{PROG} benchmark --help lists the options")
+        kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__", "trainer", *OWN_ONLY)}
     if "trainer" in cfg:
         kwargs["trainer"] = _trainer_options(parser, cfg)
     from lightning.pytorch.utilities import rank_zero_only
@@ -475,7 +464,7 @@ def benchmark_main(args: Sequence[str]) -> Any:
     from magic_pl.zoo.data import DataUnavailableError
 
     try:
-        result = run_benchmark(**kwargs)
+        result = run(**kwargs)
     except DataUnavailableError as err:
         raise CLIError(str(err)) from err
     if rank_zero_only.rank == 0:  # under DDP every process runs the benchmark; the first one reports
@@ -545,9 +534,59 @@ def _quiet_product_tips() -> None:
         log.addFilter(_NoProductTips())
 
 
+def merge_parser() -> Any:
+    """The parser of ``magic-pl merge RECIPE OUTPUT_DIR [options]``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=f"{PROG} merge", exit_on_error=False, description=_MERGE_HELP)
+    parser.add_argument("recipe", type=str, help="the recipe file (YAML; MergeKit's keys plus calibration, "
+                                                 "calibration_data, test_data)")
+    parser.add_argument("output_dir", type=str, help="where OUTPUT_DIR/model, its README.md model card and "
+                                                     "calibration_report.json/.png go")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="replace OUTPUT_DIR even if magic-pl did not write it (default false)")
+    parser.add_argument("--evaluate", type=bool, default=True, help="evaluate on the recipe's test_data (default true)")
+    parser.add_argument("--compare", type=bool, default=True,
+                        help="also evaluate the uncalibrated merge and each expert (default true)")
+    parser.add_argument("--push_to_hub", type=Optional[str], default=None,
+                        help="upload OUTPUT_DIR/model to this Hub repository (owner/name) afterwards")
+    parser.add_argument("--accelerator", type=str, default="auto", help="Lightning accelerator (default auto)")
+    parser.add_argument("--devices", type=Union[int, str], default=1, help="Lightning devices (default 1)")
+    return parser
+
+
+def merge_main(args: Sequence[str]) -> dict[str, Any]:
+    """``magic-pl merge RECIPE OUTPUT_DIR``: :func:`magic_pl.lightning.recipe.run_recipe`, then the lines
+    ``calibrate`` ends with."""
+    from magic_pl.lightning.recipe import RecipeError, load_recipe, run_recipe
+
+    parser = merge_parser()
+    try:
+        cfg = parser.parse_args(list(args))
+    except ArgumentError as err:
+        raise CLIError(short_parse_error(str(err)), hint=f"{PROG} merge --help lists the options") from err
+    try:
+        recipe = load_recipe(cfg.recipe)
+    except RecipeError as err:
+        raise CLIError(str(err)) from err
+    result = run_recipe(recipe, cfg.output_dir, overwrite=cfg.overwrite, evaluate=cfg.evaluate, compare=cfg.compare,
+                        push_to_hub=cfg.push_to_hub,
+                        trainer={"accelerator": cfg.accelerator, "devices": cfg.devices})
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print("\n".join(calibrate_summary(result, cfg.output_dir)), flush=True)
+        if result.get("hub"):
+            print(f"hub:    {result['hub']}", flush=True)
+    return result
+
+
 def _run(argv: list[str]) -> None:
     if argv and argv[0] == "benchmark":
         benchmark_main(argv[1:])
+        return
+    if argv and argv[0] == "merge":
+        merge_main(argv[1:])
         return
     _quiet_product_tips()
     with warnings.catch_warnings():  # args are given explicitly on purpose (demo config, --debug removed)

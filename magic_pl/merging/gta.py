@@ -22,6 +22,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ._common import generator_for, prepare
 from .method import merge_method
-from .options import Flag, Integer, Maybe, OneOf, Rule, Seed
+from .options import SCALE_LIMIT, Flag, Integer, Maybe, OneOf, Rule, Seed
 from .steps import magprune
 
 __all__ = ["gta", "resolve_setting", "layer_position", "layer_count", "check_setting", "LAYER_PATTERN", "SPARSIFY",
@@ -50,15 +51,19 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def check_setting(value: Any, where: str) -> Any:
-    """``value`` as a setting (numbers as float), or ``ValueError`` naming ``where``."""
+def check_setting(value: Any, where: str, low: Optional[float] = None, high: Optional[float] = None) -> Any:
+    """``value`` as a setting (numbers as float, each within ``[low, high]``), or ``ValueError`` naming ``where``."""
     if _is_number(value):
-        if not math.isfinite(float(value)):
+        v = float(value)
+        if not math.isfinite(v):
             raise ValueError(f"{where}={value!r} must be finite")
-        return float(value)
+        if (low is not None and v < low) or (high is not None and v > high):
+            raise ValueError(f"{where}={value!r} must lie in [{low if low is not None else '-inf'}, "
+                             f"{high if high is not None else 'inf'}]")
+        return v
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and value:
         if all(_is_number(v) for v in value):
-            return [check_setting(v, where) for v in value]
+            return [check_setting(v, where, low, high) for v in value]
         if all(isinstance(v, Mapping) for v in value):
             out = []
             for i, cond in enumerate(value):
@@ -68,23 +73,30 @@ def check_setting(value: Any, where: str) -> Any:
                 f = cond.get("filter")
                 if f is not None and not isinstance(f, str):
                     raise ValueError(f"{where}[{i}].filter must be a string, got {f!r}")
-                out.append({"filter": f, "value": check_setting(cond["value"], f"{where}[{i}].value")})
+                out.append({"filter": f, "value": check_setting(cond["value"], f"{where}[{i}].value", low, high)})
             return out
     raise ValueError(f"{where}={value!r} must be a number, a list of numbers (a gradient over the layers) or a list "
                      "of {filter: NAME, value: ...}")
 
 
+@dataclass(frozen=True)
 class Settings(Rule):
-    """One setting per task (a list of K), or one setting for all (a number, or ``{filter, value}`` list)."""
+    """One setting per task (a list of K), or one setting for all (a number, or ``{filter, value}`` list); every
+    number within ``[low, high]``."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    per_task: bool = True
 
     def __call__(self, method: str, option: str, value: Any) -> Any:
         where = f"merge method {method!r}: option {option}"
         if value is None:
             return None
-        if _is_number(value) or (isinstance(value, Sequence) and value and isinstance(value[0], Mapping)):
-            return check_setting(value, where)
+        if not self.per_task or _is_number(value) or (
+                isinstance(value, Sequence) and value and isinstance(value[0], Mapping)):
+            return check_setting(value, where, self.low, self.high)
         if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and value:
-            return [check_setting(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return [check_setting(v, f"{where}[{i}]", self.low, self.high) for i, v in enumerate(value)]
         raise ValueError(f"{where}={value!r} must be one setting per task (a list) or one for all")
 
 
@@ -189,11 +201,11 @@ def gta(
     name: str = "",
     sparsify: Annotated[str, OneOf(SPARSIFY)] = "none",
     consensus: Annotated[str, OneOf(CONSENSUS)] = "none",
-    weights: Annotated[Any, Settings()] = None,
-    densities: Annotated[Any, Settings()] = None,
-    gammas: Annotated[Any, Settings()] = None,
-    epsilons: Annotated[Any, Settings()] = None,
-    scale: Annotated[Any, Settings()] = 1.0,
+    weights: Annotated[Any, Settings(-SCALE_LIMIT, SCALE_LIMIT)] = None,
+    densities: Annotated[Any, Settings(0.0, 1.0)] = None,
+    gammas: Annotated[Any, Settings(0.0, 1.0)] = None,
+    epsilons: Annotated[Any, Settings(0.0, 1.0)] = None,
+    scale: Annotated[Any, Settings(-SCALE_LIMIT, SCALE_LIMIT, per_task=False)] = 1.0,
     normalize: Annotated[bool, Flag()] = False,
     rescale: Annotated[bool, Flag()] = False,
     num_layers: Annotated[Optional[int], Maybe(Integer(1))] = None,

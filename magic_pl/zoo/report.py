@@ -92,17 +92,25 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     cals = _calibrations(result)
     v = result["versions"]
     t = result["timings"]
+    own = "model" in result  # a run on the user's own experts (magic_pl.zoo.own): no suite, splits or fine-tuning
     out = [f"# magic-pl benchmark: `{result['suite']}`", "", result["description"] + ".", ""]
     draws = cfg["draws"]
-    src = "the test split (paper protocol)" if cfg["calibration_from_test"] else "a disjoint unlabelled split"
-    out += [
-        f"Average test accuracy (%) over {len(names)} tasks; merged encoder + each task's own head. FSC/DSC: "
-        f"{cfg['n_calib']} unlabelled sample(s) per task from {src}, mean ± std over {draws} draws. "
-        f"Sensitive set: {cfg['sensitive']}."
-        + (f" BatchNorm: experts fine-tuned with {cfg['finetune'].get('batchnorm', 'train')} statistics; merges "
-           f"take the {cfg['bn_stats']} of the experts' statistics." if result.get("batchnorm") else ""),
-        "",
-    ]
+    if own:
+        src = ("the test sets (no calibration sets given: the paper's protocol)" if cfg["calibration_from_test"]
+               else "the data module's calibration sets")
+        out += [f"Average test accuracy (%) over {len(names)} tasks; merged body + each task's own head. Rows that "
+                f"use data (FSC/DSC): {cfg['n_calib']} unlabelled sample(s) per task from {src}, mean ± std over "
+                f"{draws} draws (data seeds {', '.join(map(str, cfg['draw_seeds']))}).", ""]
+    else:
+        src = "the test split (paper protocol)" if cfg["calibration_from_test"] else "a disjoint unlabelled split"
+        out += [
+            f"Average test accuracy (%) over {len(names)} tasks; merged encoder + each task's own head. FSC/DSC: "
+            f"{cfg['n_calib']} unlabelled sample(s) per task from {src}, mean ± std over {draws} draws. "
+            f"Sensitive set: {cfg['sensitive']}."
+            + (f" BatchNorm: experts fine-tuned with {cfg['finetune'].get('batchnorm', 'train')} statistics; merges "
+               f"take the {cfg['bn_stats']} of the experts' statistics." if result.get("batchnorm") else ""),
+            "",
+        ]
     out += _main_table(result, "avg")
     out += ["", "### Normalised accuracy (% of each expert's accuracy on its task, averaged)", ""]
     out += _main_table(result, "avg_normalized")
@@ -145,6 +153,8 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         out.append(f"| {r['method']} | {_CAL_LABEL.get(r['calibration'], r['calibration'])} | "
                    + " | ".join(_pct(r["per_task"][n]) for n in names)
                    + f" | {_pct(r['avg'])} | {_pct(ci[0])}-{_pct(ci[1])} |")
+    if own:
+        return "\n".join(out + _own_sections(result)) + "\n"
     out += ["", "### Tasks", "", "| task | classes | train | calib | val | test | chance | majority | base | expert |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     base, expert = rows.get(("base", "none")), rows.get(("expert", "none"))
@@ -178,6 +188,41 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         + (f" --sensitive {cfg['sensitive']}" if cfg["sensitive"] != "none" else "") + "`.",
     ]
     return "\n".join(out) + "\n"
+
+
+def _own_sections(result: Mapping[str, Any]) -> list[str]:
+    """The tasks and setup sections of a run on the user's own experts (:mod:`magic_pl.zoo.own`)."""
+    cfg, model, t, v = result["config"], result["model"], result["timings"], result["versions"]
+    rows = _index(result["rows"])
+    base, expert = rows.get(("base", "none")), rows.get(("expert", "none"))
+    out = ["", "### Tasks", "", "| task | classes | calibration pool | test | chance | majority | base | expert |",
+           "|---|---|---|---|---|---|---|---|"]
+    for task in result["tasks"]:
+        n = task["name"]
+        out.append(f"| {n} | {task['classes'] or '-'} | {task['calibration_pool'] or '-'} | {task['test']} | "
+                   f"{_pct(task['chance'])} | {_pct(task['majority'])} | "
+                   f"{_pct(base['per_task'][n]) if base else '-'} | {_pct(expert['per_task'][n]) if expert else '-'} |")
+    options = {m: {k: o for k, o in opts.items() if k != "seed"} for m, opts in cfg["merge_options"].items()}
+    merges = ", ".join(m + (f" `{options[m]}`" if options.get(m) else "") for m in cfg["methods"])
+    experts = ", ".join(f"{n} <- `{p}`" for n, p in model["experts"].items())
+    out += [
+        "",
+        "### Setup",
+        "",
+        f"- Model: `{model['adapter']}`, base `{model['base']}`; experts: {experts}.",
+        f"- Merges: {merges} (other options: magic_pl.merging defaults; seed {cfg['seed']}); calibration settings: "
+        + ", ".join(f"`{c}` = `{_setting_string(s)}`" for c, s in cfg["settings"].items()) + ".",
+        f"- Timings (s): loading {t.get('load_seconds')}, evaluation {t.get('evaluate_seconds')}, total "
+        f"{t.get('total_seconds')} on {cfg['device']} with {cfg['threads']} threads "
+        f"({_trainer_line(cfg.get('trainer'))}).",
+        f"- Versions: magic-pl {v.get('magic-pl', '?')}, torch {v.get('torch')}, transformers "
+        f"{v.get('transformers', '-')}, Python {v.get('python')}.",
+        "- Reproduce a row with `magic-pl calibrate` (the same adapter under `model.init_args.adapter`, the same "
+        "data): `--merge_method M --merge_options <results.json: config.merge_options.M> --calibration C`; for a row "
+        f"that uses data, draw d: `--data.init_args.samples_per_task {cfg['n_calib']} --data.init_args.seed "
+        "<data seed d>`.",
+    ]
+    return out
 
 
 def _setting_string(setting: Mapping[str, Any]) -> str:
