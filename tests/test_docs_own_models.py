@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -53,3 +54,28 @@ def test_the_guide_runs_as_written(tmp_path, monkeypatch, capsys):
         assert tokenizer("a good film")["input_ids"] == [2, 5, 6, 8, 3]
     report = json.loads((tmp_path / "merged" / "calibration_report.json").read_text())
     assert report["config"]["merge_method"] == "ties" and report["coefficients"]
+
+
+def test_the_guides_recipe_runs_as_written(tmp_path, monkeypatch, capsys):
+    from transformers import AutoModel
+
+    from magic_pl.models import load_classifier
+
+    _layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["magic-pl"])
+    (tmp_path / "recipe.yaml").write_text(_block("yaml", "# recipe.yaml"))
+    command = _block("bash", "magic-pl merge").split()
+    main(command[1:])
+    out = capsys.readouterr().out
+    assert "model:  merged_recipe/model" in out and re.search(r"accuracy: calibrated [0-9.]+", out)
+    model_dir = tmp_path / "merged_recipe" / "model"
+    assert AutoModel.from_pretrained(model_dir).config.model_type == "bert"  # the body, once
+    assert load_classifier(model_dir, "topic").config.num_labels == 3
+    card = (model_dir / "README.md").read_text()
+    assert "merge_method: ties" in card and "| topic | `models/topic` |" in card
+    prose = DOC.read_text()  # the paths-only command the guide gives, as written
+    flags = shlex.split(re.search(r"`(magic-pl calibrate --base .*?)`", prose.replace("\n", " "), re.S).group(1))
+    main(flags[1:])
+    written = sorted(p.name for p in (tmp_path / "merged_wsc" / "model").iterdir() if not p.name.startswith("."))
+    assert written == ["README.md", "sentiment", "topic"]

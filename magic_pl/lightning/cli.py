@@ -317,6 +317,7 @@ class MagicCLI(LightningCLI):
             for name in ("lightning.pytorch", "lightning.fabric", "magic_pl"):
                 logging.getLogger(name).setLevel(level.upper())
         given = [k for k in _SHORTCUTS if cfg.get(k) is not None]
+        _checkpoints_instead_of_demo(cfg)
         apply_shortcuts(cfg)
         if given:  # the shortcuts' values were not checked against their targets' types while parsing
             try:
@@ -355,6 +356,27 @@ class MagicCLI(LightningCLI):
             print("\n".join(calibrate_summary(result, kwargs.get("output_dir"), kwargs.get("save_model", True))),
                   flush=True)
         return result
+
+
+def _checkpoints_instead_of_demo(cfg: Namespace) -> None:
+    """``calibrate --base B --experts [...]`` without a config: the adapter is picked from the checkpoints
+    (:func:`magic_pl.lightning.recipe.adapter_for`) in place of the demo's, and the demo's synthetic data is dropped
+    (a setting that needs data then says so; ``--calibration wsc`` needs none)."""
+    model = cfg.get("model")
+    adapter = model.init_args.get("adapter") if _is_class_config(model) and model.get("init_args") else None
+    if not (_is_class_config(adapter) and adapter.class_path == DEMO_ADAPTER) or cfg.get("experts") is None:
+        return
+    from magic_pl.lightning.recipe import RecipeError, adapter_for
+
+    if cfg.get("base") is None:
+        raise CLIError("--experts without a config needs --base: the checkpoint the experts were fine-tuned from")
+    try:
+        class_path, args = adapter_for(cfg.base, cfg.experts, where="--experts")
+    except RecipeError as err:
+        raise CLIError(str(err)) from err
+    model.init_args.adapter = Namespace(class_path=class_path, init_args=Namespace(**args))
+    cfg.base = cfg.experts = None  # now in the adapter's init args
+    cfg.data = None
 
 
 def _logs_under(trainer_cfg: Optional[Namespace], save_dir: Path) -> None:
@@ -496,6 +518,7 @@ def print_result(result: dict) -> None:
 
 
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict", "calibrate")
+DEMO_ADAPTER = "magic_pl.lightning.demo.DemoAdapter"
 
 
 def with_demo_config(argv: list[str]) -> list[str]:
@@ -511,6 +534,27 @@ def with_demo_config(argv: list[str]) -> list[str]:
     from magic_pl.lightning.demo import demo_defaults
 
     return [argv[0], "--config", yaml.safe_dump(demo_defaults(), sort_keys=False), *argv[1:]]
+
+
+#: The classes ``--model.<arg>.help`` / ``--data.<arg>.help`` describe when neither a config nor the class is given.
+_HELP_DEFAULTS = {"model": "magic_pl.lightning.MagicModule", "data": "magic_pl.lightning.TaskDataModule"}
+
+
+def with_help_defaults(argv: list[str]) -> list[str]:
+    """``argv`` with ``--data magic_pl.lightning.TaskDataModule`` (``--model ...MagicModule``) inserted before a
+    nested help request such as ``--data.test.help HFDataset`` when no config and no data (model) class is given:
+    jsonargparse can only describe an init arg of a class it knows."""
+    if not argv or argv[0] not in _RUN_SUBCOMMANDS or any(a in ("-c", "--config") or a.startswith("--config=")
+                                                          for a in argv[1:]):
+        return argv
+    out = list(argv)
+    for group, cls in _HELP_DEFAULTS.items():
+        asks = next((i for i, a in enumerate(out) if a.startswith(f"--{group}.") and
+                     a.split("=")[0].endswith(".help") and a.count(".") >= 2), None)
+        given = any(a == f"--{group}" or a.startswith(f"--{group}=") for a in out)
+        if asks is not None and not given:
+            out[asks:asks] = [f"--{group}", cls]
+    return out
 
 
 def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
@@ -591,7 +635,7 @@ def _run(argv: list[str]) -> None:
     _quiet_product_tips()
     with warnings.catch_warnings():  # args are given explicitly on purpose (demo config, --debug removed)
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        MagicCLI(args=with_demo_config(argv))
+        MagicCLI(args=with_demo_config(with_help_defaults(argv)))
 
 
 def _fail(message: str, code: int, hint: Optional[str] = None) -> None:

@@ -355,56 +355,66 @@ def _hf_config(path: str) -> Optional[dict[str, Any]]:
         raise RecipeError(f"{cfg}: not valid JSON: {err}") from err
 
 
-def detect_adapter(recipe: Recipe) -> Any:
-    """The :class:`~magic_pl.models.base.ModelAdapter` for the recipe's checkpoints.
+def adapter_for(base: str, models: Sequence[str], *, architecture: Optional[str] = None,
+                where: str = "models") -> tuple[str, dict[str, Any]]:
+    """``(adapter class path, init args)`` for a base and expert checkpoints, from what the files are:
 
     - PEFT adapter folders (``adapter_config.json``): :class:`~magic_pl.models.LoRAAdapter`;
     - Hugging Face folders, by the experts' ``architectures``: ``*ForSequenceClassification`` ->
       :class:`~magic_pl.models.SequenceClassificationAdapter`, ``*ForImageClassification`` ->
-      :class:`~magic_pl.models.ImageClassificationAdapter` (both write one body plus per-task heads),
-      ``*ForCausalLM`` / ``*LMHeadModel`` -> :class:`~magic_pl.models.CausalLMAdapter`;
-    - timm: folders with timm's ``config.json`` (``architecture``) or weight files with the recipe's
-      ``architecture:`` -> :class:`~magic_pl.models.TimmAdapter`.
-    """
-    from magic_pl.models import (
-        CausalLMAdapter,
-        ImageClassificationAdapter,
-        LoRAAdapter,
-        SequenceClassificationAdapter,
-        TimmAdapter,
-    )
+      :class:`~magic_pl.models.ImageClassificationAdapter`, ``*ForCausalLM`` / ``*LMHeadModel`` ->
+      :class:`~magic_pl.models.CausalLMAdapter`;
+    - timm: folders with timm's ``config.json`` (``architecture``), or weight files and ``architecture`` ->
+      :class:`~magic_pl.models.TimmAdapter`.
 
-    where, models, names = recipe.source, recipe.models, recipe.task_names
+    The init args hold the checkpoints (``base``, ``experts`` / ``adapters``, timm's ``model_name``). Raises
+    :class:`RecipeError` naming ``where`` when the files fit none of these.
+    """
+    models = [str(m) for m in models]
     if all((Path(m) / "adapter_config.json").is_file() for m in models):
-        return LoRAAdapter(recipe.base_model, models, task_names=names)
+        return "magic_pl.models.LoRAAdapter", {"base": base, "adapters": models}
     configs = [_hf_config(m) if Path(m).is_dir() else None for m in models]
     if all(c is not None for c in configs):
         timm_arch = {c.get("architecture") for c in configs if "architecture" in c}
         if timm_arch:
             if len(timm_arch) != 1 or any("architecture" not in c for c in configs):
-                raise RecipeError(f"{where}: models: the timm folders name different architectures {timm_arch}")
-            return _timm(recipe, TimmAdapter, timm_arch.pop(), [_weights_in(m) for m in models])
+                raise RecipeError(f"{where}: the timm folders name different architectures {timm_arch}")
+            return _timm(base, architecture, timm_arch.pop(), [_weights_in(m) for m in models], where)
         kinds = {tuple(c.get("architectures") or ()) for c in configs}
         if len(kinds) != 1 or not next(iter(kinds)):
-            raise RecipeError(f"{where}: models: the experts' config.json name different (or no) architectures "
+            raise RecipeError(f"{where}: the experts' config.json name different (or no) architectures "
                               f"{sorted(kinds)}; magic-pl merges experts of one architecture")
         arch = next(iter(kinds))[0]
-        if arch.endswith("ForSequenceClassification"):
-            return SequenceClassificationAdapter(recipe.base_model, models, task_names=names, layout=recipe.layout)
-        if arch.endswith("ForImageClassification"):
-            return ImageClassificationAdapter(recipe.base_model, models, task_names=names, layout=recipe.layout)
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return CausalLMAdapter(recipe.base_model, models, task_names=names)
-        raise RecipeError(f"{where}: models: architecture {arch} has no recipe adapter (sequence / image classifiers, "
-                          "causal LMs, LoRA adapters, timm); write a magic-pl calibrate config with its adapter "
-                          "(docs/own_models.md)")
+        for suffix, cls in (("ForSequenceClassification", "SequenceClassificationAdapter"),
+                            ("ForImageClassification", "ImageClassificationAdapter"),
+                            ("ForCausalLM", "CausalLMAdapter"), ("LMHeadModel", "CausalLMAdapter")):
+            if arch.endswith(suffix):
+                return f"magic_pl.models.{cls}", {"base": base, "experts": models}
+        raise RecipeError(f"{where}: architecture {arch} has no adapter picked from files (sequence / image "
+                          "classifiers, causal LMs, LoRA adapters, timm); write a magic-pl calibrate config with its "
+                          "adapter (docs/own_models.md)")
     if all(Path(m).is_file() for m in models):
-        if not recipe.architecture:
-            raise RecipeError(f"{where}: architecture: the models are weight files without a config; name the timm "
-                              "architecture (e.g. architecture: resnet18)")
-        return _timm(recipe, TimmAdapter, recipe.architecture, models)
-    raise RecipeError(f"{where}: models: mix of folders and files, or folders without config.json: "
-                      f"{', '.join(models)}")
+        if not architecture:
+            raise RecipeError(f"{where}: the models are weight files without a config; name the timm architecture "
+                              "(recipe key architecture:, e.g. resnet18)")
+        return _timm(base, architecture, architecture, models, where)
+    raise RecipeError(f"{where}: a mix of folders and files, or folders without config.json: {', '.join(models)}")
+
+
+def detect_adapter(recipe: Recipe) -> Any:
+    """The :class:`~magic_pl.models.base.ModelAdapter` for the recipe's checkpoints (:func:`adapter_for`), with the
+    recipe's task names, layout and timm model kwargs."""
+    from magic_pl.lightning.cli_errors import import_class
+
+    class_path, args = adapter_for(recipe.base_model, recipe.models, architecture=recipe.architecture,
+                                   where=f"{recipe.source}: models")
+    cls = import_class(class_path)
+    args["task_names"] = recipe.task_names or _default_names(recipe.models)
+    if "layout" in inspect.signature(cls.__init__).parameters:
+        args["layout"] = recipe.layout
+    if class_path.endswith("TimmAdapter") and recipe.model_kwargs:
+        args["model_kwargs"] = recipe.model_kwargs
+    return cls(**args)
 
 
 def _weights_in(folder: str) -> str:
@@ -414,13 +424,11 @@ def _weights_in(folder: str) -> str:
     raise RecipeError(f"{folder}: a timm folder without model.safetensors or pytorch_model.bin")
 
 
-def _timm(recipe: Recipe, cls: Any, arch: str, experts: list[str]) -> Any:
-    if recipe.architecture and recipe.architecture != arch:
-        raise RecipeError(f"{recipe.source}: architecture: {recipe.architecture!r}, but the models' config.json says "
-                          f"{arch!r}")
-    base = _weights_in(recipe.base_model) if Path(recipe.base_model).is_dir() else recipe.base_model
-    names = recipe.task_names or _default_names(recipe.models)
-    return cls(arch, experts, base=base, task_names=names, model_kwargs=recipe.model_kwargs or None)
+def _timm(base: str, given: Optional[str], arch: str, experts: list[str], where: str) -> tuple[str, dict[str, Any]]:
+    if given and given != arch:
+        raise RecipeError(f"{where}: architecture {given!r}, but the models' config.json says {arch!r}")
+    return "magic_pl.models.TimmAdapter", {"model_name": arch, "experts": experts,
+                                           "base": _weights_in(base) if Path(base).is_dir() else base}
 
 
 # --------------------------------------------------------------------------------------------------------------------

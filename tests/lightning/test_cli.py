@@ -169,7 +169,7 @@ def test_main_help_lists_every_subcommand_with_a_description(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for sub in ("fit", "validate", "test", "predict", "calibrate", "benchmark"):
+    for sub in ("fit", "validate", "test", "predict", "calibrate", "benchmark", "merge"):
         assert re.search(rf"^\s+{sub}\s+\S", out, re.M), f"{sub} not listed with a description"
     assert re.search(r"^\s+benchmark\s+Run the offline real-data benchmark", out, re.M)
 
@@ -232,6 +232,18 @@ def test_console_script_on_a_fresh_clone(tmp_path, tiny_cache):
     assert all(p == "out" or p.startswith("out/") for p in new), sorted(new)
     assert (clone / "out" / "model" / "model.safetensors").is_file()
     assert re.search(r"^xi: 14 modules, mean [\d.]+, min [\d.]+, max [\d.]+$", proc.stdout, re.M)
+
+
+@pytest.mark.parametrize("argv,shows", [
+    (["--data.test.help", "HFDataset"], "--test.text_column"),
+    (["--model.adapter.help", "TimmAdapter"], "--adapter.model_name"),
+    (["-c", "configs/tiny.yaml", "--data.calibration.help", "HFDataset"], "--calibration.label_column"),
+])
+def test_nested_class_help_works_without_naming_the_data_or_model_class(fresh, capsys, argv, shows):
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", *argv])
+    assert exc.value.code == 0
+    assert shows in capsys.readouterr().out
 
 
 def test_class_help_keeps_subclass_lists_short(fresh, capsys):

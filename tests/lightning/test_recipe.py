@@ -210,7 +210,7 @@ def test_adapter_is_picked_from_the_checkpoints(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
     recipe.models = [str(tmp_path / "c")]
-    with pytest.raises(RecipeError, match="BertForMaskedLM has no recipe adapter"):
+    with pytest.raises(RecipeError, match="BertForMaskedLM has no adapter picked from files"):
         detect_adapter(recipe)
 
 
