@@ -322,11 +322,14 @@ class CalibratedModelWriter(Callback):
         backbone: attribute path of the body to save for non-MagicModule modules (default ``"backbone"``).
         on_test_start: also write at the start of test if nothing was written yet (default ``True``).
         overwrite: replace ``dirpath`` even if magic-pl did not write it (default ``False``).
+        support_from: for a backbone saved directly, the model directory whose tokenizer / processor files are copied
+            in (e.g. the base's ``save_pretrained`` folder); default none. Adapters copy their own.
     """
 
     def __init__(self, dirpath: Union[str, os.PathLike], backbone: str = "backbone", on_test_start: bool = True,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, support_from: Optional[Union[str, os.PathLike]] = None) -> None:
         self.dirpath = Path(dirpath)
+        self.support_from = support_from
         self.backbone = backbone
         self.write_on_test_start = on_test_start
         self.overwrite = overwrite
@@ -346,7 +349,8 @@ class CalibratedModelWriter(Callback):
             if callable(getattr(pl_module, "save_calibrated", None)):
                 pl_module.save_calibrated(self.dirpath, overwrite=self.overwrite)
             else:
-                save_module(get_backbone(pl_module, self.backbone), self.dirpath, overwrite=self.overwrite)
+                save_module(get_backbone(pl_module, self.backbone), self.dirpath, overwrite=self.overwrite,
+                            support_from=self.support_from)
         trainer.strategy.barrier("magic_pl_writer")
         self.written = self.dirpath
         rec = record_of(pl_module)

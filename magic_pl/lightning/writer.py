@@ -33,13 +33,16 @@ def save_module(
     filename: str = "model.safetensors",
     metadata: Optional[Mapping[str, str]] = None,
     overwrite: bool = False,
+    support_from: Optional[Union[str, os.PathLike]] = None,
 ) -> Path:
     """Write ``module`` (and optional per-task ``heads``) into the directory ``path``, atomically.
 
     Hugging Face models go through ``save_pretrained`` (safetensors, ``config.json``, loadable with
     ``from_pretrained``); other modules become ``path/<filename>`` (safetensors of ``state_dict()``), heads
     ``path/heads/<task>.safetensors``. An existing ``path`` is replaced only when it is empty, a previous magic-pl
-    output or ``overwrite``, and only once the new one is complete.
+    output or ``overwrite``, and only once the new one is complete. ``support_from``: a model directory whose
+    tokenizer / processor / config side files are copied in (:func:`magic_pl.models.io.copy_support_files`), so the
+    output loads with its tokenizer.
     """
     path = Path(path)
     names = check_task_names(list(heads or {}))  # before anything is written
@@ -51,6 +54,10 @@ def save_module(
         else:
             state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             save_state_dict(state, tmp / filename, metadata=metadata)
+        if support_from is not None:
+            from magic_pl.models.io import copy_support_files
+
+            copy_support_files(support_from, tmp)
         if heads:
             (tmp / "heads").mkdir()
             for task, head in zip(names, heads.values()):

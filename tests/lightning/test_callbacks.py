@@ -153,3 +153,19 @@ def test_the_plug_in_finds_each_checkpoints_body_under_its_own_prefix_and_leaves
     assert all(torch.equal(explicit.experts[0][k], sources.experts[0][k]) for k in body)
     with pytest.raises(CheckpointError, match=r"lacks 4 key\(s\) of the model with key prefix 'roberta\.'"):
         WeightSources(backbone, [expert], base, key_prefix="roberta.", base_key_prefix="model.backbone.")
+
+
+def test_writer_copies_the_tokenizer_next_to_a_saved_backbone(tmp_path):
+    from tiny_models import save_tiny_tokenizer
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    from magic_pl.lightning.writer import save_module
+
+    source = save_tiny_tokenizer(tmp_path / "base", cls_sep=True)
+    body = BertModel(BertConfig(vocab_size=46, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=16))
+    save_module(body, tmp_path / "out", support_from=source)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("w1 w2")["input_ids"] == \
+        AutoTokenizer.from_pretrained(source)("w1 w2")["input_ids"]
+    reloaded = AutoModel.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), body.state_dict().values()))
