@@ -43,7 +43,7 @@ from typing import Any, Optional, Union
 
 from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from magic_pl.lightning.cli_errors import (
     CLIError,
@@ -247,6 +247,16 @@ def _calibrate_summary_help() -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # The CLI
 # --------------------------------------------------------------------------------------------------------------------
+class SaveConfigToLogs(SaveConfigCallback):
+    """Lightning's ``config.yaml`` beside the run's logs, and nowhere without a logger: with ``logger: false``
+    Lightning's log directory is the working directory, and a user's own ``config.yaml`` there would be replaced."""
+
+    def setup(self, trainer: Any, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class MagicCLI(LightningCLI):
     """LightningCLI with a ``calibrate`` subcommand, shortcut flags for the model's merge and calibration options, a
     CSV logger by default (under ``<output_dir>/logs`` when an output directory is given), seed 0 by default, and
@@ -262,6 +272,7 @@ class MagicCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", MagicTrainer)
         kwargs.setdefault("parser_class", MagicArgumentParser)
+        kwargs.setdefault("save_config_callback", SaveConfigToLogs)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         # an explicit seed: `True` (Lightning's default) warns "No seed found" on every run

@@ -254,3 +254,11 @@ def test_class_help_keeps_subclass_lists_short(fresh, capsys):
     assert len(out.splitlines()) < 300  # 2,800 lines when every torch module class was listed for `model`
     assert "magic_pl.models.SequenceClassificationAdapter" in out  # magic-pl's own classes are all named
     assert re.search(r",\s+and\s+\d+\s+more\)", out)  # the others: three named (which depends on imports)
+
+
+def test_a_users_config_yaml_in_the_working_directory_is_left_alone(fresh, capsys):
+    # without a logger Lightning's log directory is the working directory; its config.yaml is the user's
+    (fresh / "config.yaml").write_text("mine: true\n")
+    main(["calibrate", "--calibration", "wsc", "--trainer.logger", "false"])
+    assert (fresh / "config.yaml").read_text() == "mine: true\n"
+    assert "xi: none" in capsys.readouterr().out
