@@ -52,7 +52,7 @@ from magic_pl.lightning.cli_errors import (
     one_line,
     short_parse_error,
 )
-from magic_pl.lightning.report import comparison_line, pairing_line, xi_summary
+from magic_pl.lightning.report import comparison_line, pairing_line, selection_line, xi_summary
 from magic_pl.lightning.trainer import MagicTrainer
 
 __all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "benchmark_parser", "merge_main",
@@ -414,6 +414,8 @@ def calibrate_summary(result: dict[str, Any], output_dir: Any = None, save_model
         lines.append(f"report: {report}")
         if doc.get("pairing"):
             lines.append(pairing_line(doc["pairing"]))
+        if (doc.get("config") or {}).get("selection"):
+            lines.append(selection_line(doc["config"]["selection"]))
         lines.append(xi_summary(doc))
         if doc.get("comparison"):
             lines.append(comparison_line(doc["comparison"]))

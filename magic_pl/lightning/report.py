@@ -43,6 +43,7 @@ __all__ = [
     "xi_summary",
     "comparison_line",
     "pairing_line",
+    "selection_line",
 ]
 
 
@@ -367,3 +368,13 @@ def xi_summary(doc: dict[str, Any]) -> str:
         return (f"xi: none (no feature space calibration); WSC rescaled {len(vals)} tensors, mean row scale "
                 f"{sum(vals) / len(vals):.3g}")
     return "xi: none (no calibration applied)"
+
+
+def selection_line(selection: Mapping[str, Any], shown: int = 3) -> str:
+    """``"selected: ties@dsc (distance to the experts 0.118; then tsv_m@dsc 0.131, ...)"``: what a label-free selection
+    chose and what came next."""
+    ranked = sorted(selection["scores"].items(), key=lambda kv: kv[1])
+    rest = ", ".join(f"{label} {score:.3g}" for label, score in ranked[1:1 + shown])
+    more = len(ranked) - 1 - shown
+    return (f"selected: {ranked[0][0]} (distance to the experts {ranked[0][1]:.3g}"
+            + (f"; then {rest}" if rest else "") + (f", and {more} more" if more > 0 else "") + ")")

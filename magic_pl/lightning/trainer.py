@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
@@ -51,6 +51,7 @@ class MagicTrainer(Trainer):
         compare: bool = True,
         model_card: bool = True,
         recipe: Optional[str] = None,
+        select: Optional[list[Union[str, dict[str, Any]]]] = None,
     ) -> dict[str, Any]:
         """Merge, calibrate (WSC / FSC via ``predict``), save and evaluate (``test``) a ``MagicModule`` in one call.
 
@@ -71,6 +72,11 @@ class MagicTrainer(Trainer):
             model_card: write ``README.md`` into the saved model's directory (:func:`~magic_pl.lightning.card
                 .model_card`: the merge, the calibration, xi and the accuracies measured here); default ``True``.
             recipe: the recipe file's text, quoted in the model card (``magic-pl merge`` passes it).
+            select: candidate recipes (``"method@calibration"`` strings such as ``"ties@dsc"``, or mappings with
+                ``merge_method``, ``merge_options``, ``calibration``): score each without labels on the calibration
+                samples (:func:`~magic_pl.lightning.selection.select_recipe`: the outputs' distance to each task's
+                expert) and calibrate, save and evaluate the best instead of ``model``'s own recipe; the scores go to
+                the report (``selection``). Default none.
 
         Returns:
             ``{"metrics", "model", "report", "result", "comparison"}``: test metrics, the model and report paths
@@ -91,6 +97,14 @@ class MagicTrainer(Trainer):
                 raise TypeError(f"calibrate needs a MagicModule (or a module with {attr!r}), got "
                                 f"{type(model).__name__}; add magic_pl.lightning.MagicCalibration to your Trainer "
                                 "and call predict/test yourself")
+        if select is not None:
+            from magic_pl.lightning.selection import parse_candidate
+
+            for spec in select:  # every candidate checked before any tensor is read
+                parse_candidate(spec)
+            if not _has_predict_data(model, datamodule):
+                raise ValueError("select scores candidate recipes on unlabelled samples, and no data was given: pass "
+                                 "a data module with calibration or test sets")
         if model.needs_calibration_data and not _has_predict_data(model, datamodule):
             setting = getattr(getattr(model, "calibration", None), "to_string", lambda: "?")()
             raise ValueError(
@@ -108,11 +122,16 @@ class MagicTrainer(Trainer):
                 staged = out.stage()
                 if logs is not None:
                     out.scratch("logs")  # the same path: removed with the staging if the run fails
+            selection = None
+            if select is not None:
+                model, selection = self._select(model, datamodule, select)
             if model.needs_calibration_data:
                 self.predict(model, datamodule=datamodule, return_predictions=False)
             else:
                 model.build()
             rec = model.calibration_record
+            if selection is not None:
+                rec.config["selection"] = selection
             metrics: dict[str, float] = {}
             comparison: Optional[dict[str, Any]] = None
             if evaluate and _has_test_data(model, datamodule):
@@ -145,6 +164,18 @@ class MagicTrainer(Trainer):
             "result": result,
             "comparison": comparison,
         }
+
+    def _select(self, model: LightningModule, datamodule: Optional[LightningDataModule],
+                select: list[Union[str, dict[str, Any]]]) -> tuple[LightningModule, dict[str, Any]]:
+        """The module of the best candidate recipe (a new ``MagicModule`` on ``model``'s checkpoints) and the
+        selection's scores."""
+        from magic_pl.lightning.module import MagicModule
+        from magic_pl.lightning.selection import chosen, select_recipe
+
+        result = select_recipe(model, datamodule, select, self)
+        rank_zero_info(f"select: {result['best']} (mean distance to the experts "
+                       f"{result['scores'][result['best']]:.4g} of {len(result['scores'])} candidates)")
+        return MagicModule(**{**model._init_args, **dict(chosen(result))}), result
 
     def _accuracies(self, model: LightningModule, datamodule: Optional[LightningDataModule],
                     verbose: bool = True) -> dict[str, float]:
