@@ -27,7 +27,7 @@ from torch import Tensor
 from magic_pl.calibration.modules import prediction_tensor
 from magic_pl.lightning.statistics import task_calls
 
-__all__ = ["Candidate", "parse_candidate", "select_recipe", "chosen", "distances", "CRITERION"]
+__all__ = ["Candidate", "parse_candidate", "select_recipe", "chosen", "distances", "DrawScores", "CRITERION"]
 
 CRITERION = ("mean over tasks of sum_i ||f_m(x_i) - f_k(x_i)||^2 / sum_i ||f_k(x_i)||^2 on each task's unlabelled "
              "samples (f_k: the task's expert, f_m: the candidate)")
@@ -168,3 +168,35 @@ def select_recipe(model: Any, datamodule: Any, candidates: Sequence[Union[str, M
 def chosen(result: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
     """The winning candidate's ``{merge_method, merge_options, calibration}`` of a :func:`select_recipe` result."""
     return result["candidates"].get(result["best"])
+
+
+class DrawScores:
+    """:data:`CRITERION` of modules on several draws of unlabelled samples, for a benchmark that evaluates many
+    recipes: the experts' outputs are computed once per draw.
+
+    Args:
+        reference: a built ``MagicModule`` on the benchmark's checkpoints; its body is replaced by each expert in turn
+            (:meth:`~magic_pl.lightning.module.MagicModule.use_expert`), so it is spent afterwards.
+        draws: one data module per draw (its ``predict_dataloader``: that draw's samples).
+    """
+
+    def __init__(self, reference: Any, draws: Sequence[Any]) -> None:
+        self.batches: list[list[Any]] = []
+        self.experts: list[dict[int, list[Tensor]]] = []
+        for datamodule in draws:
+            datamodule.setup("predict")
+            batches = list(datamodule.predict_dataloader())
+            experts = {}
+            for i, task in enumerate(reference.task_names):
+                reference.use_expert(task)
+                experts[i] = _outputs(reference, batches).get(i, [])
+            self.batches.append(batches)
+            self.experts.append(experts)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def score(self, module: Any, draw: int) -> float:
+        """The mean over tasks of ``d_k`` for ``module`` on draw ``draw``'s samples."""
+        d = distances(_outputs(module, self.batches[draw]), self.experts[draw])
+        return sum(d.values()) / len(d)

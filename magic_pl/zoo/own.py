@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: ``data``); every other option of the built-in suites (``suite``, ``tasks``, ``finetune``, ``tune_ta``, ...) is
 #: refused with them.
 OWN_OPTIONS = ("model", "data", "methods", "calibrations", "merge_options", "n_calib", "draws", "seed", "trainer",
-               "threads", "bootstrap", "progress", "results_dir", "write")
+               "threads", "bootstrap", "progress", "results_dir", "write", "select")
 #: Where the reports go unless ``results_dir`` says otherwise.
 DEFAULT_RESULTS_DIR = "results/own_models"
 #: Name of these runs in the reports' titles (the built-in ones show their suite's name there).
@@ -243,6 +243,7 @@ def run_own_benchmark(
     progress: bool = True,
     results_dir: Optional[str] = None,
     write: bool = True,
+    select: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark grid on your own experts and write the built-in suites' reports.
 
@@ -268,6 +269,7 @@ def run_own_benchmark(
         progress: show a progress bar (default ``True``).
         results_dir: where the reports go (default :data:`DEFAULT_RESULTS_DIR`).
         write: write ``results.md``/``.csv``/``.json``/``.png`` and ``calibration/*.json`` (default ``True``).
+        select: add the label-free selection's row (``selected``), as the built-in suites do (default ``False``).
 
     Returns:
         The results dict also written to ``results.json``: the built-in suites' keys (``rows``, ``gains``,
@@ -289,14 +291,16 @@ def run_own_benchmark(
         torch.set_num_threads(int(threads))
     try:
         return _run(model, data, methods, calibrations, per_method, n_calib=n_calib, draws=draws, seed=seed,
-                    trainer=trainer, bootstrap=bootstrap, progress=progress, out_dir=out_dir, write=write)
+                    trainer=trainer, bootstrap=bootstrap, progress=progress, out_dir=out_dir, write=write,
+                    select=select)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(adapter: ModelAdapter, data: TaskDataModule, methods: list[str], calibrations: list[str],
          per_method: dict[str, dict[str, Any]], *, n_calib: int, draws: int, seed: int,
-         trainer: Optional[dict[str, Any]], bootstrap: int, progress: bool, out_dir: Path, write: bool
+         trainer: Optional[dict[str, Any]], bootstrap: int, progress: bool, out_dir: Path, write: bool,
+         select: bool = False
          ) -> dict[str, Any]:
     import warnings
 
@@ -304,7 +308,7 @@ def _run(adapter: ModelAdapter, data: TaskDataModule, methods: list[str], calibr
 
     from magic_pl.calibration import resolve_setting
     from magic_pl.zoo.experts import library_versions
-    from magic_pl.zoo.runner import _gains, _Row, _trainer_summary, build_trainer
+    from magic_pl.zoo.runner import _gains, _Row, _trainer_summary, build_trainer, selected_row
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -368,6 +372,11 @@ def _run(adapter: ModelAdapter, data: TaskDataModule, methods: list[str], calibr
         del reference
 
         # ---- merges x calibrations --------------------------------------------------------------------------------
+        selector = None
+        if select:  # the experts' outputs on each draw's samples, once
+            from magic_pl.lightning.selection import DrawScores
+
+            selector = DrawScores(module("task_arithmetic", {}), draw_data)
         for method in methods:
             t = time.perf_counter()
             merged = module(method, per_method[method])  # uncalibrated: every calibration starts from a copy of it
@@ -385,6 +394,8 @@ def _run(adapter: ModelAdapter, data: TaskDataModule, methods: list[str], calibr
                         reports[f"{method}/{calib}"] = {"setting": setting.to_dict(),
                                                         "row_scale_mean": rep.wsc_scales}
                     evaluate(row, m, time.perf_counter() - t)
+                    if selector is not None:
+                        row.scores = [selector.score(m, d) for d in range(draws)]
                 else:  # FSC / DSC, a data-based merge or a set to detect: once per draw
                     bar.total += draws - 1
                     for d in range(draws):
@@ -397,8 +408,12 @@ def _run(adapter: ModelAdapter, data: TaskDataModule, methods: list[str], calibr
                         reports[f"{method}/{calib}/draw{d}"] = {"setting": setting.to_dict(), "data_seed": seeds[d],
                                                                 **(rep.to_dict() if rep is not None else {})}
                         evaluate(row, m, time.perf_counter() - t)
+                        if selector is not None:
+                            row.scores.append(selector.score(m, d))
                 rows.append(row)
             del merged
+        if selector is not None:
+            rows.append(selected_row(rows, draws))
     bar.close()
     timings["evaluate_seconds"] = time.perf_counter() - t_eval
     timings["total_seconds"] = time.perf_counter() - t_start

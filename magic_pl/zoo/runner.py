@@ -83,6 +83,8 @@ class _Row:
         self.calib_seconds: list[float] = []
         self.eval_seconds: list[float] = []
         self.xi: list[dict[str, float]] = []
+        #: the label-free selection criterion on each draw's samples (rows a selection may choose)
+        self.scores: list[float] = []
 
     def add(self, correct: dict[str, np.ndarray], calib_s: float = 0.0, eval_s: float = 0.0) -> None:
         self.draws.append(correct)
@@ -115,6 +117,8 @@ class _Row:
             out["normalized"] = norm
             out["avg_normalized"] = float(norm_draws.mean())
             out["avg_normalized_std"] = float(norm_draws.mean(1).std(ddof=1)) if len(self.draws) > 1 else 0.0
+        if self.scores:
+            out["selection_scores"] = [float(v) for v in self.scores]
         if self.xi:
             vals = np.array([list(x.values()) for x in self.xi])
             wsc = str(self.extra.get("setting", self.calibration)).startswith("wsc")
@@ -123,6 +127,19 @@ class _Row:
                              "max": float(vals.max()), "count": int(vals.shape[1])}
         out.update(self.extra)
         return out
+
+
+def selected_row(rows: Sequence[_Row], draws: int) -> _Row:
+    """The row a label-free selection gives: on each draw, the correctness of the candidate row whose outputs came
+    closest to the experts' on that draw's unlabelled samples (:class:`~magic_pl.lightning.selection.DrawScores`);
+    the rows chosen are listed in ``choices``."""
+    candidates = [r for r in rows if len(r.scores) == draws]
+    row = _Row("selected", "label-free", choices=[])
+    for d in range(draws):
+        best = min(candidates, key=lambda r: r.scores[d])
+        row.add(best.draws[d if len(best.draws) == draws else 0])
+        row.extra["choices"].append(f"{best.method}@{best.calibration}")
+    return row
 
 
 def _pool_split(from_test: bool) -> str:
@@ -222,6 +239,7 @@ def run_benchmark(
     cache_dir: Optional[str] = None,
     results_dir: Optional[str] = None,
     write: bool = True,
+    select: bool = False,
 ) -> dict[str, Any]:
     """Run a benchmark suite end to end through the Lightning pipeline and write its reports.
 
@@ -279,6 +297,9 @@ def run_benchmark(
         results_dir: where reports go (default ``results/<suite>``).
         write: write the reports (markdown, CSV, JSON, PNG, calibration reports) under ``results_dir`` (the
             first process only).
+        select: add the row ``selected / label-free``: on each draw, the (method, calibration) row whose outputs on
+            that draw's unlabelled samples are closest to the experts' (:mod:`magic_pl.lightning.selection`); the
+            rows it chose are listed (default ``False``).
 
     Returns:
         The results dict that is also written to ``results.json`` (rows, gains, timings, versions, files).
@@ -298,7 +319,7 @@ def run_benchmark(
             sensitive_probe=sensitive_probe, bn_stats=bn_stats, bn_reestimate=bn_reestimate, bn_samples=bn_samples,
             tune_ta=tune_ta, ta_grid=ta_grid, tune_lines=tune_lines, finetune=finetune, max_test=max_test, seed=seed,
             trainer=trainer, rebuild=rebuild, bootstrap=bootstrap, progress=progress, cache_dir=cache_dir,
-            results_dir=results_dir, write=write,
+            results_dir=results_dir, write=write, select=select,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -331,7 +352,7 @@ def _apply_finetune(spec, finetune: Optional[Mapping[str, Any]], seed: int) -> N
 
 def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from_test, sensitive, sensitive_alpha,
          sensitive_probe, bn_stats, bn_reestimate, bn_samples, tune_ta, ta_grid, tune_lines, finetune, max_test, seed,
-         trainer, rebuild, bootstrap, progress, cache_dir, results_dir, write) -> dict[str, Any]:
+         trainer, rebuild, bootstrap, progress, cache_dir, results_dir, write, select) -> dict[str, Any]:
     import warnings
 
     from tqdm.auto import tqdm
@@ -518,6 +539,11 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
         fsc_paper = resolve_setting("fsc", sensitive=sensitive)  # the bn+fsc rows
 
         # ---- merges x calibrations ---------------------------------------------------------------------------------
+        selector = None
+        if select:  # the experts' outputs on each draw's samples, once (a task-arithmetic module holds them in turn)
+            from magic_pl.lightning.selection import DrawScores
+
+            selector = DrawScores(module("task_arithmetic"), [data.datamodule(draw(d)) for d in range(draws)])
         for method in methods:
             t = time.perf_counter()
             merged = module(method, seed=seed)  # uncalibrated: every calibration starts from a copy of it
@@ -527,6 +553,8 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
                 row = _Row(method, calib, merge_seconds=merge_s, setting=setting.to_string())
                 if setting.space == "none" and not data_rows(method, setting):
                     evaluate(row, merged, 0.0)
+                    if selector is not None:
+                        row.scores = [selector.score(merged, d) for d in range(draws)]
                 elif not data_rows(method, setting):  # data-free (WSC, SVC): applied when bound; one row
                     t = time.perf_counter()
                     m = merged.with_calibration(setting, sensitive=given(setting))
@@ -535,6 +563,8 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
                         row.xi.append(rep.wsc_scales)
                     reports[f"{method}/{calib}"] = {"setting": setting.to_dict(), "row_scale_mean": rep.wsc_scales}
                     evaluate(row, m, time.perf_counter() - t)
+                    if selector is not None:
+                        row.scores = [selector.score(m, d) for d in range(draws)]
                 else:  # fsc / dsc, or a data-based merge: over draws
                     for d in range(draws):
                         t = time.perf_counter()
@@ -545,6 +575,8 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
                             row.xi.append(rep.coefficients)
                         reports[f"{method}/{calib}/draw{d}"] = {"setting": setting.to_dict(), **rep.to_dict()}
                         evaluate(row, m, time.perf_counter() - t)
+                        if selector is not None:
+                            row.scores.append(selector.score(m, d))
                 rows.append(row)
             if method in with_bn_rows:
                 row = _Row(method, "bn")
@@ -564,6 +596,8 @@ def _run(spec, *, tasks, methods, calibrations, n_calib, draws, calibration_from
                 rows.append(row)
             del merged
 
+        if selector is not None:
+            rows.append(selected_row(rows, draws))
         # ---- tuned task arithmetic -------------------------------------------------------------------------------
         if tune_ta:
             variants = [False] + ([True] if is_bn and bn_reestimate else [])

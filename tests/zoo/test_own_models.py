@@ -186,6 +186,17 @@ def test_the_same_seed_reproduces_the_draws(own, tmp_path):
     assert other["config"]["calibration_samples"] != result["config"]["calibration_samples"]
 
 
+def test_label_free_selection_row(own, tmp_path):
+    config = {**own["config"], "calibrations": ["none", "fsc"], "select": True, "results_dir": str(tmp_path / "sel")}
+    rows = _index(_benchmark(tmp_path / "sel.yaml", config))
+    chosen = rows[("selected", "label-free")]
+    candidates = {k: r for k, r in rows.items() if "selection_scores" in r}
+    for d in (0, 1):  # on each draw, the row closest to the experts on that draw's samples
+        best = min(candidates, key=lambda k: candidates[k]["selection_scores"][d])
+        assert chosen["choices"][d] == f"{best[0]}@{best[1]}"
+        assert chosen["draw_avgs"][d] == candidates[best]["draw_avgs"][d if candidates[best]["draws"] == 2 else 0]
+
+
 def test_the_docs_config_runs_as_written(own, monkeypatch, capsys):
     """docs/benchmark.md, "Your own models": its YAML and command, run in the layout of docs/own_models.md."""
     section = DOC.read_text().split("## Your own models", 1)[1]

@@ -189,6 +189,23 @@ def test_named_settings_columns_equal_their_explicit_strings(tiny):
         assert gains["mean_over_tuned_ta"][c] == pytest.approx(want)
 
 
+def test_label_free_selection_row_takes_the_closest_row_on_each_draw(tiny):
+    result = run_benchmark("tiny", cache_dir=str(tiny["cache"]), progress=False, methods=["weight_average", "ties"],
+                           calibrations=["none", "wsc", "fsc"], draws=2, tune_ta=False, bn_reestimate=False,
+                           bootstrap=50, write=False, select=True)
+    rows = _rows(result)
+    chosen = rows[("selected", "label-free")]
+    candidates = {k: r for k, r in rows.items() if "selection_scores" in r}
+    assert set(candidates) == {(m, c) for m in ("weight_average", "ties") for c in ("none", "wsc", "fsc")}
+    for d in range(2):
+        best = min(candidates, key=lambda k: candidates[k]["selection_scores"][d])
+        assert chosen["choices"][d] == f"{best[0]}@{best[1]}"
+        row = candidates[best]
+        assert chosen["draw_avgs"][d] == row["draw_avgs"][d if row["draws"] == 2 else 0]
+    # data-free rows are measured on every draw's samples; their single evaluation serves both draws
+    assert len(candidates[("ties", "wsc")]["selection_scores"]) == 2
+
+
 def test_tuned_lines_row_and_data_free_rescalers(tiny, tmp_path):
     """``tune_lines``: 9 validation scores, the best one chosen; its beta = 0 points are Task Arithmetic with
     lambda = alpha (another path to the same model, so the same validation accuracy); SVC/LiNeS columns run."""
