@@ -10,7 +10,9 @@
 
 A per-channel ``xi`` (a ``[C]`` tensor) folds the same way row by row: it broadcasts along each tensor's output
 channel axis (dim 0; the last dim for ``nn.Embedding``, whose output channels are its columns) and elementwise through
-the BatchNorm rewrite. All folding arithmetic runs in float64 and is cast back to each tensor's dtype.
+the BatchNorm rewrite. Folding arithmetic runs in float64 by default and is cast back to each tensor's dtype;
+:func:`fold_unit` takes ``dtype=torch.float32`` to fold big affine tensors without whole-tensor float64 temporaries
+(in place when the tensor is float32 itself). BatchNorm's per-channel rewrite always runs in float64.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _channel_view(xi: Tensor, t: Tensor, module: nn.Module) -> Tensor:
-    """``xi [C]`` shaped to broadcast along ``t``'s output-channel axis."""
+def _channel_view(xi: Tensor, t: Tensor, module: nn.Module, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``xi [C]`` shaped to broadcast along ``t``'s output-channel axis, in ``dtype``."""
     if t.dim() == 0:
         raise ValueError("a per-channel coefficient cannot apply to a scalar tensor")
     axis = t.dim() - 1 if isinstance(module, nn.Embedding) else 0
@@ -80,11 +82,11 @@ def _channel_view(xi: Tensor, t: Tensor, module: nn.Module) -> Tensor:
                          f"shape {tuple(t.shape)}")
     shape = [1] * t.dim()
     shape[axis] = -1
-    return xi.to(device=t.device, dtype=torch.float64).reshape(shape)
+    return xi.to(device=t.device, dtype=dtype).reshape(shape)
 
 
 def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor], xi: Union[float, Tensor], *,
-              force_wrap: bool = False) -> str:
+              force_wrap: bool = False, dtype: torch.dtype = torch.float64) -> str:
     """Apply ``xi`` to one unit of ``model`` in place.
 
     Args:
@@ -93,6 +95,9 @@ def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor
         base: local tensor name -> base tensor (theta0) for the unit's tensors.
         xi: the coefficient, or a ``[C]`` tensor of per-output-channel coefficients (foldable modules only).
         force_wrap: wrap even a foldable module (used when a tensor is shared with another unit).
+        dtype: the arithmetic dtype of an affine fold ``theta0 + xi (theta_m - theta0)`` (default float64, exact to
+            the last bit of a float32 weight). ``torch.float32`` folds float32 tensors in place, with no temporary
+            beyond the base tensor, and lower-precision ones through one float32 copy.
 
     Returns:
         ``"unchanged"`` (xi == 1), ``"folded"`` or ``"wrapped"``.
@@ -108,9 +113,13 @@ def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor
     if kind == "affine":
         for local in unit.tensors:
             t = current[local]
-            theta0 = base[local].to(device=t.device, dtype=torch.float64)
-            x = _channel_view(xi, t, module) if per_channel else xi
-            t.copy_((theta0 + x * (t.double() - theta0)).to(t.dtype))
+            theta0 = base[local].to(device=t.device, dtype=dtype)
+            x = _channel_view(xi, t, module, dtype) if per_channel else xi
+            if t.dtype == dtype:
+                t.sub_(theta0).mul_(x).add_(theta0)  # the same arithmetic, in place
+            else:
+                t.copy_((theta0 + x * (t.to(dtype) - theta0)).to(t.dtype))
+            del theta0
         return "folded"
     if kind == "batchnorm":
         names = ("weight", "bias", "running_mean", "running_var")

@@ -705,13 +705,15 @@ class FeatureSpaceCalibrator:
         return CalibrationDataError(msg)
 
     # ---------------------------------------------------------------------------------------------------------------
-    def fold(self) -> CalibrationResult:
+    def fold(self, *, dtype: torch.dtype = torch.float64) -> CalibrationResult:
         """Write the calibration into ``merged`` and return the report.
 
         Affine modules get ``theta0 + xi * tau_m``; BatchNorm (eval, running statistics) the rewrite in
         docs/method.md (FSC, folding); other modules (e.g. ``nn.MultiheadAttention``) and modules sharing a tensor
         with another unit are wrapped in a runtime :class:`~magic_pl.calibration.modules.CalibratedModule`. The
-        calibrator is closed afterwards.
+        calibrator is closed afterwards. ``dtype``: the affine fold's arithmetic
+        (:func:`~magic_pl.calibration.folding.fold_unit`; default float64, ``torch.float32`` avoids whole-tensor
+        float64 temporaries on big models).
         """
         self._check_open()
         self.check_coverage()
@@ -743,7 +745,7 @@ class FeatureSpaceCalibrator:
                 xi = per_unit[i]
                 if isinstance(xi, Tensor) and i in shared:
                     xi = float(xi.mean())  # a runtime wrapper keeps one coefficient
-                status = fold_unit(self.merged, u, base_local, xi, force_wrap=i in shared)
+                status = fold_unit(self.merged, u, base_local, xi, force_wrap=i in shared, dtype=dtype)
                 getattr(report, status).append(u.name)
                 if isinstance(xi, Tensor):
                     report.channel_coefficients[u.name] = xi.tolist()

@@ -7,7 +7,9 @@ heads) for merging and calibration, and save the calibrated model in the format 
   model, tied embeddings kept tied), :class:`LoRAAdapter` (PEFT LoRA adapters as exact dense task vectors;
   :func:`merge_lora_lowrank` + :func:`save_lora_adapter` for a LoRA output).
 - :func:`stream_merge`: merge + WSC of models larger than memory, tensor by tensor from sharded safetensors;
-  :func:`streaming_fsc` / :func:`~magic_pl.models.streaming.lazy_calibration_sources` for FSC on them.
+  :func:`streaming_fsc` / :func:`~magic_pl.models.streaming.lazy_calibration_sources` for FSC on them;
+  :func:`layerwise_fsc`: merge + FSC one block at a time (Llama family, BERT classifiers), for models whose merge
+  does not fit in memory either.
 - A new model family subclasses :class:`ModelAdapter`, whose ``setup`` returns a :class:`MergeSetup`.
 
 Everything else is imported from its module, e.g. the I/O helpers (``from magic_pl.models.io import
@@ -19,6 +21,7 @@ Adapters import their model libraries (timm, transformers) lazily: importing thi
 from magic_pl.models.base import MergeSetup, ModelAdapter
 from magic_pl.models.causal_lm import CausalLMAdapter
 from magic_pl.models.clip import CLIPAdapter
+from magic_pl.models.layerwise import layerwise_fsc
 from magic_pl.models.lora import LoRAAdapter, merge_lora_lowrank, save_lora_adapter
 from magic_pl.models.sequence import (
     HFClassifierAdapter,
@@ -44,4 +47,5 @@ __all__ = [
     "save_lora_adapter",
     "stream_merge",
     "streaming_fsc",
+    "layerwise_fsc",
 ]

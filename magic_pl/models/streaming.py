@@ -13,6 +13,10 @@ plus the method's own temporaries (the weight steps still run in row blocks).
 
 :func:`lazy_calibration_sources` and :func:`streaming_fsc` run FSC on a merged model held in memory while the base
 and expert tensors are read from disk one module at a time (``FeatureSpaceCalibrator`` takes mappings).
+
+The per-key arithmetic (:func:`merge_request` checks a request, :class:`KeyMerger` merges one key's row blocks and
+applies the weight steps) is shared with :func:`magic_pl.models.layerwise.layerwise_fsc`, which merges and calibrates
+one block at a time when the merged model does not fit in memory either.
 """
 
 from __future__ import annotations
@@ -140,6 +144,20 @@ def check_headers(base: StateDict, experts: Sequence[StateDict], names: Sequence
                 )
 
 
+def check_configs(base: PathLike, experts: Sequence[PathLike], names: Sequence[str]) -> None:
+    """Compare the ``config.json`` architecture fields of the base and every expert, where both have one
+    (:func:`magic_pl.models._hf.check_config`: a :class:`~magic_pl.statedict.CheckpointError` naming the field)."""
+    from magic_pl.models._hf import check_config as _check_config
+
+    bcfg = _config_dict(base)
+    if bcfg is None:
+        return
+    for name, e in zip(names, experts):
+        ecfg = _config_dict(e)
+        if ecfg is not None:
+            _check_config(types.SimpleNamespace(**bcfg), types.SimpleNamespace(**ecfg), name)
+
+
 @dataclass
 class StreamReport:
     """What :func:`stream_merge` did.
@@ -192,6 +210,145 @@ class _KeyReader:
         if self.full is None:
             self.full = self.sd[self.key]
         return self.full[start:stop]
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A checked merge + weight-step request of the streamed paths (:func:`merge_request`).
+
+    Attributes:
+        method: the merge method's name; options: its options.
+        setting: the resolved calibration setting (its weight steps all ``row_separable``).
+        sensitive: the sensitive set its steps use (``None``: no gating, no cap).
+    """
+
+    method: str
+    options: dict[str, Any]
+    setting: Any
+    sensitive: Optional[list[str]]
+
+
+def merge_request(merge_method: str, merge_options: Optional[Mapping[str, Any]], calibration: Any,
+                  sensitive: Optional[Union[str, PathLike, Collection[str]]], *, caller: str,
+                  feature: bool = False) -> MergeRequest:
+    """Check a streamed merge request: the method exists and merges per tensor (no ``global_topk``), the setting's
+    weight steps are row-separable, and a setting that detects its sensitive set on data got one (``feature``: the
+    caller also runs the feature step, whose cap needs the set too). ``caller`` names the front door in errors."""
+    from magic_pl.calibration.settings import resolve_setting
+    from magic_pl.merging import MERGE_METHODS
+
+    if merge_method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {merge_method!r}; valid methods: {', '.join(MERGE_METHODS)}")
+    spec = MERGE_METHODS[merge_method]
+    setting = resolve_setting(calibration)
+    whole_model = [s.name for s in setting.weight_steps if not s.row_separable]
+    if whole_model:
+        raise ValueError(f"{caller}: calibration {setting.to_string()!r}: the weight step(s) {whole_model} need "
+                         "the whole model, not one key's row block at a time; merge with calibration='none' and "
+                         "calibrate the loaded model instead")
+    uses_set = setting.uses_wsc or (feature and setting.uses_data)
+    if uses_set and setting.detects and sensitive is None:
+        raise ValueError(f"{caller}: calibration {setting.to_string()!r} detects its sensitive set on data, which "
+                         "a streamed merge does not see; give sensitive= (names or a ranking JSON of "
+                         "magic_pl.calibration.save_sensitivity)")
+    sens = setting.resolve_sensitive(sensitive) if uses_set else None
+    opts = dict(merge_options or {})
+    whole = [k for k in spec.driver_options if opts.get(k)]
+    if whole:
+        raise ValueError(f"{', '.join(whole)} needs every tensor before the first is merged; {caller} merges per "
+                         "tensor (use magic_pl.merging.merge_models for a pass over the whole model)")
+    return MergeRequest(merge_method, opts, setting, sens)
+
+
+@dataclass
+class KeyMergeStats:
+    """What :meth:`KeyMerger.rows` did for one key: its rows, whether it went in row blocks, WSC's summed row scales
+    and whether a weight step changed it."""
+
+    rows: int = 1
+    chunked: bool = False
+    scale_sum: float = 0.0
+    changed: bool = False
+
+
+class KeyMerger:
+    """Merge + the row-separable weight steps of one key at a time, from lazily read checkpoints: the arithmetic of
+    :func:`stream_merge`, shared by the layer-by-layer path (:mod:`magic_pl.models.layerwise`).
+
+    Args:
+        base_sd, expert_sds: the base and the K experts (mappings read one key, or one row block, at a time).
+        request: the checked request (:func:`merge_request`).
+        bn_stats, seed: as in :func:`magic_pl.merging.merge`.
+        device: where the arithmetic runs.
+        chunk_bytes: working-set bound per block of rows for row-separable methods.
+    """
+
+    def __init__(self, base_sd: StateDict, expert_sds: Sequence[StateDict], request: MergeRequest, *,
+                 bn_stats: str = "average", seed: int = 0, device: Union[str, torch.device] = "cpu",
+                 chunk_bytes: Union[int, str] = "256MB"):
+        from magic_pl.merging import MERGE_METHODS
+
+        self.base_sd, self.expert_sds, self.request = base_sd, list(expert_sds), request
+        self.bn_stats, self.seed, self.device = bn_stats, seed, torch.device(device)
+        self.chunk_limit = parse_size(chunk_bytes)
+        self.row_separable = MERGE_METHODS[request.method].row_separable
+
+    def rows(self, key: str, shape: Sequence[int], dtype: torch.dtype, stats: KeyMergeStats
+             ) -> Iterator[tuple[Optional[int], Tensor, list[Tensor], Tensor]]:
+        """``(start, base, taus, merged_tau)`` per row block of the floating key ``key`` (one block, ``start=None``,
+        unless a row-separable method's working set exceeds ``chunk_bytes``): the base rows in
+        :func:`~magic_pl.statedict.compute_dtype`, the K float32 task-vector rows (each expert read once) and the
+        merged task vector after the weight steps. ``stats`` is filled as the blocks go."""
+        from magic_pl.calibration.settings import apply_weight_steps
+        from magic_pl.merging import merge
+
+        K = len(self.expert_sds)
+        setting, sens, method, opts = self.request.setting, self.request.sensitive, self.request.method, \
+            self.request.options
+        wsc = setting.uses_wsc
+        numel_row = 1
+        for s in shape[1:]:
+            numel_row *= int(s)
+        rows = int(shape[0]) if len(shape) else 1
+        stats.rows = rows
+        # float32 working set per row: K task rows, WSC's [K, rows, in] stack and its squares, base, merged,
+        # calibrated, output
+        per_row = numel_row * 4 * (3 * K + 6)
+        blocks: list[tuple[Optional[int], Optional[int]]] = [(None, None)]
+        if self.row_separable and len(shape) >= 1 and rows > 1 and per_row * rows > self.chunk_limit:
+            step = max(1, self.chunk_limit // per_row)
+            blocks = [(s, min(rows, s + step)) for s in range(0, rows, step)]
+            stats.chunked = True
+        base_rd = _KeyReader(self.base_sd, key)
+        expert_rds = [_KeyReader(e, key) for e in self.expert_sds]
+        for start, stop in blocks:
+            bc = base_rd.rows(start, stop).to(self.device)
+            bc = bc.to(compute_dtype(dtype))  # converted once: for the K differences and base + tau
+            # one read per block: the difference is checked for NaN/Inf as it is computed
+            taus = [tensor_task_vector(rd.rows(start, stop).to(self.device), bc, key,
+                                       name=f"expert {j} ({_file(e, key)})",
+                                       base_name=f"base ({_file(self.base_sd, key)})")
+                    for j, (rd, e) in enumerate(zip(expert_rds, self.expert_sds))]
+            merged = merge(method, [{key: t} for t in taus], bn_stats=self.bn_stats, seed=self.seed, **opts)[key]
+            if wsc:
+                # the steps are row-separable: run them on row sub-blocks of the held slices (views, no copies), so
+                # WSC's [K, rows, in] stack stays within chunk_bytes even when the method needed whole tensors
+                n = merged.shape[0] if merged.dim() >= 2 else 1
+                sub = n if merged.dim() < 2 else max(1, self.chunk_limit // max(1, numel_row * 4 * (2 * K + 2)))
+                for r0 in range(0, n, sub):
+                    sl = slice(r0, min(n, r0 + sub)) if merged.dim() >= 2 else slice(None)
+                    cal, scales = apply_weight_steps(setting.weight_steps, {key: merged[sl]},
+                                                     [{key: t[sl]} for t in taus], sens)
+                    if key in scales:
+                        lam = scales[key]
+                        stats.scale_sum += float(lam.sum())
+                        stats.changed = stats.changed or bool((lam != 1).any())
+                    elif key in cal:
+                        stats.changed = stats.changed or not torch.equal(cal[key], merged[sl])
+                    if key in cal:
+                        merged[sl] = cal[key]
+            yield start, bc, taus, merged
+            del bc, taus, merged
 
 
 def stream_merge(
@@ -254,37 +411,16 @@ def stream_merge(
     Returns:
         A :class:`StreamReport`.
     """
-    from magic_pl.calibration.settings import apply_weight_steps, resolve_setting
-    from magic_pl.merging import MERGE_METHODS, merge
-
     t0 = time.perf_counter()
     if method is not None or method_options is not None:
         warnings.warn("stream_merge(method=, method_options=) are deprecated; use merge_method=, merge_options=",
                       DeprecationWarning, stacklevel=2)
         merge_method = method if method is not None else merge_method
         merge_options = method_options if method_options is not None else merge_options
-    method = merge_method
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}")
-    spec = MERGE_METHODS[method]
-    setting = resolve_setting(calibration)
+    request = merge_request(merge_method, merge_options, calibration, sensitive, caller="stream_merge")
+    method, setting, opts = request.method, request.setting, request.options
     wsc = setting.uses_wsc
-    whole_model = [s.name for s in setting.weight_steps if not s.row_separable]
-    if whole_model:
-        raise ValueError(f"stream_merge: calibration {setting.to_string()!r}: the weight step(s) {whole_model} need "
-                         "the whole model, not one key's row block at a time; merge with calibration='none' and "
-                         "calibrate the loaded model instead")
-    if wsc and setting.detects and sensitive is None:
-        raise ValueError(f"stream_merge: calibration {setting.to_string()!r} detects its sensitive set on data, which "
-                         "a streamed merge does not see; give sensitive= (names or a ranking JSON of "
-                         "magic_pl.calibration.save_sensitivity)")
-    sens = setting.resolve_sensitive(sensitive) if wsc else None
     wopts = setting.wsc_options()
-    opts = dict(merge_options or {})
-    whole = [k for k in spec.driver_options if opts.get(k)]
-    if whole:
-        raise ValueError(f"{', '.join(whole)} needs every tensor before the first is merged; stream_merge merges per "
-                         "tensor (use magic_pl.merging.merge_models for a pass over the whole model)")
     if not experts:
         raise CheckpointError("need at least one expert, got none")
     from magic_pl.output import OutputLocation
@@ -293,24 +429,16 @@ def stream_merge(
     dev = resolve_device(device)
     names = [f"expert {i} ({p})" for i, p in enumerate(experts)]
     if check_config:
-        from magic_pl.models._hf import check_config as _check_config
-
-        bcfg = _config_dict(base)
-        if bcfg is not None:
-            for name, e in zip(names, experts):
-                ecfg = _config_dict(e)
-                if ecfg is not None:
-                    _check_config(types.SimpleNamespace(**bcfg), types.SimpleNamespace(**ecfg), name)
+        check_configs(base, experts, names)
     base_sd = open_checkpoint(base, drop_page_cache=drop_page_cache, reader=reader)
     expert_sds = [open_checkpoint(e, drop_page_cache=drop_page_cache, reader=reader) for e in experts]
     check_headers(base_sd, expert_sds, names)
-    K = len(expert_sds)
-    chunk_limit = parse_size(chunk_bytes)
+    merger = KeyMerger(base_sd, expert_sds, request, bn_stats=bn_stats, seed=seed, device=dev,
+                       chunk_bytes=chunk_bytes)
     report = StreamReport(output=str(output), method=method, method_options=opts, wsc=wsc, wsc_options=wopts,
                           device=str(dev))
     keys = list(base_sd.keys())
     plan = [(k, tuple(tensor_shape(base_sd, k)), tensor_dtype(base_sd, k)) for k in keys]
-    row_separable = spec.row_separable
     with out_loc:
         tmp = out_loc.stage()
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_size=max_shard_size)
@@ -322,56 +450,16 @@ def stream_merge(
                     writer.write(key, base_sd[key].to(dtype))
                     report.copied += 1
                     continue
-                numel_row = 1
-                for s in shape[1:]:
-                    numel_row *= int(s)
-                rows = int(shape[0]) if len(shape) else 1
-                # float32 working set per row: K task rows, WSC's [K, rows, in] stack and its squares, base, merged,
-                # calibrated, output
-                per_row = numel_row * 4 * (3 * K + 6)
-                blocks: list[tuple[Optional[int], Optional[int]]] = [(None, None)]
-                if row_separable and len(shape) >= 1 and rows > 1 and per_row * rows > chunk_limit:
-                    step = max(1, chunk_limit // per_row)
-                    blocks = [(s, min(rows, s + step)) for s in range(0, rows, step)]
-                    report.chunked += 1
-                scale_sum, changed = 0.0, False
-                base_rd = _KeyReader(base_sd, key)
-                expert_rds = [_KeyReader(e, key) for e in expert_sds]
-                for start, stop in blocks:
-                    b = base_rd.rows(start, stop).to(dev)
-                    bc = b.to(compute_dtype(dtype))  # converted once: for the K differences and base + tau
-                    # one read per block: the difference is checked for NaN/Inf as it is computed
-                    taus = [tensor_task_vector(rd.rows(start, stop).to(dev), bc, key,
-                                               name=f"expert {j} ({_file(e, key)})",
-                                               base_name=f"base ({_file(base_sd, key)})")
-                            for j, (rd, e) in enumerate(zip(expert_rds, expert_sds))]
-                    merged = merge(method, [{key: t} for t in taus], bn_stats=bn_stats, seed=seed, **opts)[key]
-                    if wsc:
-                        # the steps are row-separable: run them on row sub-blocks of the held slices (views, no
-                        # copies), so WSC's [K, rows, in] stack stays within chunk_bytes even when the method needed
-                        # whole tensors
-                        n = merged.shape[0] if merged.dim() >= 2 else 1
-                        sub = n if merged.dim() < 2 else max(1, chunk_limit // max(1, numel_row * 4 * (2 * K + 2)))
-                        for r0 in range(0, n, sub):
-                            sl = slice(r0, min(n, r0 + sub)) if merged.dim() >= 2 else slice(None)
-                            cal, scales = apply_weight_steps(setting.weight_steps, {key: merged[sl]},
-                                                             [{key: t[sl]} for t in taus], sens)
-                            if key in scales:
-                                lam = scales[key]
-                                scale_sum += float(lam.sum())
-                                changed = changed or bool((lam != 1).any())
-                            elif key in cal:
-                                changed = changed or not torch.equal(cal[key], merged[sl])
-                            if key in cal:
-                                merged[sl] = cal[key]
-                    del taus
+                stats = KeyMergeStats()
+                for start, bc, taus, merged in merger.rows(key, shape, dtype, stats):
+                    taus.clear()  # frees the task rows (the generator holds the same list) before the output
                     out = apply_delta(bc, merged, key=key, name=f"merged model {output}", out_dtype=dtype).cpu()
                     writer.write(key, out, row_offset=start or 0)
-                    del b, bc, merged, out
-                del base_rd, expert_rds
-                if wsc and scale_sum:
-                    report.wsc_mean_scale[key] = scale_sum / rows
-                report.calibrated += int(changed)
+                    del bc, merged, out
+                if wsc and stats.scale_sum:
+                    report.wsc_mean_scale[key] = stats.scale_sum / stats.rows
+                report.chunked += int(stats.chunked)
+                report.calibrated += int(stats.changed)
                 report.merged += 1
         except BaseException:
             writer.abort()
