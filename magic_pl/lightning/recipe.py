@@ -17,6 +17,7 @@ A recipe names checkpoints only; the adapter is picked from them (:func:`detect_
     calibration: dsc                    # default: dsc with calibration data, wsc without
     calibration_data: {sentiment: data/sentiment.txt, topic: {path: data/topic.csv, text_column: sentence}}
     test_data: {sentiment: data/sentiment_test.jsonl, topic: data/topic_test.jsonl}
+    layerwise: false                    # true: causal LMs merged and calibrated one block at a time
 
 MergeKit keys magic-pl does not run (``slices``, ``tokenizer``, ``chat_template``, ``modules``) are refused with the
 reason; every key is checked before any checkpoint is read, and errors name the recipe file and the key. Paths are
@@ -64,7 +65,7 @@ _UNSUPPORTED = {
 }
 _KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name",
          "task_names", "calibration", "calibration_data", "test_data", "samples_per_task", "seed", "architecture",
-         "model_kwargs", "push_to_hub", "private", "layout", "merge_options"}
+         "model_kwargs", "push_to_hub", "private", "layout", "merge_options", "layerwise"}
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -95,6 +96,7 @@ class Recipe:
     push_to_hub: Optional[str] = None
     private: bool = True
     layout: str = "shared"
+    layerwise: bool = False
     name: Optional[str] = None
     text: str = ""
     source: str = "recipe"
@@ -306,6 +308,9 @@ def parse_recipe(doc: Any, *, text: str = "", source: str = "recipe") -> Recipe:
     layout = doc.get("layout", "shared")
     if layout not in ("shared", "per_task"):
         raise _fail(where, "layout", f"{layout!r}: use shared (one body + per-task heads) or per_task")
+    layerwise = doc.get("layerwise", False)
+    if not isinstance(layerwise, bool):
+        raise _fail(where, "layerwise", f"must be true or false, got {layerwise!r}")
     hub = doc.get("push_to_hub")
     if hub is not None and (not isinstance(hub, str) or hub.count("/") != 1):
         raise _fail(where, "push_to_hub", f"must be a Hub repository id 'owner/name', got {hub!r}")
@@ -314,7 +319,8 @@ def parse_recipe(doc: Any, *, text: str = "", source: str = "recipe") -> Recipe:
         merge_options=options, dtype=dtype, tokenizer_source=tokenizer_source, calibration=setting.to_string(),
         calibration_data=calibration_data, test_data=test_data, samples_per_task=int(samples), seed=int(seed),
         architecture=doc.get("architecture"), model_kwargs=dict(doc.get("model_kwargs") or {}), push_to_hub=hub,
-        private=bool(doc.get("private", True)), layout=layout, name=doc.get("name"), text=text, source=where,
+        private=bool(doc.get("private", True)), layout=layout, layerwise=layerwise, name=doc.get("name"), text=text,
+        source=where,
     )
 
 
@@ -507,7 +513,7 @@ def run_recipe(recipe: Union[Recipe, PathLike], output_dir: PathLike, *, overwri
                "enable_model_summary": False, **dict(trainer or {})}
     result = MagicTrainer(**options).calibrate(model, datamodule=data, output_dir=str(output_dir),
                                                overwrite=overwrite, evaluate=evaluate, compare=compare,
-                                               recipe=recipe.text or None)
+                                               recipe=recipe.text or None, layerwise=recipe.layerwise)
     if hub and result.get("model"):
         result["hub"] = upload(result["model"], hub, private=recipe.private)
     return result

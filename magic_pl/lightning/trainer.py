@@ -52,6 +52,7 @@ class MagicTrainer(Trainer):
         model_card: bool = True,
         recipe: Optional[str] = None,
         select: Optional[list[Union[str, dict[str, Any]]]] = None,
+        layerwise: bool = False,
     ) -> dict[str, Any]:
         """Merge, calibrate (WSC / FSC via ``predict``), save and evaluate (``test``) a ``MagicModule`` in one call.
 
@@ -77,6 +78,10 @@ class MagicTrainer(Trainer):
                 samples (:func:`~magic_pl.lightning.selection.select_recipe`: the outputs' distance to each task's
                 expert) and calibrate, save and evaluate the best instead of ``model``'s own recipe; the scores go to
                 the report (``selection``). Default none.
+            layerwise: merge and calibrate one block at a time from the checkpoints on disk
+                (:func:`~magic_pl.models.layerwise.layerwise_fsc`: memory is one block, whatever the model's size),
+                for a causal-LM adapter (Llama family) with an ``output_dir``; the model is written there and not
+                held, so it is not evaluated here (``magic-pl test`` on the written model does). Default ``False``.
 
         Returns:
             ``{"metrics", "model", "report", "result", "comparison"}``: test metrics, the model and report paths
@@ -97,6 +102,8 @@ class MagicTrainer(Trainer):
                 raise TypeError(f"calibrate needs a MagicModule (or a module with {attr!r}), got "
                                 f"{type(model).__name__}; add magic_pl.lightning.MagicCalibration to your Trainer "
                                 "and call predict/test yourself")
+        if layerwise:
+            _check_layerwise(model, output_dir, save_model, select)
         if select is not None:
             from magic_pl.lightning.selection import parse_candidate
 
@@ -125,7 +132,13 @@ class MagicTrainer(Trainer):
             selection = None
             if select is not None:
                 model, selection = self._select(model, datamodule, select)
-            if model.needs_calibration_data:
+            if layerwise:
+                if staged is not None:
+                    self._layerwise(model, datamodule, staged / "model")
+                evaluate = False
+                rank_zero_info("calibrate: layerwise, the model was written block by block and is not held; evaluate "
+                               "the written model (magic-pl test, or from_pretrained)")
+            elif model.needs_calibration_data:
                 self.predict(model, datamodule=datamodule, return_predictions=False)
             else:
                 model.build()
@@ -144,7 +157,7 @@ class MagicTrainer(Trainer):
             final = Path(output_dir) if output_dir is not None else None
             if staged is not None and save_model:
                 start = time.perf_counter()
-                saved = model.save_calibrated(staged / "model")
+                saved = staged / "model" if layerwise else model.save_calibrated(staged / "model")
                 if model_card:
                     _write_card(saved, rec, metrics, recipe, model)
                 rec.outputs["model"] = str((final / "model").resolve())
@@ -164,6 +177,36 @@ class MagicTrainer(Trainer):
             "result": result,
             "comparison": comparison,
         }
+
+    def _layerwise(self, model: LightningModule, datamodule: Optional[LightningDataModule], output: Path) -> None:
+        """:func:`~magic_pl.models.layerwise.layerwise_fsc` on ``model``'s adapter checkpoints and the data module's
+        calibration samples, written to ``output``; the record gets the pairing, xi and the memory it used."""
+        from magic_pl.lightning.module import split_inputs
+        from magic_pl.lightning.statistics import task_calls
+        from magic_pl.models.layerwise import layerwise_fsc
+
+        adapter = model.adapter
+        datamodule.setup("predict")
+        samples = []
+        for batch in datamodule.predict_dataloader():
+            task, args, kwargs, _ = split_inputs(batch)
+            for t, a, kw in task_calls(task, args, kwargs):
+                samples.append((t, dict(kw) if not a else a))
+        options = dict(model.merge_options)  # the merge driver's options are layerwise_fsc's own arguments
+        driver = {k: options.pop(k) for k in ("seed", "bn_stats") if k in options}
+        report = layerwise_fsc(adapter.base_path, adapter.expert_paths, samples, output,
+                               merge_method=model.merge_method, merge_options=options, calibration=model.calibration,
+                               task_names=adapter.task_names, device=self.strategy.root_device,
+                               sensitive=model.sensitive, **driver)
+        rec = model.calibration_record
+        rec.task_names = list(adapter.task_names)
+        rec.sources = {"base": adapter.base_path, "experts": list(adapter.expert_paths)}
+        rec.config.update(model.describe())
+        rec.config["layerwise"] = {k: getattr(report, k) for k in (
+            "family", "mode", "segments", "device", "dtype", "peak_segment_bytes", "max_segment_bytes",
+            "model_bytes")}
+        rec.set_fold(report.calibration)
+        rec.add_step("layerwise", report.seconds, segments=report.segments)
 
     def _select(self, model: LightningModule, datamodule: Optional[LightningDataModule],
                 select: list[Union[str, dict[str, Any]]]) -> tuple[LightningModule, dict[str, Any]]:
@@ -239,6 +282,23 @@ class _Maybe:
     def __exit__(self, *exc: Any) -> None:
         if self.cm is not None:
             self.cm.__exit__(*exc)
+
+
+def _check_layerwise(model: LightningModule, output_dir: Any, save_model: bool, select: Any) -> None:
+    """``layerwise`` needs checkpoints on disk, a place to write to and a causal LM (before any tensor is read)."""
+    from magic_pl.models import CausalLMAdapter
+
+    if not isinstance(getattr(model, "adapter", None), CausalLMAdapter):
+        raise ValueError("layerwise calibration reads a causal LM's checkpoints block by block: give the model a "
+                         "magic_pl.models.CausalLMAdapter (other models: the whole-model path, layerwise false)")
+    if output_dir is None or not save_model:
+        raise ValueError("layerwise calibration writes the model as it goes: give an output_dir (and keep "
+                         "save_model true)")
+    if select is not None:
+        raise ValueError("layerwise and select do not combine: select scores whole models")
+    if not model.calibration.uses_data:
+        raise ValueError(f"layerwise calibration needs a feature step; {model.calibration.to_string()!r} has none "
+                         "(for a data-free setting the whole-model path streams already: layerwise false)")
 
 
 def _logs_for(trainer: Trainer, output_dir: Any) -> Optional[Path]:
