@@ -1,6 +1,6 @@
 """MAGIC magnitude calibration (docs/method.md), pure PyTorch: the calibration settings (pipelines of registered steps)
-and their driver, WSC, FSC with weight folding, DSC, the magnitude-sensitive-layer probe, and the data-free rescalers
-SVC, LiNeS and scale. Usable without Lightning.
+and their driver, WSC, FSC with weight folding, DSC, the magnitude-sensitive-layer probe, the data-free rescalers
+SVC, LiNeS and scale, and the closed-form feature step FeatCal. Usable without Lightning.
 
 ``__all__`` lists what a user calls; the building blocks are imported from their modules (e.g.
 ``from magic_pl.calibration.wsc import row_scales``,

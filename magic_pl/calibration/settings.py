@@ -3,8 +3,8 @@
 A :class:`CalibrationSetting` is an ordered list of registered calibration steps (:mod:`magic_pl.calibration.steps`)
 and the sensitive-set policy they share: data-free weight steps (``wsc``: MAGIC's WSC; ``svc``: singular value
 calibration; ``lines``: LiNeS; ``scale``: one constant), each on the merged task vector the one before it left, then
-at most one feature step (``fsc``) measured on their result. Every front door (Python, ``MagicModule``, the callbacks,
-the CLI, the streaming path, the benchmark) takes one, written as
+at most one feature step (``fsc``, or ``featcal``: FeatCal) measured on their result. Every front door (Python,
+``MagicModule``, the callbacks, the CLI, the streaming path, the benchmark) takes one, written as
 
 - a preset name of :data:`PRESETS` (``"fsc"``, ``"dsc"``, ``"auto"``, ...);
 - the *space form* ``"space:key=value,..."``: ``space`` is ``none`` (no step), ``wsc`` (a data-free weight step),

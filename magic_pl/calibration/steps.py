@@ -6,12 +6,14 @@ data-free *weight* steps, each recomputing the merged task vector tau_m from the
 2512.19320). A step type is a frozen dataclass (settings are hashable): its registered ``name``, its options as typed
 fields whose defaults are its paper's (checked, and strings from a setting string converted, in ``__post_init__``),
 and how it runs: :meth:`CalibrationStep.apply` for a weight step, ``calibrator(...)`` returning a
-:class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` for the feature step.
+:class:`~magic_pl.calibration.fsc.FeatureSpaceCalibrator` (or another calibrator, see
+:meth:`CalibrationStep.calibrator`) for the feature step.
 
 Built in, each registered by the module that holds its algorithm: ``wsc`` (:class:`~magic_pl.calibration.wsc.WSCStep`),
 ``svc`` (:class:`~magic_pl.calibration.svc.SVCStep`), ``lines`` (:class:`~magic_pl.calibration.lines.LiNeSStep`),
-``scale`` (:class:`~magic_pl.calibration.scale.ScaleStep`) and the feature step ``fsc``
-(:class:`~magic_pl.calibration.fsc.FSCStep`). :data:`STEPS` maps names to types; :func:`register_step` adds one.
+``scale`` (:class:`~magic_pl.calibration.scale.ScaleStep`) and the feature steps ``fsc``
+(:class:`~magic_pl.calibration.fsc.FSCStep`) and ``featcal`` (:class:`~magic_pl.calibration.featcal.FeatCalStep`).
+:data:`STEPS` maps names to types; :func:`register_step` adds one.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class CalibrationStep:
     def calibrator(self, base: StateSource, merged: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
                    sensitive: Optional[Collection[str]], *, modules: Optional[Sequence[str]] = None,
                    task_names: Optional[Sequence[str]] = None) -> FeatureSpaceCalibrator:
-        """A feature step's calibrator on ``merged``; the caller feeds it unlabelled batches, then folds it."""
+        """A feature step's calibrator on ``merged``; the caller feeds it unlabelled batches (``update``), then folds
+        it (``fold() -> CalibrationResult``). FSC's is summed over processes through its statistics' metric; any other
+        (FeatCal's) measures in passes of its own and offers ``finalize(reduce)``, given the sum over processes."""
         raise NotImplementedError(f"calibration step {self.name!r} ({self.kind}) has no feature calibrator()")
 
     def options(self) -> dict[str, Any]:
@@ -95,6 +99,16 @@ class CalibrationStep:
         if not (math.isfinite(v) and ok(v)):
             raise self._bad(field, rule + (" or None" if optional else ""))
         object.__setattr__(self, field, v)
+
+    def _flag(self, field: str) -> None:
+        """``field`` as a bool; a setting string's ``true``/``false`` (``1``/``0``, ``yes``/``no``) converted."""
+        value = getattr(self, field)
+        if isinstance(value, str):
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+                value.strip().lower(), value)
+        if not isinstance(value, bool):
+            raise self._bad(field, "true or false")
+        object.__setattr__(self, field, value)
 
     def _bad(self, field: str, rule: str) -> ValueError:
         return ValueError(f"calibration step {self.name!r}: {field}={getattr(self, field)!r} must be {rule}")

@@ -199,11 +199,12 @@ _CALIBRATE_USAGE = (
 
 
 def _calibrate_summary_help() -> str:
-    from magic_pl.calibration import PRESETS
+    from magic_pl.calibration import PRESETS, STEPS
     from magic_pl.merging.method import METHODS
 
     methods = ", ".join(METHODS)
     presets = ", ".join(PRESETS)
+    steps = ", ".join(STEPS)
     rows = [
         ("-c, --config FILE", "a YAML config naming the model, its adapter and the data (e.g. configs/tiny.yaml);"
                               " none: a synthetic demo"),
@@ -212,7 +213,8 @@ def _calibrate_summary_help() -> str:
         ("--task_names [N,...]", "one name per expert (default: the config's, or the expert file names)"),
         ("--merge_method NAME", f"one of: {methods}"),
         ("--merge_options DICT", "the method's options, e.g. '{scale: 0.3}' or '{density: 0.2, seed: 0}'"),
-        ("--calibration SETTING", f"a preset ({presets}), 'space:key=value,...' (e.g. 'fsc:norm=2') or a dict"),
+        ("--calibration SETTING", f"a preset ({presets}), steps joined by '+' ({steps}; e.g. "
+                                  "'svc+fsc:svc.alpha=0.2'), 'space:key=value,...' (e.g. 'fsc:norm=2') or a dict"),
         ("--output_dir DIR", "the calibrated model (DIR/model), calibration_report.json/.png and the logs "
                              "(DIR/logs); none: no model is written"),
         ("--evaluate false", "skip the test run (--save_model / --report false skip those outputs)"),

@@ -10,14 +10,16 @@ paths run the same code:
    samples).
 2. :meth:`CalibrationRun.begin` at the start of ``trainer.predict``: the FSC statistics component (a
    :class:`~magic_pl.lightning.statistics.FeatureStatisticsCollector`, torchmetrics states reduced with one ``sum``
-   at the end); when the sensitive set must be detected first (``sensitive="detect"``) or the merge is data-based,
-   the calibration samples are kept instead.
+   at the end; for a feature step that measures in passes of its own, FeatCal, a
+   :class:`~magic_pl.lightning.statistics.PassesCollector` that keeps the samples); when the sensitive set must be
+   detected first (``sensitive="detect"``) or the merge is data-based, the calibration samples are kept instead.
 3. :meth:`CalibrationRun.update` per batch (called directly by ``MagicModule.predict_step``, or by a forward pre-hook
    on the foreign module's backbone: :meth:`attach`).
 4. :meth:`CalibrationRun.finish` at the end of the predict epoch: the data-based merge on the kept samples (its
    statistics summed over processes), the label-free probe (its per-tensor scores summed over processes), the
    deferred weight steps, and the FSC statistics measured on the kept samples; then one all-reduce, the same xi on
-   every rank, the fold.
+   every rank, the fold (FeatCal: its passes, each block's statistics summed over processes with one reduce, the
+   same weights on every rank).
 
 Everything a step does is written into a :class:`~magic_pl.lightning.report.CalibrationRecord`, under the step's
 own name (``"wsc"``, ``"svc"``, ``"lines"``, ``"fsc"``, ...).
@@ -27,17 +29,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.fsc import CalibrationResult
+from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator
 from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.calibration.settings import CalibrationSetting, SensitiveSet, detect_label_free
 from magic_pl.calibration.steps import CalibrationStep
 from magic_pl.lightning.report import CalibrationRecord, delta_norms, relative_deviation
-from magic_pl.lightning.statistics import FeatureStatisticsCollector, task_calls
+from magic_pl.lightning.statistics import FeatureStatisticsCollector, PassesCollector, task_calls
 
 __all__ = ["CalibrationRun", "DataMerge", "sum_over_processes"]
 
@@ -88,7 +90,7 @@ class CalibrationRun:
         self.task_names: list[str] = []
         self.sensitive_set: Optional[list[str]] = None
         self.row_scales: dict[str, Tensor] = {}
-        self.collector: Optional[FeatureStatisticsCollector] = None
+        self.collector: Optional[Union[FeatureStatisticsCollector, PassesCollector]] = None
         self.result: Optional[CalibrationResult] = None
         self._handle: Any = None
         self._pending: Optional[list[Call]] = None
@@ -181,7 +183,10 @@ class CalibrationRun:
         calibrator = self.setting.feature_calibrator(self.base_state, self.body, self.task_vectors,
                                                      self.sensitive_set, modules=self._fsc_modules,
                                                      task_names=self.task_names)
-        self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample)
+        if isinstance(calibrator, FeatureSpaceCalibrator):
+            self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample)
+        else:  # a feature step measuring in passes of its own (FeatCal): it sums its statistics with the reduce
+            self.collector = PassesCollector(calibrator, per_sample=self.per_sample)
 
     # --- 3. per batch ---------------------------------------------------------------------------------------------
     def update(self, task: Any, *args: Any, **kwargs: Any) -> None:
@@ -252,11 +257,17 @@ class CalibrationRun:
         collector = self.collector
         if collector is None:
             raise RuntimeError("no calibration statistics were collected (begin() did not run)")
-        fold = collector.finish()
+        if isinstance(collector, PassesCollector):
+            fold = collector.finish(reduce)
+            details: dict[str, Any] = {"rounds": fold.rounds, "modules": len(fold.folded)}
+        else:
+            fold = collector.finish()
+            details = {"mode": fold.mode, "norm": fold.norm, "rounds": fold.rounds}
         self.result = self.setting.result(fold, self.row_scales)
         rec = self.record
         rec.set_fold(self.result)
-        rec.add_step("fsc", collector.seconds, mode=fold.mode, norm=fold.norm, rounds=fold.rounds,
+        step = self.setting.feature_step
+        rec.add_step(step.name if step is not None else "fsc", collector.seconds, **details,
                      samples_per_task=collector.samples.tolist())
         self._update_deviation()
         self.collector = None

@@ -367,6 +367,14 @@ def xi_summary(doc: dict[str, Any]) -> str:
         vals = [float(v) for v in scales.values()]
         return (f"xi: none (no feature space calibration); WSC rescaled {len(vals)} tensors, mean row scale "
                 f"{sum(vals) / len(vals):.3g}")
+    rewritten = (doc.get("modules") or {}).get("folded") or []
+    if rewritten:  # a feature step without coefficients (FeatCal rewrites weights in closed form)
+        from magic_pl.calibration.steps import STEPS
+
+        steps = (doc.get("config") or {}).get("calibration_setting", {}).get("steps", [])
+        name = next((s.get("step") for s in steps if isinstance(s, Mapping)
+                     and getattr(STEPS.get(s.get("step")), "kind", "") == "feature"), "the feature step")
+        return f"xi: none ({name} rewrote {len(rewritten)} modules in closed form)"
     return "xi: none (no calibration applied)"
 
 

@@ -19,12 +19,16 @@ survives the sum, and the calibrator's one check (``finalize``/``fold``) finds i
 Sequential mode (each module measured after the earlier ones are calibrated) needs one reduction per measurement
 round; it uses the calibrator's ``finalize(reduce=...)`` with the same sum-reduced metric (exact up to float32
 rounding of each rank's partial sums).
+
+A feature step whose calibrator is not FSC's (FeatCal, :class:`~magic_pl.calibration.featcal.FeatCalCalibrator`)
+keeps the samples and measures them in its own passes: :class:`PassesCollector` feeds it and hands it, at the end of
+the predict epoch, the run's sum over processes, which it applies to its own statistics (one reduce per pass).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -34,7 +38,8 @@ from torch import Tensor
 from magic_pl.calibration import CalibrationResult, FeatureSpaceCalibrator
 from magic_pl.lightning.metrics import FSCStatistics, accumulation_dtype
 
-__all__ = ["FeatureStatisticsCollector", "split_batch", "batch_size_of", "trim_padding", "task_calls", "task_tensor"]
+__all__ = ["FeatureStatisticsCollector", "PassesCollector", "split_batch", "batch_size_of", "trim_padding",
+           "task_calls", "task_tensor"]
 
 
 def batch_size_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[int]:
@@ -213,5 +218,56 @@ class FeatureStatisticsCollector:
             self.calibrator.finalize()
             self.metric.reset()
         self.report = self.calibrator.fold()
+        self.seconds += time.perf_counter() - start
+        return self.report
+
+
+class PassesCollector:
+    """Feeds a feature calibrator that measures the kept samples in passes of its own and sums its statistics over
+    processes with the reduce it is given (FeatCal: one reduce per block), instead of FSC's metric states.
+
+    The calibrator offers ``update(task, *args, **kwargs)``, ``finalize(reduce)``, ``fold()`` and ``task_samples``.
+
+    Args:
+        calibrator: the calibration core, built on the merged module.
+        per_sample: feed samples one at a time (default True), right padding trimmed, as
+            :class:`FeatureStatisticsCollector` does (the calibrator may stack them again).
+    """
+
+    def __init__(self, calibrator: Any, *, per_sample: bool = True) -> None:
+        self.calibrator = calibrator
+        self.per_sample = per_sample
+        self.samples = torch.zeros(calibrator.num_tasks, dtype=torch.long)  # this process's (all, after finish)
+        self.seconds = 0.0
+        self.report: Optional[CalibrationResult] = None
+
+    def update(self, task: Union[int, Tensor], *args: Any, **kwargs: Any) -> None:
+        """Keep one batch. ``task``: one int for the whole batch, or a tensor of per-sample task indices."""
+        start = time.perf_counter()
+        tasks = task_tensor(task)
+        size = batch_size_of(args, kwargs)
+        if tasks is not None and size is not None and tasks.numel() != size:
+            raise ValueError(f"batch has {size} samples but {tasks.numel()} task ids")
+        if self.per_sample or (tasks is not None and not bool((tasks == tasks[0]).all())):
+            calls = list(task_calls(task, args, kwargs)) if self.per_sample else [
+                (int(t), *split_batch(args, kwargs, (tasks == t).nonzero().reshape(-1), size))
+                for t in torch.unique(tasks).tolist()]
+        else:
+            calls = [(int(tasks[0]) if tasks is not None else int(task), args, kwargs)]
+        for t, a, kw in calls:
+            if not 0 <= t < self.calibrator.num_tasks:
+                raise IndexError(f"batch task index {t} is out of range: there are {self.calibrator.num_tasks} "
+                                 "experts")
+            self.calibrator.update(t, *a, **kw)
+            self.samples[t] += batch_size_of(a, kw) or 1
+        self.seconds += time.perf_counter() - start
+
+    def finish(self, reduce: Callable[[Tensor], Tensor]) -> CalibrationResult:
+        """Run the calibrator's passes with ``reduce`` (collective: every rank, at the end of the predict epoch), fold
+        and return the report; ``samples`` becomes the count over every process."""
+        start = time.perf_counter()
+        self.calibrator.finalize(reduce)
+        self.report = self.calibrator.fold()
+        self.samples = self.calibrator.task_samples.detach().cpu().clone()
         self.seconds += time.perf_counter() - start
         return self.report

@@ -39,8 +39,9 @@ def _setup():
 
 
 def test_the_built_in_steps_are_registered():
-    assert {n: STEPS[n].kind for n in ("wsc", "svc", "lines", "scale", "fsc")} == {
-        "wsc": "weight", "svc": "weight", "lines": "weight", "scale": "weight", "fsc": "feature"}
+    assert {n: STEPS[n].kind for n in ("wsc", "svc", "lines", "scale", "fsc", "featcal")} == {
+        "wsc": "weight", "svc": "weight", "lines": "weight", "scale": "weight", "fsc": "feature",
+        "featcal": "feature"}
     assert all(STEPS[n].name == n for n in STEPS)
     with pytest.raises(TypeError):
         STEPS["mine"] = STEPS["wsc"]  # read-only: register_step adds

@@ -87,6 +87,26 @@ def test_two_process_regmean_then_fsc_equals_one_process(tiny_workdir):
     assert one["metrics"] == two["metrics"]
 
 
+def test_two_process_featcal_equals_one_process(tiny_workdir):
+    """FeatCal under DDP: one sample per task, so each process holds only one task's sample; each block's statistics
+    are summed over processes (one reduce) before its solve, so both processes write the one-process weights."""
+    extra = ("--calibration", "featcal", "--data.init_args.samples_per_task", "1")
+    for out, devices in (("fc2", 2), ("fc1", 1)):
+        proc = _run(tiny_workdir, out, *extra, devices=devices)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one = json.loads((tiny_workdir / "fc1" / "calibration_report.json").read_text())
+    two = json.loads((tiny_workdir / "fc2" / "calibration_report.json").read_text())
+    steps1, steps2 = ([s for s in r["steps"] if s["step"] == "featcal"][0] for r in (one, two))
+    assert steps1["samples_per_task"] == steps2["samples_per_task"] == [1, 1]  # summed over both processes
+    assert steps1["rounds"] == steps2["rounds"] == 2 and steps1["modules"] == steps2["modules"] > 0
+    w1 = load_file(str(tiny_workdir / "fc1" / "model" / "model.safetensors"))
+    w2 = load_file(str(tiny_workdir / "fc2" / "model" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:  # float32 sums added in another order: equal to float32 rounding
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+    assert one["metrics"] == two["metrics"]
+
+
 @pytest.mark.slow
 def test_fewer_calibration_samples_than_processes_fails_before_work(tiny_workdir):
     """Real 3-process launch (slow; the same check is unit-tested in test_module / test_data)."""
