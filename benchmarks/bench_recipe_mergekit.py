@@ -25,6 +25,8 @@ import torch
 #: per model, and one density is a gradient over the layers, so every path of the recipe reader is used.
 CASES = {
     "linear": ([{"weight": 0.6}, {"weight": 0.4}], {}),
+    # the base listed among the models with its own weight: MergeKit averages it as a model
+    "linear_with_base": ([{"weight": 0.6}, {"weight": 0.4}], {}),
     "task_arithmetic": ([{"weight": 0.7}, {"weight": [0.2, 0.9]}], {"lambda": 0.8}),
     "ties": ([{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": [0.3, 0.7]}], {"normalize": True}),
     "breadcrumbs": ([{"weight": 1.0, "density": 0.6}, {"weight": 0.5, "density": 0.8}], {"gamma": 0.05}),
@@ -63,9 +65,13 @@ def recipe(method: str, root: Path, mergekit: bool = False) -> str:
     import yaml
 
     per_model, shared = CASES[method]
-    doc = {"merge_method": method, **({} if mergekit and method == "linear" else {"base_model": str(root / "base")}),
+    linear = method.startswith("linear")
+    doc = {"merge_method": "linear" if linear else method,
+           **({} if mergekit and linear else {"base_model": str(root / "base")}),
            "models": [{"model": str(root / n), "parameters": p} for n, p in zip(("a", "b"), per_model)],
            "dtype": "float32"}
+    if method == "linear_with_base":
+        doc["models"].insert(0, {"model": str(root / "base"), "parameters": {"weight": 0.5}})
     if shared:
         doc["parameters"] = shared
     return yaml.safe_dump(doc, sort_keys=False)

@@ -188,6 +188,7 @@ def parse_recipe(doc: Any, *, text: str = "", source: str = "recipe") -> Recipe:
     if not isinstance(entries, Sequence) or isinstance(entries, (str, bytes)):
         raise _fail(where, "models", "must be a list of {model: PATH, parameters: {...}}")
     models: list[str] = []
+    base_weight = None
     per_model: list[dict[str, Any]] = []
     names: list[Optional[str]] = []
     for i, entry in enumerate(entries):
@@ -200,8 +201,11 @@ def parse_recipe(doc: Any, *, text: str = "", source: str = "recipe") -> Recipe:
         path = _path_value(where, f"models[{i}].model", entry["model"])
         params = dict(entry.get("parameters") or {})
         if os.path.normpath(path) == os.path.normpath(base):
-            if params:  # MergeKit lists the base among the models; its parameters mean nothing for a task vector
-                raise _fail(where, f"models[{i}].parameters", "the base model takes no parameters")
+            # MergeKit lists the base among the models: skipped by its task-vector methods, averaged by linear
+            if params and not (recipe_method == "linear" and set(params) == {"weight"}):
+                raise _fail(where, f"models[{i}].parameters", "the base model takes no parameters here (linear "
+                                                              "takes its weight)")
+            base_weight = params.get("weight")
             continue
         models.append(path)
         per_model.append(params)
@@ -251,6 +255,8 @@ def parse_recipe(doc: Any, *, text: str = "", source: str = "recipe") -> Recipe:
                 options[option] = [default if v is None else v for v in values]
         if recipe_method == "linear" and "weights" not in options:
             options["weights"] = [1.0] * len(models)
+        if base_weight is not None:
+            options["base_weight"] = base_weight
         options["num_layers"] = _layer_count(base)
     else:
         method = recipe_method

@@ -209,6 +209,7 @@ def gta(
     normalize: Annotated[bool, Flag()] = False,
     rescale: Annotated[bool, Flag()] = False,
     num_layers: Annotated[Optional[int], Maybe(Integer(1))] = None,
+    base_weight: Annotated[float, Settings(0.0, SCALE_LIMIT, per_task=False)] = 0.0,
     seed: Seed = 0,
 ) -> Tensor:
     """MergeKit's generalized task arithmetic of one tensor, in task-vector space (the result is ``tau_m``).
@@ -226,7 +227,9 @@ def gta(
 
     Each of ``weights`` (default 1.0 each), ``densities`` (1.0), ``gammas`` (0.01), ``epsilons`` (0.15) and ``scale``
     is one setting for all tasks or one per task (``scale``: one for all), MergeKit's defaults; a gradient needs
-    ``num_layers`` (the recipe reader sets it from the base model's keys).
+    ``num_layers`` (the recipe reader sets it from the base model's keys). ``base_weight`` (default 0) adds the base
+    model's own weight to the divisor of a consensus-free merge: MergeKit's ``linear`` with the base listed among its
+    models, ``(w_0 theta_0 + sum_k w_k theta_k) / (w_0 + sum_k w_k) = theta_0 + sum_k w_k tau_k / (w_0 + sum_k w_k)``.
 
     Departures from MergeKit 0.1.5: arithmetic is float32 whatever the checkpoints' dtype (MergeKit computes in the
     recipe's ``dtype``); the random masks come from a ``torch.Generator`` seeded from (``seed``, tensor name, task),
@@ -250,7 +253,7 @@ def gta(
     if consensus == "none":
         for d in deltas:
             mixed += d
-        divisor: Any = sum(w)
+        divisor: Any = sum(w) + resolve_setting(base_weight, name, t)
         if abs(divisor) < 1e-8:
             divisor = 1.0
     else:

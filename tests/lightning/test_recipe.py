@@ -188,6 +188,9 @@ def test_mergekit_defaults_per_method(bert_files):
     dare = parse_recipe({"merge_method": "dare_linear", **base, "parameters": {"density": 0.3, "lambda": 2}})
     assert dare.merge_options["rescale"] is True and dare.merge_options.get("normalize") is None
     assert dare.merge_options["densities"] == [0.3, 0.3] and dare.merge_options["scale"] == 2
+    linear = parse_recipe({**base, "merge_method": "linear",
+                           "models": [{"model": "models/base", "parameters": {"weight": 0.5}}, *base["models"]]})
+    assert linear.merge_options["base_weight"] == 0.5 and linear.models == base["models"]
     tsv = parse_recipe({"merge_method": "tsv_m", **base, "parameters": {"scale": 0.5}})
     assert tsv.method == "tsv_m" and tsv.merge_options["scale"] == 0.5  # magic-pl's own methods by name
     assert parse_recipe({"merge_method": "ties", **base, "task_names": ["pos", "news"]}).task_names == ["pos", "news"]

@@ -108,3 +108,12 @@ def test_random_sparsifiers_are_seeded_and_keep_the_l1_norm():
     assert 0.4 < float(kept) < 0.6
     # MergeKit's rescale matches the L1 norm of the task vector (not DARE's 1 / p)
     torch.testing.assert_close(a.abs().sum(), taus[0].abs().sum(), rtol=1e-5, atol=0)
+
+
+def test_base_weight_averages_the_base_as_mergekits_linear_does():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 3, generator=g)
+    experts = [base + torch.randn(4, 3, generator=g) for _ in range(2)]
+    got = base + gta([e - base for e in experts], weights=[0.6, 0.4], normalize=True, base_weight=0.5)
+    want = (0.5 * base + 0.6 * experts[0] + 0.4 * experts[1]) / 1.5  # MergeKit's linear over all three models
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
