@@ -13,17 +13,23 @@ channel axis (dim 0; the last dim for ``nn.Embedding``, whose output channels ar
 the BatchNorm rewrite. Folding arithmetic runs in float64 by default and is cast back to each tensor's dtype;
 :func:`fold_unit` takes ``dtype=torch.float32`` to fold big affine tensors without whole-tensor float64 temporaries
 (in place when the tensor is float32 itself). BatchNorm's per-channel rewrite always runs in float64.
+
+Sharded weights (FSDP2 ``DTensor`` parameters, :mod:`magic_pl.calibration.sharding`) fold on each rank's local shard,
+against the matching block of theta0 and of a per-channel xi: the same arithmetic entry by entry, so the result is the
+one-process fold exactly. Reshard the model first (:func:`~magic_pl.calibration.sharding.reshard`). A sharded module
+that cannot fold is refused: a runtime wrapper would hold the full base tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from magic_pl.calibration.modules import CalibratedModule, CalibrationUnit, fold_kind, replace_submodule
+from magic_pl.calibration.sharding import is_sharded, local_channels, local_part
 
 __all__ = ["batchnorm_affine", "fold_batchnorm", "fold_unit"]
 
@@ -71,12 +77,40 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _channel_axis(t: Tensor, module: nn.Module) -> int:
+    """The output-channel axis of ``t`` (the last for ``nn.Embedding``, whose output channels are its columns)."""
+    if t.dim() == 0:
+        raise ValueError("a per-channel coefficient cannot apply to a scalar tensor")
+    return t.dim() - 1 if isinstance(module, nn.Embedding) else 0
+
+
+def _local_unit(current: Mapping[str, Tensor], base: Mapping[str, Tensor], names: Sequence[str],
+                xi: Union[float, Tensor], module: nn.Module
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Union[float, Tensor]]]:
+    """Per tensor of ``names``: the tensor to write (its local shard when sharded), the matching block of theta0 and
+    the matching entries of a per-channel ``xi``.
+
+    FSDP2 shards parameters, not buffers: an unsharded tensor shaped like a sharded one of the same unit (BatchNorm's
+    running statistics next to its weight) is cut to the same block, so the unit's tensors stay aligned entry by
+    entry."""
+    ref = next((current[n] for n in names if is_sharded(current[n])), None)
+    tensors, theta0, coeffs = {}, {}, {}
+    for n in names:
+        t = current[n]
+        like = t if is_sharded(t) or ref is None or tuple(t.shape) != tuple(ref.shape) else ref
+        coeffs[n] = local_channels(xi, like, _channel_axis(t, module)) if isinstance(xi, Tensor) else xi
+        if like is t:
+            tensors[n], theta0[n] = local_part(t, base[n])
+        else:
+            _, theta0[n] = local_part(like, base[n])
+            _, tensors[n] = local_part(like, t)  # a view: writing it writes the buffer's block
+    return tensors, theta0, coeffs
+
+
 @torch.no_grad()
 def _channel_view(xi: Tensor, t: Tensor, module: nn.Module, dtype: torch.dtype = torch.float64) -> Tensor:
     """``xi [C]`` shaped to broadcast along ``t``'s output-channel axis, in ``dtype``."""
-    if t.dim() == 0:
-        raise ValueError("a per-channel coefficient cannot apply to a scalar tensor")
-    axis = t.dim() - 1 if isinstance(module, nn.Embedding) else 0
+    axis = _channel_axis(t, module)
     if t.shape[axis] != xi.numel():
         raise ValueError(f"per-channel coefficient of length {xi.numel()} does not match axis {axis} of a tensor of "
                          f"shape {tuple(t.shape)}")
@@ -110,11 +144,13 @@ def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor
     if per_channel and kind not in ("affine", "batchnorm"):
         raise ValueError(f"module {unit.name!r} cannot take a per-channel coefficient (it is not foldable)")
     current = _tensors(module)
+    sharded = any(is_sharded(current[n]) for n in unit.tensors)
     if kind == "affine":
+        tensors, blocks, coeffs = _local_unit(current, base, list(unit.tensors), xi, module)
         for local in unit.tensors:
-            t = current[local]
-            theta0 = base[local].to(device=t.device, dtype=dtype)
-            x = _channel_view(xi, t, module, dtype) if per_channel else xi
+            t = tensors[local]
+            theta0 = blocks[local].to(device=t.device, dtype=dtype)
+            x = _channel_view(coeffs[local], t, module, dtype) if per_channel else xi
             if t.dtype == dtype:
                 t.sub_(theta0).mul_(x).add_(theta0)  # the same arithmetic, in place
             else:
@@ -122,11 +158,11 @@ def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor
             del theta0
         return "folded"
     if kind == "batchnorm":
-        names = ("weight", "bias", "running_mean", "running_var")
-        b = {n: base[n].to(current[n].device) for n in names if n in unit.tensors}
-        m = {n: current[n] for n in names if n in unit.tensors}
-        try:
-            new = fold_batchnorm(b, m, float(module.eps), xi)
+        names = [n for n in ("weight", "bias", "running_mean", "running_var") if n in unit.tensors]
+        m, blocks, coeffs = _local_unit(current, base, names, xi, module)
+        b = {n: blocks[n].to(m[n].device) for n in names}
+        try:  # every BatchNorm tensor is [C], sharded alike: any one's share of a per-channel xi is every one's
+            new = fold_batchnorm(b, m, float(module.eps), coeffs[names[0]] if per_channel else xi)
         except ValueError:
             if per_channel:
                 raise ValueError(f"BatchNorm {unit.name!r} without affine parameters cannot absorb this per-channel "
@@ -134,8 +170,12 @@ def fold_unit(model: nn.Module, unit: CalibrationUnit, base: Mapping[str, Tensor
             kind = "runtime"
         else:
             for n, v in new.items():
-                current[n].copy_(v.to(current[n].dtype))
+                m[n].copy_(v.to(m[n].dtype))
             return "folded"
+    if sharded:
+        raise ValueError(f"module {unit.name!r} ({type(module).__name__}) cannot be folded, and its weights are "
+                         "sharded: a runtime wrapper would hold full base tensors on every rank; calibrate it without "
+                         "sharding, or leave it out of the calibrated modules")
     base_local = {}
     for local in unit.tensors:
         t = current[local]

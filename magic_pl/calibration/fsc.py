@@ -44,6 +44,7 @@ from torch.func import functional_call
 from magic_pl.calibration._names import module_is_sensitive
 from magic_pl.calibration.folding import fold_unit
 from magic_pl.calibration.modules import CalibrationUnit, calibrate_output, find_units, fold_kind, primary_tensor
+from magic_pl.calibration.sharding import local_part, reshard, sum_over_shards
 from magic_pl.calibration.steps import CalibrationStep, register_step
 from magic_pl.statedict import apply_delta
 
@@ -739,6 +740,9 @@ class FeatureSpaceCalibrator:
             # per-channel: the mean over the channels the task reached
             means = torch.where(seen, col, torch.zeros_like(col)).sum(1) / seen.sum(1).clamp_min(1)
             report.task_ratios[name] = [None if not bool(seen[k].any()) else float(v) for k, v in enumerate(means)]
+        # sharded weights (FSDP2) fold on their local shards: put the root's parameters, left whole by the last
+        # forward, back into shards first, or the fold would be written into temporaries and lost
+        reshard(self.merged)
         with torch.inference_mode(False), torch.no_grad():
             for i, u in enumerate(self.units):
                 base_local = {local: self.base_state[key] for local, key in u.tensors.items()}
@@ -750,12 +754,21 @@ class FeatureSpaceCalibrator:
                 if isinstance(xi, Tensor):
                     report.channel_coefficients[u.name] = xi.tolist()
             covered = {key for u in self.units for key in u.keys}
+            keys, tensors, differs = [], [], []
             for key, t in self.merged.state_dict().items():
                 if key in covered or not t.dtype.is_floating_point or key not in self.base_state:
                     continue
                 b = self.base_state[key]
-                if b.shape != t.shape or not torch.equal(b.to(t.device, t.dtype), t):
-                    report.uncalibrated.append(key)
+                if b.shape != t.shape:
+                    same = False
+                else:
+                    local, block = local_part(t, b)  # a sharded tensor: this rank's shard, then over all shards
+                    same = torch.equal(block.to(local.device, local.dtype), local)
+                keys.append(key)
+                tensors.append(t)
+                differs.append(0.0 if same else 1.0)
+            differs_all = sum_over_shards(torch.tensor(differs), tensors, op="max") if keys else torch.zeros(0)
+            report.uncalibrated.extend(k for k, d in zip(keys, differs_all.tolist()) if d > 0)
         self._folded = True
         return report
 

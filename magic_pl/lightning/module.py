@@ -12,6 +12,14 @@ Lifecycle:
    computes the same xi and folds it into the weights.
 3. ``trainer.test``: per-task accuracy (exact under DDP with :class:`~magic_pl.lightning.data.TaskDataModule`),
    logged as ``test/acc/<task>`` and ``test/acc/avg``.
+
+Under Lightning's ``ModelParallelStrategy`` (torch FSDP2; it runs on CPU with gloo too) ``configure_model`` shards the
+merged body per block over the processes (:mod:`magic_pl.lightning.sharding`), so each rank holds 1/N of it after
+the merge (the merge itself, and the weight steps, still run on the whole body on every rank, before sharding; the
+base weights theta0 stay whole on every rank as FSC's reference). The ranks of a shard group run the same samples,
+which FSDP's collective forwards need; one rank per group adds them to the statistics, so the one sum counts each
+sample once and xi equals one process's. The fold writes each rank's shards; :meth:`MagicModule.save_calibrated`
+gathers the whole state dict on rank 0 and writes it through the adapter.
 """
 
 from __future__ import annotations
@@ -41,6 +49,15 @@ from magic_pl.lightning.data import (
 from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
+from magic_pl.lightning.sharding import (
+    contributes_statistics,
+    data_parallel_size,
+    full_state_dict,
+    is_fully_sharded,
+    shard_mesh,
+    shard_model,
+    sharded_parameter_numel,
+)
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
 from magic_pl.merging import get_method, merge, validate_merge_options
 from magic_pl.models.base import (
@@ -447,11 +464,10 @@ class MagicModule(LightningModule):
     # ----------------------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         trainer = self._trainer
-        world_size = trainer.world_size if trainer is not None else 1
         if stage == "predict" and self.needs_calibration_data:
             count = count_predict_samples(trainer) if trainer is not None else None
-            if count is not None:
-                check_calibration_size(count, world_size)  # before any merging work
+            if count is not None:  # every process the data is split over needs a sample, before any merging work
+                check_calibration_size(count, data_parallel_size(trainer))
         self.build()
         self._check_task_names(trainer)
         self._check_labels(trainer)
@@ -491,6 +507,31 @@ class MagicModule(LightningModule):
                 "tagged with the position of their task, which must be the position of its expert"
             )
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the body is sharded over processes (``configure_model`` under ``ModelParallelStrategy``)."""
+        return self.model is not None and is_fully_sharded(self.model)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard the merged body with FSDP2, per repeated block and then as a whole,
+        over the strategy's ``tensor_parallel`` mesh dimension (:func:`~magic_pl.lightning.sharding.shard_mesh`).
+        Any other strategy keeps the whole body. Idempotent (Lightning calls it before every ``predict``/``test``).
+
+        Runs after ``setup``, so the merge and the weight steps have run on the whole body; the calibration steps
+        still to come must work on shards (FSC does; see
+        :meth:`~magic_pl.lightning.pipeline.CalibrationRun.check_shardable`)."""
+        trainer = self._trainer
+        mesh = shard_mesh(trainer.strategy) if trainer is not None else None
+        if mesh is None or self.model is None or self.is_sharded:
+            return
+        self.run.check_shardable()  # before any weight is sharded
+        start = time.perf_counter()
+        blocks = shard_model(self.model, mesh)
+        local, total = sharded_parameter_numel(self.model)
+        self.calibration_record.add_step("shard", time.perf_counter() - start, blocks=blocks,
+                                         processes=int(mesh.size()), local_parameters=local,
+                                         parameters=total)
+
     def on_predict_start(self) -> None:
         if self.model is None:
             return
@@ -498,8 +539,10 @@ class MagicModule(LightningModule):
         if self.run.needs_data:
             setup = self.merge_setup
             assert setup is not None
+            trainer = self._trainer
             # default units: the adapter's choice (leaves out tied aliases and modules no task vector covers)
-            self.run.begin(self.device, fsc_modules=setup.fsc_modules(self.model))
+            self.run.begin(self.device, fsc_modules=setup.fsc_modules(self.model),
+                           contributes=contributes_statistics(trainer.strategy) if trainer is not None else True)
 
     def on_predict_end(self) -> None:
         if self.run.collecting:  # predict ended before the epoch end: nothing folded
@@ -622,20 +665,37 @@ class MagicModule(LightningModule):
         self._end_eval("val")
 
     # --- saving -----------------------------------------------------------------------------------------------------
-    def save_calibrated(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
+    def save_calibrated(self, path: Optional[Union[str, os.PathLike]], *, overwrite: bool = False
+                        ) -> Optional[Path]:
         """Write the calibrated model atomically: the adapter's format (``save_pretrained`` for Hugging Face models,
         timm layout, ...); without an adapter, ``save_pretrained`` if the body has it, else
         ``path/model.safetensors`` plus the heads. ``path`` is replaced only when it is empty, a previous magic-pl
-        output, or with ``overwrite``."""
+        output, or with ``overwrite``.
+
+        A sharded body (:attr:`is_sharded`) is gathered first, whole, on global rank 0, which writes it: every rank
+        must call this (the gather is collective); the other ranks write nothing, may pass ``path=None`` and get
+        ``None``."""
         from magic_pl.lightning.writer import save_module
 
         if self.model is None or self.merge_setup is None:
             raise RuntimeError("nothing to save: the module is not built")
+        body = self.model
+        if self.is_sharded:
+            state = full_state_dict(self.model)  # collective; {} on every rank but 0
+            if not state:
+                return None
+            # an unsharded copy of the architecture holding the gathered weights, for the adapter's writer
+            body = copy.deepcopy(self.merge_setup.base)
+            body.load_state_dict(state, strict=True)
+            del state
+        if path is None:
+            raise ValueError("save_calibrated needs a path (only the ranks other than 0 of a sharded model may omit "
+                             "it)")
         if self.merge_setup.adapter is not None:
-            validate_state_dict(self.model.state_dict(), name="the calibrated model")  # no NaN/Inf is ever written
+            validate_state_dict(body.state_dict(), name="the calibrated model")  # no NaN/Inf is ever written
             options = {**self.save_options, **({"overwrite": True} if overwrite else {})}
-            return Path(self.merge_setup.save(self.model, path, **options))
-        return save_module(self.model, path, heads=dict(self.heads.items()) if self.heads is not None else None,
+            return Path(self.merge_setup.save(body, path, **options))
+        return save_module(body, path, heads=dict(self.heads.items()) if self.heads is not None else None,
                            overwrite=overwrite)
 
 

@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator
+from magic_pl.calibration.fsc import CalibrationResult, FeatureSpaceCalibrator, FSCStep
 from magic_pl.calibration.sensitivity import ModelInputs
 from magic_pl.calibration.settings import CalibrationSetting, SensitiveSet, detect_label_free
 from magic_pl.calibration.steps import CalibrationStep
@@ -98,6 +98,7 @@ class CalibrationRun:
         self._fsc_modules: Optional[Sequence[str]] = None
         self._task: Any = None
         self._busy = False
+        self._contributes = True
 
     # --- what the run still needs ----------------------------------------------------------------------------------
     @property
@@ -166,12 +167,33 @@ class CalibrationRun:
         """True between :meth:`begin` and :meth:`finish`."""
         return self.collector is not None or self._pending is not None
 
-    def begin(self, device: torch.device, fsc_modules: Optional[Sequence[str]] = None) -> None:
+    def check_shardable(self) -> None:
+        """Raise ``ValueError`` unless every step still to run works on a sharded body (FSDP2): the weight steps ran
+        at :meth:`bind` on the whole body, and what remains is FSC's statistics and fold. Steps that need the kept
+        samples first (a sensitive set to detect, a data-based merge) or measure in passes of their own (FeatCal)
+        write whole tensors in between, so they are refused before anything is sharded."""
+        if not self.needs_data:
+            return
+        step = self.setting.feature_step
+        if self._keeps_samples or not isinstance(step, FSCStep):
+            what = ("a data-based merge" if self._data_merge is not None else
+                    "detecting the sensitive set" if self.must_detect else f"the feature step {step.name!r}")
+            raise ValueError(f"calibration {self.setting.to_string()!r} cannot run on a sharded model: "
+                             f"{what} needs the whole model between steps; use DDP for it, give the sensitive set, "
+                             "or choose an FSC setting (fsc, dsc, fsc:granularity=channel, ...)")
+
+    def begin(self, device: torch.device, fsc_modules: Optional[Sequence[str]] = None, *,
+              contributes: bool = True) -> None:
         """Start collecting: the FSC statistics, or (when the sensitive set must be detected first) this process's
-        calibration samples, kept for the probe and measured at :meth:`finish`."""
+        calibration samples, kept for the probe and measured at :meth:`finish`.
+
+        ``contributes``: whether this process's statistics enter the sum over processes (see
+        :class:`~magic_pl.lightning.statistics.FeatureStatisticsCollector`); False on the ranks of a sharded model
+        that run the same samples as their shard group's first rank."""
         assert self.body is not None, "bind() first"
         if self.result is not None:
             return
+        self._contributes = contributes
         self.body.to(device).eval()
         self._fsc_modules = self.modules if self.modules is not None else fsc_modules
         if self._keeps_samples:
@@ -184,7 +206,8 @@ class CalibrationRun:
                                                      self.sensitive_set, modules=self._fsc_modules,
                                                      task_names=self.task_names)
         if isinstance(calibrator, FeatureSpaceCalibrator):
-            self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample)
+            self.collector = FeatureStatisticsCollector(calibrator, per_sample=self.per_sample,
+                                                        contributes=self._contributes)
         else:  # a feature step measuring in passes of its own (FeatCal): it sums its statistics with the reduce
             self.collector = PassesCollector(calibrator, per_sample=self.per_sample)
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from magic_pl.calibration._names import module_of as _owner
 from magic_pl.calibration.fsc import CalibrationResult
+from magic_pl.calibration.sharding import is_sharded, local_part, sum_over_shards
 from magic_pl.jsonable import jsonable
 from magic_pl.output import sha256_path
 from magic_pl.statedict import atomic_path, is_mergeable
@@ -74,13 +75,23 @@ def delta_norms(current: Mapping[str, Tensor], base: Mapping[str, Tensor], keys:
                 ) -> dict[str, float]:
     """``||current_l - base_l||`` per module over the shared floating keys (``keys``: restrict to these)."""
     keys = list(keys) if keys is not None else [k for k in _float_keys(current) if k in base]
+    if not any(is_sharded(current[k]) for k in keys):
+        def diffs() -> Iterable[tuple[str, Tensor]]:
+            for k in keys:
+                c = current[k]
+                yield k, c.double() - base[k].to(c.device).double()
 
-    def diffs() -> Iterable[tuple[str, Tensor]]:
-        for k in keys:
-            c = current[k]
-            yield k, c.double() - base[k].to(c.device).double()
-
-    return {m: math.sqrt(v) for m, v in module_sq_norms(diffs()).items()}
+        return {m: math.sqrt(v) for m, v in module_sq_norms(diffs()).items()}
+    # sharded weights (FSDP2): each rank sums its shards' squares, then one all-reduce over the shards
+    local = []
+    for k in keys:
+        c, b = local_part(current[k], base[k])
+        local.append(float((c.double() - b.to(c.device).double()).pow(2).sum()))
+    totals = sum_over_shards(torch.tensor(local, dtype=torch.float64), [current[k] for k in keys]).tolist()
+    out: dict[str, float] = {}
+    for k, v in zip(keys, totals):
+        out[module_of(k)] = out.get(module_of(k), 0.0) + v
+    return {m: math.sqrt(v) for m, v in out.items()}
 
 
 def expert_norms(task_vectors: Sequence[Mapping[str, Tensor]], keys: Optional[Sequence[str]] = None

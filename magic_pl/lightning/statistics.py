@@ -20,6 +20,10 @@ Sequential mode (each module measured after the earlier ones are calibrated) nee
 round; it uses the calibrator's ``finalize(reduce=...)`` with the same sum-reduced metric (exact up to float32
 rounding of each rank's partial sums).
 
+Under a sharded model (FSDP2) the ranks of one shard group must run the same forwards (each forward all-gathers
+the blocks' weights), so they all see the same samples; only one of them (``contributes=True``) adds its statistics to
+the metric, the others add nothing, and the one sum still counts every sample once.
+
 A feature step whose calibrator is not FSC's (FeatCal, :class:`~magic_pl.calibration.featcal.FeatCalCalibrator`)
 keeps the samples and measures them in its own passes: :class:`PassesCollector` feeds it and hands it, at the end of
 the predict epoch, the run's sum over processes, which it applies to its own statistics (one reduce per pass).
@@ -113,12 +117,17 @@ class FeatureStatisticsCollector:
         per_sample: feed samples one at a time (default True). Makes the statistics independent of batch
             composition (and so of the number of processes) and lets right padding be trimmed per sample.
         device: where the sum-reduced states live (default: the calibrator's statistics' device).
+        contributes: whether this process's statistics enter the sum (default True). False on a rank that runs the
+            same samples as another rank of its shard group (sharded model): it runs every forward, since they are
+            collective, but the samples are counted on that other rank only.
     """
 
     def __init__(
-        self, calibrator: FeatureSpaceCalibrator, *, per_sample: bool = True, device: Optional[torch.device] = None
+        self, calibrator: FeatureSpaceCalibrator, *, per_sample: bool = True, device: Optional[torch.device] = None,
+        contributes: bool = True,
     ) -> None:
         self.calibrator = calibrator
+        self.contributes = contributes
         # one process can raise as soon as an update meets NaN/Inf features; several must reach the sum first
         calibrator.raise_at_update = not _summed_over_processes()
         self.per_sample = per_sample
@@ -172,12 +181,16 @@ class FeatureStatisticsCollector:
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"batch task index {task} is out of range: there are {self.num_tasks} experts")
         self.calibrator.update(task, *args, **kwargs)
-        self.samples[task] += n
+        if self.contributes:
+            self.samples[task] += n
         if not self.sequential:
             # move this chunk's float32 sums into the float64 sum-reduced states, then zero the calibrator's
+            # (a rank that does not contribute adds exact zeros: the metric is updated, and synced, on every rank)
             count = torch.zeros(self.num_tasks, dtype=torch.long)
-            count[task] = n
-            self.metric.update(self.calibrator.ratio_sum, self.calibrator.ratio_count, count)
+            count[task] = n if self.contributes else 0
+            sums = (self.calibrator.ratio_sum, self.calibrator.ratio_count) if self.contributes else (
+                self._zeros, self._zeros)
+            self.metric.update(*sums, count)
             self.calibrator.ratio_sum.zero_()
             self.calibrator.ratio_count.zero_()
 
@@ -185,7 +198,7 @@ class FeatureStatisticsCollector:
     def _reduce(self, stacked: Tensor) -> Tensor:
         """Sum ``[2, K, M]`` statistics over processes with the metric (one sync)."""
         self.metric.reset()
-        self.metric.update(stacked[0], stacked[1])
+        self.metric.update(*(stacked if self.contributes else torch.zeros_like(stacked)))
         total_sum, total_count, _ = self.metric.totals()
         self.metric.reset()
         return torch.stack([total_sum, total_count]).to(stacked)

@@ -1,8 +1,10 @@
 """``MagicTrainer``: a Lightning ``Trainer`` with a ``calibrate`` entry point (merge, WSC, FSC, save, evaluate).
 
 ``calibrate`` is also the ``magic-pl calibrate`` subcommand. With ``strategy="ddp"`` every process runs the whole
-pipeline (weights stay identical on all ranks; rank 0 writes files). ``ddp_spawn`` is refused: spawned workers do not
-hand the calibrated weights back between ``predict`` and ``test``.
+pipeline (weights stay identical on all ranks; rank 0 writes files). With Lightning's ``ModelParallelStrategy`` the
+body is sharded over the processes (torch FSDP2; :meth:`MagicModule.configure_model
+<magic_pl.lightning.module.MagicModule.configure_model>`) and gathered on rank 0 to be written. ``ddp_spawn`` is
+refused: spawned workers do not hand the calibrated weights back between ``predict`` and ``test``.
 
 The output directory is written as one unit (:class:`magic_pl.output.OutputLocation`): it is checked before any
 tensor is read (a directory magic-pl did not write is never replaced without ``overwrite``; inputs inside it are
@@ -155,6 +157,8 @@ class MagicTrainer(Trainer):
             elif evaluate:
                 rank_zero_info("calibrate: no test data, skipping evaluation")
             final = Path(output_dir) if output_dir is not None else None
+            if staged is None and save_model and output_dir is not None and getattr(model, "is_sharded", False):
+                model.save_calibrated(None)  # a sharded model is gathered on rank 0: every rank takes part
             if staged is not None and save_model:
                 start = time.perf_counter()
                 saved = staged / "model" if layerwise else model.save_calibrated(staged / "model")
