@@ -119,8 +119,8 @@ class _Row:
             out["avg_normalized_std"] = float(norm_draws.mean(1).std(ddof=1)) if len(self.draws) > 1 else 0.0
         if self.scores:
             out["selection_scores"] = [float(v) for v in self.scores]
-        if self.xi:
-            vals = np.array([list(x.values()) for x in self.xi])
+        if any(self.xi):  # a feature step without coefficients (FeatCal rewrites weights instead) has no scales
+            vals = np.array([list(x.values()) for x in self.xi if x])
             wsc = str(self.extra.get("setting", self.calibration)).startswith("wsc")
             kind = "WSC mean row scale per tensor" if wsc else "FSC xi per module"
             out["scales"] = {"kind": kind, "mean": float(vals.mean()), "min": float(vals.min()),

@@ -324,3 +324,12 @@ def test_timm_experts_on_tensor_files(tmp_path):
             with torch.no_grad():
                 accuracy = (model.eval()(data["inputs"]).argmax(-1) == data["label"]).float().mean().item()
             assert rows[(row, "none")]["per_task"][task] == pytest.approx(accuracy, abs=1e-6), (row, task)
+
+
+def test_a_feature_step_without_coefficients_has_a_row_without_scales(own, tmp_path):
+    # FeatCal rewrites weights in closed form and reports no xi: its row must summarise without scales
+    config = {**own["config"], "methods": ["task_arithmetic"], "calibrations": ["none", "featcal"], "draws": 1,
+              "results_dir": str(tmp_path / "fc")}
+    rows = _index(_benchmark(tmp_path / "fc.yaml", config))
+    row = rows[("task_arithmetic", "featcal")]
+    assert "scales" not in row and row["draws"] == 1 and 0.0 <= row["avg"] <= 1.0
