@@ -146,11 +146,14 @@ if rank == 1:
 collector.update(torch.tensor([0, 1]), x)
 try:
     collector.finish()
+    result = "NO ERROR"
 except CalibrationDataError as e:
-    print("RAISED", e, flush=True)
-    sys.exit(0)
-print("NO ERROR", flush=True)
-sys.exit(3)
+    result = f"RAISED {e}"
+print(result, flush=True)
+# both ranks leave together and close the group: an exit with a live gloo group can abort in its threads' teardown
+dist.barrier()
+dist.destroy_process_group()
+sys.exit(0 if result.startswith("RAISED") else 3)
 '''
 
 

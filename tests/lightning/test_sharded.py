@@ -199,6 +199,8 @@ if rank == 0:
 else:
     assert state == {}
 print("OK", flush=True)
+dist.barrier()  # leave together and close the group: an exit with a live gloo group can abort in its teardown
+dist.destroy_process_group()
 '''
 
 
