@@ -11,7 +11,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # make helpers importable under any pytest import mode
     sys.path.insert(0, _HERE)
 
-from lightning_helpers import make_tiny_timm  # noqa: E402
+from lightning_helpers import make_tiny_timm, save_llama_experts  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,9 @@ def tiny_workdir(tmp_path: Path, tiny_timm: dict[str, Path], monkeypatch: pytest
         (models / f"{name}.safetensors").symlink_to(tiny_timm[name])
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def llama_files(tmp_path: Path) -> Path:
+    """Tiny Llama base and experts on disk, with calibration texts (:func:`lightning_helpers.save_llama_experts`)."""
+    return save_llama_experts(tmp_path)

@@ -91,3 +91,29 @@ def random_images(directory: Path, n: int, seed: int, num_labels: int, size: int
         Image.fromarray(arr).save(directory / name)
         rows.append({"image": f"images/{name}", "label": int(torch.randint(0, num_labels, (1,), generator=g))})
     return rows
+
+
+#: Calibration texts of the tiny Llama experts' two tasks (words of the tiny tokenizer).
+LLAMA_TEXTS = {"a": "w1 w2 w3 w4 w5\nw6 w7 w8\n", "b": "w9 w10 w11\nw12 w13 w14 w15\n"}
+
+
+def save_llama_experts(root: Path) -> Path:
+    """A tiny untied Llama base with its word-level tokenizer at ``root/base``, one expert per :data:`LLAMA_TEXTS`
+    task at ``root/<task>`` (the base plus seeded noise, 0.05) and each task's texts at ``root/<task>.txt``."""
+    import sys
+
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from model_fixtures import llama_config, save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(tie_word_embeddings=False)).eval()
+    base.save_pretrained(root / "base")
+    save_tiny_tokenizer(root / "base")
+    for i, task in enumerate(LLAMA_TEXTS):
+        expert = LlamaForCausalLM(llama_config(tie_word_embeddings=False))
+        expert.load_state_dict(base.state_dict())
+        _perturb(expert, seed=i + 1, scale=0.05).save_pretrained(root / task)
+        (root / f"{task}.txt").write_text(LLAMA_TEXTS[task])
+    return root

@@ -4,38 +4,17 @@ weights of the whole-model path on the same tiny Llama checkpoints and samples."
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lightning_helpers import LLAMA_TEXTS as TEXTS
 from safetensors.torch import load_file
 
 from magic_pl.lightning import HFDataset, MagicModule, TaskDataModule
 from magic_pl.lightning.trainer import MagicTrainer
 from magic_pl.models import CausalLMAdapter
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from model_fixtures import llama_config, perturb, save_tiny_tokenizer  # noqa: E402
-
-TEXTS = {"a": "w1 w2 w3 w4 w5\nw6 w7 w8\n", "b": "w9 w10 w11\nw12 w13 w14 w15\n"}
-
-
-@pytest.fixture
-def llama_files(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(llama_config(tie_word_embeddings=False)).eval()
-    base.save_pretrained(tmp_path / "base")
-    save_tiny_tokenizer(tmp_path / "base")
-    for i, task in enumerate(TEXTS):
-        expert = LlamaForCausalLM(llama_config(tie_word_embeddings=False))
-        expert.load_state_dict(base.state_dict())
-        perturb(expert, seed=i + 1, scale=0.05).save_pretrained(tmp_path / task)
-        (tmp_path / f"{task}.txt").write_text(TEXTS[task])
-    return tmp_path
 
 
 def _run(root: Path, out: str, layerwise: bool, calibration: str = "fsc") -> dict:

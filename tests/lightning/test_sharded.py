@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from model_fixtures import llama_config, perturb, save_tiny_tokenizer  # noqa: E402
+from model_fixtures import llama_config  # noqa: E402
 
-TEXTS = {"a": "w1 w2 w3 w4 w5\nw6 w7 w8\n", "b": "w9 w10 w11\nw12 w13 w14 w15\n"}
 SETTINGS = {"fsc": "fsc", "fsc_channel": "fsc:granularity=channel"}
 
 _SCRIPT = r'''
@@ -55,20 +54,6 @@ for name, calibration in settings.items():
 '''
 
 
-@pytest.fixture
-def llama_files(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(llama_config(tie_word_embeddings=False)).eval()
-    base.save_pretrained(tmp_path / "base")
-    save_tiny_tokenizer(tmp_path / "base")
-    for i, task in enumerate(TEXTS):
-        expert = LlamaForCausalLM(llama_config(tie_word_embeddings=False))
-        expert.load_state_dict(base.state_dict())
-        perturb(expert, seed=i + 1, scale=0.05).save_pretrained(tmp_path / task)
-        (tmp_path / f"{task}.txt").write_text(TEXTS[task])
-    return tmp_path
 
 
 def _launch(root: Path, out: Path, devices: int) -> None:
