@@ -36,8 +36,11 @@ def test_budget_study_on_the_tiny_suite(tiny, tmp_path):
                 r["task_arithmetic_tuned/none"]["avg"] - r["ties/none"]["avg"])
     # budget-independent rows do not move with n; the budget rows do see other samples
     assert runs["1"]["ties/none"]["avg"] == runs["3"]["ties/none"]["avg"]
-    assert runs["1"]["ties/fsc"]["avg"] != runs["3"]["ties/fsc"]["avg"] or \
-        runs["1"]["weight_average/fsc"]["avg"] != runs["3"]["weight_average/fsc"]["avg"]
+    # (accuracies on 60 examples are coarse: FSC alone can land on the same count at both n, so every
+    # sample-based row counts; BatchNorm re-estimation moves most with n)
+    sampled = [k for k, v in runs["3"].items() if v["needs"] == "samples"]
+    assert {"ties/fsc", "ties/bn", "weight_average/bn"} <= set(sampled)
+    assert any(runs["1"][k]["avg"] != runs["3"][k]["avg"] for k in sampled)
     tiny_entry = summary["suites"]["tiny"]
     assert tiny_entry["tuned_ta"] == runs["1"]["task_arithmetic_tuned/none"]["avg"]
     assert tiny_entry["tuned_lines"] == runs["1"]["lines_tuned/lines"]["avg"]
