@@ -14,12 +14,16 @@ Lifecycle:
    logged as ``test/acc/<task>`` and ``test/acc/avg``.
 
 Under Lightning's ``ModelParallelStrategy`` (torch FSDP2; it runs on CPU with gloo too) ``configure_model`` shards the
-merged body per block over the processes (:mod:`magic_pl.lightning.sharding`), so each rank holds 1/N of it after
-the merge (the merge itself, and the weight steps, still run on the whole body on every rank, before sharding; the
-base weights theta0 stay whole on every rank as FSC's reference). The ranks of a shard group run the same samples,
-which FSDP's collective forwards need; one rank per group adds them to the statistics, so the one sum counts each
-sample once and xi equals one process's. The fold writes each rank's shards; :meth:`MagicModule.save_calibrated`
-gathers the whole state dict on rank 0 and writes it through the adapter.
+body per block over the processes (:mod:`magic_pl.lightning.sharding`), so each rank holds 1/N of it. With an adapter
+that builds a skeleton (:meth:`~magic_pl.models.base.ModelAdapter.sharded_setup`: causal LMs) no rank ever holds the
+whole model: the body is built with its parameters on the meta device, sharded, and each rank fills its own shards
+from the checkpoints, key by key (:func:`~magic_pl.models.shard_merge.merge_into_shards`; row-separable methods read
+only the shard's rows; the setting's weight steps run inside the merge), and FSC reads the base weights theta0 from
+disk module by module. Otherwise (other adapters, data-based merges, whole-model options) the body is merged whole
+on every rank and sharded afterwards, with a warning. The ranks of a shard group run the same samples, which FSDP's
+collective forwards need; one rank per group adds them to the statistics, so the one sum counts each sample once and
+xi equals one process's. The fold writes each rank's shards; :meth:`MagicModule.save_calibrated` gathers the whole
+state dict on rank 0 and writes it through the adapter.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from magic_pl.calibration import CalibrationSetting, resolve_setting
@@ -69,6 +74,8 @@ from magic_pl.models.base import (
     find_tied_keys,
 )
 from magic_pl.models.heads import TaskModel, logits_of
+from magic_pl.models.shard_merge import merge_into_shards
+from magic_pl.models.streaming import MergeRequest, merge_request
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
 __all__ = ["MagicModule", "Calibration", "split_inputs", "NormRecorder", "task_calls",
@@ -301,6 +308,10 @@ class MagicModule(LightningModule):
         self.run = CalibrationRun(setting, sensitive=self.sensitive, modules=self.fsc_modules,
                                   per_sample=fsc_per_sample, record=self.calibration_record)
         self._task_models: dict[str, nn.Module] = {}
+        #: A merge into shards waiting for ``configure_model`` (set by ``build`` under ``ModelParallelStrategy``).
+        self._shard_request: Optional[MergeRequest] = None
+        #: The unsharded skeleton (meta parameters) that saving loads the gathered weights into (not a submodule).
+        object.__setattr__(self, "_template", None)
         self._test_metric: Optional[PerTaskAccuracy] = None
         self._examples: Optional[ExampleCorrectness] = None
         #: After ``trainer.test``/``validate`` on batches with an ``"index"`` entry: task -> correctness per example
@@ -369,7 +380,13 @@ class MagicModule(LightningModule):
             return
         rec = self.calibration_record
         start = time.perf_counter()
-        setup = self.adapter.setup() if self.adapter is not None else self._direct_setup()
+        request = self._shard_merge_request()
+        setup = None
+        if request is not None:
+            setup = self.adapter.sharded_setup()
+        if setup is None:
+            request = None
+            setup = self.adapter.setup() if self.adapter is not None else self._direct_setup()
         setup.validate(check_finite=self.check_finite)
         self.merge_setup = setup
         self.task_names = list(setup.task_names)
@@ -377,10 +394,57 @@ class MagicModule(LightningModule):
         rec.config.update(self.describe())
         rec.sources = {"base": setup.metadata.get("base"), "experts": setup.metadata.get("experts") or []}
         rec.add_step("load", time.perf_counter() - start, tasks=len(self.task_names))
+        if request is not None:
+            # merged by configure_model, straight into this process's shards
+            self._shard_request = request
+            # parameters on meta: costs nothing; the writer's body. Kept out of the module tree: Lightning would
+            # materialise a meta submodule with to_empty over the whole module, shards included
+            object.__setattr__(self, "_template", copy.deepcopy(setup.base))
+            self._install(setup.base)
+            return
 
         body = merge_and_bind(self.run, self.merge_method, self.merge_options, setup.task_vectors(),
                               self.task_names, setup.base_state(), lambda tau_m: setup.merged_model(tau_m or {}))
         self._install(body)
+
+    def _shard_merge_request(self) -> Optional[MergeRequest]:
+        """The checked request of a merge straight into shards, or ``None`` for the whole-body merge: under
+        ``ModelParallelStrategy``, with an adapter that builds a skeleton, a method that merges key by key and weight
+        steps that are row-separable. Otherwise the body is merged whole on every process and sharded afterwards
+        (with a warning saying why, when sharding)."""
+        trainer = self._trainer
+        if trainer is None or shard_mesh(trainer.strategy) is None:
+            return None
+        why = None
+        if self.adapter is None or type(self.adapter).sharded_setup is ModelAdapter.sharded_setup:
+            why = f"the {type(self.adapter).__name__ if self.adapter else 'model'} path has no skeleton to shard"
+        elif get_method(self.merge_method).needs_data:
+            why = f"{self.merge_method} merges from the calibration samples"
+        else:
+            options = {k: v for k, v in self.merge_options.items() if k not in ("bn_stats", "seed")}
+            try:
+                return merge_request(self.merge_method, options, self.calibration, self.sensitive,
+                                     caller="the merge into shards", feature=True)
+            except ValueError as err:
+                why = str(err)
+        rank_zero_warn(f"merging the whole model on every process before sharding it: {why}")
+        return None
+
+    def _merge_into_shards(self, device: torch.device) -> None:
+        """Fill the sharded skeleton with ``theta0 + tau_m`` from the checkpoints and bind the calibration run."""
+        setup, request, rec = self.merge_setup, self._shard_request, self.calibration_record
+        assert setup is not None and request is not None and self.model is not None
+        report = merge_into_shards(self.model, setup.base_state(), setup.experts, request, tied=setup.tied,
+                                   device=device, bn_stats=self.merge_options.get("bn_stats", "average"),
+                                   seed=self.merge_options.get("seed", 0))
+        rec.add_step("merge", report.seconds, method=self.merge_method, options=dict(self.merge_options),
+                     into_shards=True, rows_read=report.rows_read)
+        rec.expert_norms = _module_means(report.expert_sq)
+        rec.deviation_before = relative_deviation(_module_means([report.merged_sq]), rec.expert_norms)
+        self.run.bind(self.model, setup.base_state(), setup.task_vectors(), self.task_names,
+                      weight_steps_done=report.wsc_scales)
+        rec.deviation_after = rec.deviation_after or dict(rec.deviation_before)
+        self._shard_request = None
 
     def _install(self, merged: nn.Module) -> None:
         """Install the merged body (the base, for a data-based merge; the run is bound to it already), its heads and
@@ -517,8 +581,9 @@ class MagicModule(LightningModule):
         over the strategy's ``tensor_parallel`` mesh dimension (:func:`~magic_pl.lightning.sharding.shard_mesh`).
         Any other strategy keeps the whole body. Idempotent (Lightning calls it before every ``predict``/``test``).
 
-        Runs after ``setup``, so the merge and the weight steps have run on the whole body; the calibration steps
-        still to come must work on shards (FSC does; see
+        Runs after ``setup``. A skeleton body (``build`` under this strategy, with an adapter that has one) is merged
+        here, into this rank's shards; otherwise the merge and the weight steps ran on the whole body in ``setup``.
+        The calibration steps still to come must work on shards (FSC does; see
         :meth:`~magic_pl.lightning.pipeline.CalibrationRun.check_shardable`)."""
         trainer = self._trainer
         mesh = shard_mesh(trainer.strategy) if trainer is not None else None
@@ -531,6 +596,8 @@ class MagicModule(LightningModule):
         self.calibration_record.add_step("shard", time.perf_counter() - start, blocks=blocks,
                                          processes=int(mesh.size()), local_parameters=local,
                                          parameters=total)
+        if self._shard_request is not None:
+            self._merge_into_shards(trainer.strategy.root_device)
 
     def on_predict_start(self) -> None:
         if self.model is None:
@@ -685,8 +752,13 @@ class MagicModule(LightningModule):
             if not state:
                 return None
             # an unsharded copy of the architecture holding the gathered weights, for the adapter's writer
-            body = copy.deepcopy(self.merge_setup.base)
-            body.load_state_dict(state, strict=True)
+            template = self._template if self._template is not None else self.merge_setup.base
+            body = copy.deepcopy(template)
+            # a skeleton's meta parameters take the gathered tensors themselves; tied aliases share them again
+            body.load_state_dict(state, strict=True, assign=self._template is not None)
+            for alias, canonical in self.merge_setup.tied.items():
+                owner, _, name = alias.rpartition(".")
+                setattr(body.get_submodule(owner), name, body.get_parameter(canonical))
             del state
         if path is None:
             raise ValueError("save_calibrated needs a path (only the ranks other than 0 of a sharded model may omit "

@@ -90,6 +90,7 @@ class CalibrationRun:
         self.task_names: list[str] = []
         self.sensitive_set: Optional[list[str]] = None
         self.row_scales: dict[str, Tensor] = {}
+        self._wsc_means: dict[str, float] = {}
         self.collector: Optional[Union[FeatureStatisticsCollector, PassesCollector]] = None
         self.result: Optional[CalibrationResult] = None
         self._handle: Any = None
@@ -125,21 +126,33 @@ class CalibrationRun:
     # --- 1. after the merge ---------------------------------------------------------------------------------------
     def bind(self, body: nn.Module, base_state: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
              task_names: Sequence[str], merged_tv: Optional[Mapping[str, Tensor]] = None, *,
-             data_merge: Optional[DataMerge] = None) -> None:
+             data_merge: Optional[DataMerge] = None,
+             weight_steps_done: Optional[Mapping[str, float]] = None) -> None:
         """Attach the merged ``body`` and, unless the sensitive set must be detected first, apply the data-free step.
 
         With ``data_merge`` the body holds the base weights until :meth:`finish`, where the merge runs on the
-        calibration samples before every calibration step."""
+        calibration samples before every calibration step. ``weight_steps_done``: the merge already applied the
+        setting's weight steps key by key (a merge into shards); their mean row scale per key, for the record."""
         self.body, self.base_state = body, base_state
         self.task_vectors, self.task_names = list(task_vectors), list(task_names)
         self._data_merge = data_merge
         self.record.config["calibration"] = self.setting.to_string()
         self.record.config["calibration_setting"] = self.setting.to_dict()
+        if weight_steps_done is not None and self._keeps_samples:
+            raise ValueError("weight steps applied during the merge cannot follow a step that needs the samples")
         if not self._keeps_samples:
             self.sensitive_set = self.setting.resolve_sensitive(self.given)
-            self._weight_space(merged_tv)
+            if weight_steps_done is None:
+                self._weight_space(merged_tv)
+            elif self.setting.uses_wsc:
+                for step in self.setting.weight_steps:
+                    self.record.add_step(step.name, 0.0, tensors=len(weight_steps_done), in_merge=True,
+                                         gated=self.sensitive_set is not None)
+                self._wsc_means = dict(weight_steps_done)
+                self.record.wsc_scales = dict(weight_steps_done)
+                self._update_deviation()
             if not self.setting.uses_data:
-                self.result = self.setting.result(None, self.row_scales)
+                self.result = self._result(None)
 
     def _weight_space(self, merged_tv: Optional[Mapping[str, Tensor]] = None) -> None:
         """The setting's weight steps, in order, each recorded under its own name (``merged_tv``: tau_m before the
@@ -272,7 +285,7 @@ class CalibrationRun:
                 self.sensitive_set = self.setting.resolve_sensitive(self.given)
             self._weight_space(merged_tv)
             if not self.setting.uses_data:
-                self.result = self.setting.result(None, self.row_scales)
+                self.result = self._result(None)
                 return self.result
             self._start_statistics()  # measured on the model the weight steps left, on the same samples
             for task, args, kwargs in calls:
@@ -286,7 +299,7 @@ class CalibrationRun:
         else:
             fold = collector.finish()
             details = {"mode": fold.mode, "norm": fold.norm, "rounds": fold.rounds}
-        self.result = self.setting.result(fold, self.row_scales)
+        self.result = self._result(fold)
         rec = self.record
         rec.set_fold(self.result)
         step = self.setting.feature_step
@@ -295,6 +308,12 @@ class CalibrationRun:
         self._update_deviation()
         self.collector = None
         return self.result
+
+    def _result(self, fold: Optional[CalibrationResult]) -> CalibrationResult:
+        result = self.setting.result(fold, self.row_scales)
+        if self._wsc_means:  # weight steps applied key by key during the merge: their means only
+            result.wsc_scales = dict(self._wsc_means)
+        return result
 
     def discard(self) -> None:
         """Forget a predict run that ended without :meth:`finish`."""

@@ -18,11 +18,12 @@ NaN/Inf in the base or an expert is refused as each key is computed, naming the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -119,14 +120,35 @@ def find_tied_keys(module: nn.Module) -> dict[str, str]:
     seen: dict[tuple, str] = {}
     tied: dict[str, str] = {}
     for key, t in module.state_dict(keep_vars=True).items():
-        if t is None or t.numel() == 0 or t.device.type == "meta":
+        if t is None or t.numel() == 0:
             continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.device.type == "meta":  # no storage: only the same tensor object is the same weight
+            ident: tuple = ("meta", id(t))
+        else:
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if ident in seen:
             tied[key] = seen[ident]
         else:
             seen[ident] = key
     return tied
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, no initialisation cost) while buffers stay
+    real: rotary ``inv_freq`` and the like are computed at construction and are not in the checkpoint."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def check_experts(base: StateDict, experts: Sequence[StateDict], names: Sequence[str], *,
@@ -156,6 +178,9 @@ class MergeSetup:
         metadata: free-form facts about the sources (paths, configs) for reports.
         exact_task_vectors: task vectors to use instead of ``expert - base`` (LoRA: ``B @ A * scale`` exactly, over
             the keys the adapters touch); default ``None``.
+        base_source: the base body's tensors read lazily from its checkpoint, keyed like ``base`` without the tied
+            aliases; set by :meth:`ModelAdapter.sharded_setup`, whose ``base`` is a skeleton with its parameters on
+            the meta device. :meth:`base_state` then returns it. Default ``None``: ``base`` holds the weights.
     """
 
     base: nn.Module
@@ -166,6 +191,7 @@ class MergeSetup:
     adapter: Optional["ModelAdapter"] = None
     metadata: dict[str, Any] = field(default_factory=dict)
     exact_task_vectors: Optional[list[Mapping[str, Tensor]]] = None
+    base_source: Optional[StateDict] = None
 
     def __post_init__(self) -> None:
         from magic_pl.output import check_task_names
@@ -180,7 +206,10 @@ class MergeSetup:
 
     # -- state ------------------------------------------------------------------------------------------------------
     def base_state(self) -> dict[str, Tensor]:
-        """The base body's state dict without tied aliases (detached; shares storage with ``base``)."""
+        """The base body's state dict without tied aliases (detached; shares storage with ``base``), or
+        :attr:`base_source` when the body is a skeleton."""
+        if self.base_source is not None:
+            return self.base_source  # type: ignore[return-value]
         return {k: v.detach() for k, v in self.base.state_dict().items() if k not in self.tied}
 
     def task_vectors(self, *, device: Optional[Union[str, torch.device]] = None) -> list[Mapping[str, Tensor]]:
@@ -297,6 +326,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def save(self, setup: MergeSetup, body: nn.Module, path: PathLike, **options: Any) -> Path:
         """Write ``body`` (plus heads) to ``path`` atomically, in the source format. Returns ``path``."""
+
+    def sharded_setup(self) -> Optional[MergeSetup]:
+        """A :class:`MergeSetup` for merging straight into shards
+        (:func:`~magic_pl.models.shard_merge.merge_into_shards`): ``base`` built with its parameters on the meta
+        device (no memory), the base tensors read lazily (:attr:`MergeSetup.base_source`), the experts opened lazily.
+        ``None`` (the default) when the family has none: the body is then merged whole on every process and sharded
+        afterwards."""
+        return None
 
     def task_model(self, setup: MergeSetup, body: nn.Module, task: str) -> nn.Module:
         """Runnable model for one task (default: body then head, see :class:`~magic_pl.models.heads.TaskModel`)."""

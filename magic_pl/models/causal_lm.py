@@ -27,7 +27,14 @@ from magic_pl.models._hf import (
     load_config,
     resolve_dtype,
 )
-from magic_pl.models.base import MergeSetup, ModelAdapter, default_task_names, find_tied_keys
+from magic_pl.models.base import (
+    KeyView,
+    MergeSetup,
+    ModelAdapter,
+    default_task_names,
+    find_tied_keys,
+    parameters_on_meta,
+)
 from magic_pl.models.io import save_pretrained_atomic
 from magic_pl.statedict import CheckpointError, load_state_dict
 
@@ -70,12 +77,39 @@ class CausalLMAdapter(ModelAdapter):
         return from_pretrained_checked(AutoModelForCausalLM, self.base_path, name=f"base {self.base_path}", **kwargs)
 
     def setup(self) -> MergeSetup:
+        model = self.load_base()
+        return self._setup(model, load_config(self.base_path))
+
+    def sharded_setup(self) -> MergeSetup:
+        """The setup for a merge into shards: the model built from the base's config with its parameters on the meta
+        device (in the adapter's ``dtype``; ``"auto"``: the config's), the base tensors read lazily."""
         from transformers import AutoModelForCausalLM
 
         base_cfg = load_config(self.base_path)
-        model = self.load_base()
+        dtype = resolve_dtype(self.dtype)
+        if not isinstance(dtype, torch.dtype):  # "auto": the checkpoint's own dtype, as from_pretrained takes it
+            dtype = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None) or torch.float32
+            dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(base_cfg, **dtype_kwargs(dtype))
+        model.eval()
+        return self._setup(model, base_cfg, lazy_base=True)
+
+    def _setup(self, model: nn.Module, base_cfg: Any, *, lazy_base: bool = False) -> MergeSetup:
+        from transformers import AutoModelForCausalLM
+
         tied = find_tied_keys(model)
         expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+        base_source = None
+        if lazy_base:
+            def load_whole():
+                m = self.load_base()
+                return {k: v for k, v in m.state_dict().items()}
+
+            name = f"base {self.base_path}"
+            base_source = KeyView(expert_body_state(self.base_path, expected, prefixes=("",), name=name,
+                                                    materialize=load_whole, trust_pickle=self.trust_pickle),
+                                  list(expected))
         experts = []
         for path, task in zip(self.expert_paths, self.task_names):
             name = f"expert {task!r}"
@@ -93,6 +127,7 @@ class CausalLMAdapter(ModelAdapter):
             base=model, experts=experts, task_names=list(self.task_names), heads=None, tied=tied, adapter=self,
             metadata={"family": "causal_lm", "base": self.base_path, "experts": list(self.expert_paths),
                       "model_type": getattr(base_cfg, "model_type", None)},
+            base_source=base_source,
         )
         setup.validate()
         return setup

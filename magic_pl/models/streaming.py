@@ -262,13 +262,16 @@ def merge_request(merge_method: str, merge_options: Optional[Mapping[str, Any]],
 
 @dataclass
 class KeyMergeStats:
-    """What :meth:`KeyMerger.rows` did for one key: its rows, whether it went in row blocks, WSC's summed row scales
-    and whether a weight step changed it."""
+    """What :meth:`KeyMerger.rows` did for one key: its rows, whether it went in row blocks, WSC's summed row scales,
+    whether a weight step changed it, and (on request) the merged task vector's squared norm."""
 
     rows: int = 1
     chunked: bool = False
     scale_sum: float = 0.0
     changed: bool = False
+    #: set ``track_norms`` to get ``merged_sq``: the squared norm of the merged task vector before the weight steps
+    track_norms: bool = False
+    merged_sq: float = 0.0
 
 
 class KeyMerger:
@@ -293,12 +296,17 @@ class KeyMerger:
         self.chunk_limit = parse_size(chunk_bytes)
         self.row_separable = MERGE_METHODS[request.method].row_separable
 
-    def rows(self, key: str, shape: Sequence[int], dtype: torch.dtype, stats: KeyMergeStats
+    def rows(self, key: str, shape: Sequence[int], dtype: torch.dtype, stats: KeyMergeStats, *,
+             row_range: Optional[tuple[int, int]] = None
              ) -> Iterator[tuple[Optional[int], Tensor, list[Tensor], Tensor]]:
         """``(start, base, taus, merged_tau)`` per row block of the floating key ``key`` (one block, ``start=None``,
         unless a row-separable method's working set exceeds ``chunk_bytes``): the base rows in
         :func:`~magic_pl.statedict.compute_dtype`, the K float32 task-vector rows (each expert read once) and the
-        merged task vector after the weight steps. ``stats`` is filled as the blocks go."""
+        merged task vector after the weight steps. ``stats`` is filled as the blocks go.
+
+        ``row_range=(lo, hi)``: only rows ``lo:hi`` are needed (one rank's shard). A row-separable method then reads
+        and merges those rows only; any other method still needs the whole tensor (one block, ``start=None``) and
+        the caller takes the rows it needs."""
         from magic_pl.calibration.settings import apply_weight_steps
         from magic_pl.merging import merge
 
@@ -315,7 +323,14 @@ class KeyMerger:
         # calibrated, output
         per_row = numel_row * 4 * (3 * K + 6)
         blocks: list[tuple[Optional[int], Optional[int]]] = [(None, None)]
-        if self.row_separable and len(shape) >= 1 and rows > 1 and per_row * rows > self.chunk_limit:
+        lo, hi = (0, rows) if row_range is None else (max(0, row_range[0]), min(rows, row_range[1]))
+        if self.row_separable and len(shape) >= 1 and (lo, hi) != (0, rows):
+            if hi <= lo:
+                return
+            step = max(1, self.chunk_limit // per_row)
+            blocks = [(s, min(hi, s + step)) for s in range(lo, hi, step)]
+            stats.chunked = len(blocks) > 1
+        elif self.row_separable and len(shape) >= 1 and rows > 1 and per_row * rows > self.chunk_limit:
             step = max(1, self.chunk_limit // per_row)
             blocks = [(s, min(rows, s + step)) for s in range(0, rows, step)]
             stats.chunked = True
@@ -330,6 +345,8 @@ class KeyMerger:
                                        base_name=f"base ({_file(self.base_sd, key)})")
                     for j, (rd, e) in enumerate(zip(expert_rds, self.expert_sds))]
             merged = merge(method, [{key: t} for t in taus], bn_stats=self.bn_stats, seed=self.seed, **opts)[key]
+            if stats.track_norms:
+                stats.merged_sq += float(merged.double().pow(2).sum())
             if wsc:
                 # the steps are row-separable: run them on row sub-blocks of the held slices (views, no copies), so
                 # WSC's [K, rows, in] stack stays within chunk_bytes even when the method needed whole tensors

@@ -20,7 +20,11 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from model_fixtures import llama_config  # noqa: E402
 
-SETTINGS = {"fsc": "fsc", "fsc_channel": "fsc:granularity=channel"}
+#: name -> (merge method, options, calibration): TIES merges whole tensors (each rank keeps its rows), task arithmetic
+#: row by row (each rank reads only its own rows); DSC's WSC runs inside the merge, key by key
+SETTINGS = {"fsc": ["ties", {"density": 0.5}, "fsc"],
+            "fsc_channel": ["ties", {"density": 0.5}, "fsc:granularity=channel"],
+            "dsc_rows": ["task_arithmetic", {"scale": 0.5}, "dsc"]}
 
 _SCRIPT = r'''
 import json, sys
@@ -34,11 +38,14 @@ from magic_pl.lightning.sharding import sharded_parameter_numel
 from magic_pl.lightning.trainer import MagicTrainer
 from magic_pl.models import CausalLMAdapter
 
+loads = []  # the whole base model loaded: never, when merging into shards
+whole_load = CausalLMAdapter.load_base
+CausalLMAdapter.load_base = lambda self: loads.append(1) or whole_load(self)
 tasks = ["a", "b"]
-for name, calibration in settings.items():
+for name, (method, options, calibration) in settings.items():
+    loads.clear()
     adapter = CausalLMAdapter(str(root / "base"), [str(root / t) for t in tasks], task_names=tasks)
-    model = MagicModule(adapter=adapter, merge_method="ties", merge_options={"density": 0.5},
-                        calibration=calibration)
+    model = MagicModule(adapter=adapter, merge_method=method, merge_options=options, calibration=calibration)
     data = TaskDataModule(task_names=tasks, samples_per_task=2, calibration={
         t: HFDataset(str(root / f"{t}.txt"), tokenizer=str(root / "base"), label_column=None) for t in tasks})
     strategy = ModelParallelStrategy() if devices > 1 else "auto"
@@ -50,7 +57,8 @@ for name, calibration in settings.items():
     result = model.run.result
     (out / f"{name}.rank{trainer.global_rank}.json").write_text(json.dumps({
         "sharded": model.is_sharded, "local": local, "total": total, "coefficients": result.coefficients,
-        "channels": result.channel_coefficients, "samples": result.samples_per_task}))
+        "channels": result.channel_coefficients, "samples": result.samples_per_task, "base_loads": len(loads),
+        "wsc": result.wsc_scales}))
 '''
 
 
@@ -78,6 +86,11 @@ def test_model_parallel_strategy_equals_one_process(llama_files):
         assert not single["sharded"] and all(r["sharded"] for r in ranks)
         # each sample counted once: both ranks ran all 4 samples, one of them counted them
         assert single["samples"] == [2, 2] and all(r["samples"] == [2, 2] for r in ranks)
+        # one process loads the base model; the shards are filled from the checkpoints, no rank loads it whole
+        assert single["base_loads"] == 1 and all(r["base_loads"] == 0 for r in ranks)
+        assert all(r["wsc"].keys() == single["wsc"].keys() for r in ranks)
+        assert all(abs(r["wsc"][k] - v) <= 1e-6 for r in ranks for k, v in single["wsc"].items())
+        assert bool(single["wsc"]) == (name == "dsc_rows")
         xi1 = single["coefficients"]
         assert xi1 and any(abs(v - 1.0) > 1e-3 for v in xi1.values())  # the calibration did something
         for r in ranks:
@@ -102,6 +115,16 @@ def test_model_parallel_strategy_equals_one_process(llama_files):
         report = json.loads((two / name / "calibration_report.json").read_text())
         shard = [s for s in report["steps"] if s["step"] == "shard"]
         assert shard and shard[0]["blocks"] == 2 and shard[0]["processes"] == 2
+        merge = next(s for s in report["steps"] if s["step"] == "merge")
+        assert merge["into_shards"] is True
+        # task arithmetic is row-separable: rank 0 read about half of every tensor's rows; TIES needs them all
+        assert merge["rows_read"] == pytest.approx(0.5, abs=0.05) if name == "dsc_rows" else merge["rows_read"] == 1
+        one_report = json.loads((one / name / "calibration_report.json").read_text())
+        for when in ("before", "after"):  # the magnitudes, summed over the shards: one process's
+            got, want = report["magnitude_deviation"][when], one_report["magnitude_deviation"][when]
+            assert want and got.keys() == want.keys(), when
+            assert all(abs(got[m] - v) <= 1e-6 * (1 + abs(v)) for m, v in want.items()), when
+        assert report["wsc_scales"] == pytest.approx(one_report["wsc_scales"], abs=1e-6)
 
 
 def test_command_line_model_parallel_dsc_equals_one_process(tiny_workdir):
