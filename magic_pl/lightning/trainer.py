@@ -82,8 +82,13 @@ class MagicTrainer(Trainer):
                 the report (``selection``). Default none.
             layerwise: merge and calibrate one block at a time from the checkpoints on disk
                 (:func:`~magic_pl.models.layerwise.layerwise_fsc`: memory is one block, whatever the model's size),
-                for a causal-LM adapter (Llama family) with an ``output_dir``; the model is written there and not
-                held, so it is not evaluated here (``magic-pl test`` on the written model does). Default ``False``.
+                with an ``output_dir``, for an adapter whose architecture has a
+                :class:`~magic_pl.models.layerwise.BlockPlan`: a causal LM (``CausalLMAdapter``, Llama family) is
+                written block by block; Hugging Face classifiers (``SequenceClassificationAdapter`` for BERT,
+                ``ImageClassificationAdapter`` for ViT) have their shared encoder calibrated block by block (the
+                heads differ per task and are kept, as on the whole-model path), then written with the heads in the
+                adapter's layout, which holds the calibrated encoder once. The model is not held afterwards, so it
+                is not evaluated here (``magic-pl test`` on the written model does). Default ``False``.
 
         Returns:
             ``{"metrics", "model", "report", "result", "comparison"}``: test metrics, the model and report paths
@@ -184,12 +189,16 @@ class MagicTrainer(Trainer):
 
     def _layerwise(self, model: LightningModule, datamodule: Optional[LightningDataModule], output: Path) -> None:
         """:func:`~magic_pl.models.layerwise.layerwise_fsc` on ``model``'s adapter checkpoints and the data module's
-        calibration samples, written to ``output``; the record gets the pairing, xi and the memory it used."""
+        calibration samples, written to ``output`` (a classifier's calibrated body first beside it, then the adapter's
+        layout with the heads); the record gets the pairing, xi and the memory it used."""
+        import shutil
+
         from magic_pl.lightning.module import split_inputs
         from magic_pl.lightning.statistics import task_calls
         from magic_pl.models.layerwise import layerwise_fsc
 
         adapter = model.adapter
+        body_of = _layerwise_body_of(adapter)
         datamodule.setup("predict")
         samples = []
         for batch in datamodule.predict_dataloader():
@@ -198,10 +207,18 @@ class MagicTrainer(Trainer):
                 samples.append((t, dict(kw) if not a else a))
         options = dict(model.merge_options)  # the merge driver's options are layerwise_fsc's own arguments
         driver = {k: options.pop(k) for k in ("seed", "bn_stats") if k in options}
-        report = layerwise_fsc(adapter.base_path, adapter.expert_paths, samples, output,
+        # a classifier's calibrated body goes beside the output (inside the staging directory), then into the
+        # adapter's layout with the heads
+        target = output if body_of is None else output.with_name(f".{output.name}-layerwise-body")
+        report = layerwise_fsc(adapter.base_path, adapter.expert_paths, samples, target,
                                merge_method=model.merge_method, merge_options=options, calibration=model.calibration,
                                task_names=adapter.task_names, device=self.strategy.root_device,
-                               sensitive=model.sensitive, **driver)
+                               sensitive=model.sensitive, body_of=body_of, **driver)
+        if body_of is not None:
+            start = time.perf_counter()
+            _save_classifiers(model, target, output)
+            shutil.rmtree(target)
+            model.calibration_record.add_step("layerwise_save", time.perf_counter() - start)
         rec = model.calibration_record
         rec.task_names = list(adapter.task_names)
         rec.sources = {"base": adapter.base_path, "experts": list(adapter.expert_paths)}
@@ -209,6 +226,7 @@ class MagicTrainer(Trainer):
         rec.config["layerwise"] = {k: getattr(report, k) for k in (
             "family", "mode", "segments", "device", "dtype", "peak_segment_bytes", "max_segment_bytes",
             "model_bytes")}
+        rec.config["layerwise"]["calibrated"] = "model" if body_of is None else "shared body"
         rec.set_fold(report.calibration)
         rec.add_step("layerwise", report.seconds, segments=report.segments)
 
@@ -288,13 +306,68 @@ class _Maybe:
             self.cm.__exit__(*exc)
 
 
-def _check_layerwise(model: LightningModule, output_dir: Any, save_model: bool, select: Any) -> None:
-    """``layerwise`` needs checkpoints on disk, a place to write to and a causal LM (before any tensor is read)."""
-    from magic_pl.models import CausalLMAdapter
+def _layerwise_body_of(adapter: Any) -> Optional[str]:
+    """What :func:`~magic_pl.models.layerwise.layerwise_fsc` calibrates for ``adapter``: ``None`` for the whole model
+    (causal LMs), else the classifier auto class whose shared body it calibrates (Hugging Face classifiers: their
+    heads differ per task, so only the body is merged, as on the whole-model path)."""
+    from magic_pl.models import HFClassifierAdapter
 
-    if not isinstance(getattr(model, "adapter", None), CausalLMAdapter):
-        raise ValueError("layerwise calibration reads a causal LM's checkpoints block by block: give the model a "
-                         "magic_pl.models.CausalLMAdapter (other models: the whole-model path, layerwise false)")
+    return adapter.auto_class if isinstance(adapter, HFClassifierAdapter) else None
+
+
+def _save_classifiers(model: LightningModule, body_dir: Path, output: Path) -> None:
+    """The layerwise-calibrated body in ``body_dir`` written with the experts' heads to ``output`` by the classifier
+    adapter's own ``save`` (its layout and ``save_options``, as ``save_calibrated``); holds the body once."""
+    import transformers
+
+    from magic_pl.models._hf import dtype_kwargs, from_pretrained_checked, load_config, meta_from_config
+    from magic_pl.models.base import MergeSetup, find_tied_keys
+    from magic_pl.statedict import validate_state_dict
+
+    adapter = model.adapter
+    auto = getattr(transformers, adapter.auto_class)
+    base_cfg = load_config(adapter.base_path)
+    skeleton = meta_from_config(auto, base_cfg)
+    prefix = skeleton.base_model_prefix
+    heads_of = [n for n, _ in skeleton.named_children() if n != prefix]
+    del skeleton
+    # loaded as the adapter loads its base: into the classifier class (its key conversions), the head left out
+    full = from_pretrained_checked(auto, str(body_dir), name="the layerwise-calibrated body", config=base_cfg,
+                                   allow_missing=tuple(f"{h}." for h in heads_of), **dtype_kwargs(adapter.dtype))
+    body = getattr(full, prefix).eval()
+    del full
+    validate_state_dict(body.state_dict(), name="the calibrated model")  # no NaN/Inf is ever written
+    heads = {task: adapter._load_head(auto, path, load_config(path), prefix, f"expert {task!r}")
+             for task, path in zip(adapter.task_names, adapter.expert_paths)}
+    setup = MergeSetup(base=body, experts=[{} for _ in adapter.task_names], task_names=list(adapter.task_names),
+                       heads=heads, tied=find_tied_keys(body), adapter=adapter,
+                       metadata={"family": "hf_classifier", "auto_class": adapter.auto_class, "body_prefix": prefix})
+    setup.save(body, output, **model.save_options)
+
+
+def _check_layerwise(model: LightningModule, output_dir: Any, save_model: bool, select: Any) -> None:
+    """``layerwise`` needs checkpoints on disk, a place to write to and an architecture with a block plan (checked
+    from the base's config, before any tensor is read)."""
+    from magic_pl.models import CausalLMAdapter, HFClassifierAdapter
+
+    adapter = getattr(model, "adapter", None)
+    if not isinstance(adapter, (CausalLMAdapter, HFClassifierAdapter)):
+        raise ValueError(
+            "layerwise calibration reads checkpoints block by block: it runs for a causal LM "
+            "(magic_pl.models.CausalLMAdapter, Llama family) or a Hugging Face classifier "
+            "(SequenceClassificationAdapter for BERT, ImageClassificationAdapter for ViT), not for "
+            f"{type(adapter).__name__ if adapter is not None else 'a module without an adapter'}; use the whole-model "
+            "path (layerwise false)")
+    config = Path(adapter.base_path) / "config.json"
+    if config.is_file():  # otherwise layerwise_fsc says what is missing
+        from transformers import AutoConfig
+
+        from magic_pl.models.layerwise import block_plan
+
+        try:
+            block_plan(AutoConfig.from_pretrained(config.parent), _layerwise_body_of(adapter))
+        except ValueError as err:
+            raise ValueError(f"layerwise calibration ({type(adapter).__name__}): {err}; here: layerwise false") from err
     if output_dir is None or not save_model:
         raise ValueError("layerwise calibration writes the model as it goes: give an output_dir (and keep "
                          "save_model true)")

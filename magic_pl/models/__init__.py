@@ -8,7 +8,8 @@ heads) for merging and calibration, and save the calibrated model in the format 
   :func:`merge_lora_lowrank` + :func:`save_lora_adapter` for a LoRA output).
 - :func:`stream_merge`: merge + WSC of models larger than memory, tensor by tensor from sharded safetensors;
   :func:`streaming_fsc` / :func:`~magic_pl.models.streaming.lazy_calibration_sources` for FSC on them;
-  :func:`layerwise_fsc`: merge + FSC one block at a time (Llama family, BERT classifiers), for models whose merge
+  :func:`layerwise_fsc`: merge + FSC one block at a time (Llama family, BERT and ViT classifiers, CLIP vision towers;
+  a classifier's shared encoder alone with ``body_of``), for models whose merge
   does not fit in memory either.
 - A new model family subclasses :class:`ModelAdapter`, whose ``setup`` returns a :class:`MergeSetup`.
 

@@ -35,19 +35,27 @@ default) plus the hidden states, whatever the number of blocks. The largest segm
 (a vocabulary-sized embedding / ``lm_head``).
 
 Architectures are described by a :class:`BlockPlan` (where the blocks are, which modules follow them);
-:data:`BLOCK_PLANS` holds the Llama family (Llama, Mistral, Qwen2/3, ...: ``*ForCausalLM`` with ``model.layers``)
-and BERT sequence classifiers. The stem is run by the model's own ``forward`` up to the first block, so the attention
-mask and rotary position embeddings are exactly those of the whole model. Other models: use the whole-model path
+:data:`BLOCK_PLANS` holds the Llama family (Llama, Mistral, Qwen2/3, ...: ``*ForCausalLM`` with ``model.layers``),
+BERT sequence classifiers, ViT image classifiers (``ViTForImageClassification``) and CLIP vision towers
+(``CLIPVisionModel``, ``CLIPVisionModelWithProjection``). The stem is run by the model's own ``forward`` up to the
+first block, so the attention mask and rotary position embeddings are exactly those of the whole model; the head
+slices the first token where the model's ``forward`` does (:attr:`BlockPlan.pool`). Checkpoint keys are matched to
+the model's by ``transformers``' own loading renames (transformers 5 loads ViT's ``encoder.layer.N...`` as
+``layers.N...``), and the output keeps the base's key names. Other models: use the whole-model path
 (:func:`~magic_pl.models.streaming.streaming_fsc` or ``MagicModule``).
+
+Classifiers whose heads differ per task (``body_of``): only the encoder they share (the classifier's ``base_model``,
+e.g. ``bert``) is merged and calibrated, from a base that may be an ``AutoModel`` directory and experts that hold it
+under the prefix; the heads are never merged, and FSC's statistic does not involve them (every unit is in the body),
+so the body's xi are those of calibrating the whole classifiers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import weakref
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -58,6 +66,7 @@ from torch import Tensor, nn
 from magic_pl.calibration.dsc import Batches, call_with_batch, task_batches
 from magic_pl.calibration.fsc import FSC_MODES, CalibrationDataError, CalibrationResult
 from magic_pl.calibration.modules import find_units, fold_kind, primary_tensor
+from magic_pl.models.base import find_tied_keys, parameters_on_meta
 from magic_pl.models.io import ShardedSafetensorsWriter, copy_support_files
 from magic_pl.models.streaming import (
     KeyMerger,
@@ -93,6 +102,9 @@ class BlockPlan:
             between them is the identity). Trailing modules that own only a tied alias are not run (their output
             feeds no calibrated module).
         architectures: ``config.architectures`` class names it serves (empty: any of ``auto_class``).
+        pool: the head module that receives the first token ``hidden[:, 0]`` (the class token) instead of the whole
+            sequence, where the model's ``forward`` slices it (ViT's ``classifier``, CLIP's ``post_layernorm``); the
+            head modules after it take its output. Default ``None``: no slicing (BERT's pooler slices itself).
     """
 
     family: str
@@ -101,6 +113,11 @@ class BlockPlan:
     blocks: str
     head: tuple[str, ...]
     architectures: tuple[str, ...] = ()
+    pool: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.pool is not None and self.pool not in self.head:
+            raise ValueError(f"BlockPlan {self.family}: pool {self.pool!r} is not a head module {self.head}")
 
     def serves(self, config: Any) -> bool:
         """True for a config of this plan's model types and architectures."""
@@ -109,29 +126,61 @@ class BlockPlan:
         archs = tuple(getattr(config, "architectures", None) or ())
         return not self.architectures or not archs or any(a in self.architectures for a in archs)
 
+    def body(self, prefix: str) -> "BlockPlan":
+        """The plan of the submodule ``prefix`` (a classifier's shared encoder, e.g. ``"bert"``): names relative to
+        it, the head cut to the modules inside it (BERT's pooler, ViT's final layernorm; the classifier is left out).
+        A ``ValueError`` when the blocks are not inside it."""
+        if not _under(self.blocks, prefix) or self.blocks == prefix:
+            raise ValueError(f"layer-by-layer FSC ({self.family}): the blocks {self.blocks!r} are not inside the "
+                             f"body {prefix!r}; use the whole-model path")
+        cut = len(prefix) + 1
+        head = tuple(h[cut:] for h in self.head if _under(h, prefix) and h != prefix)
+        pool = self.pool[cut:] if self.pool is not None and _under(self.pool, prefix) else None
+        return BlockPlan(f"{self.family} body", self.model_types, self.auto_class, self.blocks[cut:], head,
+                         self.architectures, pool)
 
-#: The plans :func:`block_plan` chooses from, in order (extend to add an architecture).
+
+#: The plans :func:`block_plan` chooses from, in order (extend to add an architecture). Where transformers versions
+#: name the modules differently, one plan per naming, newest first: the first whose modules the built model has is used.
 BLOCK_PLANS: list[BlockPlan] = [
     BlockPlan("llama", ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "helium"),
               "AutoModelForCausalLM", "model.layers", ("model.norm", "lm_head")),
     BlockPlan("bert-sequence-classification", ("bert",), "AutoModelForSequenceClassification", "bert.encoder.layer",
               ("bert.pooler", "classifier"), ("BertForSequenceClassification",)),
+    # ViTForImageClassification: classifier(layernorm(blocks(...))[:, 0]); transformers 5 names the blocks
+    # vit.layers (checkpoints keep vit.encoder.layer.N..., renamed on load), transformers 4 vit.encoder.layer
+    BlockPlan("vit-image-classification", ("vit",), "AutoModelForImageClassification", "vit.layers",
+              ("vit.layernorm", "classifier"), ("ViTForImageClassification",), pool="classifier"),
+    BlockPlan("vit-image-classification", ("vit",), "AutoModelForImageClassification", "vit.encoder.layer",
+              ("vit.layernorm", "classifier"), ("ViTForImageClassification",), pool="classifier"),
+    # CLIP vision towers: pre_layrnorm runs in the stem; the pooled output is post_layernorm(last_hidden[:, 0])
+    # (then visual_projection). transformers 5's CLIPVisionModel has no vision_model level (its checkpoints' prefix
+    # is dropped on load); transformers 4's has
+    BlockPlan("clip-vision", ("clip_vision_model",), "CLIPVisionModel", "encoder.layers", ("post_layernorm",),
+              ("CLIPVisionModel",), pool="post_layernorm"),
+    BlockPlan("clip-vision", ("clip_vision_model",), "CLIPVisionModel", "vision_model.encoder.layers",
+              ("vision_model.post_layernorm",), ("CLIPVisionModel",), pool="vision_model.post_layernorm"),
+    BlockPlan("clip-vision-projection", ("clip_vision_model",), "CLIPVisionModelWithProjection",
+              "vision_model.encoder.layers", ("vision_model.post_layernorm", "visual_projection"),
+              ("CLIPVisionModelWithProjection",), pool="vision_model.post_layernorm"),
 ]
 
 
-def block_plan(config: Any) -> BlockPlan:
-    """The :class:`BlockPlan` for a ``transformers`` config, or a ``ValueError`` saying to use the whole-model path.
-
-    Models whose blocks need different arguments (``config.layer_types`` mixing sliding-window and full attention)
-    are refused: the plan passes every block the first block's arguments.
-    """
-    plan = next((p for p in BLOCK_PLANS if p.serves(config)), None)
+def _candidate_plans(config: Any, body_of: Optional[str] = None) -> list[BlockPlan]:
+    """The plans that may serve ``config`` (see :func:`block_plan`), in order; a ``ValueError`` when none does."""
     what = f"model_type {getattr(config, 'model_type', None)!r}"
     archs = getattr(config, "architectures", None)
     if archs:
         what += f" ({', '.join(archs)})"
-    if plan is None:
-        known = ", ".join(f"{p.family} ({', '.join(p.model_types)})" for p in BLOCK_PLANS)
+    if body_of is None:
+        plans = [p for p in BLOCK_PLANS if p.serves(config)]
+    else:  # the base is often an AutoModel directory: its architectures name the encoder, not the classifier
+        plans = [p for p in BLOCK_PLANS
+                 if p.auto_class == body_of and getattr(config, "model_type", None) in p.model_types]
+        what = f"the body of {body_of} models of {what}"
+    if not plans:
+        known = ", ".join(dict.fromkeys(f"{p.family} ({', '.join(p.model_types)}; {p.auto_class})"
+                                        for p in BLOCK_PLANS))
         raise ValueError(f"layer-by-layer FSC has no block plan for {what}; known: {known}. Use the whole-model path "
                          "(magic_pl.models.streaming_fsc on the loaded merged model, or MagicModule), or add a "
                          "BlockPlan to magic_pl.models.layerwise.BLOCK_PLANS")
@@ -139,25 +188,20 @@ def block_plan(config: Any) -> BlockPlan:
     if layer_types and len(set(layer_types)) > 1:
         raise ValueError(f"layer-by-layer FSC: {what} mixes layer types {sorted(set(layer_types))}, whose blocks take "
                          "different attention masks; use the whole-model path (streaming_fsc or MagicModule)")
-    return plan
+    return plans
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with their parameters on the meta device (no memory, no initialisation cost) while buffers stay
-    real: rotary ``inv_freq`` and the like are computed at construction and are not in the checkpoint."""
-    original = nn.Module.register_parameter
+def block_plan(config: Any, body_of: Optional[str] = None) -> BlockPlan:
+    """The :class:`BlockPlan` for a ``transformers`` config, or a ``ValueError`` saying to use the whole-model path.
 
-    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
+    ``body_of``: a classifier auto class (``"AutoModelForSequenceClassification"``, ...) whose shared body is wanted;
+    the plan is then chosen by that class and the model type, whatever ``config.architectures`` says (default
+    ``None``: the whole model, chosen by model type and architectures).
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+    Models whose blocks need different arguments (``config.layer_types`` mixing sliding-window and full attention)
+    are refused: the plan passes every block the first block's arguments.
+    """
+    return _candidate_plans(config, body_of)[0]
 
 
 def _skeleton(config: Any, plan: BlockPlan, device: torch.device) -> nn.Module:
@@ -165,8 +209,9 @@ def _skeleton(config: Any, plan: BlockPlan, device: torch.device) -> nn.Module:
     import transformers
 
     auto = getattr(transformers, plan.auto_class)
-    with _parameters_on_meta():
-        model = auto.from_config(config)
+    build = getattr(auto, "from_config", None) or auto._from_config  # an auto class, or a model class (CLIP)
+    with parameters_on_meta():
+        model = build(config)
     model.eval()
     if hasattr(model, "config"):
         model.config.use_cache = False  # no KV cache is built or handed to the blocks
@@ -177,22 +222,103 @@ def _skeleton(config: Any, plan: BlockPlan, device: torch.device) -> nn.Module:
     return model
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """Alias -> canonical key for state-dict entries that are the same tensor object (meta tensors included)."""
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        if t is None:
-            continue
-        if id(t) in seen:
-            tied[key] = seen[id(t)]
-        else:
-            seen[id(t)] = key
-    return tied
-
-
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def _fits(model: nn.Module, plan: BlockPlan) -> bool:
+    named = dict(model.named_modules())
+    return isinstance(named.get(plan.blocks), nn.ModuleList) and all(h in named for h in plan.head)
+
+
+def _build(config: Any, plans: Sequence[BlockPlan], device: torch.device, body: bool
+           ) -> tuple[nn.Module, nn.Module, BlockPlan, str]:
+    """``(full skeleton, model walked, plan, body prefix)`` for the first of ``plans`` whose modules the built model
+    has (plans of one architecture differ by transformers version); the model walked is the full one, or with
+    ``body`` its ``base_model`` (prefix ``""`` without). None fitting: the first plan, for :func:`_segments`' error."""
+    built: dict[str, nn.Module] = {}
+    chosen: Optional[tuple[nn.Module, nn.Module, BlockPlan, str]] = None
+    for plan in plans:
+        if plan.auto_class not in built:
+            built[plan.auto_class] = _skeleton(config, plan, device)
+        full = built[plan.auto_class]
+        prefix = full.base_model_prefix if body else ""
+        if body and not isinstance(getattr(full, prefix, None), nn.Module):
+            raise ValueError(f"layer-by-layer FSC ({plan.family}): {type(full).__name__} has no body {prefix!r}")
+        candidate = (full, full.get_submodule(prefix), plan.body(prefix) if body else plan, prefix)
+        if _fits(candidate[1], candidate[2]):
+            return candidate
+        chosen = chosen or candidate
+    assert chosen is not None
+    return chosen
+
+
+def _key_namer(full: nn.Module, body: str = "") -> Callable[[str], Optional[str]]:
+    """On-disk key -> the model's key (with ``body``, e.g. ``"bert"``: the key inside that submodule), by
+    ``transformers``' own loading rules: its key renamings (transformers 5 loads ViT's
+    ``encoder.layer.N.attention.attention.query`` as ``layers.N.attention.q_proj``, and CLIPVisionModel's keys
+    without ``vision_model.``) and the base model prefix added or stripped. ``None``: not a key of the model (a head,
+    a tensor the model lacks), or one a tensor conversion (fusing, splitting) consumes, which no key-by-key read
+    can follow."""
+    state = full.state_dict(keep_vars=True)
+    prefix = getattr(full, "base_model_prefix", "") or None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoints hold the module names, up to the base model prefix
+        rename_source_key = None
+    if rename_source_key is not None:
+        conversions = get_model_conversion_mapping(full)
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+
+    def model_key(key: str) -> Optional[str]:
+        if rename_source_key is None:
+            if key in state:
+                return key
+            if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in state:
+                return key[len(prefix) + 1:]
+            return f"{prefix}.{key}" if prefix and f"{prefix}.{key}" in state else None
+        new, converted = rename_source_key(key, renamings, converters, prefix, state)
+        if new not in state and key in state:  # as transformers does: a module name renamed away is kept
+            new, converted = rename_source_key(key, [], [], prefix, state)
+        return new if new in state and converted is None else None
+
+    def name(key: str) -> Optional[str]:
+        found = model_key(key)
+        if found is None or not body:
+            return found
+        return found[len(body) + 1:] if found.startswith(body + ".") else None
+
+    return name
+
+
+def _disk_names(sd: Any, name: Callable[[str], Optional[str]], keys: Collection[str]
+                ) -> tuple[dict[str, str], list[str]]:
+    """``(model key -> on-disk key for the model keys in keys, the other on-disk keys)``."""
+    names: dict[str, str] = {}
+    rest: list[str] = []
+    for key in sd.keys():
+        found = name(key)
+        if found is not None and found in keys and found not in names:
+            names[found] = key
+        else:
+            rest.append(key)
+    return names, rest
+
+
+def _keyed(sd: Any, names: Mapping[str, str], rest: Sequence[str], what: str) -> Any:
+    """``sd`` under the model's keys (``names``) plus the on-disk keys ``rest``; ``sd`` itself when that changes
+    nothing (its row-block reads stay available)."""
+    if all(k == v for k, v in names.items()) and len(names) + len(rest) == len(sd):
+        return sd
+    clash = [k for k in rest if k in names]
+    if clash:
+        raise CheckpointError(f"{what}: on-disk keys {clash[:5]} are also the model's names of other keys "
+                              f"({[names[k] for k in clash[:5]]}); the checkpoint mixes two key layouts")
+    from magic_pl.statedict import RenamedView
+
+    return RenamedView(sd, {**names, **{k: k for k in rest}})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -457,6 +583,7 @@ def layerwise_fsc(
     drop_page_cache: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    body_of: Optional[str] = None,
 ) -> LayerwiseReport:
     """Merge K experts of one Hugging Face base and calibrate the merge with FSC one block at a time, writing a
     ``save_pretrained``-loadable directory; memory is one block's tensors (x K + 2) plus the samples' hidden states.
@@ -493,6 +620,14 @@ def layerwise_fsc(
         drop_page_cache: ask the kernel to drop read pages from the page cache (default ``False``).
         overwrite: replace an existing ``output`` that magic-pl did not write (default ``False``).
         progress: print one line per segment (default ``False``).
+        body_of: the ``transformers`` auto class of classifier experts whose heads differ per task
+            (``"AutoModelForSequenceClassification"``, ``"AutoModelForImageClassification"``): merge and calibrate
+            only the encoder they share (the classifier's ``base_model``, e.g. ``bert``, with BERT's pooler; xi keyed
+            inside it, e.g. ``encoder.layer.0.output.dense``). The base and the experts may hold it under the prefix
+            (``bert.``) or bare (an ``AutoModel`` directory); their other tensors (heads, a pooler or MLM head the
+            body lacks) are neither read nor written. The output is the body alone: its keys without the prefix and a
+            ``config.json`` naming its class, as the body's ``save_pretrained`` writes them. Default ``None``: the
+            whole model, every tensor of the base written.
 
     Returns:
         A :class:`LayerwiseReport` (``report.coefficients``: xi per module).
@@ -536,24 +671,34 @@ def layerwise_fsc(
     if check_config:
         check_configs(base, experts, names)
     config = AutoConfig.from_pretrained(base_dir)
-    plan = block_plan(config)  # an unsupported architecture fails here, before the output is touched
+    plans = _candidate_plans(config, body_of)  # an unsupported architecture fails here, before the output is touched
     dev = resolve_device(device)
     out_loc = OutputLocation(output, overwrite=overwrite, inputs=[base, *experts]).check()
     with out_loc:
-        model = _skeleton(config, plan, dev)
-        segments = _segments(model, plan, _tied_aliases(model))
-        base_sd = open_checkpoint(base, drop_page_cache=drop_page_cache)
-        expert_sds = [open_checkpoint(e, drop_page_cache=drop_page_cache) for e in experts]
+        full, model, plan, body = _build(config, plans, dev, body_of is not None)
+        segments = _segments(model, plan, find_tied_keys(model))
+        opened = [open_checkpoint(p, drop_page_cache=drop_page_cache) for p in (base, *experts)]
         try:
-            check_headers(base_sd, expert_sds, names)
-            on_disk = set(base_sd.keys())
+            seg_keys = {k for seg in segments for k in seg.keys}
+            name = _key_namer(full, body)
+            base_names, rest = _disk_names(opened[0], name, seg_keys)
             for seg in segments:
-                absent = [k for k in seg.keys if k not in on_disk]
+                absent = [k for k in seg.keys if k not in base_names]
                 if absent:
                     raise CheckpointError(f"base {base}: the {plan.family} model built from its config.json has "
-                                          f"{absent[:5]} (segment {seg.name!r}), which its weights lack")
-            seg_keys = {k for seg in segments for k in seg.keys}
-            extra = [k for k in base_sd.keys() if k not in seg_keys]
+                                          f"{absent[:5]} (segment {seg.name!r}), which its weights lack (or hold "
+                                          "only through a tensor conversion of transformers' loading)")
+            # with a body, the rest (heads, tensors the body lacks) is neither merged nor written
+            extra = [] if body else rest
+            base_sd = _keyed(opened[0], base_names, extra, f"base {base}")
+            expert_sds = []
+            for label, sd in zip(names, opened[1:]):
+                e_names, e_rest = _disk_names(sd, name, seg_keys)
+                expert_sds.append(_keyed(sd, e_names, [] if body else e_rest, label))
+            check_headers(base_sd, expert_sds, names)  # an expert's missing or extra keys, shapes, dtypes
+            # the base's key names (a body's without its prefix, as the body's save_pretrained writes them)
+            out_names = {k: v[len(body) + 1:] if body and v.startswith(body + ".") else v
+                         for k, v in base_names.items()}
             if modules is not None:
                 unknown = [m for m in modules if not any(_under(m, o) for s in segments for o in s.modules)]
                 if unknown:
@@ -564,8 +709,10 @@ def layerwise_fsc(
                                            "every task")
             runner = _Runner(model, plan, segments, request, base_sd, expert_sds, setting, dev, cdtype,
                              bn_stats=bn_stats, seed=seed, chunk_bytes=chunk_bytes, modules=modules,
-                             task_names=task_names, mode=fsc_mode, tol=tol, max_rounds=max_rounds, progress=progress)
-            disk_plan = [(k, tuple(tensor_shape(base_sd, k)), tensor_dtype(base_sd, k)) for k in base_sd.keys()]
+                             task_names=task_names, mode=fsc_mode, tol=tol, max_rounds=max_rounds, progress=progress,
+                             out_names=out_names)
+            disk_plan = [(out_names.get(k, k), tuple(tensor_shape(base_sd, k)), tensor_dtype(base_sd, k))
+                         for k in base_sd.keys()]
             tmp = out_loc.stage()
             writer = ShardedSafetensorsWriter(tmp, disk_plan, max_shard_size=max_shard_size)
             try:
@@ -575,18 +722,22 @@ def layerwise_fsc(
                 raise
             writer.close()
         finally:
-            for sd in (base_sd, *expert_sds):
+            for sd in opened:
                 close = getattr(sd, "close", None)
                 if close is not None:
                     close()
         report.output = str(output)
         report.shards = [p.name for p in writer.shard_files]
         report.tensors = len(disk_plan)
+        if body:  # the body's own config, as its save_pretrained writes it (before the base's is copied)
+            body_config = AutoConfig.from_pretrained(base_dir)
+            body_config.architectures = [type(model).__name__]
+            body_config.save_pretrained(tmp)
         if copy_support:
             copy_support_files(base_dir, tmp)
         out_loc.commit({"content": "layerwise_fsc", "method": request.method, "method_options": request.options,
                         "calibration": setting.to_string(), "mode": fsc_mode, "base": str(base),
-                        "experts": [str(e) for e in experts]})
+                        "experts": [str(e) for e in experts], **({"body": body} if body else {})})
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -598,8 +749,9 @@ class _Runner:
                  expert_sds: Sequence[Any], setting: Any, device: torch.device, dtype: torch.dtype, *, bn_stats: str,
                  seed: int, chunk_bytes: Union[int, str], modules: Optional[Sequence[str]],
                  task_names: Optional[Sequence[str]], mode: str, tol: float, max_rounds: Optional[int],
-                 progress: bool):
+                 progress: bool, out_names: Optional[Mapping[str, str]] = None):
         self.model, self.plan, self.segments = model, plan, segments
+        self.out_names = dict(out_names or {})  # model key -> the key written (default: the same)
         self.base_sd, self.expert_sds, self.setting = base_sd, list(expert_sds), setting
         self.merger = KeyMerger(base_sd, expert_sds, request, bn_stats=bn_stats, seed=seed, device=device,
                                 chunk_bytes=chunk_bytes)
@@ -681,10 +833,12 @@ class _Runner:
 
         return run
 
-    def _head_run(self, chain: Sequence[nn.Module]) -> Callable[..., Any]:
+    def _head_run(self, chain: Mapping[str, nn.Module]) -> Callable[..., Any]:
         def run(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             out = hidden
-            for module in chain:
+            for name, module in chain.items():
+                if name == self.plan.pool:  # the class token, as the model's forward slices it
+                    out = out[:, 0]
                 out = primary_tensor(module(out))
             return out
 
@@ -706,7 +860,7 @@ class _Runner:
             if aliased:
                 raise ValueError(f"layer-by-layer FSC ({self.plan.family}): head module(s) {aliased} hold only "
                                  "tied aliases but feed later head modules; use the whole-model path")
-            run = self._head_run([seg.modules[n] for n in chain_names])
+            run = self._head_run({n: seg.modules[n] for n in chain_names})
             return _SegmentRoot({n: seg.modules[n] for n in chain_names}, run)
         return _SegmentRoot(seg.modules, run)
 
@@ -787,7 +941,7 @@ class _Runner:
                 results.append(result)
             for key in seg.keys:
                 t = _get_tensor(self.model, key)
-                writer.write(key, t.to(tensor_dtype(self.base_sd, key)).cpu())
+                writer.write(self.out_names.get(key, key), t.to(tensor_dtype(self.base_sd, key)).cpu())
             _release(self.model, seg.keys)
             _trim_heap()
             items = items_next

@@ -35,3 +35,22 @@ def tiny_workdir(tmp_path: Path, tiny_timm: dict[str, Path], monkeypatch: pytest
 def llama_files(tmp_path: Path) -> Path:
     """Tiny Llama base and experts on disk, with calibration texts (:func:`lightning_helpers.save_llama_experts`)."""
     return save_llama_experts(tmp_path)
+
+
+#: Calibration texts of the tiny BERT classifiers' two tasks (:func:`bert_classifier_files`).
+BERT_TEXTS = {"sentiment": "a good film\na bad film\ngood\n", "topic": "stocks fell today\nstocks rose\na film today\n"}
+
+
+@pytest.fixture
+def bert_classifier_files(tmp_path: Path) -> Path:
+    """A tiny ``BertModel`` base with its tokenizer at ``tmp_path/base``, one ``BertForSequenceClassification`` expert
+    per :data:`BERT_TEXTS` task at ``tmp_path/<task>`` (2 and 3 labels: the heads differ per task) and each task's
+    texts at ``tmp_path/<task>.txt``."""
+    from tiny_models import save_bert_classifiers
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film", "stocks", "fell", "rose",
+             "today"]
+    save_bert_classifiers(tmp_path / "base", {tmp_path / t: 2 + i for i, t in enumerate(BERT_TEXTS)}, vocab)
+    for task, text in BERT_TEXTS.items():
+        (tmp_path / f"{task}.txt").write_text(text)
+    return tmp_path

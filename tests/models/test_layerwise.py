@@ -1,6 +1,7 @@
-"""Layer-by-layer merge + FSC on tiny random models on disk: parallel mode equals whole-model FSC (xi and weights),
-sequential mode equals whole-model sequential FSC, one segment's tensors at a time are held, each expert tensor is
-read once."""
+"""Layer-by-layer merge + FSC on tiny random models on disk: parallel mode equals whole-model FSC (xi and weights) for
+the Llama family, BERT and ViT classifiers and CLIP vision towers, a classifier's shared body equals the classifier
+adapter's whole-model FSC, sequential mode equals whole-model sequential FSC, one segment's tensors at a time are
+held, each expert tensor is read once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from model_fixtures import bert_config, llama_config, perturb, save_tiny_tokenizer
+from model_fixtures import WORDS, bert_config, calibrate, llama_config, perturb, save_tiny_tokenizer
 
 from magic_pl.calibration import FeatureSpaceCalibrator
 from magic_pl.calibration.folding import fold_unit
@@ -261,6 +262,114 @@ def test_bert_sequence_classifier_parallel_equals_whole_model(tmp_path):
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def _vision_config(kind):
+    from transformers import CLIPVisionConfig, ViTConfig
+
+    if kind == "vit":
+        return ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         image_size=16, patch_size=8, num_labels=3)
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=16, patch_size=8, projection_dim=16)
+
+
+def _pixels(k=2):
+    g = torch.Generator().manual_seed(0)
+    return {t: [{"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}] for t in range(k)}
+
+
+@pytest.mark.parametrize("kind,family", [("ViTForImageClassification", "vit-image-classification"),
+                                         ("CLIPVisionModel", "clip-vision"),
+                                         ("CLIPVisionModelWithProjection", "clip-vision-projection")])
+def test_vision_models_parallel_equal_whole_model(tmp_path, kind, family):
+    import transformers
+
+    cls = getattr(transformers, kind)
+    torch.manual_seed(0)
+    model = cls(_vision_config("vit" if kind.startswith("ViT") else "clip")).eval()
+    paths = []
+    for i in range(3):
+        m = model if i == 0 else perturb(copy.deepcopy(model), seed=i, scale=0.05)
+        m.save_pretrained(tmp_path / f"m{i}")
+        paths.append(tmp_path / f"m{i}")
+    base, experts = paths[0], paths[1:]
+    batches = _pixels()
+    report = layerwise_fsc(base, experts, batches, tmp_path / "lw", device="cpu")
+    assert report.family == family and report.segments == 1 + 2 + 1
+
+    # the whole model, loaded as transformers loads it (transformers 5 renames ViT's and CLIP's checkpoint keys)
+    stream_merge(base, experts, tmp_path / "merged", calibration="none", device="cpu")
+    merged = cls.from_pretrained(tmp_path / "merged").eval()
+    base_sd = cls.from_pretrained(base).state_dict()
+    tvs = [{k: v - base_sd[k] for k, v in cls.from_pretrained(e).state_dict().items() if v.dtype.is_floating_point}
+           for e in experts]
+    cal = FeatureSpaceCalibrator(base_sd, merged, tvs)
+    for k, items in batches.items():
+        cal.update(k, **items[0])
+    ref = cal.fold()
+    assert set(report.coefficients) == set(ref.coefficients) and not report.calibration.wrapped
+    # the head's first module after the class-token slice: calibrated on that token only, as in the whole model
+    pooled = {"ViTForImageClassification": "classifier", "CLIPVisionModel": "post_layernorm",
+              "CLIPVisionModelWithProjection": "visual_projection"}[kind]
+    assert pooled in report.coefficients
+    for name, xi in ref.coefficients.items():
+        assert _rel(report.coefficients[name], xi) < 1e-6, name
+    # written under the base's own key names, and the calibrated model's weights
+    assert set(load_state_dict(tmp_path / "lw")) == set(load_state_dict(base))
+    got = cls.from_pretrained(tmp_path / "lw").eval()
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    with torch.no_grad():
+        out = got(**batches[0][0])
+        want = merged(**batches[0][0])
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_classifier_body_equals_the_adapters_whole_model_fsc(tmp_path, kind):
+    """``body_of``: an ``AutoModel`` base, classifier experts with heads of different sizes; only the shared encoder
+    is merged and calibrated, as :class:`HFClassifierAdapter` does with the whole body in memory."""
+    from transformers import BertForSequenceClassification, BertModel, ViTForImageClassification, ViTModel
+
+    from magic_pl.models import ImageClassificationAdapter, SequenceClassificationAdapter
+
+    if kind == "bert":
+        config, enc, cls, adapter_cls = bert_config(), BertModel, BertForSequenceClassification, \
+            SequenceClassificationAdapter
+        g = torch.Generator().manual_seed(0)
+        batches = {t: [{"input_ids": torch.randint(6, len(WORDS), (2, 9), generator=g),
+                        "attention_mask": torch.ones(2, 9, dtype=torch.long)}] for t in range(2)}
+    else:
+        config, enc, cls, adapter_cls = _vision_config("vit"), ViTModel, ViTForImageClassification, \
+            ImageClassificationAdapter
+        batches = _pixels()
+    torch.manual_seed(0)
+    enc(config).save_pretrained(tmp_path / "base")  # ViTModel: with a pooler the classifiers' body lacks
+    experts = []
+    for i, labels in enumerate((3, 2)):
+        cfg = type(config).from_dict({**config.to_dict(), "num_labels": labels})
+        model = perturb(cls.from_pretrained(tmp_path / "base", config=cfg), seed=i + 1, scale=0.05)
+        model.save_pretrained(tmp_path / f"t{i}")
+        experts.append(str(tmp_path / f"t{i}"))
+    adapter = adapter_cls(str(tmp_path / "base"), experts)
+    merge = {"merge_method": "ties", "merge_options": {"density": 0.5}}
+    report = layerwise_fsc(tmp_path / "base", experts, batches, tmp_path / "lw", device="cpu",
+                           body_of=adapter.auto_class, **merge)
+    assert report.family == f"{kind}-{'sequence' if kind == 'bert' else 'image'}-classification body"
+
+    ref_body, _, ref = calibrate(adapter.setup(), "ties", batches=batches, wsc=False, density=0.5)
+    assert set(report.coefficients) == set(ref.coefficients)
+    assert ("pooler.dense" in report.coefficients) == (kind == "bert")  # BERT's classifiers pool, ViT's do not
+    for name, xi in ref.coefficients.items():
+        assert _rel(report.coefficients[name], xi) < 1e-6, name
+    written = set(load_state_dict(tmp_path / "lw"))
+    assert not any(k.startswith(("bert.", "vit.", "classifier.")) for k in written)  # the body alone, unprefixed
+    assert any(k.startswith("pooler.") for k in written) == (kind == "bert")  # not ViTModel's pooler of the base
+    # loaded as the adapter loads a base: into the classifier class, only the head missing
+    got = getattr(cls.from_pretrained(tmp_path / "lw"), cls.base_model_prefix).state_dict()
+    for key, value in ref_body.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+
+
 def test_errors_name_the_way_out(tmp_path):
     from transformers import GPT2Config
 
@@ -272,6 +381,9 @@ def test_errors_name_the_way_out(tmp_path):
     with pytest.raises(ValueError, match="mixes layer types"):
         block_plan(mixed)
     assert isinstance(block_plan(llama_config()), BlockPlan)
+    with pytest.raises(ValueError, match="no block plan for the body of AutoModelForSequenceClassification"):
+        block_plan(GPT2Config(), body_of="AutoModelForSequenceClassification")
+    assert block_plan(bert_config(), body_of="AutoModelForSequenceClassification").body("bert").head == ("pooler",)
 
     base, experts = _family(tmp_path, layers=1)
     with pytest.raises(ValueError, match="no feature step"):
