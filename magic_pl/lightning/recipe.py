@@ -17,7 +17,7 @@ A recipe names checkpoints only; the adapter is picked from them (:func:`detect_
     calibration: dsc                    # default: dsc with calibration data, wsc without
     calibration_data: {sentiment: data/sentiment.txt, topic: {path: data/topic.csv, text_column: sentence}}
     test_data: {sentiment: data/sentiment_test.jsonl, topic: data/topic_test.jsonl}
-    layerwise: false                    # true: causal LMs merged and calibrated one block at a time
+    layerwise: false                    # true: merged and calibrated one block at a time (Llama, BERT, ViT)
 
 MergeKit keys magic-pl does not run (``slices``, ``tokenizer``, ``chat_template``, ``modules``) are refused with the
 reason; every key is checked before any checkpoint is read, and errors name the recipe file and the key. Paths are
