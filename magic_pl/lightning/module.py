@@ -739,14 +739,20 @@ class MagicModule(LightningModule):
         ``path/model.safetensors`` plus the heads. ``path`` is replaced only when it is empty, a previous magic-pl
         output, or with ``overwrite``.
 
-        A sharded body (:attr:`is_sharded`) is gathered first, whole, on global rank 0, which writes it: every rank
-        must call this (the gather is collective); the other ranks write nothing, may pass ``path=None`` and get
-        ``None``."""
+        A sharded body (:attr:`is_sharded`) is gathered on global rank 0, which writes it: every rank must call this
+        (the gather is collective); the other ranks write nothing, may pass ``path=None`` and get ``None``. A body
+        merged into shards is gathered and written one tensor at a time (the adapter's ``save_streamed``); any
+        other sharded body is gathered whole first."""
         from magic_pl.lightning.writer import save_module
 
         if self.model is None or self.merge_setup is None:
             raise RuntimeError("nothing to save: the module is not built")
         body = self.model
+        streamed = getattr(self.merge_setup.adapter, "save_streamed", None)
+        if self.is_sharded and self._template is not None and streamed is not None:
+            # a skeleton-built body: gathered and written tensor by tensor, never whole on any rank
+            options = {**self.save_options, **({"overwrite": True} if overwrite else {})}
+            return streamed(self.merge_setup, self.model, self._template, path, **options)
         if self.is_sharded:
             state = full_state_dict(self.model)  # collective; {} on every rank but 0
             if not state:

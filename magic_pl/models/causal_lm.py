@@ -11,6 +11,7 @@ larger than memory, merge + WSC with :func:`magic_pl.models.streaming.stream_mer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -149,6 +150,66 @@ class CausalLMAdapter(ModelAdapter):
 
     def task_model(self, setup: MergeSetup, body: nn.Module, task: str) -> nn.Module:
         return body
+
+    def save_streamed(self, setup: MergeSetup, body: nn.Module, template: nn.Module, path: Optional[PathLike], *,
+                      max_shard_size: Optional[str] = None, dtype: Optional[str] = None, overwrite: bool = False,
+                      **options: Any) -> Optional[Path]:
+        """Write a sharded ``body`` (FSDP2) in ``save_pretrained``'s layout without ever holding it whole: each tensor
+        is gathered in turn (collective: every rank calls this, in the same order) and global rank 0 writes it into
+        the safetensors shards, in ``dtype`` (default: as held), then the config (``template``'s, the unsharded
+        skeleton's), the generation config and the base's tokenizer files. Rank 0 returns ``path``; the others
+        write nothing and return ``None``. The options are :meth:`save`'s."""
+        import torch.distributed as dist
+
+        from magic_pl.calibration.sharding import is_sharded
+        from magic_pl.models.io import ShardedSafetensorsWriter, copy_support_files
+        from magic_pl.output import OutputLocation
+        from magic_pl.statedict import validate_state_dict
+
+        if options:
+            raise TypeError(f"unknown save option(s) for causal LMs: {sorted(options)}")
+        target = resolve_dtype(dtype)
+        state = body.state_dict(keep_vars=True)
+        keys = [k for k in state if k not in setup.tied]  # save_pretrained writes a tied weight once
+        write = not dist.is_initialized() or dist.get_rank() == 0
+        if write and path is None:
+            raise ValueError("save_streamed needs a path on rank 0")
+        location = (OutputLocation(path, overwrite=overwrite, inputs=[self.base_path, *self.expert_paths]).check()
+                    if write else contextlib.nullcontext())
+        with location as out:  # a failed or interrupted write leaves nothing behind (the location aborts)
+            writer = None
+            if out is not None:
+                plan = [(k, tuple(state[k].shape), target if isinstance(target, torch.dtype) else state[k].dtype)
+                        for k in keys]
+                writer = ShardedSafetensorsWriter(out.stage(), plan,
+                                                  max_shard_size=max_shard_size or self.max_shard_size)
+            try:
+                for key in keys:
+                    t = state[key].detach()
+                    full = t.full_tensor() if is_sharded(t) else t  # one tensor at a time, on every rank
+                    if writer is not None:
+                        full = full.cpu()
+                        validate_state_dict({key: full}, name="the calibrated model")  # no NaN/Inf is ever written
+                        writer.write(key, full.to(target) if isinstance(target, torch.dtype) else full)
+                    del full
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+            if out is None:
+                return None
+            writer.close()
+            tmp = out.stage()
+            config = copy.deepcopy(template.config)
+            # what the weights on disk are, as save_pretrained records it
+            config.dtype = target if isinstance(target, torch.dtype) else next(template.parameters()).dtype
+            config.save_pretrained(tmp)
+            generation = getattr(template, "generation_config", None)
+            if generation is not None:
+                generation.save_pretrained(tmp)
+            if Path(self.base_path).is_dir():
+                copy_support_files(self.base_path, tmp)
+            return out.commit({"content": f"{type(template).__name__}.save_pretrained (gathered tensor by tensor)"})
 
     def save(self, setup: MergeSetup, body: nn.Module, path: PathLike, *, max_shard_size: Optional[str] = None,
              dtype: Optional[str] = None, overwrite: bool = False, **options: Any) -> Path:

@@ -179,10 +179,11 @@ def _new_summary(budgets: Sequence[int], methods: list[str], calibrations: list[
             "draws": int(draws), "max_test": max_test, "reference": reference, "suites": {}, "timings": {}}
 
 
-def add_run(summary: dict[str, Any], suite: str, n: int, result: dict[str, Any]) -> None:
+def add_run(summary: dict[str, Any], suite: str, n: int, result: dict[str, Any], *, statistics: bool = True) -> None:
     """Add one benchmark run (``suite`` at budget ``n``; the ``results.json`` dict) to a study's summary; a run at an
     ``n`` already there adds its recipes to that budget's. The run that holds the labelled-validation references (the
-    first, by default) fills them in."""
+    first, by default) fills them in. ``statistics=False`` skips the statistics' memory (it builds the suite's
+    encoder; a summary made only to apply :func:`budget_recommendations` does not need it)."""
     from magic_pl.zoo.suites import get_suite
 
     entry = summary["suites"].setdefault(suite, {"runs": {}, "tuned_ta": None, "tuned_lines": None})
@@ -197,8 +198,9 @@ def add_run(summary: dict[str, Any], suite: str, n: int, result: dict[str, Any])
     if "tasks" not in entry:
         entry["experts"] = _row(result, "expert", "none")["avg"]
         entry["tasks"] = result["config"]["tasks"]
-        encoder = get_suite(suite).build_backbone().build()
-        entry["statistics_bytes"] = statistics_memory(encoder, len(entry["tasks"]))
+        if statistics:
+            encoder = get_suite(suite).build_backbone().build()
+            entry["statistics_bytes"] = statistics_memory(encoder, len(entry["tasks"]))
     summary["timings"].setdefault(f"{suite}_n{n}", []).append(result["timings"])  # one entry per run at that n
 
 
@@ -247,7 +249,7 @@ def budget_recommendations(summary: dict[str, Any]) -> list[dict[str, Any]]:
     n: they are the same there) and never significantly below the merge they start from on any suite (paired 95%
     interval of the gain above zero or straddling it), the best mean over the suites; next to it the best recipe of
     any kind at that budget (the bar it must reach) and the uncalibrated reference merge. The first entry (n = 0) is
-    data-free; the last uses the labelled validation split.
+    data-free; the last uses the labelled validation split. ``candidates``: every recipe the budget compared.
     """
     suites = summary["suites"]
 
@@ -278,7 +280,7 @@ def budget_recommendations(summary: dict[str, Any]) -> list[dict[str, Any]]:
         return {"budget": label, "recipe": chosen, "per_suite": {s: pool[chosen][s]["avg"] for s in suites}
                 if chosen else {}, "mean": mean(pool[chosen]) if chosen else None, "best_any": best,
                 "best_any_mean": mean(pool[best]), "best_any_safe": safe(pool[best]),
-                "reference_mean": mean(pool[ref]) if ref in pool else None}
+                "reference_mean": mean(pool[ref]) if ref in pool else None, "candidates": sorted(pool)}
 
     out = [pick(None, "0", ("nothing",))]
     out += [pick(str(n), str(n), ("nothing", "samples")) for n in summary["budgets"]]

@@ -26,6 +26,7 @@ images of all tasks whatever the protocol.
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 import time
@@ -48,7 +49,8 @@ from magic_pl.zoo.pipeline import SuiteData, load_suite, suite_module
 from magic_pl.zoo.suites import get_suite
 
 __all__ = ["DEFAULT_METHODS", "CALIBRATIONS", "BN_CALIBRATIONS", "SENSITIVE_CHOICES", "TRAINER_DEFAULTS",
-           "LINES_GRID", "run_benchmark", "build_trainer", "check_run_counts"]
+           "LINES_GRID", "CORRECTNESS_ENCODING", "run_benchmark", "build_trainer", "check_run_counts",
+           "encode_correctness", "decode_correctness"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,37 @@ SENSITIVE_PROBES = ("label_free", "labelled")
 #: the last block) in {0, 1, 2}/K, where beta = 0 is plain Task Arithmetic with lambda = alpha. 3 x 3 points; ties go
 #: to the centre (the paper's alpha, beta = 1/K).
 LINES_GRID: tuple[tuple[float, float], ...] = tuple((a, b) for a in (0.5, 1.0, 2.0) for b in (0.0, 1.0, 2.0))
+
+
+#: How a row of ``results.json`` stores its per-example correctness (key ``correctness``): per draw and task, the
+#: examples' 0/1 correctness in test-index order packed 8 to a byte, first example in the high bit
+#: (``numpy.packbits(c, bitorder="big")``), as standard padded base64; ``examples`` gives each task's count (the last
+#: byte's padding bits are zero). 300 examples take 52 characters per task and draw.
+CORRECTNESS_ENCODING = "packbits-big-base64"
+
+
+def encode_correctness(draws: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """A row's per-draw, per-task correctness in the JSON form of :data:`CORRECTNESS_ENCODING`: kept so a report
+    can be recomputed on any subset of the test examples (e.g. an out-of-sample split) without running again."""
+    def pack(c: np.ndarray) -> str:
+        c = np.asarray(c)
+        if c.ndim != 1 or not np.isin(c, (0, 1)).all():
+            raise ValueError("per-example correctness must be a 1-d array of 0/1 values")
+        return base64.b64encode(np.packbits(c.astype(bool), bitorder="big").tobytes()).decode("ascii")
+
+    examples = {n: int(len(c)) for n, c in draws[0].items()} if draws else {}
+    return {"encoding": CORRECTNESS_ENCODING, "examples": examples,
+            "draws": [{n: pack(c) for n, c in d.items()} for d in draws]}
+
+
+def decode_correctness(stored: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
+    """The per-draw ``{task: bool array}`` a row's ``correctness`` entry stores (:func:`encode_correctness`)."""
+    if stored.get("encoding") != CORRECTNESS_ENCODING:
+        raise ValueError(f"unknown correctness encoding {stored.get('encoding')!r} (expected {CORRECTNESS_ENCODING!r})")
+    counts = stored["examples"]
+    return [{n: np.unpackbits(np.frombuffer(base64.b64decode(s), dtype=np.uint8), count=counts[n],
+                              bitorder="big").astype(bool)
+             for n, s in d.items()} for d in stored["draws"]]
 
 
 class _Row:
@@ -117,8 +150,10 @@ class _Row:
             out["normalized"] = norm
             out["avg_normalized"] = float(norm_draws.mean())
             out["avg_normalized_std"] = float(norm_draws.mean(1).std(ddof=1)) if len(self.draws) > 1 else 0.0
-        if self.scores:
+        if self.scores:  # one per draw, in draw order (what a label-free selection compares)
             out["selection_scores"] = [float(v) for v in self.scores]
+        # every draw's per-example correctness, so subsets of the test examples can be re-scored from results.json
+        out["correctness"] = encode_correctness(self.draws)
         if any(self.xi):  # a feature step without coefficients (FeatCal rewrites weights instead) has no scales
             vals = np.array([list(x.values()) for x in self.xi if x])
             wsc = str(self.extra.get("setting", self.calibration)).startswith("wsc")
@@ -302,7 +337,10 @@ def run_benchmark(
             rows it chose are listed (default ``False``).
 
     Returns:
-        The results dict that is also written to ``results.json`` (rows, gains, timings, versions, files).
+        The results dict that is also written to ``results.json`` (rows, gains, timings, versions, files). Every row
+        also keeps its per-draw, per-task correctness of each test example (``correctness``,
+        :data:`CORRECTNESS_ENCODING`) and, where a label-free selection scored it, its per-draw
+        ``selection_scores``.
     """
     spec = get_suite(suite)
     check_run_counts(spec, n_calib=n_calib, draws=draws, calibration_from_test=calibration_from_test,

@@ -110,6 +110,11 @@ def test_model_parallel_strategy_equals_one_process(llama_files):
         w1 = load_file(one / name / "model" / "model.safetensors")
         w2 = load_file(two / name / "model" / "model.safetensors")
         assert w1.keys() == w2.keys()
+        # written tensor by tensor from the shards, in save_pretrained's layout: the same files and config
+        files = {p.name for p in (one / name / "model").iterdir()} - {"README.md", ".magic-pl.json"}
+        assert files == {p.name for p in (two / name / "model").iterdir()} - {"README.md", ".magic-pl.json"}
+        assert json.loads((two / name / "model" / "config.json").read_text()) == json.loads(
+            (one / name / "model" / "config.json").read_text())
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
         report = json.loads((two / name / "calibration_report.json").read_text())
