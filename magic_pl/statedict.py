@@ -553,7 +553,7 @@ def _read_index(path: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
-def load_state_dict(source: Source, *, trust_pickle: bool = False) -> StateDict:
+def load_state_dict(source: Source, *, trust_pickle: bool = False, backend: str = "mmap") -> StateDict:
     """Load a state dict from a file, a directory, a mapping or a module.
 
     Args:
@@ -563,6 +563,8 @@ def load_state_dict(source: Source, *, trust_pickle: bool = False) -> StateDict:
             or an ``nn.Module``.
         trust_pickle: torch files are read with ``weights_only=True`` so a checkpoint can never run code. Set this to
             ``True`` only for pickles you trust that hold more than tensors.
+        backend: how safetensors are read (:class:`LazyStateDict`): ``"mmap"`` (default) or ``"pread"`` (nothing
+            stays resident: for passes over models larger than memory, where touched mapped pages would add up).
 
     Returns:
         A mapping key -> tensor. safetensors sources give a :class:`LazyStateDict` (nothing is read until indexed);
@@ -579,12 +581,12 @@ def load_state_dict(source: Source, *, trust_pickle: bool = False) -> StateDict:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found")
     if path.is_dir():
-        return _load_directory(path, trust_pickle=trust_pickle)
+        return _load_directory(path, trust_pickle=trust_pickle, backend=backend)
     name = path.name
     if name.endswith(".safetensors"):
-        return LazyStateDict.from_file(path)
+        return LazyStateDict.from_file(path, backend=backend)
     if name.endswith(".safetensors.index.json"):
-        return LazyStateDict.from_index(path)
+        return LazyStateDict.from_index(path, backend=backend)
     if name.endswith(".bin.index.json"):
         return _load_torch_index(path, trust_pickle=trust_pickle)
     if path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
@@ -595,13 +597,13 @@ def load_state_dict(source: Source, *, trust_pickle: bool = False) -> StateDict:
     )
 
 
-def _load_directory(path: Path, *, trust_pickle: bool) -> StateDict:
+def _load_directory(path: Path, *, trust_pickle: bool, backend: str = "mmap") -> StateDict:
     for fname in _HF_WEIGHT_FILES:
         if _is_candidate(path / fname):
-            return load_state_dict(path / fname, trust_pickle=trust_pickle)
+            return load_state_dict(path / fname, trust_pickle=trust_pickle, backend=backend)
     shards = sorted(path.glob("*.safetensors"))
     if len(shards) == 1:
-        return LazyStateDict.from_file(shards[0])
+        return LazyStateDict.from_file(shards[0], backend=backend)
     raise CheckpointError(
         f"directory {path} holds no model weights: looked for {', '.join(_HF_WEIGHT_FILES)}"
         + (f" (found {len(shards)} .safetensors files but no index)" if shards else "")

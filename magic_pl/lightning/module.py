@@ -40,6 +40,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from magic_pl._memory import release_large_allocations
 from magic_pl.calibration import CalibrationSetting, resolve_setting
 from magic_pl.calibration.sensitivity import ModelInputs, sensitive_names
 from magic_pl.lightning.data import (
@@ -434,6 +435,9 @@ class MagicModule(LightningModule):
         """Fill the sharded skeleton with ``theta0 + tau_m`` from the checkpoints and bind the calibration run."""
         setup, request, rec = self.merge_setup, self._shard_request, self.calibration_record
         assert setup is not None and request is not None and self.model is not None
+        # from here on, tensors of whole modules are read, merged and freed by the thousand: give them back to the
+        # OS as they are freed (glibc would keep them in a fragmenting heap: 4.5 instead of 1.9 model copies)
+        release_large_allocations()
         report = merge_into_shards(self.model, setup.base_state(), setup.experts, request, tied=setup.tied,
                                    device=device, bn_stats=self.merge_options.get("bn_stats", "average"),
                                    seed=self.merge_options.get("seed", 0))

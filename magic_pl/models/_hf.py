@@ -146,6 +146,7 @@ def expert_body_state(
     materialize: Optional[Callable[[], Mapping[str, torch.Tensor]]] = None,
     optional: Sequence[str] = (),
     trust_pickle: bool = False,
+    backend: str = "mmap",
 ) -> StateDict:
     """The expert's body tensors keyed like the in-memory body (``expected``: key -> shape).
 
@@ -154,9 +155,10 @@ def expert_body_state(
     view (shapes checked; a mismatch raises :class:`CheckpointError` naming key and shapes). When keys are missing
     (``transformers`` renamed them on load, or an old format), ``materialize()`` loads the expert through
     ``from_pretrained`` and its state dict is used. Keys in ``optional`` may be absent (the caller fills them).
-    ``trust_pickle``: read torch weight files with full pickle (see :func:`~magic_pl.statedict.load_state_dict`).
+    ``trust_pickle``: read torch weight files with full pickle; ``backend``: how safetensors are read (both: see
+    :func:`~magic_pl.statedict.load_state_dict`).
     """
-    sd = load_state_dict(path, trust_pickle=trust_pickle)
+    sd = load_state_dict(path, trust_pickle=trust_pickle, backend=backend)
     want = [k for k in expected if k not in optional]
     best: Optional[StateDict] = None
     for prefix in prefixes:

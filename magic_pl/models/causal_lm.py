@@ -109,7 +109,8 @@ class CausalLMAdapter(ModelAdapter):
 
             name = f"base {self.base_path}"
             base_source = KeyView(expert_body_state(self.base_path, expected, prefixes=("",), name=name,
-                                                    materialize=load_whole, trust_pickle=self.trust_pickle),
+                                                    materialize=load_whole, trust_pickle=self.trust_pickle,
+                                                    backend="pread"),
                                   list(expected))
         experts = []
         for path, task in zip(self.expert_paths, self.task_names):
@@ -120,8 +121,9 @@ class CausalLMAdapter(ModelAdapter):
                 m = from_pretrained_checked(AutoModelForCausalLM, path, name=name)
                 return {k: v for k, v in m.state_dict().items()}
 
+            # a skeleton's model may not fit one process: read with pread, so read pages do not stay resident
             view = expert_body_state(path, expected, prefixes=("",), name=name, materialize=materialize,
-                                     trust_pickle=self.trust_pickle)
+                                     trust_pickle=self.trust_pickle, backend="pread" if lazy_base else "mmap")
             self._check_tied_on_disk(path, tied, name, trust_pickle=self.trust_pickle)
             experts.append(view)
         setup = MergeSetup(

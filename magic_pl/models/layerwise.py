@@ -63,6 +63,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from magic_pl._memory import trim_heap
 from magic_pl.calibration.dsc import Batches, call_with_batch, task_batches
 from magic_pl.calibration.fsc import FSC_MODES, CalibrationDataError, CalibrationResult
 from magic_pl.calibration.modules import find_units, fold_kind, primary_tensor
@@ -442,26 +443,6 @@ def _release(model: nn.Module, keys: Sequence[str]) -> None:
     for key in keys:
         t = _get_tensor(model, key)
         _set_tensor(model, key, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Between segments the freed
-    tensors of the last one are mostly mid-sized heap blocks that glibc keeps: without this the resident set creeps up
-    block after block although nothing is held."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -943,7 +924,7 @@ class _Runner:
                 t = _get_tensor(self.model, key)
                 writer.write(self.out_names.get(key, key), t.to(tensor_dtype(self.base_sd, key)).cpu())
             _release(self.model, seg.keys)
-            _trim_heap()
+            trim_heap()
             items = items_next
             report.leaked_bytes = max(report.leaked_bytes, self.residency.live)
             report.segment_seconds[seg.name] = time.perf_counter() - t0
