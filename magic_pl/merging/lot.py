@@ -29,15 +29,14 @@ from magic_pl.merging.options import Bounded, Scale
 from magic_pl.merging.regmean import (
     Reduce,
     StateSource,
-    _check_batches,
     _check_coverage,
     _check_finite,
-    _identity,
     _key,
     _mean,
     _run,
+    check_data_merge,
 )
-from magic_pl.statedict import CheckpointError, all_finite, compute_dtype
+from magic_pl.statedict import all_finite, compute_dtype
 
 __all__ = ["lot", "lot_units"]
 
@@ -317,44 +316,11 @@ def lot(
     :class:`~magic_pl.statedict.CheckpointError` for mismatched keys, and :class:`MergeError` for a non-finite result.
     """
     # ---- validation, before any tensor is read
-    if isinstance(task_vectors, (Tensor, Mapping)) or not isinstance(task_vectors, Sequence):
-        raise TypeError(f"task_vectors must be a sequence of K mappings, got {type(task_vectors).__name__}")
-    K = len(task_vectors)
-    if K == 0:
-        raise CheckpointError("LOT needs at least one task vector (K >= 1), got none")
     scale = Bounded()("lot", "scale", scale)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"option dtype={dtype!r} must be a floating-point torch.dtype")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if base is model:
-        raise ValueError("base must not be the model: the model's weights are overwritten while merging")
+    K, keys, base_state, fn, device = check_data_merge("LOT", base, model, task_vectors, batches, reduce=reduce,
+                                                       dtype=dtype, device=device, reusable=False)
     complete = reduce is None  # with reduce each process may hold only some tasks' samples: checked on the totals
-    _check_batches(batches, K, reusable=False, complete=complete)
-    keys = list(task_vectors[0])
     key_set = set(keys)
-    for k, tv in enumerate(task_vectors[1:], start=1):
-        other = set(tv)
-        if other != key_set:
-            bad = sorted(key_set ^ other)[0]
-            raise CheckpointError(f"task vector {k} and task vector 0 differ in keys (e.g. {bad!r})")
-    model_state = model.state_dict()
-    base_state = {k: v.detach() for k, v in base.state_dict().items()} if isinstance(base, nn.Module) else base
-    for key in keys:
-        if key not in model_state:
-            raise CheckpointError(f"task-vector key {key!r} is not in the model")
-        if key not in base_state:
-            raise CheckpointError(f"task-vector key {key!r} is not in the base")
-        b = base_state[key]
-        if isinstance(base_state, dict) and isinstance(b, Tensor) and b.data_ptr() == model_state[key].data_ptr():
-            raise ValueError(f"base tensor {key!r} shares memory with the model, whose weights are overwritten")
-    fn = _identity if reduce is None else reduce
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    if any(m.training for m in model.modules()):
-        warnings.warn("LOT on a model in training mode (dropout active); call model.eval() first")
 
     from magic_pl.calibration.dsc import write_task_vector
 

@@ -339,6 +339,54 @@ def _first_calls(model: nn.Module, layers: Mapping[str, nn.Linear], batches: Any
     return order
 
 
+def check_data_merge(name: str, base: StateSource, model: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
+                     batches: Any, *, reduce: Optional[Reduce], dtype: torch.dtype,
+                     device: Optional[Union[str, torch.device]], reusable: bool
+                     ) -> tuple[int, list[str], Mapping[str, Tensor], Reduce, torch.device]:
+    """The checks every data-based merge (RegMean, LOT) makes before any tensor is read: K >= 1 task vectors with
+    the same keys, all in the model and the base, a base that shares no memory with the model (overwritten while
+    merging), batches for every task (``reusable``: read more than once). Returns ``(K, keys, base_state, reduce,
+    device)`` with ``reduce`` the identity when none is given and ``device`` the model's when none is given; warns
+    about a model in training mode."""
+    if isinstance(task_vectors, (Tensor, Mapping)) or not isinstance(task_vectors, Sequence):
+        raise TypeError(f"task_vectors must be a sequence of K mappings, got {type(task_vectors).__name__}")
+    K = len(task_vectors)
+    if K == 0:
+        raise CheckpointError(f"{name} needs at least one task vector (K >= 1), got none")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"option dtype={dtype!r} must be a floating-point torch.dtype")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if base is model:
+        raise ValueError("base must not be the model: the model's weights are overwritten while merging")
+    complete = reduce is None  # with reduce each process may hold only some tasks' samples: checked on the totals
+    _check_batches(batches, K, reusable=reusable, complete=complete)
+    keys = list(task_vectors[0])
+    key_set = set(keys)
+    for k, tv in enumerate(task_vectors[1:], start=1):
+        other = set(tv)
+        if other != key_set:
+            bad = sorted(key_set ^ other)[0]
+            raise CheckpointError(f"task vector {k} and task vector 0 differ in keys (e.g. {bad!r})")
+    model_state = model.state_dict()
+    base_state = {k: v.detach() for k, v in base.state_dict().items()} if isinstance(base, nn.Module) else base
+    for key in keys:
+        if key not in model_state:
+            raise CheckpointError(f"task-vector key {key!r} is not in the model")
+        if key not in base_state:
+            raise CheckpointError(f"task-vector key {key!r} is not in the base")
+        b = base_state[key]
+        if isinstance(base_state, dict) and isinstance(b, Tensor) and b.data_ptr() == model_state[key].data_ptr():
+            raise ValueError(f"base tensor {key!r} shares memory with the model, whose weights are overwritten")
+    fn = _identity if reduce is None else reduce
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    if any(m.training for m in model.modules()):
+        warnings.warn(f"{name} on a model in training mode (dropout active); call model.eval() first")
+    return K, keys, base_state, fn, torch.device(device)
+
+
 @merge_method(name="regmean", paper=_PAPER, needs_data=True, context=_CONTEXT)
 @torch.no_grad()
 def regmean(
@@ -406,44 +454,10 @@ def regmean(
     :class:`~magic_pl.statedict.CheckpointError` for mismatched keys, and :class:`MergeError` for a non-finite result.
     """
     # ---- validation, before any tensor is read
-    if isinstance(task_vectors, (Tensor, Mapping)) or not isinstance(task_vectors, Sequence):
-        raise TypeError(f"task_vectors must be a sequence of K mappings, got {type(task_vectors).__name__}")
-    K = len(task_vectors)
-    if K == 0:
-        raise CheckpointError("RegMean needs at least one task vector (K >= 1), got none")
     alpha = check_fraction(reduce_non_diagonal, "reduce_non_diagonal")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"option dtype={dtype!r} must be a floating-point torch.dtype")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if base is model:
-        raise ValueError("base must not be the model: the model's weights are overwritten while merging")
+    K, keys, base_state, fn, device = check_data_merge(
+        "RegMean", base, model, task_vectors, batches, reduce=reduce, dtype=dtype, device=device, reusable=plus_plus)
     complete = reduce is None  # with reduce each process may hold only some tasks' samples: checked on the totals
-    _check_batches(batches, K, reusable=plus_plus, complete=complete)
-    keys = list(task_vectors[0])
-    key_set = set(keys)
-    for k, tv in enumerate(task_vectors[1:], start=1):
-        other = set(tv)
-        if other != key_set:
-            bad = sorted(key_set ^ other)[0]
-            raise CheckpointError(f"task vector {k} and task vector 0 differ in keys (e.g. {bad!r})")
-    model_state = model.state_dict()
-    base_state = {k: v.detach() for k, v in base.state_dict().items()} if isinstance(base, nn.Module) else base
-    for key in keys:
-        if key not in model_state:
-            raise CheckpointError(f"task-vector key {key!r} is not in the model")
-        if key not in base_state:
-            raise CheckpointError(f"task-vector key {key!r} is not in the base")
-        b = base_state[key]
-        if isinstance(base_state, dict) and isinstance(b, Tensor) and b.data_ptr() == model_state[key].data_ptr():
-            raise ValueError(f"base tensor {key!r} shares memory with the model, whose weights are overwritten")
-    fn = _identity if reduce is None else reduce
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    if any(m.training for m in model.modules()):
-        warnings.warn("RegMean on a model in training mode (dropout active); call model.eval() first")
 
     from magic_pl.calibration.dsc import write_task_vector
 
