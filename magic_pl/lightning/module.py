@@ -56,6 +56,7 @@ from magic_pl.lightning.metrics import ExampleCorrectness, PerTaskAccuracy
 from magic_pl.lightning.pipeline import CalibrationRun, sum_over_processes
 from magic_pl.lightning.report import CalibrationRecord, module_sq_norms, relative_deviation
 from magic_pl.lightning.sharding import (
+    check_strategy,
     contributes_statistics,
     data_parallel_size,
     full_state_dict,
@@ -532,6 +533,8 @@ class MagicModule(LightningModule):
     # ----------------------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         trainer = self._trainer
+        if trainer is not None:
+            check_strategy(trainer.strategy)  # before any checkpoint is read
         if stage == "predict" and self.needs_calibration_data:
             count = count_predict_samples(trainer) if trainer is not None else None
             if count is not None:  # every process the data is split over needs a sample, before any merging work

@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-__all__ = ["shard_mesh", "contributes_statistics", "repeated_blocks", "shard_model", "is_fully_sharded",
-           "full_state_dict", "data_parallel_size", "sharded_parameter_numel"]
+__all__ = ["check_strategy", "shard_mesh", "contributes_statistics", "repeated_blocks", "shard_model",
+           "is_fully_sharded", "full_state_dict", "data_parallel_size", "sharded_parameter_numel"]
 
 
 def _model_parallel(strategy: Any) -> bool:
@@ -30,6 +30,19 @@ def _model_parallel(strategy: Any) -> bool:
     except ImportError:
         return False
     return isinstance(strategy, ModelParallelStrategy)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse Lightning's ``FSDPStrategy`` (FSDP1, GPUs only) with the way out: it wraps the whole LightningModule
+    itself, flattening the body's parameters, which the calibration's per-module hooks and fold cannot read; magic-pl
+    shards with FSDP2 through ``ModelParallelStrategy``, on GPUs and on CPU."""
+    try:
+        from lightning.pytorch.strategies import FSDPStrategy
+    except ImportError:
+        return
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError("FSDPStrategy (FSDP1) is not supported: magic-pl shards with FSDP2; use --trainer.strategy "
+                         "'{class_path: lightning.pytorch.strategies.ModelParallelStrategy}' (GPUs or CPU)")
 
 
 def shard_mesh(strategy: Any) -> Optional[Any]:

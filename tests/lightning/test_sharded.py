@@ -273,3 +273,14 @@ def test_steps_that_need_the_whole_model_are_refused_before_sharding(calibration
     else:
         with pytest.raises(ValueError, match=refused):
             run.check_shardable()
+
+
+def test_fsdp1_is_refused_with_the_way_out():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from magic_pl.lightning.sharding import check_strategy
+
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        check_strategy(FSDPStrategy())
+    check_strategy(ModelParallelStrategy())  # the supported way
+    check_strategy("auto")
