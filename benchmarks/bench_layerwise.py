@@ -95,6 +95,7 @@ def child(args: argparse.Namespace) -> None:
                                drop_page_cache=True)
         coefficients = report.coefficients
         phases["layerwise_fsc"] = time.perf_counter() - t0
+        phases.update({f"layerwise_{k}": v for k, v in report.phase_seconds.items()})
         extra = {"peak_segment_bytes": report.peak_segment_bytes, "max_segment_bytes": report.max_segment_bytes,
                  "segments": report.segments}
     else:

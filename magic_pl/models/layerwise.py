@@ -491,7 +491,8 @@ class LayerwiseReport:
         segments: stem + blocks + head; tensors: tensors written; merged: floating tensors merged; copied:
             non-floating tensors copied from the base.
         device, dtype: where and in which dtype segments were computed.
-        seconds: wall time; segment_seconds: per segment.
+        seconds: wall time; segment_seconds: per segment; phase_seconds: summed over segments, reading and merging
+            (``merge``), the samples' statistics, fold and hidden-state advance (``samples``), writing (``write``).
         peak_segment_bytes: the most bytes of segment tensors (base, task vectors, merged) held at once.
         max_segment_bytes: the largest segment's tensors in the compute dtype (one copy); model_bytes: the whole
             model's floating tensors in the compute dtype.
@@ -511,6 +512,7 @@ class LayerwiseReport:
     dtype: str = "float32"
     seconds: float = 0.0
     segment_seconds: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=lambda: {"merge": 0.0, "samples": 0.0, "write": 0.0})
     peak_segment_bytes: int = 0
     max_segment_bytes: int = 0
     model_bytes: int = 0
@@ -915,14 +917,19 @@ class _Runner:
         for i, seg in enumerate(self.segments):
             t0 = time.perf_counter()
             base, taus = self.load(seg, report)
+            t1 = time.perf_counter()
             with torch.no_grad():
                 result, items_next = self.calibrate(seg, items, base, taus)
+            t2 = time.perf_counter()
             del base, taus
             if result is not None:
                 results.append(result)
             for key in seg.keys:
                 t = _get_tensor(self.model, key)
                 writer.write(self.out_names.get(key, key), t.to(tensor_dtype(self.base_sd, key)).cpu())
+            report.phase_seconds["merge"] += t1 - t0
+            report.phase_seconds["samples"] += t2 - t1
+            report.phase_seconds["write"] += time.perf_counter() - t2
             _release(self.model, seg.keys)
             trim_heap()
             items = items_next
