@@ -415,7 +415,7 @@ class MagicModule(LightningModule):
         steps that are row-separable. Otherwise the body is merged whole on every process and sharded afterwards
         (with a warning saying why, when sharding)."""
         trainer = self._trainer
-        if trainer is None or shard_mesh(trainer.strategy) is None:
+        if trainer is None or shard_mesh(getattr(trainer, "strategy", None)) is None:
             return None
         why = None
         if self.adapter is None or type(self.adapter).sharded_setup is ModelAdapter.sharded_setup:
@@ -534,7 +534,7 @@ class MagicModule(LightningModule):
     def setup(self, stage: str) -> None:
         trainer = self._trainer
         if trainer is not None:
-            check_strategy(trainer.strategy)  # before any checkpoint is read
+            check_strategy(getattr(trainer, "strategy", None))  # before any checkpoint is read
         if stage == "predict" and self.needs_calibration_data:
             count = count_predict_samples(trainer) if trainer is not None else None
             if count is not None:  # every process the data is split over needs a sample, before any merging work
