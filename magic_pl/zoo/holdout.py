@@ -476,17 +476,8 @@ def holdout_markdown(result: Mapping[str, Any]) -> str:
             out.append(f"| {b['budget']} | - | {b['in_sample_pick'] or '-'} | " + " | ".join("-" for _ in suites)
                        + " | - | - | - | - | - | - | no |")
             continue
-        start = "; ".join(f"{s} {_gain(v['gain'], v['ci95'])}" for s, v in m["over_start"].items())
-        vs_best = m["versus"].get(m["best"])
-        vs_ref = m["versus"].get(ref)
         out.append(f"| {b['budget']} | {b['pick']} | {b['in_sample_pick'] or '-'} | "
-                   + " | ".join(_pct(m["per_suite"][s]) for s in suites)
-                   + f" | {_pct(m['mean'])} | {start} | {m['best']} ({_pct(m['best_mean'])}) | "
-                   + (_gain(vs_best["gain"], vs_best["ci95"]) if vs_best else "0 (the pick)")
-                   + f" | {_pct(m['reference_mean'])} | "
-                   + (_gain(vs_ref["gain"], vs_ref["ci95"]) if vs_ref else ("0 (the pick)" if m["reference_mean"]
-                                                                            is not None else "-"))
-                   + f" | {'yes' if b['target']['holds'] else 'no'} |")
+                   + _measured_cells(m, suites, ref, "the pick") + f" | {'yes' if b['target']['holds'] else 'no'} |")
     out.append("")
     selectors = [b for b in result["budgets"] if b.get("selector")]
     if selectors:
@@ -507,6 +498,19 @@ def holdout_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _measured_cells(m: Mapping[str, Any], suites: Sequence[str], ref: str, itself: str) -> str:
+    """The cells both tables give a measured recipe: per suite, mean, gain over its start, the best recipe, the gap
+    to it and to the reference (``0 (itself)`` where the recipe is that one)."""
+    start = "; ".join(f"{s} {_gain(v['gain'], v['ci95'])}" for s, v in m["over_start"].items())
+    vs_best, vs_ref = m["versus"].get(m["best"]), m["versus"].get(ref)
+    same_ref = f"0 ({itself})" if m["reference_mean"] is not None else "-"
+    return (" | ".join(_pct(m["per_suite"][s]) for s in suites)
+            + f" | {_pct(m['mean'])} | {start} | {m['best']} ({_pct(m['best_mean'])}) | "
+            + (_gain(vs_best["gain"], vs_best["ci95"]) if vs_best else f"0 ({itself})")
+            + f" | {_pct(m['reference_mean'])} | "
+            + (_gain(vs_ref["gain"], vs_ref["ci95"]) if vs_ref else same_ref))
+
+
 def held_out_markdown(held: Mapping[str, Any]) -> str:
     """The table of :func:`apply_rule`: the recommended recipe on a configuration no rule saw, win or lose."""
     suites = held["suites"]
@@ -522,14 +526,7 @@ def held_out_markdown(held: Mapping[str, Any]) -> str:
                        + f" | - | - | {b.get('best', '-')} ({_pct(b.get('best_mean'))}) | - | "
                        f"{_pct(b.get('reference_mean'))} | - | {b['rule_here'] or '-'} |")
             continue
-        start = "; ".join(f"{s} {_gain(v['gain'], v['ci95'])}" for s, v in m["over_start"].items())
-        vs_best, vs_ref = m["versus"].get(m["best"]), m["versus"].get(ref)
-        out.append(f"| {b['budget']} | {b['recipe']} | " + " | ".join(_pct(m["per_suite"][s]) for s in suites)
-                   + f" | {_pct(m['mean'])} | {start} | {m['best']} ({_pct(m['best_mean'])}) | "
-                   + (_gain(vs_best["gain"], vs_best["ci95"]) if vs_best else "0 (recommended)")
-                   + f" | {_pct(m['reference_mean'])} | "
-                   + (_gain(vs_ref["gain"], vs_ref["ci95"]) if vs_ref else ("0 (recommended)" if m["reference_mean"]
-                                                                            is not None else "-"))
+        out.append(f"| {b['budget']} | {b['recipe']} | " + _measured_cells(m, suites, ref, "recommended")
                    + f" | {b['rule_here'] or '-'} |")
     out.append("")
     return "\n".join(out)
