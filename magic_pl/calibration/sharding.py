@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_sharded", "local_part", "local_channels", "reshard", "sum_over_shards"]
+__all__ = ["is_sharded", "local_box", "local_part", "local_channels", "reshard", "sum_over_shards"]
 
 
 def _dtensor_type() -> Optional[type]:
@@ -39,7 +39,7 @@ def is_sharded(t: Any) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def _local_box(t: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def local_box(t: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(local shape, global offset)`` of this rank's shard of the DTensor ``t``."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -57,7 +57,7 @@ def local_part(t: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
     if tuple(full.shape) != tuple(t.shape):
         raise ValueError(f"a tensor of shape {tuple(full.shape)} cannot pair with a sharded tensor of global shape "
                          f"{tuple(t.shape)}")
-    shape, offset = _local_box(t)
+    shape, offset = local_box(t)
     block = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
     return t.to_local(), block
 
@@ -67,7 +67,7 @@ def local_channels(xi: Tensor, t: Tensor, axis: int) -> Tensor:
     ``xi`` itself for an ordinary tensor."""
     if not is_sharded(t):
         return xi
-    shape, offset = _local_box(t)
+    shape, offset = local_box(t)
     return xi[offset[axis]:offset[axis] + shape[axis]]
 
 

@@ -66,7 +66,7 @@ from magic_pl.lightning.sharding import (
     sharded_parameter_numel,
 )
 from magic_pl.lightning.statistics import batch_size_of, split_batch, task_calls, task_tensor
-from magic_pl.merging import get_method, merge, validate_merge_options
+from magic_pl.merging import get_method, merge, split_driver_args, validate_merge_options
 from magic_pl.models.base import (
     KeyView,
     MergeSetup,
@@ -423,7 +423,7 @@ class MagicModule(LightningModule):
         elif get_method(self.merge_method).needs_data:
             why = f"{self.merge_method} merges from the calibration samples"
         else:
-            options = {k: v for k, v in self.merge_options.items() if k not in ("bn_stats", "seed")}
+            options, _ = split_driver_args(self.merge_options)
             try:
                 return merge_request(self.merge_method, options, self.calibration, self.sensitive,
                                      caller="the merge into shards", feature=True)
@@ -440,8 +440,7 @@ class MagicModule(LightningModule):
         # OS as they are freed (glibc would keep them in a fragmenting heap: 4.5 instead of 1.9 model copies)
         release_large_allocations()
         report = merge_into_shards(self.model, setup.base_state(), setup.experts, request, tied=setup.tied,
-                                   device=device, bn_stats=self.merge_options.get("bn_stats", "average"),
-                                   seed=self.merge_options.get("seed", 0))
+                                   device=device, **split_driver_args(self.merge_options)[1])
         rec.add_step("merge", report.seconds, method=self.merge_method, options=dict(self.merge_options),
                      into_shards=True, rows_read=report.rows_read)
         rec.expert_norms = _module_means(report.expert_sq)

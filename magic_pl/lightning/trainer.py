@@ -195,6 +195,7 @@ class MagicTrainer(Trainer):
 
         from magic_pl.lightning.module import split_inputs
         from magic_pl.lightning.statistics import task_calls
+        from magic_pl.merging import split_driver_args
         from magic_pl.models.layerwise import layerwise_fsc
 
         adapter = model.adapter
@@ -205,8 +206,7 @@ class MagicTrainer(Trainer):
             task, args, kwargs, _ = split_inputs(batch)
             for t, a, kw in task_calls(task, args, kwargs):
                 samples.append((t, dict(kw) if not a else a))
-        options = dict(model.merge_options)  # the merge driver's options are layerwise_fsc's own arguments
-        driver = {k: options.pop(k) for k in ("seed", "bn_stats") if k in options}
+        options, driver = split_driver_args(model.merge_options)  # the driver's are layerwise_fsc's own arguments
         # a classifier's calibrated body goes beside the output (inside the staging directory), then into the
         # adapter's layout with the heads
         target = output if body_of is None else output.with_name(f".{output.name}-layerwise-body")

@@ -22,10 +22,11 @@ Example::
 from . import _catalog  # noqa: F401  (first: registers every method, in listing order)
 from ._common import MergeError
 from .method import DATA_MERGE_METHODS, MERGE_METHODS, METHODS, MergeMethod, get_method, merge_method
-from .registry import merge, merge_models, merge_tensor, validate_merge_options
+from .registry import merge, merge_models, merge_tensor, split_driver_args, validate_merge_options
 from .regmean import regmean
 
 __all__ = [
+    "split_driver_args",
     "MergeMethod",
     "merge_method",
     "get_method",

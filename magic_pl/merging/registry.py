@@ -41,6 +41,13 @@ def method_options(method: str) -> dict[str, Any]:
     return get_method(method).defaults()
 
 
+def split_driver_args(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(method options, driver arguments)``: front doors take one dict of merge options in which the merge
+    drivers' own ``bn_stats`` and ``seed`` sit beside the method's options; the streamed paths pass them apart."""
+    driver = {k: options[k] for k in ("bn_stats", "seed") if k in options}
+    return {k: v for k, v in options.items() if k not in driver}, driver
+
+
 def validate_merge_options(method: str, options: Mapping[str, Any], *, driver: bool = True) -> dict[str, Any]:
     """Check ``method``'s options before any tensor is read; return them normalised (numbers as float/int).
 
@@ -63,7 +70,7 @@ def validate_merge_options(method: str, options: Mapping[str, Any], *, driver: b
         if not driver:
             raise ValueError(f"{method!r} is a data-based merge of whole layers, not a per-tensor rule")
         return spec.validate(options)
-    own = {k: options[k] for k in ("bn_stats", "seed") if driver and k in options}
+    own = split_driver_args(options)[1] if driver else {}
     if "bn_stats" in own and own["bn_stats"] not in BN_STATS_POLICIES:
         raise ValueError(f"unknown bn_stats={own['bn_stats']!r}; valid: {', '.join(BN_STATS_POLICIES)}")
     if "seed" in own and (isinstance(own["seed"], bool) or not isinstance(own["seed"], int)):

@@ -26,7 +26,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from magic_pl.calibration.sharding import _local_box, is_sharded, sum_over_shards
+from magic_pl.calibration.sharding import is_sharded, local_box, sum_over_shards
 from magic_pl.models.streaming import KeyMerger, KeyMergeStats, MergeRequest
 from magic_pl.statedict import StateDict, apply_delta, is_mergeable
 
@@ -61,7 +61,7 @@ def _shard_rows(t: Tensor) -> tuple[int, int]:
         return 0, 1
     if not is_sharded(t):
         return 0, int(t.shape[0])
-    shape, offset = _local_box(t)
+    shape, offset = local_box(t)
     if any(o for o in offset[1:]) or tuple(shape[1:]) != tuple(t.shape[1:]):
         raise ValueError(f"a tensor sharded along dimension > 0 (global {tuple(t.shape)}, local {tuple(shape)}) "
                          "cannot be filled row by row; FSDP2 shards dimension 0")
@@ -105,10 +105,10 @@ def merge_into_shards(model: nn.Module, base_sd: StateDict, expert_sds: Sequence
     report = ShardMergeReport(expert_sq=[{} for _ in expert_sds])
     state = model.state_dict(keep_vars=True)
     keys = [k for k in state if k not in tied]
-    missing = [k for k in keys if k not in base_sd and (is_sharded(state[k]) or state[k].device.type == "meta"
-                                                         or k not in buffers)]
+    missing = [k for k in keys if k not in base_sd and k not in buffers]  # buffers: those the constructor made
     if missing:
         raise KeyError(f"the base checkpoint lacks {missing[:5]}, which the model has")
+    merged_keys: list[str] = []
     like: list[Tensor] = []
     values: list[float] = []
     read = total = 0
@@ -146,17 +146,16 @@ def merge_into_shards(model: nn.Module, base_sd: StateDict, expert_sds: Sequence
                 sq[j] += float(t.double().pow(2).sum())
             del bc, taus, merged, value
         total += int(target.shape[0]) if target.dim() else 1
+        merged_keys.append(key)
         like.append(target)
         # the merge's norm and the weight steps' scale sum cover the rows merged here: all of them for a
         # whole-tensor merge, which only the shard starting at row 0 then counts
         counts = not whole or lo == 0
         values.extend([*sq, stats.merged_sq if counts else 0.0, stats.scale_sum if counts else 0.0])
-        report.merged += 1
     # one all-reduce: each rank summed its own rows
     width = len(expert_sds) + 2
     flat = torch.tensor(values, dtype=torch.float64).view(-1, width)
     flat = sum_over_shards(flat, like) if like else flat
-    merged_keys = [k for k in keys if k in base_sd and is_mergeable(state[k])]
     for i, key in enumerate(merged_keys):
         row = flat[i].tolist()
         for j in range(len(expert_sds)):
@@ -164,6 +163,7 @@ def merge_into_shards(model: nn.Module, base_sd: StateDict, expert_sds: Sequence
         report.merged_sq[key] = row[-2]
         if request.setting.uses_wsc and row[-1]:
             report.wsc_scales[key] = row[-1] / (int(state[key].shape[0]) if state[key].dim() else 1)
+    report.merged = len(merged_keys)
     report.rows_read = read / max(total, 1)
     report.seconds = time.perf_counter() - start
     return report
