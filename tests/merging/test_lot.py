@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping
 
 import numpy as np
 import pytest
 import torch
+from data_merge_fixtures import (  # the shared fixtures (importable through conftest.py)
+    AllReduce,
+    K,
+    Tokens,
+    Unreadable,
+    batches_of,
+    masked_token_batches,
+    mean,
+    mlp,
+    rel,
+    task_vectors_for,
+)
 from torch import Tensor, nn
 
 from magic_pl.merging import (
@@ -24,28 +35,12 @@ from magic_pl.merging import (
 )
 from magic_pl.merging.lot import lot, lot_units
 
-K = 3
 EPS = 1e-5  # nn.LayerNorm's default
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Fixtures: tiny float64 models, base + K task vectors, batches
+# Fixtures of their own (the shared ones: data_merge_fixtures): numpy references
 # --------------------------------------------------------------------------------------------------------------------
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.ReLU(), nn.Linear(7, 4)).double().eval()
-
-
-def _setup(model: nn.Module, k: int = K, seed: int = 0, scale: float = 0.3):
-    torch.manual_seed(seed)
-    base = {n: v.detach().clone() for n, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 1)
-    taus = [{n: scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for n, v in base.items()} for _ in range(k)]
-    return base, taus
-
-
-def _batches(k: int = K, n: int = 3, shape=(6, 5), seed: int = 2) -> dict[int, list[Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return {t: [torch.randn(*shape, generator=g, dtype=torch.float64) + t for _ in range(n)] for t in range(k)}
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -87,15 +82,6 @@ def _layer_norm(h: np.ndarray) -> np.ndarray:
     return (h - mu) / np.sqrt(var + EPS)
 
 
-def _mean(taus, key):
-    return sum(t[key] for t in taus) / len(taus)
-
-
-def _rel(a: Tensor, b) -> float:
-    b = torch.as_tensor(b, dtype=torch.float64)
-    return float((a.double() - b).abs().max() / b.abs().max())
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # 1. The three closed forms on an MLP (Linear, LayerNorm, ReLU, Linear), features from each expert
 # --------------------------------------------------------------------------------------------------------------------
@@ -119,25 +105,25 @@ def _mlp_reference(base, taus, batches) -> dict[str, np.ndarray]:
 
 
 def test_every_unit_matches_an_independent_least_squares_solve():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     tau_m = lot(base, model, taus, batches)
     ref = _mlp_reference(base, taus, batches)
     assert set(tau_m) == set(base)
     for key, want in ref.items():
-        assert _rel(tau_m[key], want) < 1e-8, key
+        assert rel(tau_m[key], want) < 1e-8, key
     # the closed form is not the average, and the model holds theta0 + T* on return
-    assert _rel(tau_m["0.weight"], _mean(taus, "0.weight")) > 1e-2
-    assert _rel(tau_m["1.weight"], _mean(taus, "1.weight")) > 1e-2
+    assert rel(tau_m["0.weight"], mean(taus, "0.weight")) > 1e-2
+    assert rel(tau_m["1.weight"], mean(taus, "1.weight")) > 1e-2
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, base[key] + tau_m[key], rtol=0, atol=1e-12)
 
 
 def test_scale_is_lambda_on_every_key():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     one = lot(base, copy.deepcopy(model), taus, batches)
     scaled = lot(base, copy.deepcopy(model), taus, batches, scale=1.2)
     for key in one:
@@ -145,24 +131,24 @@ def test_scale_is_lambda_on_every_key():
 
 
 def test_biases_are_the_rows_weighted_mean():
-    model = _mlp()
-    base, taus = _setup(model)
-    equal = lot(base, copy.deepcopy(model), taus, _batches())
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    equal = lot(base, copy.deepcopy(model), taus, batches_of())
     for key in ("0.bias", "1.bias", "3.bias"):  # as many rows per task: the plain mean (the paper's setting)
-        torch.testing.assert_close(equal[key], _mean(taus, key), rtol=1e-12, atol=1e-14)
-    batches = {k: bs[: k + 1] for k, bs in _batches().items()}  # 6, 12 and 18 rows
+        torch.testing.assert_close(equal[key], mean(taus, key), rtol=1e-12, atol=1e-14)
+    batches = {k: bs[: k + 1] for k, bs in batches_of().items()}  # 6, 12 and 18 rows
     unequal = lot(base, copy.deepcopy(model), taus, batches)
     for key in ("0.bias", "3.bias"):
         want = _lstsq_shift([6, 12, 18], [_np(t[key]) for t in taus])
-        assert _rel(unequal[key], want) < 1e-12
-    assert _rel(unequal["0.bias"], _mean(taus, "0.bias")) > 1e-3
+        assert rel(unequal[key], want) < 1e-12
+    assert rel(unequal["0.bias"], mean(taus, "0.bias")) > 1e-3
 
 
 def test_one_task_returns_its_task_vector():
     # tanh, not ReLU: every input direction of the last layer is excited, so the pseudo-inverse is an inverse
     model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 4)).double().eval()
-    base, taus = _setup(model, k=1)
-    tau_m = lot(base, model, taus, _batches(k=1))
+    base, taus = task_vectors_for(model, k=1)
+    tau_m = lot(base, model, taus, batches_of(k=1))
     for key in base:
         torch.testing.assert_close(tau_m[key], taus[0][key], rtol=1e-9, atol=1e-11)
 
@@ -177,7 +163,7 @@ def _linear(i: int = 5, o: int = 3) -> nn.Module:
 def test_orthogonal_task_features_give_the_sum_of_projected_task_vectors_and_no_drift():
     # task 0 excites inputs 0-1, task 1 inputs 2-4: T* = sum_k V_k V_k^T T_k (Eq. 16), no feature drift (Eq. 17)
     model = _linear()
-    base, taus = _setup(model, k=2)
+    base, taus = task_vectors_for(model, k=2)
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(8, 5, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 0, 0, 0.0], dtype=torch.float64)
     x1 = torch.randn(8, 5, generator=g, dtype=torch.float64) * torch.tensor([0, 0, 1, 1, 1.0], dtype=torch.float64)
@@ -191,22 +177,22 @@ def test_orthogonal_task_features_give_the_sum_of_projected_task_vectors_and_no_
 def test_shared_task_features_give_the_average():
     # every task on the same exemplars (V_k = V, full rank): T* is the average of the task vectors (Eq. 18)
     model = _linear()
-    base, taus = _setup(model)
-    x = _batches(k=1)[0]
+    base, taus = task_vectors_for(model)
+    x = batches_of(k=1)[0]
     tau_m = lot(base, model, taus, {k: x for k in range(K)})
-    torch.testing.assert_close(tau_m["0.weight"], _mean(taus, "0.weight"), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tau_m["0.weight"], mean(taus, "0.weight"), rtol=1e-10, atol=1e-12)
 
 
 def test_unexcited_inputs_keep_the_pretrained_weights():
     # input 2 is never active: sum_k X_k^T X_k is singular; the Moore-Penrose solution has no component there
     model = _linear()
-    base, taus = _setup(model)
+    base, taus = task_vectors_for(model)
     mask = torch.tensor([1, 1, 0, 1, 1.0], dtype=torch.float64)
-    batches = {k: [b * mask for b in bs] for k, bs in _batches().items()}
+    batches = {k: [b * mask for b in bs] for k, bs in batches_of().items()}
     tau_m = lot(base, model, taus, batches)
     assert float(tau_m["0.weight"][:, 2].abs().max()) < 1e-12
     want = _lstsq_matrix([_rows(batches[k]) for k in range(K)], [_np(t["0.weight"]) for t in taus])
-    assert _rel(tau_m["0.weight"], want) < 1e-8
+    assert rel(tau_m["0.weight"], want) < 1e-8
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -232,14 +218,14 @@ def _patches(x: np.ndarray, kh: int, kw: int, stride: int, padding: int, dilatio
 def test_conv2d_is_merged_as_the_matrix_product_of_its_patches(stride, padding, dilation):
     model = nn.Sequential(nn.Conv2d(2, 3, kernel_size=2, stride=stride, padding=padding,
                                     dilation=dilation)).double().eval()
-    base, taus = _setup(model)
+    base, taus = task_vectors_for(model)
     g = torch.Generator().manual_seed(4)
     batches = {k: [torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64) + k] for k in range(K)}
     tau_m = lot(base, model, taus, batches)
     patches = [_patches(_np(batches[k][0]), 2, 2, stride, padding, dilation) for k in range(K)]
     want = _lstsq_matrix(patches, [_np(t["0.weight"]).reshape(3, -1) for t in taus])
-    assert _rel(tau_m["0.weight"].reshape(3, -1), want) < 1e-8
-    torch.testing.assert_close(tau_m["0.bias"], _mean(taus, "0.bias"), rtol=1e-12, atol=1e-14)
+    assert rel(tau_m["0.weight"].reshape(3, -1), want) < 1e-8
+    torch.testing.assert_close(tau_m["0.bias"], mean(taus, "0.bias"), rtol=1e-12, atol=1e-14)
 
 
 def test_grouped_convolutions_are_averaged():
@@ -250,45 +236,30 @@ def test_grouped_convolutions_are_averaged():
 @pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="torch without nn.RMSNorm")
 def test_rmsnorm_scale_uses_the_normalised_input():
     model = nn.Sequential(nn.RMSNorm(5, eps=1e-6)).double().eval()
-    base, taus = _setup(model)
-    batches = _batches()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     tau_m = lot(base, model, taus, batches)
     xs = [_rows(batches[k]) for k in range(K)]
     xhat = [x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) for x in xs]
     want = _lstsq_scale(xhat, [_np(t["0.weight"]) for t in taus])
-    assert _rel(tau_m["0.weight"], want) < 1e-10
+    assert rel(tau_m["0.weight"], want) < 1e-10
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # 4. Padding positions, tied and unused layers, dtypes
 # --------------------------------------------------------------------------------------------------------------------
-class _Tokens(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 4)
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.lin(self.emb(input_ids))
 
 
 def test_padding_positions_are_excluded():
-    model = _Tokens().double().eval()
-    base, taus = _setup(model)
-    g = torch.Generator().manual_seed(5)
-    batches = {}
-    for k in range(K):
-        ids = torch.randint(0, 10, (3, 6), generator=g)
-        mask = torch.ones(3, 6, dtype=torch.long)
-        mask[0, 4:] = 0
-        mask[2, 2:] = 0
-        batches[k] = [{"input_ids": ids, "attention_mask": mask}]
+    model = Tokens().double().eval()
+    base, taus = task_vectors_for(model)
+    batches = masked_token_batches()
     tau_m = lot(base, model, taus, batches)
     xs = [_np((base["emb.weight"] + taus[k]["emb.weight"])[b[0]["input_ids"]][b[0]["attention_mask"].bool()])
           for k, b in batches.items()]
     want = _lstsq_matrix(xs, [_np(t["lin.weight"]) for t in taus])
-    assert _rel(tau_m["lin.weight"], want) < 1e-8
-    torch.testing.assert_close(tau_m["emb.weight"], _mean(taus, "emb.weight"))  # no rule for a lookup table
+    assert rel(tau_m["lin.weight"], want) < 1e-8
+    torch.testing.assert_close(tau_m["emb.weight"], mean(taus, "emb.weight"))  # no rule for a lookup table
 
 
 def test_tied_and_uncalled_layers_are_averaged():
@@ -305,31 +276,31 @@ def test_tied_and_uncalled_layers_are_averaged():
             return self.c(self.b(self.a(x)))
 
     model = Tied().double().eval()
-    base, taus = _setup(model)
+    base, taus = task_vectors_for(model)
     taus = [{**t, "b.weight": t["a.weight"]} for t in taus]
     with pytest.warns(UserWarning, match="unused"):
-        tau_m = lot(base, model, taus, _batches(shape=(6, 4)), scale=1.5)
+        tau_m = lot(base, model, taus, batches_of(shape=(6, 4)), scale=1.5)
     for key in ("a.weight", "b.weight", "unused.weight", "unused.bias"):
-        torch.testing.assert_close(tau_m[key], 1.5 * _mean(taus, key), rtol=1e-12, atol=1e-12)
-    assert _rel(tau_m["c.weight"], 1.5 * _mean(taus, "c.weight")) > 1e-2
+        torch.testing.assert_close(tau_m[key], 1.5 * mean(taus, key), rtol=1e-12, atol=1e-12)
+    assert rel(tau_m["c.weight"], 1.5 * mean(taus, "c.weight")) > 1e-2
 
 
 def test_float32_task_vectors_give_float32_results():
-    model = _mlp().float()
-    base, taus = _setup(model)
-    batches = {k: [b.float() for b in bs] for k, bs in _batches().items()}
+    model = mlp().float()
+    base, taus = task_vectors_for(model)
+    batches = {k: [b.float() for b in bs] for k, bs in batches_of().items()}
     tau_m = lot(base, model, taus, batches)
     assert all(v.dtype == torch.float32 for v in tau_m.values())
-    ref = lot({k: v.double() for k, v in base.items()}, _mlp(), [{k: v.double() for k, v in t.items()} for t in taus],
+    ref = lot({k: v.double() for k, v in base.items()}, mlp(), [{k: v.double() for k, v in t.items()} for t in taus],
               {k: [b.double() for b in bs] for k, bs in batches.items()})
     for key in ref:
-        assert _rel(tau_m[key], ref[key]) < 1e-5, key
+        assert rel(tau_m[key], ref[key]) < 1e-5, key
 
 
 def test_pairs_and_mapping_give_the_same_result():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     a = lot(base, copy.deepcopy(model), taus, batches)
     b = lot(base, copy.deepcopy(model), taus, [(k, x) for k, bs in batches.items() for x in bs])
     for key in a:
@@ -339,37 +310,19 @@ def test_pairs_and_mapping_give_the_same_result():
 # --------------------------------------------------------------------------------------------------------------------
 # 5. Sum-reducibility: two simulated processes with an all-reduce that sums
 # --------------------------------------------------------------------------------------------------------------------
-class _AllReduce:
-    """A two-rank all-reduce (sum) between threads: each rank's tensor is added to the other's."""
-
-    def __init__(self) -> None:
-        self.barrier = threading.Barrier(2, timeout=60)
-        self.slots: list = [None, None]
-        self.calls = [0, 0]
-
-    def rank(self, r: int):
-        def reduce(t: Tensor) -> Tensor:
-            self.calls[r] += 1
-            self.slots[r] = t.clone()
-            self.barrier.wait()
-            total = self.slots[0] + self.slots[1]
-            self.barrier.wait()
-            return total
-
-        return reduce
 
 
 @pytest.mark.parametrize("split", ["batches", "tasks"])
 def test_sharded_statistics_reduce_to_the_one_process_result(split):
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches(n=4)
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of(n=4)
     single = lot(base, copy.deepcopy(model), taus, batches)
     if split == "batches":  # every rank sees every task
         shards = [{k: bs[r::2] for k, bs in batches.items()} for r in range(2)]
     else:  # rank 0 holds task 0 only: tasks are covered by the totals
         shards = [{0: batches[0]}, {k: batches[k] for k in range(1, K)}]
-    comm = _AllReduce()
+    comm = AllReduce()
     results: list = [None, None]
     errors: list = []
 
@@ -411,34 +364,20 @@ def test_registered_as_a_data_based_method():
         merge("lot", [{"w": t} for t in taus])
 
 
-class _Unreadable(Mapping):
-    def __init__(self, keys):
-        self._keys = list(keys)
-
-    def __getitem__(self, key):
-        raise AssertionError("a tensor was read before validation")
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-
 def test_bad_input_is_refused_before_reading_tensors():
-    model = _mlp()
-    base, _ = _setup(model)
-    taus = [_Unreadable(base) for _ in range(2)]
+    model = mlp()
+    base, _ = task_vectors_for(model)
+    taus = [Unreadable(base) for _ in range(2)]
     with pytest.raises(ValueError, match="no calibration batches for task 1"):
         lot(base, model, taus, {0: [torch.zeros(2, 5, dtype=torch.float64)], 1: []})
     with pytest.raises(ValueError, match="task 2"):
-        lot(base, model, taus, _batches(k=3))
+        lot(base, model, taus, batches_of(k=3))
     with pytest.raises(ValueError, match="scale"):
-        lot(base, model, taus, _batches(k=2), scale=float("nan"))
+        lot(base, model, taus, batches_of(k=2), scale=float("nan"))
     with pytest.raises(ValueError, match="base must not be the model"):
-        lot(model, model, taus, _batches(k=2))
+        lot(model, model, taus, batches_of(k=2))
     with pytest.raises(Exception, match="at least one task vector"):
-        lot(base, model, [], _batches(k=1))
+        lot(base, model, [], batches_of(k=1))
 
 
 def test_through_magic_module_predict_equals_the_pure_function():

@@ -11,32 +11,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from data_merge_fixtures import (  # the shared fixtures (importable through conftest.py)
+    AllReduce,
+    K,
+    Tokens,
+    Unreadable,
+    batches_of,
+    masked_token_batches,
+    mean,
+    mlp,
+    rel,
+    task_vectors_for,
+)
 from torch import Tensor, nn
 
 from magic_pl.merging import MergeError, regmean
 from magic_pl.merging.regmean import regmean_blocks, regmean_memory
 
-K = 3
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Fixtures: tiny float64 models, base + K task vectors, batches
+# Fixtures of their own (the shared ones: data_merge_fixtures)
 # --------------------------------------------------------------------------------------------------------------------
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.ReLU(), nn.Linear(7, 4)).double().eval()
-
-
-def _setup(model: nn.Module, k: int = K, seed: int = 0, scale: float = 0.3):
-    torch.manual_seed(seed)
-    base = {n: v.detach().clone() for n, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 1)
-    taus = [{n: scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for n, v in base.items()} for _ in range(k)]
-    return base, taus
-
-
-def _batches(k: int = K, n: int = 3, shape=(6, 5), seed: int = 2) -> dict[int, list[Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return {t: [torch.randn(*shape, generator=g, dtype=torch.float64) + t for _ in range(n)] for t in range(k)}
 
 
 def _expert(base: Mapping[str, Tensor], tau: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -67,42 +61,33 @@ def _closed_form(grams: list[np.ndarray], weights: list[Tensor], alpha: float) -
     return np.linalg.solve(sum(gs), rhs).T
 
 
-def _mean(taus, key):
-    return sum(t[key] for t in taus) / len(taus)
-
-
-def _rel(a: Tensor, b) -> float:
-    b = torch.as_tensor(b, dtype=a.dtype)
-    return float((a - b).abs().max() / b.abs().max())
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # 1-2. RegMean closed form
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha", [0.95, 1.0, 0.3])
 def test_regmean_matches_hand_computed_closed_form(alpha):
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     tau_m = regmean(base, model, taus, batches, reduce_non_diagonal=alpha)
     experts = [_expert(base, t) for t in taus]
     g1 = [_gram(batches[k]) for k in range(K)]
     g2 = [_gram([_mlp_hidden(experts[k], x) for x in batches[k]]) for k in range(K)]
     w1 = _closed_form(g1, [e["0.weight"] for e in experts], alpha)
     w2 = _closed_form(g2, [e["3.weight"] for e in experts], alpha)
-    assert _rel(tau_m["0.weight"], w1 - base["0.weight"].numpy()) < 1e-6
-    assert _rel(tau_m["3.weight"], w2 - base["3.weight"].numpy()) < 1e-6
+    assert rel(tau_m["0.weight"], w1 - base["0.weight"].numpy()) < 1e-6
+    assert rel(tau_m["3.weight"], w2 - base["3.weight"].numpy()) < 1e-6
     for key in ("0.bias", "1.weight", "1.bias", "3.bias"):
-        torch.testing.assert_close(tau_m[key], _mean(taus, key), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tau_m[key], mean(taus, key), rtol=1e-12, atol=1e-12)
     # on return the model holds theta0 + tau_m
     for key, v in model.state_dict().items():
         torch.testing.assert_close(v, base[key] + tau_m[key], rtol=1e-12, atol=1e-12)
 
 
 def test_diagnostics_are_the_conditioning_and_shift_of_each_layer():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     diagnostics: dict = {}
     tau_m = regmean(base, model, taus, batches, diagnostics=diagnostics)
     assert set(diagnostics) == {"0", "3"}
@@ -110,26 +95,26 @@ def test_diagnostics_are_the_conditioning_and_shift_of_each_layer():
     first = diagnostics["0"]
     assert first["rows"] == [18] * K and first["dim"] == 5
     assert first["condition"] == pytest.approx(np.linalg.cond(s), rel=1e-9)
-    avg = _mean(taus, "0.weight")
+    avg = mean(taus, "0.weight")
     assert first["shift"] == pytest.approx(float((tau_m["0.weight"] - avg).norm() / avg.norm()), rel=1e-9)
     # one row per task through a 5-wide layer: each G_k has rank 1, and alpha = 1 leaves the sum singular
     single = {k: [batches[k][0][:1]] for k in range(K)}
     diagnostics = {}
-    regmean(base, _mlp(), taus, single, reduce_non_diagonal=1.0, diagnostics=diagnostics)
+    regmean(base, mlp(), taus, single, reduce_non_diagonal=1.0, diagnostics=diagnostics)
     assert diagnostics["0"]["rows"] == [1] * K and diagnostics["0"]["condition"] > 1e12
 
 
 def test_regmean_differs_from_the_average():
-    model = _mlp()
-    base, taus = _setup(model)
-    tau_m = regmean(base, model, taus, _batches())
-    assert _rel(tau_m["0.weight"], _mean(taus, "0.weight")) > 1e-2
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    tau_m = regmean(base, model, taus, batches_of())
+    assert rel(tau_m["0.weight"], mean(taus, "0.weight")) > 1e-2
 
 
 def test_alpha_zero_is_the_per_column_diagonal_rule():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     tau_m = regmean(base, model, taus, batches, reduce_non_diagonal=0.0)
     # diagonal G: column j of W_m is the mean of the experts' columns j weighted by mean(x_j^2)
     d = torch.stack([torch.cat(batches[k]).pow(2).mean(0) for k in range(K)])  # [K, in]
@@ -140,25 +125,25 @@ def test_alpha_zero_is_the_per_column_diagonal_rule():
 
 @pytest.mark.parametrize("plus_plus", [False, True])
 def test_one_task_returns_its_own_task_vector(plus_plus):
-    model = _mlp()
-    base, taus = _setup(model, k=1)
-    tau_m = regmean(base, model, taus, _batches(k=1), plus_plus=plus_plus)
+    model = mlp()
+    base, taus = task_vectors_for(model, k=1)
+    tau_m = regmean(base, model, taus, batches_of(k=1), plus_plus=plus_plus)
     for key in taus[0]:
         torch.testing.assert_close(tau_m[key], taus[0][key], rtol=1e-9, atol=1e-10)
 
 
 def test_float32_task_vectors_give_float32_results():
-    model = _mlp().float()
-    base, taus = _setup(model)
-    batches = {k: [b.float() for b in bs] for k, bs in _batches().items()}
+    model = mlp().float()
+    base, taus = task_vectors_for(model)
+    batches = {k: [b.float() for b in bs] for k, bs in batches_of().items()}
     tau_m = regmean(base, model, taus, batches)
     assert all(v.dtype == torch.float32 for v in tau_m.values())
 
 
 def test_pairs_and_mapping_give_the_same_result():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     a = regmean(base, copy.deepcopy(model), taus, batches)
     b = regmean(base, copy.deepcopy(model), taus, [(k, x) for k in range(K) for x in batches[k]])
     for key in a:
@@ -169,33 +154,33 @@ def test_pairs_and_mapping_give_the_same_result():
 # Singular sums, non-finite results, memory, layer selection
 # --------------------------------------------------------------------------------------------------------------------
 def test_never_active_input_dimension_keeps_the_average_column():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     for bs in batches.values():
         for b in bs:
             b[:, 2] = 0.0
     tau_m = regmean(base, model, taus, batches, reduce_non_diagonal=0.9)
-    torch.testing.assert_close(tau_m["0.weight"][:, 2], _mean(taus, "0.weight")[:, 2], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tau_m["0.weight"][:, 2], mean(taus, "0.weight")[:, 2], rtol=1e-10, atol=1e-12)
     # the other columns solve the reduced system (column 2 drops out of every G)
     experts = [_expert(base, t) for t in taus]
     keep = [0, 1, 3, 4]
     g = [_gram([b[:, keep] for b in batches[k]]) for k in range(K)]
     ref = _closed_form(g, [e["0.weight"][:, keep] for e in experts], 0.9) - base["0.weight"][:, keep].numpy()
-    assert _rel(tau_m["0.weight"][:, keep], ref) < 1e-8
+    assert rel(tau_m["0.weight"][:, keep], ref) < 1e-8
 
 
 def test_non_finite_activations_raise_merge_error():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     batches[1][0][0, 0] = float("inf")
     with pytest.raises(MergeError, match="0.weight"):
         regmean(base, model, taus, batches)
 
 
 def test_memory_formula():
-    model = _mlp()
+    model = mlp()
     assert regmean_memory(model, 3, torch.float64) == (5 * 5 + 7 * 7) * 3 * 8
     assert regmean_memory(model, 3, torch.float32, plus_plus=True) == 7 * 7 * 3 * 4
 
@@ -214,45 +199,27 @@ def test_tied_and_uncalled_linear_layers_are_averaged():
             return self.c(self.b(self.a(x)))
 
     model = Tied().double().eval()
-    base, taus = _setup(model)
+    base, taus = task_vectors_for(model)
     taus = [{**t, "b.weight": t["a.weight"]} for t in taus]
     with pytest.warns(UserWarning, match="unused"):
-        tau_m = regmean(base, model, taus, _batches(shape=(6, 4)))
+        tau_m = regmean(base, model, taus, batches_of(shape=(6, 4)))
     for key in ("a.weight", "b.weight", "unused.weight"):
-        torch.testing.assert_close(tau_m[key], _mean(taus, key), rtol=1e-12, atol=1e-12)
-    assert _rel(tau_m["c.weight"], _mean(taus, "c.weight")) > 1e-2
+        torch.testing.assert_close(tau_m[key], mean(taus, key), rtol=1e-12, atol=1e-12)
+    assert rel(tau_m["c.weight"], mean(taus, "c.weight")) > 1e-2
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # 3. Sum-reducibility: two simulated processes with an all-reduce that sums
 # --------------------------------------------------------------------------------------------------------------------
-class _AllReduce:
-    """A two-rank all-reduce (sum) between threads: each rank's tensor is added to the other's."""
-
-    def __init__(self) -> None:
-        self.barrier = threading.Barrier(2, timeout=60)
-        self.slots: list = [None, None]
-        self.calls = [0, 0]
-
-    def rank(self, r: int):
-        def reduce(t: Tensor) -> Tensor:
-            self.calls[r] += 1
-            self.slots[r] = t.clone()
-            self.barrier.wait()
-            total = self.slots[0] + self.slots[1]
-            self.barrier.wait()
-            return total
-
-        return reduce
 
 
 @pytest.mark.parametrize("plus_plus", [False, True])
 def test_sharded_statistics_reduce_to_the_one_process_result(plus_plus):
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches(n=4)
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of(n=4)
     single = regmean(base, copy.deepcopy(model), taus, batches, plus_plus=plus_plus)
-    comm = _AllReduce()
+    comm = AllReduce()
     results: list = [None, None]
     errors: list = []
 
@@ -281,22 +248,22 @@ def test_sharded_statistics_reduce_to_the_one_process_result(plus_plus):
 # 4. RegMean++
 # --------------------------------------------------------------------------------------------------------------------
 def test_regmean_plus_plus_on_an_mlp_uses_the_merged_first_layer():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = _batches()
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = batches_of()
     alpha = 0.95
     tau_m = regmean(base, model, taus, batches, plus_plus=True, reduce_non_diagonal=alpha)
     experts = [_expert(base, t) for t in taus]
     w1 = _closed_form([_gram(batches[k]) for k in range(K)], [e["0.weight"] for e in experts], alpha)
-    assert _rel(tau_m["0.weight"], w1 - base["0.weight"].numpy()) < 1e-6
+    assert rel(tau_m["0.weight"], w1 - base["0.weight"].numpy()) < 1e-6
     # layer 2's inputs: the model with layer 1 merged (RegMean) and its bias and the LayerNorm averaged
-    merged = {k: base[k] + _mean(taus, k) for k in base}
+    merged = {k: base[k] + mean(taus, k) for k in base}
     merged["0.weight"] = torch.from_numpy(w1)
     g2 = [_gram([_mlp_hidden(merged, x) for x in batches[k]]) for k in range(K)]
     w2 = _closed_form(g2, [e["3.weight"] for e in experts], alpha)
-    assert _rel(tau_m["3.weight"], w2 - base["3.weight"].numpy()) < 1e-6
-    plain = regmean(base, _mlp(), taus, batches, reduce_non_diagonal=alpha)
-    assert _rel(tau_m["3.weight"], plain["3.weight"]) > 1e-3  # the rule matters
+    assert rel(tau_m["3.weight"], w2 - base["3.weight"].numpy()) < 1e-6
+    plain = regmean(base, mlp(), taus, batches, reduce_non_diagonal=alpha)
+    assert rel(tau_m["3.weight"], plain["3.weight"]) > 1e-3  # the rule matters
 
 
 class _Blocks(nn.Module):
@@ -322,14 +289,14 @@ def _block(w: Mapping[str, Tensor], i: int, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def test_regmean_plus_plus_blocks_see_the_expert_block_on_merged_features():
     model = _Blocks().double().eval()
-    base, taus = _setup(model)
-    batches = _batches(shape=(5, 4))
+    base, taus = task_vectors_for(model)
+    batches = batches_of(shape=(5, 4))
     alpha = 0.9
     assert regmean_blocks(model, base) == {"layers.0": ["layers.0.0", "layers.0.2"],
                                            "layers.1": ["layers.1.0", "layers.1.2"], "head": ["head"]}
     tau_m = regmean(base, model, taus, batches, plus_plus=True, reduce_non_diagonal=alpha)
     experts = [_expert(base, t) for t in taus]
-    merged = {k: base[k] + _mean(taus, k) for k in base}
+    merged = {k: base[k] + mean(taus, k) for k in base}
     feats = {k: list(batches[k]) for k in range(K)}  # merged model's features entering the current block
     for i in range(2):
         p = f"layers.{i}."
@@ -337,17 +304,17 @@ def test_regmean_plus_plus_blocks_see_the_expert_block_on_merged_features():
         for lin, xs in ((p + "0", feats), (p + "2", inner)):
             w = _closed_form([_gram(xs[k]) for k in range(K)], [e[lin + ".weight"] for e in experts], alpha)
             merged[lin + ".weight"] = torch.from_numpy(w)
-            assert _rel(tau_m[lin + ".weight"], w - base[lin + ".weight"].numpy()) < 1e-6, lin
+            assert rel(tau_m[lin + ".weight"], w - base[lin + ".weight"].numpy()) < 1e-6, lin
         feats = {k: [_block(merged, i, x)[1] for x in feats[k]] for k in range(K)}
     w = _closed_form([_gram(feats[k]) for k in range(K)], [e["head.weight"] for e in experts], alpha)
-    assert _rel(tau_m["head.weight"], w - base["head.weight"].numpy()) < 1e-6
-    torch.testing.assert_close(tau_m["layers.1.0.bias"], _mean(taus, "layers.1.0.bias"), rtol=1e-12, atol=1e-12)
+    assert rel(tau_m["head.weight"], w - base["head.weight"].numpy()) < 1e-6
+    torch.testing.assert_close(tau_m["layers.1.0.bias"], mean(taus, "layers.1.0.bias"), rtol=1e-12, atol=1e-12)
 
 
 def test_regmean_plus_plus_refuses_one_shot_iterators():
-    model = _mlp()
-    base, taus = _setup(model)
-    batches = {k: iter(v) for k, v in _batches().items()}
+    model = mlp()
+    base, taus = task_vectors_for(model)
+    batches = {k: iter(v) for k, v in batches_of().items()}
     with pytest.raises(TypeError, match="one-shot"):
         regmean(base, model, taus, batches, plus_plus=True)
 
@@ -355,27 +322,12 @@ def test_regmean_plus_plus_refuses_one_shot_iterators():
 # --------------------------------------------------------------------------------------------------------------------
 # 5. Padding positions
 # --------------------------------------------------------------------------------------------------------------------
-class _Tokens(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 4)
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.lin(self.emb(input_ids))
 
 
 def test_padding_positions_are_excluded():
-    model = _Tokens().double().eval()
-    base, taus = _setup(model)
-    g = torch.Generator().manual_seed(5)
-    batches = {}
-    for k in range(K):
-        ids = torch.randint(0, 10, (3, 6), generator=g)
-        mask = torch.ones(3, 6, dtype=torch.long)
-        mask[0, 4:] = 0
-        mask[2, 2:] = 0
-        batches[k] = [{"input_ids": ids, "attention_mask": mask}]
+    model = Tokens().double().eval()
+    base, taus = task_vectors_for(model)
+    batches = masked_token_batches()
     tau_m = regmean(base, model, taus, batches, reduce_non_diagonal=0.95)
     experts = [_expert(base, t) for t in taus]
     grams = []
@@ -384,60 +336,48 @@ def test_padding_positions_are_excluded():
         x = experts[k]["emb.weight"][b["input_ids"]][b["attention_mask"].bool()]
         grams.append(_gram([x]))
     w = _closed_form(grams, [e["lin.weight"] for e in experts], 0.95)
-    assert _rel(tau_m["lin.weight"], w - base["lin.weight"].numpy()) < 1e-6
+    assert rel(tau_m["lin.weight"], w - base["lin.weight"].numpy()) < 1e-6
     unmasked = {k: [{"input_ids": b[0]["input_ids"]}] for k, b in batches.items()}
-    other = regmean(base, _Tokens().double().eval(), taus, unmasked)
-    assert _rel(other["lin.weight"], tau_m["lin.weight"]) > 1e-3
+    other = regmean(base, Tokens().double().eval(), taus, unmasked)
+    assert rel(other["lin.weight"], tau_m["lin.weight"]) > 1e-3
     # a call that carries positional and keyword arguments (how the Lightning pipeline hands its kept calls over):
     # the same calls, the same mask, the same merge
     from magic_pl.calibration.sensitivity import ModelInputs
 
     calls = {k: [ModelInputs((b[0]["input_ids"],), {"attention_mask": b[0]["attention_mask"]})]
              for k, b in batches.items()}
-    both = regmean(base, _Tokens().double().eval(), taus, calls, reduce_non_diagonal=0.95)
-    assert _rel(both["lin.weight"], tau_m["lin.weight"]) < 1e-12
+    both = regmean(base, Tokens().double().eval(), taus, calls, reduce_non_diagonal=0.95)
+    assert rel(both["lin.weight"], tau_m["lin.weight"]) < 1e-12
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # 6. Bad input, refused before a tensor is read
 # --------------------------------------------------------------------------------------------------------------------
-class _Unreadable(Mapping):
-    def __init__(self, keys):
-        self._keys = list(keys)
-
-    def __getitem__(self, key):
-        raise AssertionError("a tensor was read before validation")
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
 
 
 def test_bad_input_is_refused_before_reading_tensors():
-    model = _mlp()
-    base, _ = _setup(model)
-    taus = [_Unreadable(base) for _ in range(2)]
+    model = mlp()
+    base, _ = task_vectors_for(model)
+    taus = [Unreadable(base) for _ in range(2)]
     with pytest.raises(ValueError, match="no calibration batches for task 1"):
         regmean(base, model, taus, {0: [torch.zeros(2, 5, dtype=torch.float64)], 1: []})
     with pytest.raises(ValueError, match="no calibration batches for task 1"):
         regmean(base, model, taus, {0: [torch.zeros(2, 5, dtype=torch.float64)]})
     with pytest.raises(ValueError, match="reduce_non_diagonal"):
-        regmean(base, model, taus, _batches(k=2), reduce_non_diagonal=1.5)
+        regmean(base, model, taus, batches_of(k=2), reduce_non_diagonal=1.5)
     with pytest.raises(ValueError, match="task 2"):
-        regmean(base, model, taus, _batches(k=3))
+        regmean(base, model, taus, batches_of(k=3))
     with pytest.raises(ValueError, match="block 'nope'"):
-        regmean(base, model, taus, _batches(k=2), plus_plus=True, blocks=["nope"])
+        regmean(base, model, taus, batches_of(k=2), plus_plus=True, blocks=["nope"])
     with pytest.raises(ValueError, match="base must not be the model"):
-        regmean(model, model, taus, _batches(k=2))
+        regmean(model, model, taus, batches_of(k=2))
     with pytest.raises(Exception, match="at least one task vector"):
-        regmean(base, model, [], _batches(k=1))
+        regmean(base, model, [], batches_of(k=1))
 
 
 def test_a_task_without_batches_in_pairs_is_named():
-    model = _mlp()
-    base, taus = _setup(model)
+    model = mlp()
+    base, taus = task_vectors_for(model)
     with pytest.raises(ValueError, match="no calibration batches for task 2"):
         x = torch.zeros(2, 5, dtype=torch.float64)
         regmean(base, model, taus, [(0, x), (1, x)])
