@@ -20,16 +20,22 @@ from magic_pl.models import CausalLMAdapter, SequenceClassificationAdapter
 BERT_TASKS = ["sentiment", "topic"]
 
 
-def _run(root: Path, out: str, layerwise: bool, calibration: str = "fsc") -> dict:
-    adapter = CausalLMAdapter(str(root / "base"), [str(root / t) for t in TEXTS], task_names=list(TEXTS))
+def _calibrate(root: Path, out: str, adapter, tasks, layerwise: bool, calibration: str = "fsc") -> dict:
+    """``calibrate`` with TIES on ``adapter``'s experts and two unlabelled texts per task (``root/<task>.txt``);
+    returns the report."""
     model = MagicModule(adapter=adapter, merge_method="ties", merge_options={"density": 0.5}, calibration=calibration)
-    data = TaskDataModule(task_names=list(TEXTS), calibration={
-        t: HFDataset(str(root / f"{t}.txt"), tokenizer=str(root / "base"), label_column=None) for t in TEXTS},
+    data = TaskDataModule(task_names=list(tasks), calibration={
+        t: HFDataset(str(root / f"{t}.txt"), tokenizer=str(root / "base"), label_column=None) for t in tasks},
         samples_per_task=2)
     trainer = MagicTrainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                            enable_progress_bar=False, enable_model_summary=False)
     trainer.calibrate(model, datamodule=data, output_dir=str(root / out), layerwise=layerwise)
     return json.loads((root / out / "calibration_report.json").read_text())
+
+
+def _run(root: Path, out: str, layerwise: bool, calibration: str = "fsc") -> dict:
+    adapter = CausalLMAdapter(str(root / "base"), [str(root / t) for t in TEXTS], task_names=list(TEXTS))
+    return _calibrate(root, out, adapter, list(TEXTS), layerwise, calibration)
 
 
 @pytest.mark.parametrize("calibration", ["fsc", "dsc"])
@@ -89,14 +95,7 @@ def test_a_recipe_runs_layerwise(llama_files, monkeypatch):
 def _run_classifiers(root: Path, out: str, layerwise: bool, layout: str) -> dict:
     adapter = SequenceClassificationAdapter(str(root / "base"), [str(root / t) for t in BERT_TASKS],
                                             task_names=BERT_TASKS, layout=layout)
-    model = MagicModule(adapter=adapter, merge_method="ties", merge_options={"density": 0.5}, calibration="fsc")
-    data = TaskDataModule(task_names=BERT_TASKS, calibration={
-        t: HFDataset(str(root / f"{t}.txt"), tokenizer=str(root / "base"), label_column=None) for t in BERT_TASKS},
-        samples_per_task=2)
-    trainer = MagicTrainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                           enable_progress_bar=False, enable_model_summary=False)
-    trainer.calibrate(model, datamodule=data, output_dir=str(root / out), layerwise=layerwise)
-    return json.loads((root / out / "calibration_report.json").read_text())
+    return _calibrate(root, out, adapter, BERT_TASKS, layerwise)
 
 
 @pytest.mark.parametrize("layout", ["per_task", "shared"])

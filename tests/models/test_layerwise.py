@@ -6,6 +6,7 @@ held, each expert tensor is read once."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,17 +231,22 @@ def test_float32_fold_is_in_place_and_matches_float64():
     torch.testing.assert_close(per.weight.detach(), expected, rtol=0, atol=1e-6)
 
 
+def _save_base_and_experts(model, root: Path, k: int = 2):
+    """``model`` saved as the base at ``root/m0`` and K experts (base + seeded noise 0.05) at ``root/m1..mK``."""
+    paths = []
+    for i in range(k + 1):
+        m = model if i == 0 else perturb(copy.deepcopy(model), seed=i, scale=0.05)
+        m.save_pretrained(root / f"m{i}")
+        paths.append(root / f"m{i}")
+    return paths[0], paths[1:]
+
+
 def test_bert_sequence_classifier_parallel_equals_whole_model(tmp_path):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(bert_config(num_labels=3)).eval()
-    paths = []
-    for i in range(3):
-        m = model if i == 0 else perturb(copy.deepcopy(model), seed=i, scale=0.05)
-        m.save_pretrained(tmp_path / f"m{i}")
-        paths.append(tmp_path / f"m{i}")
-    base, experts = paths[0], paths[1:]
+    base, experts = _save_base_and_experts(model, tmp_path)
     batches = _batches()
     report = layerwise_fsc(base, experts, batches, tmp_path / "lw", device="cpu")
     assert report.family == "bert-sequence-classification"
@@ -286,12 +292,7 @@ def test_vision_models_parallel_equal_whole_model(tmp_path, kind, family):
     cls = getattr(transformers, kind)
     torch.manual_seed(0)
     model = cls(_vision_config("vit" if kind.startswith("ViT") else "clip")).eval()
-    paths = []
-    for i in range(3):
-        m = model if i == 0 else perturb(copy.deepcopy(model), seed=i, scale=0.05)
-        m.save_pretrained(tmp_path / f"m{i}")
-        paths.append(tmp_path / f"m{i}")
-    base, experts = paths[0], paths[1:]
+    base, experts = _save_base_and_experts(model, tmp_path)
     batches = _pixels()
     report = layerwise_fsc(base, experts, batches, tmp_path / "lw", device="cpu")
     assert report.family == family and report.segments == 1 + 2 + 1
