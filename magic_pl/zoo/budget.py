@@ -122,6 +122,7 @@ def run_budget_study(
     seed: int = 0,
     trainer: Optional[dict[str, Any]] = None,
     progress: bool = True,
+    select: bool = False,
 ) -> dict[str, Any]:
     """Run every suite at every budget and write the study (see the module docstring). Returns the summary.
 
@@ -140,6 +141,8 @@ def run_budget_study(
             the same test examples and draws, e.g. more recipes, and needs no second tuning).
         cache_dir, bootstrap, seed, trainer, progress: as in :func:`~magic_pl.zoo.runner.run_benchmark`.
         results_dir: where the study and its runs' reports go.
+        select: add the label-free selection's row to every run (:func:`~magic_pl.zoo.runner.run_benchmark`'s
+            ``select``: on each draw, the recipe whose outputs on that draw's samples are closest to the experts').
     """
     from magic_pl.lightning.data import check_count
     from magic_pl.zoo.runner import check_run_counts, run_benchmark
@@ -167,7 +170,7 @@ def run_budget_study(
                                    tune_lines=i == 0 and references and tune_lines,
                                    max_test=max_test, cache_dir=cache_dir,
                                    results_dir=str(out_dir / f"{suite}_n{n}"), bootstrap=bootstrap, seed=seed,
-                                   trainer=trainer, progress=progress)
+                                   trainer=trainer, progress=progress, select=select)
             add_run(summary, suite, int(n), result)
             write_budget_report(summary, out_dir)
     return summary
