@@ -173,7 +173,7 @@ def merge_and_bind(run: CalibrationRun, method: str, options: Mapping[str, Any],
     else:
         start = time.perf_counter()
         taus = [NormRecorder(tv) for tv in task_vectors]
-        tau_m = merge(method, taus, **dict(options))
+        tau_m = merge(method, taus, base=base_state, **dict(options))
         record.add_step("merge", time.perf_counter() - start, method=method, options=dict(options))
         record_merge(record, taus, tau_m)
         body = load(tau_m)

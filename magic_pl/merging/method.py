@@ -73,6 +73,7 @@ class MergeMethod:
     needs_data: bool = False
     linear: Optional[Callable[[int, Mapping[str, Any]], Linear]] = None
     prepass: Optional[Callable[..., dict[str, Any]]] = None
+    prepass_required: bool = False
     driver_options: Mapping[str, Option] = field(default_factory=dict)
     check: Optional[CombinationCheck] = None
     more_options: Optional[Callable[[Optional[Mapping[str, Any]]], Mapping[str, Option]]] = None
@@ -177,6 +178,7 @@ def merge_method(
     needs_data: bool = False,
     linear: Optional[Callable[[int, Mapping[str, Any]], Linear]] = None,
     prepass: Optional[Callable[..., dict[str, Any]]] = None,
+    prepass_required: bool = False,
     check: Optional[CombinationCheck] = None,
     more_options: Optional[Callable[[Optional[Mapping[str, Any]]], Mapping[str, Option]]] = None,
     steps: Sequence[Callable[..., Any]] = (),
@@ -202,10 +204,15 @@ def merge_method(
             calibration samples.
         linear: ``(K, options) -> Linear`` for a linear combination of the task vectors (the LoRA low-rank path
             merges factors with these coefficients); ``None`` otherwise. Options come with the defaults filled in.
-        prepass: ``(task_vectors, keys, options, **driver_options) -> options``, a pass over every tensor that
-            :func:`~magic_pl.merging.merge` and :func:`~magic_pl.merging.merge_models` run before the per-tensor
-            calls when a driver option is given (TIES' ``global_topk`` thresholds); its keyword-only parameters are
-            the driver options, declared like the function's.
+        prepass: ``(task_vectors, keys, options, [base=...,] **driver_options) -> options``, a pass over every
+            tensor that :func:`~magic_pl.merging.merge` and :func:`~magic_pl.merging.merge_models` run before the
+            per-tensor calls when a driver option is given (TIES' ``global_topk`` thresholds), or always with
+            ``prepass_required``; its keyword-only parameters other than ``base`` are the driver options, declared
+            like the function's. A method that needs the base (``needs_base``) gets the base model's tensors as
+            ``base=`` (key -> tensor).
+        prepass_required: the prepass always runs (its driver options' defaults apply): the method cannot merge a
+            tensor without a pass over all of them (LARV's per-layer scales), so the per-tensor paths (streaming,
+            layer by layer, into shards) refuse it.
         check: a rule over several options (Breadcrumbs' ``gamma >= beta``), raising ``ValueError``.
         more_options: ``(options or None) -> {name: Option}`` for options that depend on another option's value
             (DARE's ``then`` method's); ``None`` asks for every possible one.
@@ -214,14 +221,16 @@ def merge_method(
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if prepass_required and prepass is None:
+            raise TypeError(f"merge method {name!r}: prepass_required=True needs a prepass")
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is registered twice ({_REGISTRY[name].fn.__module__} and "
                              f"{fn.__module__})")
         _REGISTRY[name] = MergeMethod(
             name=name, fn=fn, paper=paper, options=options_of(fn, context), min_tasks=min_tasks, max_tasks=max_tasks,
             task_rule=task_rule, needs_base=needs_base, row_separable=row_separable, needs_data=needs_data,
-            linear=linear, prepass=prepass,
-            driver_options=options_of(prepass) if prepass is not None else {}, check=check,
+            linear=linear, prepass=prepass, prepass_required=prepass_required,
+            driver_options=options_of(prepass, ("base",)) if prepass is not None else {}, check=check,
             more_options=more_options, steps=tuple(steps),
         )
         return fn

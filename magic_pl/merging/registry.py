@@ -147,10 +147,14 @@ def merge_tensor(
     return _run_method(method, spec.fn, taus, name, options, base)
 
 
+def _base_missing(method: str) -> ValueError:
+    return ValueError(f"merge method {method!r} needs the base model's weights with these options: pass base= "
+                      "(merge_models passes its base)")
+
+
 def _base_tensor(base: Mapping[str, Tensor] | None, key: str, method: str) -> Tensor:
     if base is None:
-        raise ValueError(f"merge method {method!r} works on full weights with these options and needs the base model: "
-                         "pass base=")
+        raise _base_missing(method)
     try:
         t = base[key].to(torch.float32)
     except KeyError:
@@ -197,6 +201,17 @@ def _prepare_driver(method: str, bn_stats: str, options: dict[str, Any]
     return spec, options, driver
 
 
+def _run_prepass(spec: MergeMethod, task_vectors: Sequence[Mapping[str, Tensor]], keys: list[str],
+                 options: dict[str, Any], driver: dict[str, Any], base: Mapping[str, Tensor] | None
+                 ) -> dict[str, Any]:
+    """``options`` after the method's pass over every key (:attr:`MergeMethod.prepass`): run when a driver option is
+    given or the method requires it; a method that needs the base gets it as ``base=``."""
+    if spec.prepass is None or not (driver or spec.prepass_required):
+        return options
+    extra = {"base": base} if spec.uses_base(options) else {}
+    return spec.prepass(task_vectors, keys, options, **extra, **driver)
+
+
 def merge(
     method: str,
     task_vectors: Sequence[Mapping[str, Tensor]],
@@ -218,10 +233,12 @@ def merge(
         bn_stats: ``"average"`` (default) or ``"base"``.
         seed: seed for randomised methods (DARE, DELLA); ignored by the others.
         base: the base model's tensors (key -> tensor), read one key at a time; needed only by methods that work on
-            full weights (``slerp`` with ``space="weights"``).
+            full weights (``slerp`` with ``space="weights"``) or on the base's layers (``larv``); checked before
+            any tensor is read.
         **options: the method's options (see :func:`method_options`), validated by :func:`validate_merge_options`
             before any tensor is read. ``ties`` also takes ``global_topk=True``: one magnitude threshold per task over
-            all non-BatchNorm tensors, computed in a first pass.
+            all non-BatchNorm tensors, computed in a first pass; ``larv`` always makes such a pass (per-layer
+            scales, from the task vectors and ``base``).
 
     Returns:
         key -> float32 tensor, in the key order of ``task_vectors[0]``.
@@ -235,6 +252,8 @@ def merge(
     if len(task_vectors) == 0:
         raise CheckpointError("need at least one task vector (K >= 1), got none")
     _check_task_count(spec, len(task_vectors), options)
+    if base is None and spec.uses_base(options):  # before any tensor is read
+        raise _base_missing(method)
     keys = list(task_vectors[0].keys())
     key_set = set(keys)
     for i, tv in enumerate(task_vectors[1:], start=1):
@@ -244,8 +263,7 @@ def merge(
             raise CheckpointError(
                 f"task vector {i} does not match task vector 0: missing keys {missing[:5]}, extra keys {extra[:5]}"
             )
-    if driver and spec.prepass is not None:
-        options = spec.prepass(task_vectors, [k for k in keys if not is_batchnorm_stat(k)], options, **driver)
+    options = _run_prepass(spec, task_vectors, [k for k in keys if not is_batchnorm_stat(k)], options, driver, base)
     checked = {i for i, tv in enumerate(task_vectors) if _checks_finite(tv)}
 
     def items() -> Iterator[tuple[str, list[Tensor]]]:
@@ -297,10 +315,10 @@ def merge_models(
     base_sd = load_state_dict(base)
     expert_sds = [load_state_dict(e) for e in experts]
     validate_experts(base_sd, expert_sds, check_finite=False)  # structure; values are checked as they are read
-    if driver and spec.prepass is not None:
+    if spec.prepass is not None and (driver or spec.prepass_required):
         float_keys = [k for k in base_sd if is_mergeable(_dtype_of(base_sd, k)) and not is_batchnorm_stat(k)]
         views = [LazyTaskVector(e, base_sd, check_finite=check_finite) for e in expert_sds]
-        options = spec.prepass(views, float_keys, options, **driver)
+        options = _run_prepass(spec, views, float_keys, options, driver, base_sd)
     out: dict[str, Tensor] = {}
     merged = _iter_merged(
         spec, iter_task_vectors(base_sd, expert_sds, check_finite=check_finite), bn_stats=bn_stats, seed=seed,

@@ -228,18 +228,27 @@ class MergeRequest:
     sensitive: Optional[list[str]]
 
 
+def whole_model_method_error(method: str, caller: str) -> str:
+    """The refusal of a per-tensor path for a method whose prepass always runs (LARV's per-layer scales)."""
+    return (f"merge method {method!r} needs every tensor before the first is merged; {caller} merges per tensor (use "
+            "magic_pl.merging.merge_models for a pass over the whole model)")
+
+
 def merge_request(merge_method: str, merge_options: Optional[Mapping[str, Any]], calibration: Any,
                   sensitive: Optional[Union[str, PathLike, Collection[str]]], *, caller: str,
                   feature: bool = False) -> MergeRequest:
-    """Check a streamed merge request: the method exists and merges per tensor (no ``global_topk``), the setting's
-    weight steps are row-separable, and a setting that detects its sensitive set on data got one (``feature``: the
-    caller also runs the feature step, whose cap needs the set too). ``caller`` names the front door in errors."""
+    """Check a streamed merge request: the method exists and merges per tensor (no ``global_topk``, no method whose
+    prepass always runs, e.g. ``larv``), the setting's weight steps are row-separable, and a setting that detects its
+    sensitive set on data got one (``feature``: the caller also runs the feature step, whose cap needs the set too).
+    ``caller`` names the front door in errors."""
     from magic_pl.calibration.settings import resolve_setting
     from magic_pl.merging import MERGE_METHODS
 
     if merge_method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {merge_method!r}; valid methods: {', '.join(MERGE_METHODS)}")
     spec = MERGE_METHODS[merge_method]
+    if spec.prepass_required:
+        raise ValueError(whole_model_method_error(merge_method, caller))
     setting = resolve_setting(calibration)
     whole_model = [s.name for s in setting.weight_steps if not s.row_separable]
     if whole_model:
@@ -294,7 +303,10 @@ class KeyMerger:
         self.base_sd, self.expert_sds, self.request = base_sd, list(expert_sds), request
         self.bn_stats, self.seed, self.device = bn_stats, seed, torch.device(device)
         self.chunk_limit = parse_size(chunk_bytes)
-        self.row_separable = MERGE_METHODS[request.method].row_separable
+        spec = MERGE_METHODS[request.method]
+        if spec.prepass_required:  # a MergeRequest built by hand, not by merge_request
+            raise ValueError(whole_model_method_error(request.method, "KeyMerger"))
+        self.row_separable = spec.row_separable
 
     def rows(self, key: str, shape: Sequence[int], dtype: torch.dtype, stats: KeyMergeStats, *,
              row_range: Optional[tuple[int, int]] = None
