@@ -41,6 +41,7 @@ from magic_pl.lightning.report import CalibrationRecord, write_report
 from magic_pl.lightning.writer import save_module
 from magic_pl.merging import validate_merge_options
 from magic_pl.models.base import LazyTaskVector, body_view, check_experts, default_task_names, find_tied_keys
+from magic_pl.recommended import fill_recipe
 from magic_pl.statedict import apply_delta, load_state_dict
 
 __all__ = [
@@ -165,12 +166,16 @@ class MagicCalibration(Callback):
         experts: one fine-tuned checkpoint per task (path, state dict or module), keyed like the backbone (a
             ``"backbone."``-style prefix and extra keys such as classifier heads are handled).
         base: the pretrained checkpoint; default ``None``: the backbone's weights at setup are the base.
-        merge_method: a registered merge method (:data:`magic_pl.merging.METHODS`; default ``"task_arithmetic"``,
-            lambda 0.3); a data-based one (``"regmean"``, ``"regmean_plusplus"``) merges the backbone at the end of
-            predict from the calibration batches, then calibrates it on them. The names ``MagicModule`` uses.
+        merge_method: a registered merge method (:data:`magic_pl.merging.METHODS`; default ``None``: the
+            recommended recipe's, as in :class:`~magic_pl.lightning.module.MagicModule`); a data-based one
+            (``"regmean"``, ``"regmean_plusplus"``) merges the backbone at the end of predict from the calibration
+            batches, then calibrates it on them. The names ``MagicModule`` uses.
         merge_options: the method's options, plus ``bn_stats`` / ``seed`` (default none).
         calibration: the calibration setting (a preset such as ``"dsc"`` or ``"auto"``, a ``"space:key=value"``
-            string or a dict; default ``"dsc"``), as in :class:`~magic_pl.lightning.module.MagicModule`.
+            string or a dict; default ``None``: the recommended recipe's), as in
+            :class:`~magic_pl.lightning.module.MagicModule`.
+        samples_per_task: the budget the recommended recipe is chosen for (unlabelled samples per task your predict
+            loop gives; default 1); unused when ``merge_method`` and ``calibration`` are both named.
         sensitive: a given sensitive set (names or a ranking JSON); default none.
         backbone: attribute path of the merged body in the LightningModule (default ``"backbone"``; ``""``: all).
         modules: explicit FSC module names (default: automatic).
@@ -188,8 +193,8 @@ class MagicCalibration(Callback):
     """
 
     def __init__(self, experts: Sequence[Source], base: Optional[Source] = None,
-                 merge_method: str = "task_arithmetic", merge_options: Optional[dict[str, Any]] = None,
-                 calibration: Calibration = "dsc",
+                 merge_method: Optional[str] = None, merge_options: Optional[dict[str, Any]] = None,
+                 calibration: Optional[Calibration] = None, samples_per_task: Optional[int] = 1,
                  sensitive: Optional[Union[str, Sequence[str]]] = None, backbone: str = "backbone",
                  modules: Optional[Sequence[str]] = None, per_sample: bool = True, task_key: str = TASK_KEY,
                  task_fn: Optional[Callable[[Any, int], Any]] = None, key_prefix: Optional[str] = None,
@@ -203,6 +208,7 @@ class MagicCalibration(Callback):
             merge_options = options if options is not None else merge_options
         if not experts:
             raise ValueError("MagicCalibration needs at least one expert checkpoint")
+        merge_method, calibration, self.recommendation = fill_recipe(merge_method, calibration, samples_per_task)
         setting = resolve_setting(calibration)  # options checked before any checkpoint is read
         validate_merge_options(merge_method, dict(merge_options or {}))
         self.experts = list(experts)

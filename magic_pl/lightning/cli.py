@@ -56,7 +56,7 @@ from magic_pl.lightning.report import comparison_line, pairing_line, selection_l
 from magic_pl.lightning.trainer import MagicTrainer
 
 __all__ = ["MagicCLI", "MagicArgumentParser", "CLIError", "main", "benchmark_main", "benchmark_parser", "merge_main",
-           "calibrate_summary", "xi_summary", "apply_shortcuts", "with_demo_config"]
+           "calibrate_summary", "xi_summary", "apply_shortcuts", "budget_from_data", "with_demo_config"]
 
 PROG = "magic-pl"
 DEBUG_ENV = "MAGIC_PL_DEBUG"
@@ -131,6 +131,22 @@ def apply_shortcuts(cfg: Namespace) -> Namespace:
             raise CLIError(f"--{name}: the model {model.class_path} takes no {name!r} (the shortcut is for "
                            "magic_pl.lightning.MagicModule)")
         cfg[name] = None
+    return cfg
+
+
+def budget_from_data(cfg: Namespace) -> Namespace:
+    """Give the model the data module's ``samples_per_task`` when the model leaves its merge method or calibration to
+    the recommended recipe (:func:`magic_pl.recommended.recommended` picks per budget), in place."""
+    model, data = cfg.get("model"), cfg.get("data")
+    if not (_is_class_config(model) and _is_class_config(data)):
+        return cfg
+    args = model.get("init_args") or Namespace()
+    if args.get("merge_method") is not None and args.get("calibration") is not None:
+        return cfg
+    if _accepts(model.class_path, "samples_per_task") and _accepts(data.class_path, "samples_per_task"):
+        data_args = data.get("init_args") or Namespace()
+        args["samples_per_task"] = data_args.get("samples_per_task", 1)
+        model["init_args"] = args
     return cfg
 
 
@@ -332,6 +348,7 @@ class MagicCLI(LightningCLI):
         given = [k for k in _SHORTCUTS if cfg.get(k) is not None]
         _checkpoints_instead_of_demo(cfg)
         apply_shortcuts(cfg)
+        budget_from_data(cfg)
         if given:  # the shortcuts' values were not checked against their targets' types while parsing
             try:
                 self._parser(self.subcommand).validate(cfg)
@@ -416,6 +433,8 @@ def calibrate_summary(result: dict[str, Any], output_dir: Any = None, save_model
         lines.append(f"report: {report}")
         if doc.get("pairing"):
             lines.append(pairing_line(doc["pairing"]))
+        if (doc.get("config") or {}).get("recommended"):
+            lines.append(f"recipe: {doc['config']['recommended']}")
         if (doc.get("config") or {}).get("selection"):
             lines.append(selection_line(doc["config"]["selection"]))
         lines.append(xi_summary(doc))

@@ -78,6 +78,7 @@ from magic_pl.models.base import (
 from magic_pl.models.heads import TaskModel, logits_of
 from magic_pl.models.shard_merge import merge_into_shards
 from magic_pl.models.streaming import MergeRequest, merge_request
+from magic_pl.recommended import Recommendation, fill_recipe
 from magic_pl.statedict import CheckpointError, load_state_dict, validate_state_dict
 
 __all__ = ["MagicModule", "Calibration", "split_inputs", "NormRecorder", "task_calls",
@@ -222,7 +223,8 @@ class MagicModule(LightningModule):
             (e.g. ``"bert."`` or ``"model.backbone."``); default ``None``: found per checkpoint
             (:func:`~magic_pl.models.base.body_view`; keys outside it, such as a classifier head, are left out).
         base_key_prefix: prefix to strip from the base's keys (default: ``key_prefix``, or found automatically).
-        merge_method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``"task_arithmetic"``, lambda 0.3), or
+        merge_method: a :data:`magic_pl.merging.MERGE_METHODS` name (default ``None``: the recommended recipe's, see
+            ``calibration``), or
             a data-based merge of :data:`magic_pl.merging.DATA_MERGE_METHODS` (``"regmean"``, ``"regmean_plusplus"``:
             merged at the end of ``trainer.predict`` from the calibration samples' Gram matrices, summed over
             processes, then calibrated on the same samples).
@@ -231,8 +233,14 @@ class MagicModule(LightningModule):
         calibration: the calibration setting: a preset of :data:`magic_pl.calibration.PRESETS` (``"none"``,
             ``"wsc"``, ``"fsc"``, ``"dsc"``, the recommended ``"auto"``, ...), a ``"space:key=value,..."`` string
             (``"fsc:statistic=ratio_of_means,granularity=channel"``) or a dict of
-            :class:`~magic_pl.calibration.CalibrationSetting` fields; default ``"dsc"`` (the paper's best). Settings
-            that use data need ``trainer.predict`` on unlabelled, task-tagged batches.
+            :class:`~magic_pl.calibration.CalibrationSetting` fields. Settings that use data need
+            ``trainer.predict`` on unlabelled, task-tagged batches. Default ``None``: with ``merge_method`` also
+            ``None``, the recipe :func:`magic_pl.recommended.recommended` gives for ``samples_per_task`` (chosen
+            out of sample on the benchmark's two suites); a ``None`` beside a named method or setting takes the
+            recommended recipe's other half.
+        samples_per_task: the budget the default recipe is chosen for: unlabelled samples per task the calibration
+            data gives (default 1, :class:`~magic_pl.lightning.data.TaskDataModule`'s default; ``None``: every
+            sample of the calibration set); the CLI passes the data module's. Unused when both are named.
         sensitive: a given magnitude-sensitive set (tensor/module names, or a ranking JSON of
             :func:`magic_pl.calibration.save_sensitivity`); default ``None``. With the setting's ``sensitive``
             policy ``"none"`` a given set turns on WSC gating and the FSC cap (policy ``"given"``); with ``"detect"``
@@ -257,9 +265,10 @@ class MagicModule(LightningModule):
         output_key: Optional[str] = None,
         key_prefix: Optional[str] = None,
         base_key_prefix: Optional[str] = None,
-        merge_method: str = "task_arithmetic",
+        merge_method: Optional[str] = None,
         merge_options: Optional[dict[str, Any]] = None,
-        calibration: Calibration = "dsc",
+        calibration: Optional[Calibration] = None,
+        samples_per_task: Optional[int] = 1,
         sensitive: Optional[Union[str, Sequence[str]]] = None,
         fsc_modules: Optional[Sequence[str]] = None,
         fsc_per_sample: bool = True,
@@ -277,6 +286,9 @@ class MagicModule(LightningModule):
                              "trust_pickle (e.g. --model.init_args.adapter.init_args.trust_pickle true)")
         if model is not None and not experts:
             raise ValueError("`model` needs `experts`: one fine-tuned checkpoint per task")
+        #: the recommended recipe a ``None`` method or setting was filled from (``None`` when both were named)
+        self.recommendation: Optional[Recommendation]
+        merge_method, calibration, self.recommendation = fill_recipe(merge_method, calibration, samples_per_task)
         setting = resolve_setting(calibration)  # every option checked before any checkpoint is read
         if model is not None and task_names is not None:
             default_task_names(experts, task_names)  # names, never paths, paired by name: checked before any read
@@ -519,6 +531,8 @@ class MagicModule(LightningModule):
         return {
             "merge_method": self.merge_method,
             "merge_options": self.merge_options,
+            "recommended": self.recommendation.describe(self.hparams.get("samples_per_task"))
+            if self.recommendation is not None else None,
             "calibration": self.calibration.to_string(),
             "sensitive": self.sensitive,
             "fsc_modules": self.fsc_modules,

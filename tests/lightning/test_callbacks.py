@@ -19,6 +19,7 @@ from magic_pl.models import TimmAdapter
 def _module(tiny_timm, **kw) -> MagicModule:
     adapter = TimmAdapter(TIMM_NAME, experts=[str(tiny_timm["a"]), str(tiny_timm["b"])], base=str(tiny_timm["base"]),
                           task_names=["a", "b"], model_kwargs=TIMM_KWARGS)
+    kw = {"merge_method": "task_arithmetic", "calibration": "dsc", **kw}  # the paper's recipe unless a test names one
     return MagicModule(adapter=adapter, **kw)
 
 

@@ -18,6 +18,7 @@ from lightning_helpers import CONFIGS
 from safetensors.torch import load_file
 
 from magic_pl.lightning.cli import main
+from magic_pl.recommended import recommended
 
 REPO = CONFIGS.parent
 
@@ -83,6 +84,26 @@ def test_tiny_config_on_a_fresh_directory_writes_only_under_output_dir(fresh, ti
     v = list(xi.values())
     expected = f"xi: {len(v)} modules, mean {sum(v) / len(v):.3g}, min {min(v):.3g}, max {max(v):.3g}"
     assert expected in lines
+
+
+def test_a_config_without_a_recipe_runs_the_recommended_one_for_its_data(fresh, tiny_cache, capsys):
+    cfg = yaml.safe_load((fresh / "configs" / "tiny.yaml").read_text())
+    for key in ("merge_method", "merge_options", "calibration"):
+        del cfg["model"]["init_args"][key]
+    n = cfg["data"]["init_args"]["samples_per_task"] = 3  # the model is told the data's budget
+    (fresh / "norecipe.yaml").write_text(yaml.safe_dump(cfg))
+    main(["calibrate", "-c", "norecipe.yaml", "--output_dir", "out", "--evaluate", "false"])
+    rec = recommended(n)
+    report = json.loads((fresh / "out" / "calibration_report.json").read_text())
+    assert (report["config"]["merge_method"], report["config"]["calibration"]) == (rec.merge_method, rec.calibration)
+    assert f"recipe: {rec.describe(n)}" in capsys.readouterr().out.splitlines()
+    # one half named: the other half is the recommendation's; both named: no recommendation
+    main(["calibrate", "-c", "norecipe.yaml", "--output_dir", "half", "--evaluate", "false", "--merge_method", "ties"])
+    report = json.loads((fresh / "half" / "calibration_report.json").read_text())
+    assert (report["config"]["merge_method"], report["config"]["calibration"]) == ("ties", rec.calibration)
+    main(["calibrate", "-c", "configs/tiny.yaml", "--output_dir", "named", "--evaluate", "false"])
+    report = json.loads((fresh / "named" / "calibration_report.json").read_text())
+    assert report["config"]["recommended"] is None and report["config"]["calibration"] == "dsc"
 
 
 def test_second_run_reuses_the_cached_inputs(fresh, tiny_cache):
@@ -207,7 +228,13 @@ def test_no_config_runs_the_synthetic_demo_and_its_printed_config_runs_without_s
         main(["calibrate", "-c", "demo.yaml", "--output_dir", "demo_out"])
     assert not [w for w in caught if "seed" in str(w.message).lower()], [str(w.message) for w in caught]
     report = json.loads((tmp_path / "demo_out" / "calibration_report.json").read_text())
-    assert report["task_names"] == ["task0", "task1", "task2"] and set(report["coefficients"]) == {"fc1", "norm", "fc2"}
+    assert report["task_names"] == ["task0", "task1", "task2"]
+    # the demo names no recipe: the recommended one for its data's samples per task
+    rec = recommended(yaml.safe_load(printed)["data"]["init_args"]["samples_per_task"])
+    assert (report["config"]["merge_method"], report["config"]["calibration"]) == (rec.merge_method, rec.calibration)
+    assert report["config"]["recommended"].startswith(f"{rec.merge_method} + {rec.calibration}, the recommended")
+    if "fsc" in rec.calibration:
+        assert set(report["coefficients"]) == {"fc1", "norm", "fc2"}
     assert {p.name for p in tmp_path.iterdir()} == {"demo.yaml", "demo_out"}
     # a user config replaces the demo entirely (nothing of it leaks in)
     from magic_pl.lightning.cli import with_demo_config

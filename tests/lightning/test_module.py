@@ -56,6 +56,7 @@ def _trainer() -> Trainer:
 
 
 def _module(base, experts, heads, **kw) -> MagicModule:
+    kw = {"merge_method": "task_arithmetic", "calibration": "dsc", **kw}  # the paper's recipe unless a test names one
     return MagicModule(model=copy.deepcopy(base), experts=experts, heads=heads, task_names=list("xyz"), **kw)
 
 

@@ -45,7 +45,7 @@ def test_calibrate_compares_with_the_uncalibrated_merge_and_the_experts(inputs, 
     for task in "ab":
         alone = MagicModule(adapter=TinyTimmAdapter(base=str(inputs["base"]), experts=[str(inputs[task])],
                                                     task_names=[task]),
-                            merge_options={"scale": 1.0}, calibration="none")
+                            merge_method="task_arithmetic", merge_options={"scale": 1.0}, calibration="none")
         data = TaskDataModule([task], test={task: _data().test_sets[task]}, samples_per_task=1)
         want = _trainer().calibrate(alone, datamodule=data, compare=False)["metrics"][f"test/acc/{task}"]
         assert comparison["experts_on_own_task"][task] == pytest.approx(want, abs=0)
