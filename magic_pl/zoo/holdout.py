@@ -341,8 +341,8 @@ def out_of_sample(results: Sequence[Result], reference: str, seed: int = 0, frac
         seed: seed of the split (mixed with suite and task names) and of the bootstrap resamples.
         fraction: share of each task's test examples in the selection half (0.5).
         bootstrap: resamples of the paired 95% intervals (1000; 0: none, every recipe then counts as safe).
-        held_out: runs of a configuration no rule saw; the recommendation made on all of the study's examples is
-            applied there (:func:`apply_rule`).
+        held_out: runs of a configuration no rule saw; the picks made on the selection half (the recommendation)
+            are applied there (:func:`apply_rule`).
 
     Returns:
         ``{"reference", "seed", "fraction", "bootstrap", "split", "in_sample", "budgets", "held_out"}``: ``split``
@@ -385,7 +385,7 @@ def out_of_sample(results: Sequence[Result], reference: str, seed: int = 0, frac
            "runs": {suite: [run.n for run in runs] for suite, runs in groups.items()},
            "in_sample": in_sample, "budgets": budgets, "held_out": None}
     if held_out is not None:
-        out["held_out"] = apply_rule(in_sample, held_out, reference=reference, bootstrap=bootstrap, seed=seed)
+        out["held_out"] = apply_rule(out, held_out, bootstrap=bootstrap, seed=seed)
     return out
 
 
@@ -398,7 +398,8 @@ def apply_rule(recommendations: Union[Sequence[Mapping[str, Any]], Mapping[str, 
 
     Args:
         recommendations: :func:`~magic_pl.zoo.budget.budget_recommendations` entries (``budget``, ``recipe``), or an
-            :func:`out_of_sample` result (its ``in_sample`` entries: the rule on all of the study's examples).
+            :func:`out_of_sample` result (its picks made on the selection half: the recommendation it reports and
+            the one magic-pl ships, :mod:`magic_pl.recommended`).
         results: the configuration's runs (``results.json`` dicts or paths).
         reference: the uncalibrated reference merge (default: the ``out_of_sample`` result's).
         bootstrap, seed: the paired intervals' resamples and seed.
@@ -407,7 +408,7 @@ def apply_rule(recommendations: Union[Sequence[Mapping[str, Any]], Mapping[str, 
 
     if isinstance(recommendations, Mapping):
         reference = reference or recommendations.get("reference")
-        recommendations = recommendations["in_sample"]
+        recommendations = [{"budget": b["budget"], "recipe": b["pick"]} for b in recommendations["budgets"]]
     if not reference:
         raise ValueError("give the reference merge (reference=...)")
     recommended = {str(r["budget"]): r.get("recipe") for r in recommendations}
