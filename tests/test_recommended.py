@@ -34,8 +34,8 @@ def test_the_report_line_quotes_the_studys_report_half():
         if not b["budget"].isdigit() or b["report"] is None:
             continue
         rec = recommended(int(b["budget"]))
-        for suite, acc in b["report"]["per_suite"].items():
-            assert f"{suite} {100 * acc:.1f}" in rec.report, (b["budget"], suite)
+        cells = ", ".join(f"{suite} {100 * acc:.1f}" for suite, acc in b["report"]["per_suite"].items())
+        assert f"n = {b['budget']}: {cells}" in rec.report, b["budget"]
 
 
 def test_budgets_between_and_beyond_the_measured_ones():

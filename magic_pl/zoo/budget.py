@@ -49,7 +49,8 @@ def _row(result: dict[str, Any], method: str, calibration: str) -> Optional[dict
 def summarise_budget(result: dict[str, Any], reference: str) -> dict[str, Any]:
     """One run's recipes: ``{recipe: {avg, std, ci95, gain, gain_ci95, over, needs, seconds}}``; gains are paired,
     over the uncalibrated merge a recipe starts from (``reference`` for the data-based merges); ``needs``:
-    ``"nothing"`` (data-free: the same at every n), ``"samples"`` or ``"labels"``."""
+    ``"nothing"`` (data-free: the same at every n), ``"samples"``, ``"labels"``, or ``"selection"`` for the
+    label-free selection's row (a choice among the run's recipes, not a recipe the study may recommend)."""
     from magic_pl.calibration import resolve_setting
 
     gains = result["gains"]
@@ -60,7 +61,9 @@ def summarise_budget(result: dict[str, Any], reference: str) -> dict[str, Any]:
         if m in ("base", "expert"):
             continue
         data_based = m in gains.get("data_merges_over", {})
-        if m not in result["config"]["methods"]:
+        if (m, c) == ("selected", "label-free"):  # magic_pl.zoo.runner.selected_row
+            needs = "selection"
+        elif m not in result["config"]["methods"]:
             needs = "labels"  # tuned on the labelled validation split
         elif data_based or (c not in settings and c != "none"):  # RegMean; bn, bn+fsc: re-estimated on the samples
             needs = "samples"
@@ -380,7 +383,7 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
         for k in dict.fromkeys(k for n in runs for k in runs[n]):
             pts = [(int(n), 100 * runs[n][k]["avg"]) for n in runs if k in runs[n]]
             first = next(runs[n][k] for n in runs if k in runs[n])
-            if first["needs"] == "labels":  # tuned on labelled val: the black reference lines
+            if first["needs"] in ("labels", "selection"):  # tuned on labelled val: the black reference lines
                 continue
             if len(pts) == 1 and first["needs"] == "nothing" and len(ns) > 1:
                 pts = [(n, pts[0][1]) for n in ns]

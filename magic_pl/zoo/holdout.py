@@ -179,8 +179,8 @@ def _restrict(result: Mapping[str, Any], correct: Mapping[str, list[dict[str, np
 
 def _summary(groups: Mapping[str, Sequence[_Run]], reference: str) -> dict[str, Any]:
     """The budget study's summary of these runs (:func:`~magic_pl.zoo.budget.add_run`, as
-    :func:`~magic_pl.zoo.budget.rebuild_budget_report` joins runs), the label-free selection left out: it is no
-    recipe the rule may choose."""
+    :func:`~magic_pl.zoo.budget.rebuild_budget_report` joins runs); the label-free selection's row is filed as
+    ``needs="selection"``, which the rule never chooses."""
     from magic_pl.zoo.budget import _new_summary, add_run
 
     runs = [run for g in groups.values() for run in g]
@@ -191,8 +191,7 @@ def _summary(groups: Mapping[str, Sequence[_Run]], reference: str) -> dict[str, 
                            first.get("max_test"), reference)
     for suite, g in groups.items():
         for run in g:
-            result = {**run.result, "rows": [r for r in run.result["rows"] if _key(r) != SELECTED]}
-            add_run(summary, suite, run.n, result, statistics=False)
+            add_run(summary, suite, run.n, run.result, statistics=False)
     return summary
 
 
