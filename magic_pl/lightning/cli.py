@@ -227,7 +227,8 @@ def _calibrate_summary_help() -> str:
         ("--base PATH", "the pretrained checkpoint the experts were fine-tuned from"),
         ("--experts [P,...]", "one fine-tuned checkpoint per task, e.g. --experts [a.safetensors,b.safetensors]"),
         ("--task_names [N,...]", "one name per expert (default: the config's, or the expert file names)"),
-        ("--merge_method NAME", f"one of: {methods}"),
+        ("--merge_method NAME", f"one of: {methods}; with --calibration unset too (in the config as well), the "
+                                "recommended recipe for the data's samples_per_task (README: Which recipe)"),
         ("--merge_options DICT", "the method's options, e.g. '{scale: 0.3}' or '{density: 0.2, seed: 0}'"),
         ("--calibration SETTING", f"a preset ({presets}), steps joined by '+' ({steps}; e.g. "
                                   "'svc+fsc:svc.alpha=0.2'), 'space:key=value,...' (e.g. 'fsc:norm=2') or a dict"),
