@@ -1,10 +1,12 @@
-"""Shared test helpers: tiny tokenizers in their real on-disk formats and a seeded fake fine-tuning (no downloads).
+"""Shared test helpers: tiny tokenizers in their real on-disk formats, a seeded fake fine-tuning and a three-task body
+with experts (no downloads).
 
 Used by tests/models and tests/lightning (``tests/`` is on ``sys.path`` through ``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -51,6 +53,32 @@ def perturb(model: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
     for p in model.parameters():
         p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
     return model
+
+
+class Body(nn.Module):
+    """Linear 6 -> 16, LayerNorm, ReLU, Linear 16 -> 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+def body_tasks():
+    """``(base, experts, heads, test data)`` for tasks x, y, z (3, 4 and 2 classes): a seeded :class:`Body`, three
+    experts (:func:`perturb` with seeds 10, 11, 12 and scale 0.1), a head per task and 11 random test examples each."""
+    from magic_pl.lightning import RandomTaskDataset
+
+    torch.manual_seed(0)
+    base = Body()
+    experts = [perturb(copy.deepcopy(base), 10 + i, 0.1) for i in range(3)]
+    heads = [nn.Linear(8, n) for n in (3, 4, 2)]
+    data = {t: RandomTaskDataset(11, (6,), n, seed=i) for i, (t, n) in enumerate(zip("xyz", (3, 4, 2)))}
+    return base, experts, heads, data
 
 
 def save_bert_classifiers(base_dir: Path, experts: dict[Path, int], vocab: list[str], seed: int = 0) -> None:

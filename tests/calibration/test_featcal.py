@@ -4,12 +4,12 @@ its options, sums over processes, and the front doors (settings, MagicModule, Ma
 from __future__ import annotations
 
 import copy
-import threading
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
+from two_ranks import run_two_ranks
 
 from magic_pl.calibration import STEPS, CalibrationDataError, CalibrationSetting, resolve_setting
 from magic_pl.calibration.featcal import FeatCalCalibrator, FeatCalStep, _stack, featcal_blocks, featcal_modules
@@ -234,26 +234,6 @@ def test_the_last_block_weighs_the_first_position_only_when_asked():
         torch.testing.assert_close(weighted.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
-class _ThreadSum:
-    """A sum over two threads standing for two processes (added in process order, like an all-reduce)."""
-
-    def __init__(self, n: int = 2) -> None:
-        self.barrier = threading.Barrier(n)
-        self.slots: list = [None] * n
-        self.calls = [0] * n
-
-    def reduce_for(self, rank: int):
-        def reduce(t: Tensor) -> Tensor:
-            self.calls[rank] += 1
-            self.slots[rank] = t.clone()
-            self.barrier.wait()
-            total = self.slots[0] + self.slots[1]
-            self.barrier.wait()
-            return total
-
-        return reduce
-
-
 @pytest.mark.parametrize("split", ["halves", "one_task_each"])
 def test_statistics_summed_over_two_processes_equal_one_process(split):
     """Each process feeds its share and sums every block's statistics once with the other's (plus one sum for the
@@ -266,27 +246,16 @@ def test_statistics_summed_over_two_processes_equal_one_process(split):
     else:  # each process sees one task only
         shares = [[c for c in calls if c[0] == 0], [c for c in calls if c[0] == 1]]
     whole = _featcal(base, merged, taus, calls)
-    summer = _ThreadSum()
     models = [copy.deepcopy(merged) for _ in range(2)]
-    errors: list = []
 
-    def run(rank: int) -> None:
-        try:
-            cal = FeatCalCalibrator(base, models[rank], taus)
-            for k, x in shares[rank]:
-                cal.update(k, x)
-            cal.finalize(summer.reduce_for(rank))
-            assert cal.fold().samples_per_task == [20, 20]
-        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(err)
-            summer.barrier.abort()
+    def run(rank: int, reduce) -> None:
+        cal = FeatCalCalibrator(base, models[rank], taus)
+        for k, x in shares[rank]:
+            cal.update(k, x)
+        cal.finalize(reduce)
+        assert cal.fold().samples_per_task == [20, 20]
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    _, summer = run_two_ranks(run)
     assert summer.calls == [4, 4]  # the counts and order, then one per block (fc1, norm, fc2)
     for key, value in whole.state_dict().items():
         assert torch.equal(models[0].state_dict()[key], models[1].state_dict()[key])

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from tiny_models import Body, body_tasks
 from torch import nn
 
 from magic_pl.calibration import FeatureSpaceCalibrator, save_sensitivity, weight_space_calibration
@@ -17,37 +18,9 @@ from magic_pl.merging import merge, merge_models
 from magic_pl.statedict import apply_task_vector, task_vector
 
 
-class Body(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.norm = nn.LayerNorm(16)
-        self.fc2 = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.norm(self.fc1(x))))
-
-
-def _experts(base: nn.Module, k: int = 3) -> list[nn.Module]:
-    out = []
-    for i in range(k):
-        e = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for p in e.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-        out.append(e)
-    return out
-
-
 @pytest.fixture
 def setup3():
-    torch.manual_seed(0)
-    base = Body()
-    experts = _experts(base)
-    heads = [nn.Linear(8, n) for n in (3, 4, 2)]
-    data = {t: RandomTaskDataset(11, (6,), n, seed=i) for i, (t, n) in enumerate(zip("xyz", (3, 4, 2)))}
-    return base, experts, heads, data
+    return body_tasks()
 
 
 def _trainer() -> Trainer:

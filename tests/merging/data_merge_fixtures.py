@@ -1,9 +1,8 @@
-"""Shared fixtures of the data-based merge tests (RegMean, LOT): tiny float64 models, base + K task vectors, batches,
-a two-rank all-reduce between threads and a mapping that must not be read."""
+"""Shared fixtures of the data-based merge tests (RegMean, LOT): tiny float64 models, base + K task vectors, batches
+and a mapping that must not be read."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 
 import torch
@@ -66,24 +65,26 @@ def masked_token_batches(k: int = K, seed: int = 5) -> dict[int, list[dict[str, 
     return out
 
 
-class AllReduce:
-    """A two-rank all-reduce (sum) between threads: each rank's tensor is added to the other's."""
+class Tied(nn.Module):
+    """Two linear layers sharing one weight, a third one, and one never called."""
 
-    def __init__(self) -> None:
-        self.barrier = threading.Barrier(2, timeout=60)
-        self.slots: list = [None, None]
-        self.calls = [0, 0]
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # shared
+        self.c = nn.Linear(4, 2)
+        self.unused = nn.Linear(4, 2)
 
-    def rank(self, r: int):
-        def reduce(t: Tensor) -> Tensor:
-            self.calls[r] += 1
-            self.slots[r] = t.clone()
-            self.barrier.wait()
-            total = self.slots[0] + self.slots[1]
-            self.barrier.wait()
-            return total
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
 
-        return reduce
+
+def tied_task_vectors():
+    """``(model, base, taus)`` of a float64 :class:`Tied`, its task vectors tied like its weights."""
+    model = Tied().double().eval()
+    base, taus = task_vectors_for(model)
+    return model, base, [{**t, "b.weight": t["a.weight"]} for t in taus]
 
 
 class Unreadable(Mapping):

@@ -6,13 +6,11 @@ registry and the Lightning front door."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import numpy as np
 import pytest
 import torch
 from data_merge_fixtures import (  # the shared fixtures (importable through conftest.py)
-    AllReduce,
     K,
     Tokens,
     Unreadable,
@@ -22,8 +20,11 @@ from data_merge_fixtures import (  # the shared fixtures (importable through con
     mlp,
     rel,
     task_vectors_for,
+    tied_task_vectors,
 )
+from tiny_models import body_tasks
 from torch import Tensor, nn
+from two_ranks import run_two_ranks
 
 from magic_pl.merging import (
     DATA_MERGE_METHODS,
@@ -263,21 +264,7 @@ def test_padding_positions_are_excluded():
 
 
 def test_tied_and_uncalled_layers_are_averaged():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-            self.b.weight = self.a.weight  # shared
-            self.c = nn.Linear(4, 2)
-            self.unused = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.c(self.b(self.a(x)))
-
-    model = Tied().double().eval()
-    base, taus = task_vectors_for(model)
-    taus = [{**t, "b.weight": t["a.weight"]} for t in taus]
+    model, base, taus = tied_task_vectors()
     with pytest.warns(UserWarning, match="unused"):
         tau_m = lot(base, model, taus, batches_of(shape=(6, 4)), scale=1.5)
     for key in ("a.weight", "b.weight", "unused.weight", "unused.bias"):
@@ -322,23 +309,7 @@ def test_sharded_statistics_reduce_to_the_one_process_result(split):
         shards = [{k: bs[r::2] for k, bs in batches.items()} for r in range(2)]
     else:  # rank 0 holds task 0 only: tasks are covered by the totals
         shards = [{0: batches[0]}, {k: batches[k] for k in range(1, K)}]
-    comm = AllReduce()
-    results: list = [None, None]
-    errors: list = []
-
-    def rank(r: int) -> None:
-        try:
-            results[r] = lot(base, copy.deepcopy(model), taus, shards[r], reduce=comm.rank(r))
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-            comm.barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results, comm = run_two_ranks(lambda r, reduce: lot(base, copy.deepcopy(model), taus, shards[r], reduce=reduce))
     assert comm.calls == [4, 4]  # one reduce per unit (Linear, LayerNorm, Linear) and one for the row counts
     for r in range(2):
         for key in single:
@@ -383,31 +354,10 @@ def test_bad_input_is_refused_before_reading_tensors():
 def test_through_magic_module_predict_equals_the_pure_function():
     from lightning.pytorch import Trainer
 
-    from magic_pl.lightning import MagicModule, RandomTaskDataset, TaskDataModule
+    from magic_pl.lightning import MagicModule, TaskDataModule
     from magic_pl.statedict import task_vector
 
-    class Body(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1 = nn.Linear(6, 16)
-            self.norm = nn.LayerNorm(16)
-            self.fc2 = nn.Linear(16, 8)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.fc2(torch.relu(self.norm(self.fc1(x))))
-
-    torch.manual_seed(0)
-    base = Body()
-    experts = []
-    for i in range(3):
-        e = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for p in e.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-        experts.append(e)
-    heads = [nn.Linear(8, n) for n in (3, 4, 2)]
-    data = {t: RandomTaskDataset(11, (6,), n, seed=i) for i, (t, n) in enumerate(zip("xyz", (3, 4, 2)))}
+    base, experts, heads, data = body_tasks()
     dm = TaskDataModule(list("xyz"), test=data, samples_per_task=3, seed=2, batch_size=4)
     mod = MagicModule(model=copy.deepcopy(base), experts=experts, heads=heads, task_names=list("xyz"),
                       merge_method="lot", merge_options={"scale": 1.2}, calibration="none")

@@ -4,7 +4,6 @@ simulated processes, attention-mask handling, and input checks."""
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from data_merge_fixtures import (  # the shared fixtures (importable through conftest.py)
-    AllReduce,
     K,
     Tokens,
     Unreadable,
@@ -22,8 +20,10 @@ from data_merge_fixtures import (  # the shared fixtures (importable through con
     mlp,
     rel,
     task_vectors_for,
+    tied_task_vectors,
 )
 from torch import Tensor, nn
+from two_ranks import run_two_ranks
 
 from magic_pl.merging import MergeError, regmean
 from magic_pl.merging.regmean import regmean_blocks, regmean_memory
@@ -186,21 +186,7 @@ def test_memory_formula():
 
 
 def test_tied_and_uncalled_linear_layers_are_averaged():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-            self.b.weight = self.a.weight  # shared
-            self.c = nn.Linear(4, 2)
-            self.unused = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.c(self.b(self.a(x)))
-
-    model = Tied().double().eval()
-    base, taus = task_vectors_for(model)
-    taus = [{**t, "b.weight": t["a.weight"]} for t in taus]
+    model, base, taus = tied_task_vectors()
     with pytest.warns(UserWarning, match="unused"):
         tau_m = regmean(base, model, taus, batches_of(shape=(6, 4)))
     for key in ("a.weight", "b.weight", "unused.weight"):
@@ -219,24 +205,9 @@ def test_sharded_statistics_reduce_to_the_one_process_result(plus_plus):
     base, taus = task_vectors_for(model)
     batches = batches_of(n=4)
     single = regmean(base, copy.deepcopy(model), taus, batches, plus_plus=plus_plus)
-    comm = AllReduce()
-    results: list = [None, None]
-    errors: list = []
-
-    def rank(r: int) -> None:
-        try:
-            shard = {k: bs[r::2] for k, bs in batches.items()}
-            results[r] = regmean(base, copy.deepcopy(model), taus, shard, plus_plus=plus_plus, reduce=comm.rank(r))
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-            comm.barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    shards = [{k: bs[r::2] for k, bs in batches.items()} for r in range(2)]
+    results, comm = run_two_ranks(lambda r, reduce: regmean(base, copy.deepcopy(model), taus, shards[r],
+                                                            plus_plus=plus_plus, reduce=reduce))
     # RegMean: one reduce per layer's Gram sums plus one for the counts; RegMean++: the same per block
     assert comm.calls == [3, 3] if not plus_plus else comm.calls == [4, 4]
     for r in range(2):
