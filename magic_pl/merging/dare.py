@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._common import check_fraction, generator_for, prepare
 from .basic import task_arithmetic
-from .method import Option, get_method, merge_method
+from .method import Option, merge_method, then_option_specs
 from .options import Interval, OneOf, Seed
 from .steps import dare_drop
 from .ties import ties
@@ -20,18 +20,8 @@ _THEN = OneOf(tuple(DARE_THEN))
 
 
 def _then_options(options: Optional[Mapping[str, Any]]) -> dict[str, Option]:
-    """The options of the ``then`` method DARE hands over to (of every choice when ``options`` is ``None``). TIES'
-    ``thresholds`` are not among them: they are magnitudes of the task vectors before the drop."""
-    if options is None:
-        names = list(DARE_THEN)
-    else:
-        names = [_THEN("dare", "then", options.get("then", get_method("dare").options["then"].default))]
-    out: dict[str, Option] = {}
-    for then in names:
-        for k, spec in get_method(then).options.items():
-            if k != "thresholds":
-                out.setdefault(k, spec)
-    return out
+    """The options of the ``then`` method DARE hands over to (:func:`~magic_pl.merging.method.then_option_specs`)."""
+    return then_option_specs("dare", DARE_THEN, options)
 
 
 @merge_method(

@@ -23,7 +23,7 @@ from ._common import prepare
 from .basic import task_arithmetic, weight_average
 from .breadcrumbs import breadcrumbs
 from .consensus import consensus
-from .method import Option, get_method, merge_method
+from .method import Option, get_method, merge_method, then_option_specs
 from .options import Interval, OneOf, Rule, _fail, _real
 from .svd import iso_c, iso_cts, tsv_m
 from .ties import ties
@@ -52,16 +52,7 @@ def _then_options(options: Optional[Mapping[str, Any]]) -> dict[str, Option]:
     """The options of the ``then`` method (of every choice when ``options`` is ``None``), under their own names except
     ``then_gamma`` for Breadcrumbs' ``gamma``. TIES' ``thresholds`` are not among them (magnitudes of the task vectors
     before the rescaling), nor its ``global_topk``."""
-    if options is None:
-        names = list(LARV_THEN)
-    else:
-        names = [_THEN("larv", "then", options.get("then", get_method("larv").options["then"].default))]
-    out: dict[str, Option] = {}
-    for then in names:
-        for k, spec in get_method(then).options.items():
-            if k != "thresholds":
-                out.setdefault(_then_name(k), spec)
-    return out
+    return then_option_specs("larv", LARV_THEN, options, rename=_then_name)
 
 
 def _then_kwargs(then: str, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -163,6 +163,25 @@ def options_of(fn: Callable[..., Any], context: Sequence[str] = ()) -> dict[str,
     return out
 
 
+def then_option_specs(owner: str, choices: Sequence[str], options: Optional[Mapping[str, Any]], *,
+                 rename: Callable[[str], str] = str) -> dict[str, Option]:
+    """The options of the method ``owner`` hands its transformed task vectors to (its option ``then``, one of
+    ``choices``): of the chosen one, or of every choice when ``options`` is ``None``, each under ``rename(name)``.
+    TIES' ``thresholds`` are left out: magnitudes of the task vectors before the owner's step. For a method's
+    ``more_options``."""
+    if options is None:
+        names = list(choices)
+    else:
+        then = get_method(owner).options["then"]
+        names = [then.rule(owner, "then", options.get("then", then.default))]
+    out: dict[str, Option] = {}
+    for name in names:
+        for k, spec in get_method(name).options.items():
+            if k != "thresholds":
+                out.setdefault(rename(k), spec)
+    return out
+
+
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
