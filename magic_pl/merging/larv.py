@@ -332,7 +332,6 @@ def _larv_prepass(
 @merge_method(
     name="larv",
     paper=_PAPER,
-    needs_base=True,
     prepass=_larv_prepass,
     prepass_required=True,
     check=_then_rule,
@@ -342,7 +341,6 @@ def larv(
     taus: Sequence[Tensor],
     *,
     name: str = "",
-    base: Optional[Tensor] = None,
     then: Annotated[str, _THEN] = "iso_c",
     key_scales: Annotated[Optional[Mapping[str, Sequence[float]]], _KeyScales()] = None,
     **then_options: Any,
@@ -382,11 +380,9 @@ def larv(
             ``weight_average``, ``breadcrumbs``, ``consensus``.
         key_scales: key -> the K factors of that key (the pass's result; give it to call this function or
             ``merge_tensor`` directly).
-        base: the base model's tensor (the drivers pass it; unused here, the pass reads the base).
         **then_options: options of the ``then`` method with its defaults (e.g. ``scale``); Breadcrumbs' ``gamma`` is
             ``then_gamma`` (``gamma`` is the continuous gate's).
     """
-    del base  # the pass used the base; the rescaled merge does not
     if then not in LARV_THEN:
         raise ValueError(f"larv: unknown then={then!r}; valid: {', '.join(LARV_THEN)}")
     if key_scales is None:

@@ -74,6 +74,8 @@ class MergeMethod:
     linear: Optional[Callable[[int, Mapping[str, Any]], Linear]] = None
     prepass: Optional[Callable[..., dict[str, Any]]] = None
     prepass_required: bool = False
+    #: the prepass takes ``base=`` (derived from its signature at registration)
+    prepass_base: bool = False
     driver_options: Mapping[str, Option] = field(default_factory=dict)
     check: Optional[CombinationCheck] = None
     more_options: Optional[Callable[[Optional[Mapping[str, Any]]], Mapping[str, Option]]] = None
@@ -227,8 +229,8 @@ def merge_method(
             tensor that :func:`~magic_pl.merging.merge` and :func:`~magic_pl.merging.merge_models` run before the
             per-tensor calls when a driver option is given (TIES' ``global_topk`` thresholds), or always with
             ``prepass_required``; its keyword-only parameters other than ``base`` are the driver options, declared
-            like the function's. A method that needs the base (``needs_base``) gets the base model's tensors as
-            ``base=`` (key -> tensor).
+            like the function's. A prepass with a ``base`` parameter gets the base model's tensors (key -> tensor);
+            the per-tensor calls get the base only with ``needs_base``.
         prepass_required: the prepass always runs (its driver options' defaults apply): the method cannot merge a
             tensor without a pass over all of them (LARV's per-layer scales), so the per-tensor paths (streaming,
             layer by layer, into shards) refuse it.
@@ -249,6 +251,7 @@ def merge_method(
             name=name, fn=fn, paper=paper, options=options_of(fn, context), min_tasks=min_tasks, max_tasks=max_tasks,
             task_rule=task_rule, needs_base=needs_base, row_separable=row_separable, needs_data=needs_data,
             linear=linear, prepass=prepass, prepass_required=prepass_required,
+            prepass_base=prepass is not None and "base" in inspect.signature(prepass).parameters,
             driver_options=options_of(prepass, ("base",)) if prepass is not None else {}, check=check,
             more_options=more_options, steps=tuple(steps),
         )

@@ -201,14 +201,18 @@ def _prepare_driver(method: str, bn_stats: str, options: dict[str, Any]
     return spec, options, driver
 
 
+def _runs_prepass(spec: MergeMethod, driver: Mapping[str, Any]) -> bool:
+    return spec.prepass is not None and bool(driver or spec.prepass_required)
+
+
 def _run_prepass(spec: MergeMethod, task_vectors: Sequence[Mapping[str, Tensor]], keys: list[str],
                  options: dict[str, Any], driver: dict[str, Any], base: Mapping[str, Tensor] | None
                  ) -> dict[str, Any]:
     """``options`` after the method's pass over every key (:attr:`MergeMethod.prepass`): run when a driver option is
-    given or the method requires it; a method that needs the base gets it as ``base=``."""
-    if spec.prepass is None or not (driver or spec.prepass_required):
+    given or the method requires it; a prepass that takes the base gets it as ``base=``."""
+    if not _runs_prepass(spec, driver):
         return options
-    extra = {"base": base} if spec.uses_base(options) else {}
+    extra = {"base": base} if spec.prepass_base else {}
     return spec.prepass(task_vectors, keys, options, **extra, **driver)
 
 
@@ -252,7 +256,8 @@ def merge(
     if len(task_vectors) == 0:
         raise CheckpointError("need at least one task vector (K >= 1), got none")
     _check_task_count(spec, len(task_vectors), options)
-    if base is None and spec.uses_base(options):  # before any tensor is read
+    if base is None and (spec.uses_base(options) or (spec.prepass_base and _runs_prepass(spec, driver))):
+        # before any tensor is read
         raise _base_missing(method)
     keys = list(task_vectors[0].keys())
     key_set = set(keys)
@@ -315,7 +320,7 @@ def merge_models(
     base_sd = load_state_dict(base)
     expert_sds = [load_state_dict(e) for e in experts]
     validate_experts(base_sd, expert_sds, check_finite=False)  # structure; values are checked as they are read
-    if spec.prepass is not None and (driver or spec.prepass_required):
+    if _runs_prepass(spec, driver):
         float_keys = [k for k in base_sd if is_mergeable(_dtype_of(base_sd, k)) and not is_batchnorm_stat(k)]
         views = [LazyTaskVector(e, base_sd, check_finite=check_finite) for e in expert_sds]
         options = _run_prepass(spec, views, float_keys, options, driver, base_sd)
