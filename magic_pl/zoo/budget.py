@@ -383,7 +383,8 @@ def budget_chart(summary: dict[str, Any], path: Path) -> None:
         for k in dict.fromkeys(k for n in runs for k in runs[n]):
             pts = [(int(n), 100 * runs[n][k]["avg"]) for n in runs if k in runs[n]]
             first = next(runs[n][k] for n in runs if k in runs[n])
-            if first["needs"] in ("labels", "selection"):  # tuned on labelled val: the black reference lines
+            # labelled references are the black lines below; the label-free selection is a choice, not a recipe
+            if first["needs"] in ("labels", "selection"):
                 continue
             if len(pts) == 1 and first["needs"] == "nothing" and len(ns) > 1:
                 pts = [(n, pts[0][1]) for n in ns]
